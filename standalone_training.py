@@ -37,13 +37,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Circle
 from scipy import ndimage, signal as sp_signal
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 log = logging.getLogger("astrid")
 
 ANOMALY_TYPES = ("transient", "variable_star", "supernova", "asteroid")
 BOGUS_TYPES = ("cosmic_ray", "hot_pixel", "dipole")
 POINT_TYPES = ("transient", "variable_star", "supernova")
+TRAIL_TYPES = ("asteroid",)
 
 
 class AstridError(Exception):
@@ -326,33 +331,19 @@ def flux_for_snr(snr: float, profile: np.ndarray, base_variance: np.ndarray, *, 
     return float(flux)
 
 
-def disc_mask(shape: tuple[int, int], x: float, y: float, radius: float) -> np.ndarray:
-    """Boolean disc of `radius` px around (x, y)."""
-    yy, xx = np.ogrid[: shape[0], : shape[1]]
-    return (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
-
-
-def segment_distance(px: np.ndarray, py: np.ndarray, x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
-    """Distance from points (px, py) to the segment (x1, y1)-(x2, y2)."""
-    dx, dy = x2 - x1, y2 - y1
-    length2 = dx * dx + dy * dy
-    t = np.clip(((px - x1) * dx + (py - y1) * dy) / length2, 0.0, 1.0) if length2 > 0 else 0.0
-    return np.hypot(px - (x1 + t * dx), py - (y1 + t * dy))
-
-
 def anomaly_mask(shape: tuple[int, int], truth: Sequence[dict], fwhm_science: float) -> np.ndarray:
     """The label: discs of radius max(1.5 px, FWHM) on point anomalies, FWHM bands on trails.
 
     Bogus entries never enter the mask (SCIENCE.md, section 3).
     """
-    mask = np.zeros(shape, dtype=bool)
+    anomalies = [o for o in truth if o["type"] in ANOMALY_TYPES]
+    if not anomalies:
+        return np.zeros(shape, dtype=bool)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    for obj in truth:
-        if obj["type"] == "asteroid":
-            mask |= segment_distance(xx, yy, obj["x1"], obj["y1"], obj["x2"], obj["y2"]) <= fwhm_science
-        elif obj["type"] in POINT_TYPES:
-            mask |= disc_mask(shape, obj["x"], obj["y"], max(1.5, fwhm_science))
-    return mask
+    pixels = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64)
+    starts, ends = _segments(anomalies)
+    radius = np.array([fwhm_science if o["type"] in TRAIL_TYPES else max(1.5, fwhm_science) for o in anomalies])
+    return (_distance_to_segments(pixels, starts, ends) <= radius).any(axis=1).reshape(shape)
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float, size: int | None = None) -> Any:
@@ -546,7 +537,8 @@ def _add_detector_bogus(rng, science, reference, variance, sky, area, n_ref) -> 
             y0, y1 = sorted(rng.integers(0, shape[0], 2))
             y1 = max(y1, y0 + 4)
             target[y0:y1, x] += amplitude * 0.3
-            bogus.append(dict(type="hot_pixel", x=float(x), y=float((y0 + min(y1, shape[0]) - 1) / 2), snr=snr * 0.3, shape="column", y1=int(y0), y2=int(min(y1, shape[0]) - 1)))
+            y1 = min(y1, shape[0]) - 1
+            bogus.append(dict(type="hot_pixel", x=float(x), y=(y0 + y1) / 2, snr=snr * 0.3, shape="column", x1=float(x), y1=float(y0), x2=float(x), y2=float(y1)))
         else:
             target[y, x] += amplitude
             bogus.append(dict(type="hot_pixel", x=float(x), y=float(y), snr=snr, shape="pixel"))
@@ -818,3 +810,1907 @@ def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLi
         kinds = sorted({o["type"] for o in truth if o["type"] in ANOMALY_TYPES})
         rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=truth, label=", ".join(k.replace("_", " ") for k in kinds) or "no anomaly"))
     return save_sample_gallery(rows, path, title="AstrID synthetic sky: circles = anomalies, crosses = bogus")
+
+
+# ----------------------------------------------------------------------------
+# Model: a U-Net over (reference, science, difference)
+# ----------------------------------------------------------------------------
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: batches of 4 give noisy batch statistics, and DDP ranks
+    # and tiled prediction must all see the same normalisation.
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class DoubleConv(nn.Module):
+    """(conv 3x3 => GroupNorm => ReLU) * 2"""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            _norm(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            _norm(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Down(nn.Module):
+    """maxpool 2x2 => DoubleConv"""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Up(nn.Module):
+    """bilinear upsample => conv 3x3 (halve channels) => concat skip => DoubleConv"""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        # Upsample + conv instead of a transposed conv: no checkerboard pattern, which on
+        # a noise-dominated image would itself look like faint sources.
+        self.reduce = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.conv = DoubleConv(2 * out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.reduce(x)], dim=1))
+
+
+class StandaloneUNet(nn.Module):
+    """U-Net: 3 input channels (reference, science, difference) -> 1 logit map.
+
+    Four 2x downsamplings, so any image whose sides are multiples of 16 runs. At the
+    default width 16 it has 2.16M trainable parameters.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        w = [width * 2**k for k in range(5)]
+        self.inc = DoubleConv(in_channels, w[0])
+        self.downs = nn.ModuleList(Down(w[k], w[k + 1]) for k in range(4))
+        self.ups = nn.ModuleList(Up(w[k + 1], w[k]) for k in reversed(range(4)))
+        self.head = nn.Conv2d(w[0], out_channels, 1)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, width=width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------
+# Loss and pixel metrics
+# ----------------------------------------------------------------------------
+
+
+class CombinedLoss(nn.Module):
+    """Weighted BCE + soft Dice, both computed from logits.
+
+    Dice is taken over the whole batch, with smoothing ``eps``:
+    ``dice = (2 sum(p t) + eps) / (sum p + sum t + eps)`` and the Dice loss is
+    ``1 - dice``. An empty mask (a field with no anomaly) scores a Dice loss of 0 when
+    the prediction is empty too, and ``sum p / (sum p + eps)`` otherwise, which
+    saturates at 1 for any sizeable false positive. The BCE term is what keeps
+    penalising every false-positive pixel on such fields, in proportion to its
+    confidence, so the network learns to stay silent on bogus.
+    """
+
+    def __init__(self, *, bce_weight: float = 1.0, dice_weight: float = 1.0, eps: float = 1.0) -> None:
+        super().__init__()
+        self.bce_weight, self.dice_weight, self.eps = bce_weight, dice_weight, eps
+
+    def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = F.logsigmoid(logits.float()).exp()
+        intersection = (probs * target).sum()
+        return 1.0 - (2.0 * intersection + self.eps) / (probs.sum() + target.sum() + self.eps)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+        return self.bce_weight * bce + self.dice_weight * self.dice_loss(logits, target)
+
+
+PIXEL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "mcc")
+
+
+def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0.5) -> dict[str, float | None]:
+    """Pixel-level metrics from scikit-learn; None where undefined (e.g. no positives).
+
+    Accuracy is reported because users expect it, but on images that are >99% background
+    it flatters any model: judge by average precision (AUCPR), MCC and the object-level
+    numbers (SCIENCE.md, section 5).
+    """
+    from sklearn import metrics as skm
+
+    y_true = np.asarray(target).ravel() > 0.5
+    y_score = np.asarray(probs, dtype=np.float64).ravel()
+    y_pred = y_score >= threshold
+    both_classes = 0 < y_true.sum() < y_true.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero_division cases are reported as 0 by design
+        result = dict(
+            accuracy=skm.accuracy_score(y_true, y_pred),
+            precision=skm.precision_score(y_true, y_pred, zero_division=0),
+            recall=skm.recall_score(y_true, y_pred, zero_division=0),
+            f1=skm.f1_score(y_true, y_pred, zero_division=0),
+            roc_auc=skm.roc_auc_score(y_true, y_score) if both_classes else None,
+            average_precision=skm.average_precision_score(y_true, y_score) if both_classes else None,
+            mcc=skm.matthews_corrcoef(y_true, y_pred),
+        )
+    return {k: (None if v is None else float(v)) for k, v in result.items()}
+
+
+# ----------------------------------------------------------------------------
+# Object-level evaluation: components, matching, completeness, the matched-filter baseline
+# ----------------------------------------------------------------------------
+
+# Roughly log-spaced, because injected SNRs are drawn log-uniformly over 3-100 (SCIENCE.md
+# section 3) and each bin should fill; finer near 5, where the matched filter's 50% point lies
+# by construction (section 5).
+DEFAULT_SNR_EDGES = (3, 4, 5, 6, 7, 8, 10, 13, 16, 20, 30, 50, 100)
+
+def find_components(score_map: np.ndarray, *, threshold: float,
+                    valid: np.ndarray | None = None) -> list[dict]:
+    """Connected components of a thresholded score map.
+
+    Parameters
+    ----------
+    score_map : ndarray, shape (H, W)
+        Network probability map, or |SNR| map of the classical baseline. NaN never passes.
+    threshold : float
+        Pixels with ``score_map >= threshold`` are kept. Must be > 0, because scores are the
+        centroid weights.
+    valid : ndarray of bool, shape (H, W), optional
+        Pixels allowed to take part (e.g. excluding a border or a saturated core).
+
+    Returns
+    -------
+    list of dict
+        One dict per 8-connected component, in raster order of its first pixel, with ``x``, ``y``
+        (score-weighted centroid; x = column, y = row, 0-based), ``peak`` (maximum score) and
+        ``area_px`` (number of pixels).
+    """
+    score_map = np.asarray(score_map, dtype=float)
+    if score_map.ndim != 2:
+        msg = f"score_map must be 2-D, got shape {score_map.shape}"
+        raise ValueError(msg)
+    if not threshold > 0:
+        msg = f"threshold must be > 0 (scores are centroid weights), got {threshold}"
+        raise ValueError(msg)
+    mask = score_map >= threshold
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != score_map.shape:
+            msg = f"valid has shape {valid.shape}, score_map has {score_map.shape}"
+            raise ValueError(msg)
+        mask &= valid
+    # 8-connectivity: a faint diagonal trail must stay one object, not break into pixels.
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    weights = np.where(mask, score_map, 0.0)
+    centroids = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=float)
+    peaks = ndimage.maximum(weights, labels, index)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    return [
+        {"x": float(c[1]), "y": float(c[0]), "peak": float(p), "area_px": int(a)}
+        for c, p, a in zip(centroids, peaks, areas)
+    ]
+
+
+@dataclass(frozen=True, eq=False)
+class MatchResult:
+    """Outcome of matching one image's detections to its truth table.
+
+    Attributes
+    ----------
+    recovered : ndarray of bool, shape (n_anomalies,)
+        Per anomaly, in truth-table order, whether a detection matched it.
+    real : ndarray of bool, shape (n_detections,)
+        Per detection, whether it matched any anomaly.
+    bogus_passed : ndarray of bool, shape (n_bogus,)
+        Per bogus item, in truth-table order, whether an unmatched detection lies near it.
+    anomaly_index, bogus_index : ndarray of int
+        Positions of the anomalies and of the bogus items in the truth table.
+    """
+
+    recovered: np.ndarray
+    real: np.ndarray
+    bogus_passed: np.ndarray
+    anomaly_index: np.ndarray
+    bogus_index: np.ndarray
+
+    @property
+    def n_false(self) -> int:
+        """Number of detections that match no anomaly."""
+        return int(np.count_nonzero(~self.real))
+
+
+def _split_truth(truth: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the anomalies and of the bogus items; unknown types raise."""
+    anomaly_index, bogus_index = [], []
+    for i, item in enumerate(truth):
+        kind = item["type"]
+        if kind in ANOMALY_TYPES:
+            anomaly_index.append(i)
+        elif kind in BOGUS_TYPES:
+            bogus_index.append(i)
+        else:
+            msg = f"truth item {i} has unknown type {kind!r}"
+            raise ValueError(msg)
+    return np.array(anomaly_index, dtype=int), np.array(bogus_index, dtype=int)
+
+
+def _segments(items: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """End points (n, 2) and (n, 2) in (x, y); a point is a segment of zero length."""
+    starts = np.zeros((len(items), 2))
+    ends = np.zeros((len(items), 2))
+    for i, item in enumerate(items):
+        has_ends = all(k in item for k in ("x1", "y1", "x2", "y2"))
+        if item["type"] in TRAIL_TYPES and not has_ends:
+            msg = f"a {item['type']} needs trail end points x1, y1, x2, y2"
+            raise ValueError(msg)
+        if has_ends:
+            starts[i] = item["x1"], item["y1"]
+            ends[i] = item["x2"], item["y2"]
+        else:
+            starts[i] = ends[i] = item["x"], item["y"]
+    return starts, ends
+
+
+def _distance_to_segments(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Distances (n_points, n_segments) from points to segments, by broadcasting."""
+    d = ends - starts
+    length2 = np.sum(d**2, axis=1)
+    rel = points[:, None, :] - starts[None, :, :]
+    # Zero-length segments (point objects) take t = 0, i.e. the plain point distance.
+    t = np.divide(np.sum(rel * d[None], axis=2), length2[None], out=np.zeros(rel.shape[:2]),
+                  where=length2[None] > 0)
+    closest = starts[None] + np.clip(t, 0.0, 1.0)[..., None] * d[None]
+    return np.linalg.norm(points[:, None, :] - closest, axis=2)
+
+
+def match_objects(detections: Sequence[dict], truth: Sequence[dict], *,
+                  radius: float = 3.0) -> MatchResult:
+    """Match detections to one image's truth table.
+
+    The same rule serves the network and the classical baseline (SCIENCE.md section 5).
+
+    - An anomaly is *recovered* when a detection centroid lies within ``radius`` px (inclusive)
+      of its position, or, for an asteroid, of its trail segment (point-to-segment distance:
+      a detection in the middle of a long trail is as good as one at an end).
+    - A detection is *real* when it recovers at least one anomaly.
+    - A detection shared by two anomalies recovers both and counts once as real. Two anomalies
+      closer than ``radius`` blend into one component at this resolution, so a one-to-one
+      assignment would charge the detector for a split it cannot make; counting the detection
+      twice would instead make purity exceed what was detected. Injected anomalies this close
+      are rare, so the optimism this adds to completeness is small.
+    - A bogus item *passes* when a detection that is not real lies within ``radius`` px of it.
+      A detection that also matches an anomaly is explained by the anomaly, so it does not
+      make the nearby artifact a pass.
+
+    Parameters
+    ----------
+    detections : list of dict
+        Each with ``x``, ``y`` (as returned by `find_components`).
+    truth : list of dict
+        Truth table of the image (``type``, ``x``, ``y``, ``snr``; trails also ``x1, y1, x2, y2``).
+    radius : float
+        Matching radius in pixels.
+
+    Returns
+    -------
+    MatchResult
+    """
+    if not radius > 0:
+        msg = f"radius must be > 0, got {radius}"
+        raise ValueError(msg)
+    anomaly_index, bogus_index = _split_truth(truth)
+    points = np.array([[d["x"], d["y"]] for d in detections], dtype=float).reshape(-1, 2)
+
+    starts, ends = _segments([truth[i] for i in anomaly_index])
+    near_anomaly = _distance_to_segments(points, starts, ends) <= radius
+    real = near_anomaly.any(axis=1)
+
+    starts, ends = _segments([truth[i] for i in bogus_index])
+    near_bogus = _distance_to_segments(points[~real], starts, ends) <= radius
+    return MatchResult(
+        recovered=near_anomaly.any(axis=0),
+        real=real,
+        bogus_passed=near_bogus.any(axis=0),
+        anomaly_index=anomaly_index,
+        bogus_index=bogus_index,
+    )
+
+
+def matched_filter_snr_map(difference: np.ndarray, *, psf: np.ndarray,
+                           sigma: float | None = None) -> np.ndarray:
+    """Signed matched-filter SNR map of a difference image (the classical baseline).
+
+    The difference is cross-correlated with the unit-flux PSF P. For a point source of flux F
+    in white noise of standard deviation sigma, the filtered value at the source is F sum(P^2)
+    with noise sigma sqrt(sum(P^2)), so ``filtered / (sigma sqrt(sum(P^2)))`` is
+    F sqrt(sum(P^2)) / sigma: the optimal SNR of SCIENCE.md section 3 with var_i = sigma^2.
+
+    Parameters
+    ----------
+    difference : ndarray, shape (H, W)
+        Science minus reference. Non-finite pixels are treated as zero (no signal).
+    psf : ndarray, shape (h, w)
+        PSF stamp with odd sides, centred on its middle pixel (an even side would shift the map
+        by half a pixel). It is normalised here to unit sum.
+    sigma : float, optional
+        Noise standard deviation of the difference; 1.4826 x MAD of the difference if omitted,
+        which the few bright sources barely move.
+
+    Returns
+    -------
+    ndarray, shape (H, W)
+        Signed SNR: negative where the science image faded. Within half a stamp of the border
+        the image is zero-padded, so noise and signal there are both underestimated.
+    """
+    difference = np.asarray(difference, dtype=float)
+    psf = np.asarray(psf, dtype=float)
+    if difference.ndim != 2 or psf.ndim != 2:
+        msg = f"difference and psf must be 2-D, got {difference.shape} and {psf.shape}"
+        raise ValueError(msg)
+    if psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
+        msg = f"psf stamp sides must be odd so that it has a centre pixel, got {psf.shape}"
+        raise ValueError(msg)
+    if not (np.all(np.isfinite(psf)) and psf.sum() > 0):
+        msg = "psf must be finite with a positive sum"
+        raise ValueError(msg)
+    psf = psf / psf.sum()
+    if sigma is None:
+        sigma = robust_background(difference)[1]
+    if not sigma > 0:
+        msg = f"noise sigma must be > 0, got {sigma}"
+        raise ValueError(msg)
+    clean = np.where(np.isfinite(difference), difference, 0.0)
+    # Correlation is convolution with the flipped kernel.
+    filtered = sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")
+    return filtered / (sigma * np.sqrt(np.sum(psf**2)))
+
+
+def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: float = 5.0,
+                        sigma: float | None = None,
+                        valid: np.ndarray | None = None) -> list[dict]:
+    """Detections of the classical baseline: components of |matched-filter SNR| >= threshold.
+
+    Both signs count, because a variable star can fade. The components come from the same
+    `find_components` as the network's, so the two are matched and scored identically.
+
+    Parameters
+    ----------
+    difference, psf, sigma
+        As in `matched_filter_snr_map`.
+    threshold : float
+        Detection threshold in SNR (5 sigma, SCIENCE.md section 5).
+    valid : ndarray of bool, optional
+        As in `find_components`.
+
+    Returns
+    -------
+    list of dict
+        As `find_components`; ``peak`` is the peak |SNR|.
+    """
+    snr = matched_filter_snr_map(difference, psf=psf, sigma=sigma)
+    return find_components(np.abs(snr), threshold=threshold, valid=valid)
+
+
+def _check_edges(bins: Sequence[float]) -> np.ndarray:
+    edges = np.asarray(bins, dtype=float)
+    if edges.ndim != 1 or edges.size < 2 or np.any(edges <= 0) or np.any(np.diff(edges) <= 0):
+        msg = f"bins must be at least two positive, strictly increasing edges, got {bins}"
+        raise ValueError(msg)
+    return edges
+
+
+def completeness_curve(snr: Sequence[float], recovered: Sequence[bool], *,
+                       bins: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Completeness in SNR bins.
+
+    Parameters
+    ----------
+    snr : array_like, shape (n,)
+        True SNR of each anomaly.
+    recovered : array_like of bool, shape (n,)
+        Whether each anomaly was recovered.
+    bins : array_like
+        Positive, increasing bin edges; each bin is [lo, hi), the last one [lo, hi]. Objects
+        outside the edges are ignored.
+
+    Returns
+    -------
+    centres : ndarray
+        Geometric bin centres (bins are meant to be log-spaced).
+    completeness : ndarray
+        Recovered fraction per bin; NaN where a bin is empty.
+    counts : ndarray of int
+        Number of anomalies per bin.
+    """
+    edges = _check_edges(bins)
+    snr = np.asarray(snr, dtype=float).ravel()
+    recovered = np.asarray(recovered, dtype=bool).ravel()
+    if snr.shape != recovered.shape:
+        msg = f"snr and recovered differ in length: {snr.size} vs {recovered.size}"
+        raise ValueError(msg)
+    counts, _ = np.histogram(snr, bins=edges)
+    hits, _ = np.histogram(snr[recovered], bins=edges)
+    completeness = np.divide(hits, counts, out=np.full(counts.shape, np.nan), where=counts > 0)
+    return np.sqrt(edges[:-1] * edges[1:]), completeness, counts
+
+
+def snr_at_completeness(bin_centres: Sequence[float], completeness: Sequence[float],
+                        level: float) -> float:
+    """SNR at which completeness first reaches ``level`` (e.g. 0.5 for SNR50, 0.9 for SNR90).
+
+    Rule: empty (NaN) bins are dropped; the first bin whose completeness is >= ``level`` is
+    found, and the SNR is interpolated linearly in log SNR between it and the bin before it.
+    Later dips below ``level`` (noise in sparse bins) are ignored. If the faintest bin already
+    reaches ``level``, its centre is returned, an upper bound on the true value.
+
+    Parameters
+    ----------
+    bin_centres : array_like
+        Increasing, positive SNR bin centres.
+    completeness : array_like
+        Completeness per bin, NaN where empty.
+    level : float
+        Completeness level in (0, 1].
+
+    Returns
+    -------
+    float
+        The interpolated SNR, or NaN if ``level`` is never reached.
+    """
+    if not 0 < level <= 1:
+        msg = f"level must be in (0, 1], got {level}"
+        raise ValueError(msg)
+    centres = np.asarray(bin_centres, dtype=float)
+    completeness = np.asarray(completeness, dtype=float)
+    keep = np.isfinite(completeness)
+    centres, completeness = centres[keep], completeness[keep]
+    above = np.flatnonzero(completeness >= level)
+    if above.size == 0:
+        return math.nan
+    i = above[0]
+    if i == 0:
+        return float(centres[0])
+    c0, c1 = completeness[i - 1], completeness[i]
+    log0, log1 = np.log(centres[i - 1]), np.log(centres[i])
+    return float(np.exp(log0 + (level - c0) / (c1 - c0) * (log1 - log0)))
+
+
+def _json_float(value: float) -> float | None:
+    """A float for JSON, with NaN and infinities as None."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _ratio(count: int, total: int) -> dict:
+    """A ratio with the counts it was computed from, so that small samples show."""
+    return {"value": _json_float(count / total) if total else None,
+            "count": int(count), "total": int(total)}
+
+
+def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence[Sequence[dict]],
+                      *, bins: Sequence[float] = DEFAULT_SNR_EDGES) -> dict:
+    """Object-level metrics of a set of images (SCIENCE.md section 5).
+
+    Parameters
+    ----------
+    per_image_results : list of MatchResult
+        From `match_objects`, one per image.
+    truths : list of list of dict
+        The truth tables, in the same order.
+    bins : array_like
+        SNR bin edges for the completeness curves.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable (plain floats and ints, None for undefined values). Every ratio is
+        ``{"value", "count", "total"}``. Keys: ``n_images``, ``completeness`` (``overall``,
+        ``by_type``), ``completeness_by_snr`` (``edges``, ``centres``, then ``overall`` and
+        ``by_type`` with ``completeness`` and ``counts`` lists), ``snr50`` and ``snr90``
+        (``overall``, ``by_type``), ``purity``, ``false_detections_per_image``
+        (``value``, ``n_false``, ``n_images``), ``bogus_pass_rate`` (``overall``, ``by_type``),
+        ``completeness_snr_ge_10`` (``point``, ``trail``). Every anomaly and bogus type is
+        always present, so summaries of different runs share one schema.
+    """
+    if len(per_image_results) != len(truths):
+        msg = f"{len(per_image_results)} match results for {len(truths)} truth tables"
+        raise ValueError(msg)
+    edges = _check_edges(bins)
+
+    # 1. Pool every anomaly and bogus item of every image, with its outcome.
+    anomaly_type, anomaly_snr, recovered, bogus_type, bogus_passed = [], [], [], [], []
+    n_detections = n_real = 0
+    for result, truth in zip(per_image_results, truths):
+        if len(result.recovered) != len(result.anomaly_index):
+            msg = "a MatchResult has inconsistent anomaly arrays"
+            raise ValueError(msg)
+        anomaly_type += [truth[i]["type"] for i in result.anomaly_index]
+        anomaly_snr += [float(truth[i]["snr"]) for i in result.anomaly_index]
+        recovered += list(result.recovered)
+        bogus_type += [truth[i]["type"] for i in result.bogus_index]
+        bogus_passed += list(result.bogus_passed)
+        n_detections += len(result.real)
+        n_real += int(np.count_nonzero(result.real))
+    anomaly_type, anomaly_snr = np.array(anomaly_type, dtype=object), np.array(anomaly_snr)
+    recovered, bogus_passed = np.array(recovered, dtype=bool), np.array(bogus_passed, dtype=bool)
+    bogus_type = np.array(bogus_type, dtype=object)
+    n_images = len(truths)
+
+    # 2. Completeness, its SNR curve and its 50% and 90% points, for all and per type.
+    groups = {"overall": np.ones(len(recovered), dtype=bool)}
+    groups.update({t: anomaly_type == t for t in ANOMALY_TYPES})
+    completeness, curves, snr50, snr90 = {}, {}, {}, {}
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    for name, sel in groups.items():
+        completeness[name] = _ratio(np.count_nonzero(recovered[sel]), np.count_nonzero(sel))
+        _, curve, counts = completeness_curve(anomaly_snr[sel], recovered[sel], bins=edges)
+        curves[name] = {"completeness": [_json_float(c) for c in curve],
+                        "counts": [int(n) for n in counts]}
+        snr50[name] = _json_float(snr_at_completeness(centres, curve, 0.5))
+        snr90[name] = _json_float(snr_at_completeness(centres, curve, 0.9))
+
+    def split(per_group: dict) -> dict:
+        return {"overall": per_group.pop("overall"), "by_type": per_group}
+
+    # 3. Detection-side and bogus-side rates.
+    bogus = {"overall": _ratio(np.count_nonzero(bogus_passed), len(bogus_passed))}
+    bogus.update({t: _ratio(np.count_nonzero(bogus_passed[bogus_type == t]),
+                            np.count_nonzero(bogus_type == t)) for t in BOGUS_TYPES})
+    bright = anomaly_snr >= 10
+    n_false = n_detections - n_real
+    bright_by_shape = {}
+    for name, types in (("point", POINT_TYPES), ("trail", TRAIL_TYPES)):
+        sel = bright & np.isin(anomaly_type, types)
+        bright_by_shape[name] = _ratio(np.count_nonzero(recovered[sel]), np.count_nonzero(sel))
+
+    return {
+        "n_images": n_images,
+        "completeness": split(completeness),
+        "completeness_by_snr": {"edges": [float(e) for e in edges],
+                                "centres": [float(c) for c in centres], **split(curves)},
+        "snr50": split(snr50),
+        "snr90": split(snr90),
+        "purity": _ratio(n_real, n_detections),
+        "false_detections_per_image": {
+            "value": _json_float(n_false / n_images) if n_images else None,
+            "n_false": int(n_false), "n_images": n_images},
+        "bogus_pass_rate": split(bogus),
+        "completeness_snr_ge_10": bright_by_shape,
+    }
+
+
+def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[dict]], *,
+                     thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
+                     radius: float = 3.0) -> tuple[float, list[dict]]:
+    """Probability threshold with the best object-level F1 on a validation set.
+
+    F1 is the harmonic mean of completeness and purity, both pooled over all images (not
+    averaged per image, so that images with few objects do not dominate). With no detections
+    purity is undefined and F1 is taken as 0. Ties go to the higher threshold: fewer false
+    detections for the same score.
+
+    Parameters
+    ----------
+    prob_maps : sequence of ndarray, shape (H, W)
+        Network probability maps.
+    truths : list of list of dict
+        Their truth tables.
+    thresholds : array_like
+        Candidate thresholds, each in (0, 1].
+    radius : float
+        Matching radius in pixels, as in `match_objects`.
+
+    Returns
+    -------
+    best_threshold : float
+    table : list of dict
+        One row per threshold, ascending: ``threshold``, ``completeness``, ``purity``, ``f1``,
+        ``n_recovered``, ``n_anomalies``, ``n_real``, ``n_detections``,
+        ``false_detections_per_image``.
+    """
+    if len(prob_maps) != len(truths) or len(truths) == 0:
+        msg = f"need equally many (>0) maps and truth tables, got {len(prob_maps)}, {len(truths)}"
+        raise ValueError(msg)
+    thresholds = np.unique(np.asarray(thresholds, dtype=float))
+    if thresholds.size == 0 or thresholds[0] <= 0 or thresholds[-1] > 1:
+        msg = f"thresholds must be non-empty and within (0, 1], got {thresholds}"
+        raise ValueError(msg)
+    table = []
+    for threshold in thresholds:
+        results = [match_objects(find_components(p, threshold=threshold), t, radius=radius)
+                   for p, t in zip(prob_maps, truths)]
+        n_recovered = sum(int(np.count_nonzero(r.recovered)) for r in results)
+        n_anomalies = sum(len(r.recovered) for r in results)
+        n_real = sum(int(np.count_nonzero(r.real)) for r in results)
+        n_detections = sum(len(r.real) for r in results)
+        completeness = n_recovered / n_anomalies if n_anomalies else math.nan
+        purity = n_real / n_detections if n_detections else math.nan
+        f1 = (2 * completeness * purity / (completeness + purity)
+              if completeness + purity > 0 else 0.0)  # NaN > 0 is False: no detections -> 0
+        table.append({
+            "threshold": float(threshold), "completeness": _json_float(completeness),
+            "purity": _json_float(purity), "f1": float(f1), "n_recovered": n_recovered,
+            "n_anomalies": n_anomalies, "n_real": n_real, "n_detections": n_detections,
+            "false_detections_per_image": (n_detections - n_real) / len(truths),
+        })
+    # Ascending order plus ">=" hands ties to the higher threshold.
+    best = table[0]
+    for row in table[1:]:
+        if row["f1"] >= best["f1"]:
+            best = row
+    return best["threshold"], table
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike) -> Path:
+    """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
+
+    Parameters
+    ----------
+    summary_net, summary_base : dict
+        Outputs of `summarise_objects` for the network and the matched-filter baseline.
+    path : str or Path
+        Where to save the figure.
+
+    Returns
+    -------
+    Path
+        The saved path.
+    """
+    # Figure, not pyplot: no global backend or state, so this is safe in workers and tests.
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    colours = {"overall": "black", **{t: TYPE_COLOURS[t] for t in ANOMALY_TYPES}}
+    for summary, style, marker in ((summary_net, "-", "o"), (summary_base, "--", "s")):
+        curves = summary["completeness_by_snr"]
+        centres = np.asarray(curves["centres"])
+        for name, colour in colours.items():
+            curve = curves["overall"] if name == "overall" else curves["by_type"][name]
+            y = np.array([np.nan if c is None else c for c in curve["completeness"]])
+            # Empty bins are skipped, not drawn as gaps, so sparse types still read as curves.
+            shown = np.isfinite(y)
+            ax.plot(centres[shown], y[shown], style, marker=marker, ms=3, color=colour,
+                    lw=2.2 if name == "overall" else 1.2)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true SNR of the change (matched filter)")
+    ax.set_ylabel("completeness")
+    type_handles = [Line2D([], [], color=c, lw=2, label=n.replace("_", " "))
+                    for n, c in colours.items()]
+    style_handles = [Line2D([], [], color="grey", ls="-", marker="o", label="network"),
+                     Line2D([], [], color="grey", ls="--", marker="s", label="matched filter")]
+    legend = ax.legend(handles=type_handles, loc="lower right", fontsize=8)
+    ax.add_artist(legend)
+    ax.legend(handles=style_handles, loc="center right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | os.PathLike, *,
+                          label: str = "network") -> Path:
+    """Pixel-level precision-recall curve with its average precision (AUCPR) in the legend.
+
+    Parameters
+    ----------
+    y_true : array_like of bool
+        Truth masks, any shape (flattened).
+    y_score : array_like of float
+        Probability maps of the same shape.
+    path : str or Path
+        Where to save the figure.
+    label : str
+        Legend name of the curve.
+
+    Returns
+    -------
+    Path
+        The saved path.
+    """
+    y_true = np.asarray(y_true, dtype=bool).ravel()
+    y_score = np.asarray(y_score, dtype=float).ravel()
+    if y_true.shape != y_score.shape:
+        msg = f"y_true and y_score differ in size: {y_true.size} vs {y_score.size}"
+        raise ValueError(msg)
+    if not y_true.any():
+        msg = "y_true has no positive pixel: precision and AP are undefined"
+        raise ValueError(msg)
+    precision, recall, _ = precision_recall_curve(y_true, y_score)
+    ap = average_precision_score(y_true, y_score)
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    ax.step(recall, precision, where="post", label=f"{label} (AP = {ap:.3f})")
+    # A random scorer's precision is the positive fraction: the floor that AP is judged against.
+    ax.axhline(y_true.mean(), color="grey", ls=":", label=f"no skill ({y_true.mean():.4f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall (pixel)")
+    ax.set_ylabel("precision (pixel)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def _cutout(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
+    """Square stamp of side 2 half + 1 centred on (x, y), NaN-padded beyond the image."""
+    padded = np.pad(np.asarray(image, dtype=float), half, constant_values=np.nan)
+    row, col = int(round(y)) + half, int(round(x)) + half
+    return padded[row - half:row + half + 1, col - half:col + half + 1]
+
+
+def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
+                        half_size: int = 16, radius: float = 3.0) -> Path:
+    """Grid of examples, one per row: reference, science, difference, probability.
+
+    Parameters
+    ----------
+    examples : list of dict
+        Each with ``inputs`` (array (3, H, W): reference, science, difference), ``probability``
+        (H, W), ``x``, ``y`` (pixel position of the object) and ``label`` (e.g.
+        ``"missed transient SNR 7.2"`` or ``"false detection p=0.81"``).
+    path : str or Path
+        Where to save the figure.
+    half_size : int
+        Stamps are 2 half_size + 1 pixels wide, centred on the object.
+    radius : float
+        Radius of the circle drawn at the object: the matching radius, so the reader sees
+        where a detection would have had to be.
+
+    Returns
+    -------
+    Path
+        The saved path.
+    """
+    if len(examples) == 0:
+        msg = "no examples to plot"
+        raise ValueError(msg)
+    titles = ("reference", "science", "difference", "probability")
+    fig = Figure(figsize=(8, 2.1 * len(examples)))
+    axes = fig.subplots(len(examples), 4, squeeze=False)
+    for row, example in zip(axes, examples):
+        inputs = np.asarray(example["inputs"], dtype=float)
+        if inputs.ndim != 3 or inputs.shape[0] != 3:
+            msg = f"inputs must be (3, H, W) reference, science, difference; got {inputs.shape}"
+            raise ValueError(msg)
+        x, y = example["x"], example["y"]
+        stamps = [_cutout(im, x, y, half_size) for im in (*inputs, example["probability"])]
+        for col, (ax, stamp) in enumerate(zip(row, stamps)):
+            finite = stamp[np.isfinite(stamp)]
+            if col < 2:
+                # Percentile limits per stamp: stars span orders of magnitude, a change does not.
+                lo, hi = np.percentile(finite, [1, 99.5]) if finite.size else (0, 1)
+                kwargs = {"cmap": "gray", "vmin": lo, "vmax": hi}
+            elif col == 2:
+                # Symmetric limits so that a fading source reads as clearly as a brightening one.
+                lim = np.percentile(np.abs(finite), 99.5) if finite.size else 1
+                kwargs = {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim}
+            else:
+                kwargs = {"cmap": "viridis", "vmin": 0, "vmax": 1}
+            ax.imshow(stamp, origin="lower", interpolation="nearest", **kwargs)
+            ax.add_patch(Circle((half_size, half_size), radius, fill=False, ec="yellow", lw=1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(example["label"], fontsize=9)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, batch_size: int = 16) -> np.ndarray:
+    """Probability maps (N, H, W) float32 for normalised inputs (N, 3, H, W)."""
+    model.eval()
+    out = []
+    ctx, _ = autocast_context(device)
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size].to(device, non_blocking=True)
+        with ctx:
+            logits = model(batch)
+        out.append(F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + tuple(inputs.shape[2:]), np.float32)
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    threshold: float,
+    device: torch.device,
+    output_dir: Path | None = None,
+    baseline_sigma: float = 5.0,
+) -> dict:
+    """Pixel- and object-level evaluation of a model beside the matched-filter baseline.
+
+    The dataset follows the sample contract (``ds[i]``, ``ds.truth(i)``, ``ds.raw(i)``).
+    The baseline correlates each raw difference with a Moffat PSF of the science FWHM
+    (beta 3.5, mid-range: a pipeline measures the FWHM, not the wings), thresholds |SNR|
+    at `baseline_sigma` and is matched by the same function as the network. With
+    `output_dir`, writes the completeness, precision-recall and object-gallery plots there.
+    """
+    n = len(dataset)
+    items = [dataset[i] for i in range(n)]
+    inputs = torch.stack([x for x, _ in items])
+    masks = torch.stack([m for _, m in items])[:, 0].numpy()
+    truths = [dataset.truth(i) for i in range(n)]
+    probs = predict_probabilities(model, inputs, device=device)
+
+    net_results, base_results, examples = [], [], []
+    for i in range(n):
+        detections = find_components(probs[i], threshold=threshold)
+        net = match_objects(detections, truths[i])
+        net_results.append(net)
+        raw = dataset.raw(i)
+        psf = PSF(raw.fwhm_science, 3.5).stamp()
+        base_results.append(match_objects(baseline_detections(raw.science.astype(np.float64) - raw.reference, psf=psf, threshold=baseline_sigma), truths[i]))
+        examples += _gallery_examples(inputs[i].numpy(), probs[i], truths[i], detections, net)
+    result = {
+        "n_images": n,
+        "image_size": int(inputs.shape[-1]),
+        "threshold": float(threshold),
+        "pixel": pixel_metrics(probs, masks, threshold=threshold),
+        "network": summarise_objects(net_results, truths),
+        "baseline": summarise_objects(base_results, truths),
+        "baseline_rule": f"PSF matched filter on the raw difference, |SNR| >= {baseline_sigma:g}",
+    }
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png")
+        if masks.any():
+            plot_precision_recall(masks.ravel() > 0.5, probs.ravel(), output_dir / "precision_recall.png")
+        misses = [e for e in examples if e["kind"] == "miss"][:6]
+        false = sorted((e for e in examples if e["kind"] == "false"), key=lambda e: -e["score"])[:6]
+        if misses or false:
+            plot_object_gallery(misses + false, output_dir / "object_gallery.png")
+    return result
+
+
+def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[dict], detections: list[dict], match: MatchResult) -> list[dict]:
+    """Missed anomalies and false detections of one image, for the object gallery."""
+    examples = []
+    for k, found in zip(match.anomaly_index, match.recovered):
+        if not found:
+            obj = truth[k]
+            examples.append(dict(kind="miss", score=0.0, inputs=inputs, probability=prob, x=obj["x"], y=obj["y"], label=f"missed {obj['type'].replace('_', ' ')} SNR {obj['snr']:.1f}"))
+    for det, real in zip(detections, match.real):
+        if not real:
+            examples.append(dict(kind="false", score=det["peak"], inputs=inputs, probability=prob, x=det["x"], y=det["y"], label=f"false detection p={det['peak']:.2f}"))
+    return examples
+
+
+# ----------------------------------------------------------------------------
+# Training infrastructure: device, distributed, files, early stopping, tracking
+# ----------------------------------------------------------------------------
+
+
+def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
+    """The one place the device is chosen: auto prefers CUDA, then MPS, then CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            msg = "--device cuda: no CUDA GPU is visible to torch on this machine"
+            raise AstridError(msg)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            msg = "--device mps: Apple's Metal backend is not available on this machine"
+            raise AstridError(msg)
+        return torch.device("mps")
+    msg = f"unknown device {name!r}: use auto, cpu, cuda or mps"
+    raise AstridError(msg)
+
+
+def autocast_context(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler]:
+    """Mixed precision, chosen once: bf16 where supported, else fp16 with a grad scaler.
+
+    CPU and MPS train in fp32 (``nullcontext``); on CPU bf16 autocast is slower than
+    fp32 for these small convolutions.
+    """
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        return torch.autocast("cuda", dtype=dtype), scaler
+    return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """torchrun's view of this process: rank 0 alone logs, tracks energy and writes files."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        if "RANK" not in os.environ:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """Write through a temporary file in the same directory, then os.replace it into place.
+
+    A crash or a full disk at any moment leaves the previous file intact. `write` is
+    called with a binary file object.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    msg = f"not JSON serialisable: {type(value).__name__}"
+    raise TypeError(msg)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: non-finite floats become null, recursively."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Atomically write sorted, indented, strict JSON."""
+    text = json.dumps(_finite_or_none(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    return atomic_write(path, lambda f: f.write(text.encode() + b"\n"))
+
+
+class EarlyStopping:
+    """Stop when the monitored metric has not improved for `patience` epochs.
+
+    Improvement means strictly better than the best by more than `min_delta`; the best
+    starts at +inf (mode "min") or -inf ("max"). A NaN metric stops the run at once and
+    is never recorded as best. The state survives a resume.
+    """
+
+    def __init__(self, *, patience: int, min_delta: float = 0.0, mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            msg = f"mode must be 'min' or 'max', got {mode!r}"
+            raise ValueError(msg)
+        if patience < 1 or min_delta < 0:
+            msg = f"need patience >= 1 and min_delta >= 0, got {patience} and {min_delta}"
+            raise ValueError(msg)
+        self.patience, self.min_delta, self.mode = patience, min_delta, mode
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.stop_reason = ""
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record one epoch's metric; return True if it is a new best."""
+        if not math.isfinite(value):
+            self.stop_reason = f"monitored metric is {value} at epoch {epoch}"
+            return False
+        better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+            return True
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            self.stop_reason = f"no improvement of {self.mode} beyond {self.min_delta} for {self.patience} epochs (best {self.best:.5g} at epoch {self.best_epoch})"
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.stop_reason)
+
+    def state_dict(self) -> dict:
+        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, stop_reason=self.stop_reason)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.bad_epochs, self.stop_reason = int(state["bad_epochs"]), str(state["stop_reason"])
+
+
+class MlflowRun:
+    """MLflow tracking for one training run (rank 0 only); inert when disabled.
+
+    The tracking URI defaults to MLflow's embedded ``sqlite:///mlflow.db`` in the working
+    directory. A remote server is checked before training starts: unreachable, the run
+    fails at once with one line, unless the user asked to continue without MLflow.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
+        self.cfg = cfg
+        self.enabled = enabled and cfg.mlflow
+        self.run_id = ""
+        self.disabled_reason = "" if self.enabled else ("--no-mlflow" if not cfg.mlflow else "not rank 0")
+
+    def _check_server(self) -> None:
+        uri = self.cfg.tracking_uri
+        if not uri.startswith(("http://", "https://")):
+            return
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            reason = f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})"
+            if not self.cfg.mlflow_optional:
+                raise AstridError(reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it") from None
+            log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
+            self.enabled, self.disabled_reason = False, reason
+
+    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "") -> None:
+        if not self.enabled:
+            return
+        self._check_server()
+        if not self.enabled:
+            return
+        import mlflow
+
+        # A remote server that dies mid-run should fail a logging call, not hang it.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        mlflow.set_experiment(self.cfg.experiment)
+        if resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id)
+        else:
+            run = mlflow.start_run(run_name=run_name)
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.set_tags(tags)
+        self.run_id = run.info.run_id
+
+    def log_metrics(self, metrics: dict, *, step: int | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+            mlflow.log_metrics(clean, step=step)
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.set_tags(tags)
+
+    def log_artifacts(self, paths: Sequence[Path], *, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            for path in paths:
+                if Path(path).exists():
+                    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_model(self, model: nn.Module, example: torch.Tensor) -> None:
+        """Log the model with a signature and an input example (CPU, fp32)."""
+        if not self.enabled:
+            return
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        model = model.to("cpu").float().eval()
+        example_np = example.detach().cpu().numpy().astype(np.float32)
+        with torch.no_grad():
+            output = model(example.detach().cpu().float()).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # mlflow's pickle-serialisation advisories
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(example_np, output),
+                input_example=example_np,
+                # Stated, not inferred: inference would re-import every dependency.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            )
+
+    def end(self, status: str) -> None:
+        if self.enabled and self.run_id:
+            import mlflow
+
+            mlflow.end_run(status=status)
+
+
+class EnergyMeter:
+    """CodeCarbon's offline tracker around training (rank 0 only); inert when disabled.
+
+    Offline mode uses the configured country's carbon intensity and needs no network.
+    Without RAPL counters (most VMs and non-Intel laptops) CodeCarbon estimates CPU
+    power from its TDP; that is said once in the log and recorded as the method.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, enabled: bool, output_dir: Path) -> None:
+        self.enabled = enabled and cfg.energy
+        self.cfg, self.output_dir = cfg, output_dir
+        self.tracker = None
+        self.result: dict = {"status": "disabled" if not cfg.energy else "not tracked on this rank"}
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            from codecarbon import OfflineEmissionsTracker
+
+            logging.getLogger("codecarbon").setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.tracker = OfflineEmissionsTracker(
+                    country_iso_code=self.cfg.country,
+                    output_dir=str(self.output_dir),
+                    save_to_file=False,
+                    log_level="error",
+                    measure_power_secs=15,
+                    tracking_mode="process",
+                )
+                self.tracker.start()
+        except Exception as exc:  # energy is an add-on: say so loudly and train on
+            log.warning("CodeCarbon could not start (%s): energy is not measured for this run", exc)
+            self.result = {"status": "failed", "reason": str(exc)}
+            self.tracker = None
+
+    def stop(self) -> dict:
+        if self.tracker is None:
+            return self.result
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.tracker.stop()
+            data = self.tracker.final_emissions_data
+            method = _codecarbon_cpu_method(self.tracker)
+            self.result = {
+                "status": "measured",
+                "energy_kwh": float(data.energy_consumed),
+                "emissions_kg_co2eq": float(data.emissions),
+                "duration_s": float(data.duration),
+                "country": self.cfg.country,
+                "cpu_power_method": method,
+            }
+            log.info("energy: %.3g kWh, %.3g kg CO2eq over %.0f s (CPU power: %s)", data.energy_consumed, data.emissions, data.duration, method)
+        except Exception as exc:
+            log.warning("CodeCarbon failed while stopping (%s): energy is not recorded", exc)
+            self.result = {"status": "failed", "reason": str(exc)}
+        self.tracker = None
+        return self.result
+
+
+def _codecarbon_cpu_method(tracker: Any) -> str:
+    """How CodeCarbon measured the CPU: RAPL counters, or an estimate from TDP."""
+    for hardware in getattr(tracker, "_hardware", []):
+        mode = getattr(hardware, "_mode", None)
+        if mode is not None and type(hardware).__name__ == "CPU":
+            return {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate"}.get(str(mode), str(mode))
+    return "estimate"
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "astrid-checkpoint-v1"
+
+
+def save_checkpoint(path: Path, payload: dict) -> Path:
+    """Atomically save a checkpoint: the previous file survives a crash or a full disk."""
+    return atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"checkpoint not found: {path}"
+        raise AstridError(msg)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"cannot load checkpoint {path}: not a safe AstrID checkpoint ({first_line[:200]})"
+        raise AstridError(msg) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        msg = f"{path} is not an AstrID checkpoint (expected format {CHECKPOINT_FORMAT})"
+        raise AstridError(msg)
+    return payload
+
+
+def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoint") -> StandaloneUNet:
+    """Rebuild the U-Net a checkpoint was saved from; a mismatch is named, not dumped."""
+    model = StandaloneUNet(**payload.get("model_config", {}))
+    state = payload["model"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(wrong)} shapes differ (e.g. {wrong[0]})" if wrong else "",
+            )
+            if part
+        )
+        msg = f"{path} was saved from a different architecture: {details}"
+        raise AstridError(msg)
+    model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------
+
+
+class TrainingInterrupted(AstridError):
+    """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
+    """Train, validation and test sets plus a record of where the samples came from.
+
+    Train and validation split one pool by a seeded permutation; the test set comes from
+    an independent seed stream, so it never overlaps either.
+    """
+    snr = (cfg.snr_min, cfg.snr_max)
+    if cfg.data == "synthetic":
+        pool = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr)
+        info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
+    else:
+        pool = real_sky_dataset(cfg)
+        info = pool.provenance()
+    test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
+    order = np.random.default_rng(cfg.seed).permutation(len(pool))
+    n_val = max(1, round(len(pool) * cfg.val_fraction))
+    return Subset(pool, order[n_val:]), Subset(pool, order[:n_val]), test, info
+
+
+class Subset(torch.utils.data.Subset):
+    """torch's Subset that also forwards the sample contract's truth() and raw()."""
+
+    def truth(self, i: int) -> list[dict]:
+        return self.dataset.truth(int(self.indices[i]))
+
+    def raw(self, i: int) -> RawPair:
+        return self.dataset.raw(int(self.indices[i]))
+
+
+class StandaloneTrainer:
+    """Train a StandaloneUNet: validation, early stopping, checkpoints, MLflow, energy.
+
+    ``fit()`` runs the whole job and returns the final metrics (also in metrics.json).
+    Under torchrun it trains with DistributedDataParallel; rank 0 alone logs, tracks
+    energy and writes files.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.cfg = config
+        self.dist = DistInfo.from_env()
+        self.device = resolve_device(config.device, local_rank=self.dist.local_rank)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.output_dir = Path(config.output_dir or Path("runs") / stamp)
+        self._signal: int | None = None
+        self.history: list[dict] = []
+
+    # -- setup ---------------------------------------------------------------
+
+    def _prepare_output_dir(self) -> None:
+        if not self.dist.is_main:
+            return
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.output_dir, prefix=".write-test-")
+            probe.close()
+        except OSError as exc:
+            msg = f"output directory {self.output_dir} is not writable ({exc.strerror or exc})"
+            raise AstridError(msg) from None
+
+    def _init_distributed(self) -> None:
+        if self.dist.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group(backend=backend)
+
+    def _install_signal_handlers(self) -> dict:
+        """First SIGINT/SIGTERM: finish the step, save, exit. A second SIGINT exits at once."""
+        if threading_main() is False:
+            return {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._signal = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("%s received: finishing this step, then saving last.pt (press Ctrl-C again to quit at once)", signal.Signals(signum).name)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, handler)
+        return previous
+
+    # -- one epoch -----------------------------------------------------------
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's sample order for `epoch`: a function of (seed, epoch) alone, so resume is exact."""
+        sampler = torch.utils.data.DistributedSampler(self.train_ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def _train_epoch(self, epoch: int, start_step: int, loss_sum: float) -> tuple[float, int, int]:
+        """Train one epoch from `start_step`; returns (loss sum, steps done, samples seen)."""
+        cfg = self.cfg
+        indices = self._epoch_indices(epoch)
+        batches = math.ceil(len(indices) / cfg.batch_size)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.train_ds, indices[start_step * cfg.batch_size :]),
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.model.train()
+        step, seen = start_step, 0
+        running = torch.zeros((), device=self.device)  # stays on the device until the epoch ends
+        progress = _progress(loader, total=batches, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main)
+        for inputs, masks in progress:
+            inputs = inputs.to(self.device, non_blocking=True)
+            masks = masks.to(self.device, non_blocking=True)
+            with self.autocast:
+                loss = self.criterion(self.model(inputs), masks)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            running += loss.detach()
+            step += 1
+            seen += len(inputs)
+            if self._signal is not None:
+                break
+        return loss_sum + float(running), step, seen
+
+    @torch.no_grad()
+    def _validate(self, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
+        """Validation loss and all validation probabilities and masks, gathered over ranks."""
+        shard = list(range(self.dist.rank, len(self.val_ds), self.dist.world_size))
+        model.eval()
+        logits, masks = [], []
+        for start in range(0, len(shard), self.cfg.batch_size):
+            batch = [self.val_ds[i] for i in shard[start : start + self.cfg.batch_size]]
+            inputs = torch.stack([x for x, _ in batch]).to(self.device, non_blocking=True)
+            with self.autocast:
+                logits.append(model(inputs).float().cpu())
+            masks.append(torch.stack([m for _, m in batch]))
+        local = (shard, torch.cat(logits), torch.cat(masks))
+        if self.dist.enabled:
+            gathered = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, local)
+            order = np.argsort(np.concatenate([g[0] for g in gathered]))
+            all_logits = torch.cat([g[1] for g in gathered])[order]
+            all_masks = torch.cat([g[2] for g in gathered])[order]
+        else:
+            all_logits, all_masks = local[1], local[2]
+        # One loss over the whole set: identical whatever the batching or the world size.
+        loss = float(self.criterion(all_logits, all_masks))
+        probs = F.logsigmoid(all_logits).exp()[:, 0].numpy()
+        return loss, probs, all_masks[:, 0].numpy()
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def _checkpoint(self, *, epoch: int, step: int, loss_sum: float, threshold: float | None = None) -> dict:
+        return dict(
+            model=self._bare_model().state_dict(),
+            model_config=self._bare_model().config,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            early_stopping=self.stopper.state_dict(),
+            config=dataclasses.asdict(self.cfg),
+            epoch=epoch,
+            step=step,
+            loss_sum=loss_sum,
+            history=self.history,
+            threshold=threshold,
+            mlflow_run_id=self.tracker.run_id,
+            rng=dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]), numpy=torch.from_numpy(np.random.get_state()[1].astype(np.int64))),
+        )
+
+    def _bare_model(self) -> StandaloneUNet:
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+
+    # -- the run -------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Run training to the end; returns the metrics written to metrics.json."""
+        cfg, dist = self.cfg, self.dist
+        resume = load_checkpoint(cfg.resume) if cfg.resume else None
+        if resume is not None:
+            # A resumed run continues the saved run exactly: its config, its directory.
+            saved = {k: v for k, v in resume["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+            self.cfg = cfg = dataclasses.replace(TrainConfig(**saved), resume=cfg.resume, device=cfg.device)
+            self.output_dir = Path(cfg.resume).parent
+
+        # 1. Seeds, determinism, processes and the output directory.
+        set_seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self._init_distributed()
+        self._prepare_output_dir()
+
+        # 2. Data.
+        self.train_ds, self.val_ds, self.test_ds, self.data_info = build_datasets(cfg)
+
+        # 3. Model, loss, optimiser, schedule, mixed precision.
+        model = StandaloneUNet(width=cfg.width).to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+        self.criterion = CombinedLoss(bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(math.ceil(len(self.train_ds) / dist.world_size) / cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+        self.autocast, self.scaler = autocast_context(self.device)
+        self.stopper = EarlyStopping(patience=cfg.patience, min_delta=cfg.min_delta, mode=cfg.monitor_mode)
+        self.tracker = MlflowRun(cfg, enabled=dist.is_main)
+        self.energy = EnergyMeter(cfg, enabled=dist.is_main, output_dir=self.output_dir)
+        start_epoch, start_step, loss_sum = 0, 0, 0.0
+        if resume is not None:
+            self._bare_model().load_state_dict(resume["model"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            self.stopper.load_state_dict(resume["early_stopping"])
+            self.history = list(resume["history"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            start_epoch, start_step, loss_sum = int(resume["epoch"]), int(resume["step"]), float(resume["loss_sum"])
+        n_params = count_parameters(model)
+
+        # 4. Tracking starts: a summary block, MLflow, CodeCarbon.
+        if dist.is_main:
+            log.info("AstrID training: %s parameters (StandaloneUNet width %d)", f"{n_params:,}", cfg.width)
+            log.info("data %s: %d train / %d validation / %d test samples of %dx%d px", self.data_info["data_source"], len(self.train_ds), len(self.val_ds), len(self.test_ds), cfg.image_size, cfg.image_size)
+            log.info("device %s x %d process(es), %d epochs, batch %d, lr %g, seed %d", self.device, dist.world_size, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed)
+            log.info("outputs in %s", self.output_dir)
+            write_json(self.output_dir / "config.json", dataclasses.asdict(cfg))
+        params = {**dataclasses.asdict(cfg), "parameters": n_params, "world_size": dist.world_size, "global_batch_size": cfg.batch_size * dist.world_size, "real_fraction": self.data_info["real_fraction"]}
+        tags = {"data_source": self.data_info["data_source"], "device": str(self.device)}
+        self.tracker.start(run_name=self.output_dir.name, params=params, tags=tags, resume_run_id=resume.get("mlflow_run_id", "") if resume else "")
+        self.energy.start()
+        previous_handlers = self._install_signal_handlers()
+        status = "FAILED"
+        try:
+            metrics = self._loop(start_epoch, start_step, loss_sum, n_params)
+            status = "FINISHED"
+            return metrics
+        except TrainingInterrupted:
+            status = "KILLED"
+            raise
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            for s, h in previous_handlers.items():
+                signal.signal(s, h)
+            energy = self.energy.stop()
+            if status != "FINISHED":
+                self.tracker.log_metrics({k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
+            self.tracker.end(status)
+            if dist.enabled and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+    def _loop(self, start_epoch: int, start_step: int, loss_sum: float, n_params: int) -> dict:
+        cfg, dist = self.cfg, self.dist
+        best_state = None
+        if start_epoch > 0 and (self.output_dir / "best.pt").exists():
+            best_state = load_checkpoint(self.output_dir / "best.pt")["model"]
+        epoch = start_epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            # 5. Train one epoch (a signal ends it early: save and stop).
+            began = time.perf_counter()
+            loss_sum, steps, seen = self._train_epoch(epoch, start_step, loss_sum)
+            train_time = time.perf_counter() - began
+            if self._signal is not None:
+                path = self.output_dir / "last.pt"
+                if dist.is_main:
+                    save_checkpoint(path, self._checkpoint(epoch=epoch, step=steps, loss_sum=loss_sum))
+                name = signal.Signals(self._signal).name
+                msg = f"interrupted by {name} at epoch {epoch + 1}, step {steps}; last.pt saved. Resume with: python standalone_training.py train --resume {path}"
+                raise TrainingInterrupted(msg)
+            train_loss = loss_sum / max(steps, 1)
+            start_step, loss_sum = 0, 0.0
+
+            # 6. Validate, log, early-stop and checkpoint.
+            val_loss, probs, masks = self._validate(self._bare_model())
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                **{f"val_{k}": v for k, v in pixel_metrics(probs, masks).items()},
+                "lr": self.scheduler.get_last_lr()[0],
+                "epoch_time_s": time.perf_counter() - began,
+                "train_samples_per_s": seen * dist.world_size / max(train_time, 1e-9),
+            }
+            self.history.append(row)
+            monitored = row.get(cfg.monitor)
+            improved = self.stopper.step(float("nan") if monitored is None else float(monitored), epoch + 1)
+            if dist.is_main:
+                log.info(
+                    "epoch %3d/%d  train_loss %.4f  val_loss %.4f  AP %s  F1 %.3f  MCC %.3f  lr %.2e  %.1fs  %.0f samples/s%s",
+                    epoch + 1, cfg.epochs, train_loss, val_loss, _fmt(row["val_average_precision"]), row["val_f1"], row["val_mcc"],
+                    row["lr"], row["epoch_time_s"], row["train_samples_per_s"], "  *best*" if improved else "",
+                )
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                if improved:
+                    save_checkpoint(self.output_dir / "best.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
+                save_checkpoint(self.output_dir / "last.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
+            if improved:
+                best_state = {k: v.detach().clone() for k, v in self._bare_model().state_dict().items()}
+            if self.stopper.should_stop:
+                if dist.is_main:
+                    log.info("early stopping: %s", self.stopper.stop_reason)
+                break
+        return self._finish(best_state, n_params)
+
+    def _finish(self, best_state: dict | None, n_params: int) -> dict:
+        """7. Restore the best weights, choose the threshold, test, plot, write, log."""
+        cfg, dist, out = self.cfg, self.dist, self.output_dir
+        model = self._bare_model()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        checksums = _gather_parameter_checksums(model, dist)
+        if not dist.is_main:
+            return {}
+        val_loss, probs, masks = self._validate(model) if not dist.enabled else self._validate_local_full(model)
+        val_truths = [self.val_ds.truth(i) for i in range(len(self.val_ds))]
+        threshold, threshold_table = choose_threshold(list(probs), val_truths)
+        log.info("operating threshold %.2f (best object-level F1 on validation)", threshold)
+        evaluation = evaluate_model(model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation")
+        write_json(out / "evaluation" / "evaluation.json", evaluation)
+        best_epoch = self.stopper.best_epoch
+        save_checkpoint(out / "best.pt", {**self._checkpoint(epoch=best_epoch, step=0, loss_sum=0.0), "threshold": threshold})
+
+        metrics = {
+            "parameters": n_params,
+            "epochs_run": len(self.history),
+            "best_epoch": best_epoch,
+            "monitor": {"name": cfg.monitor, "mode": cfg.monitor_mode, "best": self.stopper.best},
+            "stopped_reason": self.stopper.stop_reason or "completed all epochs",
+            "threshold": threshold,
+            "val": {"loss": val_loss, **pixel_metrics(probs, masks, threshold=threshold)},
+            "test": {
+                "pixel": evaluation["pixel"],
+                "completeness": evaluation["network"]["completeness"]["overall"]["value"],
+                "purity": evaluation["network"]["purity"]["value"],
+                "false_detections_per_image": evaluation["network"]["false_detections_per_image"]["value"],
+                "snr50": evaluation["network"]["snr50"]["overall"],
+                "bogus_pass_rate": evaluation["network"]["bogus_pass_rate"]["overall"]["value"],
+                "baseline_snr50": evaluation["baseline"]["snr50"]["overall"],
+                "baseline_false_detections_per_image": evaluation["baseline"]["false_detections_per_image"]["value"],
+            },
+            "data": self.data_info,
+            "world_size": dist.world_size,
+            "parameter_checksums": checksums,
+        }
+        plots = plot_history(self.history, out)
+        plots.append(self._prediction_gallery(model, probs, out / "predictions.png"))
+        write_json(out / "history.json", self.history)
+        write_json(out / "threshold_table.json", threshold_table)
+        metrics["energy"] = self.energy.stop()
+        write_json(out / "metrics.json", metrics)
+
+        flat = {f"final_val_{k}": v for k, v in metrics["val"].items()}
+        flat.update({f"test_{k}": v for k, v in metrics["test"].items() if not isinstance(v, dict)})
+        flat.update({f"test_pixel_{k}": v for k, v in evaluation["pixel"].items()})
+        flat.update({k: v for k, v in metrics["energy"].items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
+        flat["threshold"] = threshold
+        self.tracker.log_metrics(flat)
+        self.tracker.log_artifacts([out / n for n in ("config.json", "history.json", "metrics.json", "threshold_table.json", "best.pt")] + plots)
+        self.tracker.log_artifacts(sorted((out / "evaluation").glob("*")), artifact_path="evaluation")
+        example = self.test_ds[0][0][None]
+        self.tracker.log_model(model, example)
+        model.to(self.device)
+        return metrics
+
+    def _validate_local_full(self, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
+        """Rank 0's own pass over the whole validation set (the others have finished)."""
+        world = self.dist
+        self.dist = DistInfo()
+        try:
+            return self._validate(model)
+        finally:
+            self.dist = world
+
+    def _prediction_gallery(self, model: nn.Module, probs: np.ndarray, path: Path) -> Path:
+        rows = []
+        for i in range(min(6, len(self.val_ds))):
+            inputs, mask = self.val_ds[i]
+            rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=self.val_ds.truth(i), prediction=probs[i], label=f"validation {i}"))
+        return save_sample_gallery(rows, path, title="validation: truth vs prediction")
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
+    """A checksum of every rank's parameters: DDP ranks must end identical."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if not dist.enabled:
+        return [mine]
+    gathered = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return list(gathered)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _progress(iterable: Any, **kwargs: Any) -> Any:
+    """tqdm over batches, on stderr, quiet when not attached to a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+def plot_history(history: list[dict], out: Path) -> list[Path]:
+    """Loss curves, learning rate and validation metrics over epochs."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    ax.set(xlabel="epoch", ylabel="BCE + Dice loss", title="loss")
+    ax.legend()
+    paths.append(_savefig(fig, out / "loss_curves.png"))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [h["lr"] for h in history], "o-")
+    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="one-cycle schedule")
+    paths.append(_savefig(fig, out / "learning_rate.png"))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in ("average_precision", "f1", "mcc", "precision", "recall", "roc_auc"):
+        values = [h.get(f"val_{key}") for h in history]
+        ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=key.replace("_", " "))
+    ax.set(xlabel="epoch", ylabel="validation (pixel level)", ylim=(0, 1.02), title="validation metrics")
+    ax.legend(fontsize=8)
+    paths.append(_savefig(fig, out / "val_metrics.png"))
+    return paths
+
+
+def _savefig(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def real_sky_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
+    """Real pixels with injected anomalies (--data mast | fits)."""
+    msg = f"--data {cfg.data} is not available in this version of AstrID; use --data synthetic"
+    raise AstridError(msg)
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train with `config`; print where everything went. The runner's single entry point."""
+    trainer = StandaloneTrainer(config)
+    metrics = trainer.fit()
+    if trainer.dist.is_main:
+        test = metrics["test"]
+        print(
+            f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}: val AP {_fmt(metrics['val']['average_precision'])}, "
+            f"test completeness {_fmt(test['completeness'])}, purity {_fmt(test['purity'])}, "
+            f"false detections/image {_fmt(test['false_detections_per_image'])} at threshold {metrics['threshold']:.2f}"
+        )
+        run = trainer.tracker.run_id or f"none ({trainer.tracker.disabled_reason})"
+        print(f"outputs: {trainer.output_dir}  |  MLflow run: {run}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------
+# Evaluation command
+# ----------------------------------------------------------------------------
+
+DEFAULT_EVAL_SEED = 20261126  # any seed works: the test stream never meets training samples
+
+
+def run_evaluation(*, checkpoint: str, samples: int, seed: int, image_size: int, output_dir: str, device: str, threshold: float | None) -> dict:
+    """Evaluate a checkpoint on a fresh synthetic test set; writes evaluation.json and plots."""
+    check_image_size(image_size)
+    if samples < 1:
+        msg = f"samples must be >= 1, got {samples}"
+        raise ValueError(msg)
+    payload = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(payload, path=checkpoint)
+    dev = resolve_device(device)
+    threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
+    saved = payload.get("config", {})
+    snr = (saved.get("snr_min", 3.0), saved.get("snr_max", 100.0))
+    dataset = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=seed, stream="test", snr_range=snr)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate_model(model.to(dev), dataset, threshold=threshold, device=dev, output_dir=out)
+    result.update(checkpoint=str(checkpoint), seed=seed)
+    write_json(out / "evaluation.json", result)
+    net, base = result["network"], result["baseline"]
+    print(f"{'':28s}{'network':>12s}{'baseline':>12s}")
+    rows = [
+        ("completeness", net["completeness"]["overall"]["value"], base["completeness"]["overall"]["value"]),
+        ("SNR at 50% completeness", net["snr50"]["overall"], base["snr50"]["overall"]),
+        ("purity", net["purity"]["value"], base["purity"]["value"]),
+        ("false detections / image", net["false_detections_per_image"]["value"], base["false_detections_per_image"]["value"]),
+        ("bogus pass rate", net["bogus_pass_rate"]["overall"]["value"], base["bogus_pass_rate"]["overall"]["value"]),
+    ]
+    for name, a, b in rows:
+        print(f"{name:28s}{_fmt(a):>12s}{_fmt(b):>12s}")
+    print(f"evaluation: {out / 'evaluation.json'}")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Training flags, shared by `standalone_training.py train` and the runner."""
+    a = parser.add_argument
+    a("--samples", type=int, help="samples generated (train + validation)")
+    a("--epochs", type=int)
+    a("--batch-size", type=int)
+    a("--image-size", type=int, help="px, a multiple of 16")
+    a("--lr", type=float, help="peak learning rate")
+    a("--val-fraction", type=float)
+    a("--test-samples", type=int, help="fresh samples for the final test")
+    a("--patience", type=int, help="early-stopping patience in epochs")
+    a("--width", type=int, help="U-Net base width (16 -> 2.16M parameters)")
+    a("--snr-min", type=float)
+    a("--snr-max", type=float)
+    a("--seed", type=int)
+    a("--device", help="auto | cpu | cuda | mps")
+    a("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
+    a("--output-dir", help="default runs/<timestamp>")
+    a("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    a("--experiment", help="MLflow experiment name")
+    a("--no-mlflow", dest="mlflow", action="store_false", default=None)
+    a("--mlflow-optional", action="store_true", default=None, help="train on without MLflow if its server is unreachable")
+    a("--no-energy", dest="energy", action="store_false", default=None)
+    a("--country", help="ISO alpha-3 code for CodeCarbon's carbon intensity")
+    a("--data", help="synthetic | mast | fits")
+    a("--fits-dir")
+    a("--cache-dir")
+    a("--no-fallback", dest="fallback", action="store_false", default=None)
+    a("--resume", help="continue from a checkpoint (last.pt)")
+
+
+def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> TrainConfig:
+    """A preset, then whatever flags the user gave, on top of the defaults."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return dataclasses.replace(TrainConfig(), **{**(preset or {}), **overrides})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="standalone_training.py", description="AstrID: train and use a U-Net that finds what changed between two images of the sky.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model (see also run_standalone_training.py)")
+    add_train_arguments(train)
+    evaluate = commands.add_parser("evaluate", help="completeness, purity and bogus rejection vs the matched filter")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--samples", type=int, default=200)
+    evaluate.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED)
+    evaluate.add_argument("--image-size", type=int, default=128)
+    evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--output-dir", default="evaluation")
+    return parser
+
+
+def configure_logging(*, debug: bool = False) -> None:
+    """One handler for AstrID's log; third-party chatter kept to warnings."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "astroquery", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if debug else logging.ERROR)
+
+
+def cli(run: Any, *, debug: bool) -> int:
+    """Run a command; refusals print one line and exit non-zero (a traceback with --debug)."""
+    try:
+        run()
+        return 0
+    except TrainingInterrupted as exc:
+        print(f"astrid: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("astrid: interrupted", file=sys.stderr)
+        return 130
+    except (AstridError, ValueError, OSError) as exc:
+        if debug:
+            raise
+        print(f"astrid: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(debug=args.debug)
+    if args.command == "train":
+        return cli(lambda: run_training(config_from_args(args)), debug=args.debug)
+    if args.command == "evaluate":
+        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold")
+        return cli(lambda: run_evaluation(**{k: getattr(args, k) for k in keys}), debug=args.debug)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
