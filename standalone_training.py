@@ -1773,6 +1773,10 @@ class DistInfo:
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     """Write through a temporary file in the same directory, then os.replace it into place.
 
@@ -1786,6 +1790,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are for sharing
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1906,6 +1911,7 @@ class MlflowRun:
             return
         import mlflow
 
+        _quiet_loggers()
         # A remote server that dies mid-run should fail a logging call, not hang it.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -2043,7 +2049,8 @@ def _codecarbon_cpu_method(tracker: Any) -> str:
     for hardware in getattr(tracker, "_hardware", []):
         mode = getattr(hardware, "_mode", None)
         if mode is not None and type(hardware).__name__ == "CPU":
-            return {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate"}.get(str(mode), str(mode))
+            names = {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate", "cpu_load": "TDP x CPU load estimate"}
+            return names.get(str(mode), str(mode))
     return "estimate"
 
 
@@ -2676,11 +2683,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NOISY_LOGGERS = ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "astroquery", "git", "torch._export", "torch.export")
+
+
+def _quiet_loggers(level: int = logging.ERROR) -> None:
+    """Third-party chatter kept to errors. Called again after mlflow's import, which resets its own."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
 def configure_logging(*, debug: bool = False) -> None:
-    """One handler for AstrID's log; third-party chatter kept to warnings."""
+    """One handler for AstrID's log; third-party loggers only speak up for errors."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "astroquery", "git"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if debug else logging.ERROR)
+    _quiet_loggers(logging.WARNING if debug else logging.ERROR)
 
 
 def cli(run: Any, *, debug: bool) -> int:
