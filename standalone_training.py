@@ -1909,6 +1909,7 @@ class MlflowRun:
         self._check_server()
         if not self.enabled:
             return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read at import: no calls home
         import mlflow
 
         _quiet_loggers()
@@ -1961,9 +1962,11 @@ class MlflowRun:
         from mlflow.models import infer_signature
 
         model = model.to("cpu").float().eval()
-        example_np = example.detach().cpu().numpy().astype(np.float32)
+        # Two samples: torch.export (MLflow's pt2 format) would pin a batch of one.
+        example = example.detach().cpu().float()[:2]
+        example_np = example.numpy()
         with torch.no_grad():
-            output = model(example.detach().cpu().float()).numpy()
+            output = model(example).numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # mlflow's pickle-serialisation advisories
             mlflow.pytorch.log_model(
@@ -2000,6 +2003,7 @@ class EnergyMeter:
         if not self.enabled:
             return
         try:
+            os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")  # its import speaks before log_level applies
             from codecarbon import OfflineEmissionsTracker
 
             logging.getLogger("codecarbon").setLevel(logging.ERROR)
@@ -2476,7 +2480,7 @@ class StandaloneTrainer:
         self.tracker.log_metrics(flat)
         self.tracker.log_artifacts([out / n for n in ("config.json", "history.json", "metrics.json", "threshold_table.json", "best.pt")] + plots)
         self.tracker.log_artifacts(sorted((out / "evaluation").glob("*")), artifact_path="evaluation")
-        example = self.test_ds[0][0][None]
+        example = torch.stack([self.test_ds[i][0] for i in range(min(2, len(self.test_ds)))])
         self.tracker.log_model(model, example)
         model.to(self.device)
         return metrics
