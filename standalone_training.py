@@ -26,6 +26,8 @@ import os
 import random
 import signal
 import sys
+import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -37,10 +39,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import requests
+from astropy import units as u
+from astropy.coordinates import Angle, SkyCoord
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
-from scipy import ndimage, signal as sp_signal
+from requests.adapters import HTTPAdapter
+from scipy import ndimage, optimize, special, signal as sp_signal
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 log = logging.getLogger("astrid")
@@ -53,6 +62,20 @@ TRAIL_TYPES = ("asteroid",)
 
 class AstridError(Exception):
     """A refusal the user can act on: printed as one line, never as a traceback."""
+
+
+class DataError(AstridError, ValueError):
+    """Input data (a file, a target, a survey) cannot be used; the message is one line."""
+
+
+class NetworkError(AstridError):
+    """A remote service did not deliver after the allowed attempts."""
+
+
+def _one_line(exc: BaseException, *, limit: int = 200) -> str:
+    """Exception text squeezed onto one bounded line, for logs and user messages."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------
@@ -94,6 +117,9 @@ class SkyConfig:
             raise ValueError(msg)
 
 
+DEFAULT_SURVEYS = ("DSS2 Red", "DSS2 Blue")  # SkyView; any of SURVEYS or a HiPS id works
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; written to config.json beside its outputs."""
@@ -127,9 +153,13 @@ class TrainConfig:
     mlflow_optional: bool = False  # continue without MLflow if the server is unreachable
     energy: bool = True
     country: str = "USA"  # ISO 3166 alpha-3, for CodeCarbon's carbon intensity
-    fits_dir: str = ""  # --data fits
+    fits_dir: str = ""  # --data fits: a directory of FITS images
     cache_dir: str = ""  # --data mast; "" -> ~/.cache/astrid
-    fallback: bool = True  # --data mast may fall back to synthetic samples
+    targets: tuple[str, ...] = ()  # --data mast; () -> DEFAULT_TARGETS
+    surveys: tuple[str, ...] = DEFAULT_SURVEYS  # --data mast
+    timeout: float = 30.0  # s per network request (at most 60)
+    retries: int = 2  # extra attempts after a network failure
+    fallback: bool = True  # --data mast|fits may fall back to synthetic samples
     resume: str = ""  # checkpoint to resume from
 
     def validate(self) -> None:
@@ -154,6 +184,9 @@ class TrainConfig:
             raise ValueError(msg)
         if self.data == "fits" and not self.fits_dir:
             msg = "--data fits needs --fits-dir DIR"
+            raise ValueError(msg)
+        if not 0 < self.timeout <= 60 or self.retries < 0:
+            msg = f"need 0 < timeout <= 60 s and retries >= 0, got {self.timeout} and {self.retries}"
             raise ValueError(msg)
         if round(self.samples * self.val_fraction) < 1 or round(self.samples * (1 - self.val_fraction)) < 1:
             msg = f"{self.samples} samples cannot be split with val-fraction {self.val_fraction}"
@@ -317,15 +350,16 @@ def matched_filter_snr(flux: float, profile: np.ndarray, variance: np.ndarray) -
     return float(abs(flux) * math.sqrt(np.sum(profile**2 / variance)))
 
 
-def flux_for_snr(snr: float, profile: np.ndarray, base_variance: np.ndarray, *, sign: float = 1.0) -> float:
+def flux_for_snr(snr: float, profile: np.ndarray, base_variance: np.ndarray, *, sign: float = 1.0, shot_noise: bool = True) -> float:
     """Signed flux change whose matched-filter SNR is `snr`, counting its own shot noise.
 
-    The variance of the difference includes the injected flux itself, so the flux solves
-    snr = |dF| sqrt(sum P^2 / (var0 + dF P)); the fixed-point iteration converges in a
-    few steps because the right side changes slowly with dF.
+    With `shot_noise` (pixels in e-), the variance of the difference includes the
+    injected flux itself, so the flux solves snr = |dF| sqrt(sum P^2 / (var0 + dF P)); the
+    fixed-point iteration converges in a few steps because the right side changes slowly
+    with dF.
     """
     flux = sign * snr / math.sqrt(np.sum(profile**2 / base_variance))
-    for _ in range(6):
+    for _ in range(6 if shot_noise else 0):
         variance = np.maximum(base_variance + flux * profile, 1e-6)
         flux = sign * snr / math.sqrt(np.sum(profile**2 / variance))
     return float(flux)
@@ -422,34 +456,16 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     base_variance = var_ref + model_sci + sky.read_noise**2
 
     # 3. Anomalies: flux changes set by their matched-filter SNR in the difference image.
-    truth: list[dict] = []
-    profiles: list[np.ndarray] = []
-    variable_candidates = list(rng.permutation(np.flatnonzero((sx >= 2) & (sx < image_size - 2) & (sy >= 2) & (sy < image_size - 2))))
-    for kind in ANOMALY_TYPES:
-        for _ in range(counts[kind]):
-            snr = float(_log_uniform(rng, *sky.snr_range))
-            obj = _place_anomaly(rng, kind, image_size, shift, sx, sy, sflux, galaxies, variable_candidates, sky)
-            if obj is None:
-                continue
-            profile = _anomaly_profile(obj, shape, psf_sci)
-            flux = flux_for_snr(snr, profile, base_variance, sign=obj.pop("sign", 1.0))
-            if kind == "variable_star" and flux < -0.95 * obj["reference_flux"]:
-                flux = flux_for_snr(snr, profile, base_variance)  # too faint to fade that much: it brightens
-            model_sci = model_sci + flux * profile
-            base_variance = base_variance + flux * profile
-            obj.update(snr=snr, flux=flux)
-            truth.append(obj)
-            profiles.append(profile)
-    # Later injections add shot noise to earlier ones: record the SNR with the final variance.
-    for obj, profile in zip(truth, profiles):
-        obj["snr"] = matched_filter_snr(obj["flux"], profile, base_variance)
+    model_sci, base_variance, truth = inject_anomalies(
+        rng, counts=counts, stars=(sx, sy, sflux), galaxies=galaxies, shift=shift, psf=psf_sci, science=model_sci, variance=base_variance, sky=sky
+    )
 
     # 4. Noise: Poisson on sky + sources, Gaussian read noise; the reference is a coadd.
     science = rng.poisson(np.maximum(model_sci, 0)) + rng.normal(0, sky.read_noise, shape)
     reference = (rng.poisson(np.maximum(model_ref, 0) * n_ref) + rng.normal(0, sky.read_noise * math.sqrt(n_ref), shape)) / n_ref
 
     # 5. Bogus: what went wrong in the camera or the subtraction; never labelled.
-    truth += _add_detector_bogus(rng, science, reference, base_variance, sky, area, n_ref)
+    truth += _add_detector_bogus(rng, science, reference, base_variance, sky, area)
     truth += _static_residuals(static_sci - static_ref, base_variance, sx, sy, sflux, galaxies, shift, psf_ref, truth)
     np.minimum(science, sky.saturation, out=science)
     np.minimum(reference, sky.saturation, out=reference)
@@ -458,6 +474,56 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     return SkySample(
         reference.astype(np.float32), science.astype(np.float32), base_variance.astype(np.float32), mask, truth, psf_ref, psf_sci
     )
+
+
+def inject_anomalies(
+    rng: np.random.Generator,
+    *,
+    counts: dict[str, int],
+    stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+    galaxies: Sequence[dict],
+    shift: Sequence[float],
+    psf: PSF,
+    science: np.ndarray,
+    variance: np.ndarray,
+    sky: SkyConfig,
+    shot_noise: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Add anomalies to a science image, each at an SNR drawn log-uniformly from the sky's range.
+
+    Serves simulated skies (science = noise-free model in e-) and real tiles (science =
+    real pixels, variance from their measured noise). `stars` (x, y, flux in the
+    reference frame) are the candidates for variable stars, `galaxies` the hosts of
+    supernovae. With `shot_noise`, each injection adds its own Poisson variance (pixels in
+    e-); in arbitrary units it cannot, and the variance stays the measured one.
+
+    Returns the new science image, the new variance and the truth entries, whose ``snr``
+    is measured with the final variance: later injections add shot noise to earlier ones.
+    """
+    shape = science.shape
+    sx, sy, sflux = stars
+    inside = (sx >= 2) & (sx < shape[1] - 2) & (sy >= 2) & (sy < shape[0] - 2)
+    variable_candidates = list(rng.permutation(np.flatnonzero(inside)))
+    truth, profiles = [], []
+    for kind in ANOMALY_TYPES:
+        for _ in range(counts[kind]):
+            snr = float(_log_uniform(rng, *sky.snr_range))
+            obj = _place_anomaly(rng, kind, shape[0], shift, sx, sy, sflux, galaxies, variable_candidates, sky)
+            if obj is None:
+                continue
+            profile = _anomaly_profile(obj, shape, psf)
+            flux = flux_for_snr(snr, profile, variance, sign=obj.pop("sign", 1.0), shot_noise=shot_noise)
+            if kind == "variable_star" and flux < -0.95 * obj["reference_flux"]:
+                flux = flux_for_snr(snr, profile, variance, shot_noise=shot_noise)  # too faint to fade that much: it brightens
+            science = science + flux * profile
+            if shot_noise:
+                variance = variance + flux * profile
+            obj.update(snr=snr, flux=flux)
+            truth.append(obj)
+            profiles.append(profile)
+    for obj, profile in zip(truth, profiles):
+        obj["snr"] = matched_filter_snr(obj["flux"], profile, variance)
+    return science, variance, truth
 
 
 def _draw_anomaly_counts(rng: np.random.Generator, sky: SkyConfig, area: float) -> dict[str, int]:
@@ -508,7 +574,7 @@ def _anomaly_profile(obj: dict, shape: tuple[int, int], psf: PSF) -> np.ndarray:
     return render_points(shape, [obj["x"]], [obj["y"]], [1.0], psf)
 
 
-def _add_detector_bogus(rng, science, reference, variance, sky, area, n_ref) -> list[dict]:
+def _add_detector_bogus(rng, science, reference, variance, sky, area) -> list[dict]:
     """Cosmic rays (1-3 px, one epoch) and hot pixels / bad columns, added in place."""
     shape = science.shape
     bogus = []
@@ -579,6 +645,15 @@ def _static_residuals(residual, variance, sx, sy, sflux, galaxies, shift, psf_re
 MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian per unit median absolute deviation
 
 
+def robust_sigma(values: np.ndarray) -> float:
+    """Gaussian-equivalent noise, 1.4826 x median absolute deviation, ignoring NaN (NaN if none)."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return float("nan")
+    return MAD_TO_SIGMA * float(np.median(np.abs(finite - np.median(finite))))
+
+
 def robust_background(image: np.ndarray) -> tuple[float, float]:
     """Median background and robust noise (1.4826 MAD) of the finite pixels."""
     finite = image[np.isfinite(image)]
@@ -586,7 +661,7 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
         msg = "image has no finite pixels"
         raise ValueError(msg)
     median = float(np.median(finite))
-    sigma = MAD_TO_SIGMA * float(np.median(np.abs(finite - median)))
+    sigma = robust_sigma(finite)
     if not sigma > 0:
         # A flat or mostly constant frame: fall back to the standard deviation.
         sigma = float(np.std(finite))
@@ -623,6 +698,843 @@ def normalize_pair(reference: np.ndarray, science: np.ndarray) -> np.ndarray:
     channels = np.arcsinh(channels)
     channels[~np.isfinite(channels)] = 0.0
     return channels.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Real sky: FITS files, survey cutouts and their cache (SCIENCE.md, section 6)
+# ----------------------------------------------------------------------------
+
+DEFAULT_TIMEOUT = 30.0  # s, per socket operation
+MAX_TIMEOUT = 60.0  # s; a service slower than this is treated as down
+DEFAULT_RETRIES = 2  # extra attempts after the first
+DEFAULT_BACKOFF = 1.0  # s, doubled after each failed attempt
+DEFAULT_PIXELS = 300  # px, SkyView's own default cutout size
+MANIFEST = "manifest.json"
+NAME_CACHE = "names.json"
+
+# --- # Reading FITS images
+
+
+def read_fits_image(path):
+    """
+    Read the first image HDU of a FITS file as a 2-D float64 array.
+
+    Parameters
+    ----------
+    path : str or path-like
+        FITS file; plain or tile-compressed image HDUs are accepted.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        2-D float64 pixels, BSCALE/BZERO applied, infinities set to NaN; length-1 axes squeezed.
+    header : astropy.io.fits.Header
+        Header of the HDU that held the pixels.
+    wcs : astropy.wcs.WCS or None
+        Celestial WCS of the image, or None when the header has none.
+
+    Raises
+    ------
+    DataError
+        One-line message for a missing, empty, non-FITS, truncated or corrupt file, a file
+        without image data, a cube, or an image that is entirely NaN.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: no such file"
+        raise DataError(msg)
+    if path.stat().st_size == 0:
+        msg = f"{path}: empty file, not FITS"
+        raise DataError(msg)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AstropyWarning)
+            with fits.open(path, memmap=False) as hdul:
+                found = _first_image(hdul)
+                if found is not None:
+                    data = np.array(found.data, dtype=np.float64)
+                    header = found.header.copy()
+    except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
+        msg = f"{path}: not a readable FITS file ({_one_line(exc)})"
+        raise DataError(msg) from None
+    # astropy pads a short data unit with a warning instead of failing; a cut-off download
+    # must not become a frame with a blank strip.
+    if any("truncated" in str(w.message) for w in caught):
+        msg = f"{path}: FITS file is truncated"
+        raise DataError(msg)
+    if found is None:
+        msg = f"{path}: no image data in any HDU"
+        raise DataError(msg)
+    data = np.squeeze(data)
+    if data.ndim != 2:
+        msg = f"{path}: image has shape {data.shape}; AstrID needs a 2-D frame, not a cube"
+        raise DataError(msg)
+    data[~np.isfinite(data)] = np.nan
+    if np.isnan(data).all():
+        msg = f"{path}: every pixel is NaN"
+        raise DataError(msg)
+    return data, header, _celestial_wcs(header)
+
+
+def _first_image(hdul):
+    """First image HDU (plain or compressed) that holds pixels, or None."""
+    for hdu in hdul:
+        is_image = isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
+        if is_image and hdu.data is not None and hdu.data.size > 0:
+            return hdu
+    return None
+
+
+def _celestial_wcs(header):
+    """Celestial part of the header's WCS, or None when there is none usable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            wcs = WCS(header)
+    except Exception as exc:  # astropy raises a zoo of types for broken WCS keywords
+        log.debug("no usable WCS: %s", _one_line(exc))
+        return None
+    return wcs.celestial if wcs.has_celestial else None
+
+
+# --- # Safe paths
+
+
+def safe_filename(name, *, max_length=80):
+    """
+    File name slug for user text that cannot leave its directory.
+
+    Parameters
+    ----------
+    name : str
+        Any text, e.g. a target name typed by a user.
+    max_length : int
+        Upper bound on the result's length, hash included.
+
+    Returns
+    -------
+    str
+        Letters, digits, ``-``, ``_`` and ``.`` only, never starting with ``.``, followed by
+        ``-`` and 10 hex digits of the name's SHA-256 so that names that slug alike never collide.
+    """
+    digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")
+    slug = slug[: max(1, max_length - len(digest) - 1)] or "unnamed"
+    return f"{slug}-{digest}"
+
+
+def path_inside(directory, name, *, suffix=""):
+    """
+    Path of ``safe_filename(name) + suffix`` inside ``directory``, checked not to escape it.
+
+    Parameters
+    ----------
+    directory : str or path-like
+        Containing directory.
+    name : str
+        Untrusted text; it is slugged first.
+    suffix : str
+        Trusted extension such as ".fits".
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    root = Path(directory).resolve()
+    path = (root / (safe_filename(name) + suffix)).resolve()
+    if path.parent != root:
+        msg = f"refusing path outside {root}: {name!r}"
+        raise DataError(msg)
+    return path
+
+
+# --- # Targets
+
+# ICRS, degrees, from SIMBAD; hard-coded so that the defaults never need a name resolver.
+DEFAULT_TARGETS = {
+    "Crab Nebula": (83.63308, 22.01450),  # M1
+    "Orion Nebula": (83.82208, -5.39111),  # M42
+    "Sombrero Galaxy": (189.99763, -11.62305),  # M104
+    "M13": (250.42346, 36.46132),
+    "M31": (10.68471, 41.26875),
+    "M51": (202.46958, 47.19526),
+    "Pleiades": (56.75000, 24.11667),  # M45, cluster centre
+    # Empty fields for clean static sky, far from the Galactic plane:
+    "NGP field": (192.85948, 27.12825),  # the North Galactic Pole itself, b = +90
+    "SGP field": (12.85948, -27.12825),  # the South Galactic Pole, b = -90
+    "Lockman Hole": (161.25000, 58.00000),  # lowest HI column on the sky, b ~ +53
+}
+_TARGET_ALIASES = {"m1": "Crab Nebula", "m42": "Orion Nebula", "m104": "Sombrero Galaxy",
+                   "m45": "Pleiades"}
+
+
+def _name_key(name):
+    """Case- and spacing-blind key for target names."""
+    return " ".join(name.lower().split())
+
+
+def _known_target(name):
+    """Canonical default-target name for ``name`` (or an alias of it), or None."""
+    key = _name_key(name)
+    for canonical in DEFAULT_TARGETS:
+        if _name_key(canonical) == key:
+            return canonical
+    return _TARGET_ALIASES.get(key.replace(" ", ""))
+
+
+def _parse_coordinates(text):
+    """SkyCoord from "RA DEC" in degrees or sexagesimal, or None if text is not coordinates."""
+    parts = text.replace(",", " ").split()
+    try:
+        ra, dec = (float(p) for p in parts)
+    except ValueError:
+        ra = dec = None
+    if ra is not None and not 0.0 <= ra < 360.0:
+        msg = f"bad coordinates {text!r}: RA must be in [0, 360) degrees"
+        raise DataError(msg)
+    try:
+        if ra is not None:
+            coord = SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
+        elif re.fullmatch(r"[+-]?\d[0-9+\-.:hmsd'\"°]*\s+[+-]?\d[0-9.:dms'\"°]*", text):
+            coord = SkyCoord(text, unit=(u.hourangle, u.deg), frame="icrs")
+        else:
+            return None
+    except ValueError as exc:
+        msg = f"bad coordinates {text!r}: {_one_line(exc)}"
+        raise DataError(msg) from None
+    return coord
+
+
+def resolve_target(name_or_coords, *, cache_dir, timeout=DEFAULT_TIMEOUT):
+    """
+    ICRS position of a target given as coordinates, a default target or any resolvable name.
+
+    Parameters
+    ----------
+    name_or_coords : str
+        "RA DEC" in degrees ("250.42 36.46") or sexagesimal ("16:41:41.6 +36:27:41"), a key of
+        `DEFAULT_TARGETS` (or M1/M42/M45/M104), or a name for the Sesame resolver.
+    cache_dir : str or path-like
+        Resolved names are kept in ``names.json`` here, so each name is looked up once.
+    timeout : float
+        Seconds allowed for the Sesame query.
+
+    Returns
+    -------
+    astropy.coordinates.SkyCoord
+    """
+    text = str(name_or_coords).strip()
+    if not text or "\x00" in text:
+        msg = f"empty or invalid target {name_or_coords!r}"
+        raise DataError(msg)
+    coord = _parse_coordinates(text)
+    if coord is not None:
+        return coord
+    known = _known_target(text)
+    if known is not None:
+        ra, dec = DEFAULT_TARGETS[known]
+        return SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
+    cache_path = Path(cache_dir) / NAME_CACHE
+    names = _read_json(cache_path, default={})
+    if _name_key(text) in names:
+        ra, dec = names[_name_key(text)]
+        return SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
+    coord = _sesame(text, timeout=_checked_timeout(timeout))
+    names[_name_key(text)] = [coord.ra.deg, coord.dec.deg]
+    write_json(cache_path, names)
+    log.info("resolved %r to %.5f %+.5f (cached in %s)", text, coord.ra.deg, coord.dec.deg,
+             cache_path)
+    return coord
+
+
+def _sesame(name, *, timeout):
+    """One Sesame look-up under a socket timeout; unknown names are DataError."""
+    from astropy.coordinates.name_resolve import NameResolveError
+    from astropy.utils.data import conf as data_conf
+
+    try:
+        with data_conf.set_temp("remote_timeout", timeout):
+            return SkyCoord.from_name(name, frame="icrs")
+    except NameResolveError as exc:
+        # astropy words an unreachable Sesame this way; anything else is an unknown name.
+        if "queries failed" in str(exc):
+            msg = f"name resolver unreachable for {name!r}: {_one_line(exc)}"
+            raise NetworkError(msg) from None
+        msg = f"unknown target {name!r}: give coordinates as 'RA DEC' in degrees"
+        raise DataError(msg) from None
+
+
+# --- # Atomic files and the FITS cache
+
+
+def _read_json(path, *, default):
+    """Parsed JSON file, or ``default`` when absent or unreadable (logged)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, _one_line(exc))
+        return default
+
+
+def _sha256(path):
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Frame:
+    """A real cutout ready for tiling: pixels, WCS and where they came from."""
+
+    data: np.ndarray  # 2-D float64, NaN where the survey has no data
+    wcs: object  # astropy.wcs.WCS (celestial) or None
+    target: str
+    survey: str
+    path: Path  # cached FITS file
+    ra: float  # deg, ICRS, requested centre
+    dec: float  # deg
+    pixel_scale: float  # arcsec/px from the WCS, NaN without one
+    header: fits.Header = dataclasses.field(repr=False, default=None)
+
+
+@dataclasses.dataclass
+class FetchFailure:
+    """Why one (target, survey) pair produced no frame."""
+
+    target: str
+    survey: str
+    reason: str
+
+
+def _cache_path(cache_dir, target, survey, pixels):
+    """Cache file of one cutout; every part is user text, so the name goes through the slug."""
+    return path_inside(cache_dir, f"{target}_{survey}_{pixels}px", suffix=".fits")
+
+
+def _frame_from_file(path, *, target, survey, coord):
+    """Frame read from a verified cache file."""
+    data, header, wcs = read_fits_image(path)
+    scale = float("nan")
+    if wcs is not None:
+        scale = float(np.mean(u.Quantity(wcs.proj_plane_pixel_scales()).to_value(u.arcsec)))
+    return Frame(data=data, wcs=wcs, target=target, survey=survey, path=path,
+                 ra=coord.ra.deg, dec=coord.dec.deg, pixel_scale=scale, header=header)
+
+
+def _is_cached(path, manifest):
+    """Whether ``path`` is in the manifest with matching bytes; a mismatching file is removed."""
+    entry = manifest.get(path.name)
+    if entry is None or not path.is_file():
+        return False
+    if _sha256(path) != entry.get("sha256"):
+        log.warning("cache entry %s fails its checksum; discarding it", path.name)
+        path.unlink()
+        return False
+    return True
+
+
+# --- # Network discipline
+
+
+def _checked_timeout(timeout):
+    """Timeout in seconds, refused unless 0 < timeout <= MAX_TIMEOUT."""
+    timeout = float(timeout)
+    if not 0 < timeout <= MAX_TIMEOUT:
+        msg = f"timeout must be in (0, {MAX_TIMEOUT:g}] s, got {timeout:g}"
+        raise ValueError(msg)
+    return timeout
+
+
+class _TimeoutAdapter(HTTPAdapter):
+    """Transport that gives every request a socket timeout, capping any longer one.
+
+    astroquery sends several requests with ``timeout=None`` (SkyView's form, MAST downloads);
+    setting the limit on the session's transport covers all of them with a real socket timeout.
+    """
+
+    def __init__(self, timeout):
+        super().__init__()
+        self._timeout = timeout
+
+    def send(self, request, **kwargs):
+        asked = kwargs.get("timeout")
+        if not isinstance(asked, (int, float)) or asked > self._timeout:
+            kwargs["timeout"] = self._timeout
+        return super().send(request, **kwargs)
+
+
+def _bounded(client, timeout):
+    """Fresh astroquery client whose session enforces ``timeout`` on every request."""
+    adapter = _TimeoutAdapter(timeout)
+    client._session.mount("http://", adapter)
+    client._session.mount("https://", adapter)
+    return client
+
+
+def _is_retryable(exc):
+    """Network trouble may pass; bad data and HTTP 4xx (our request is wrong) will not."""
+    if isinstance(exc, DataError):
+        return False
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is not None and 400 <= status < 500:
+        return False
+    return isinstance(exc, (requests.RequestException, OSError, NetworkError))
+
+
+def _download(session, url, dest, *, timeout, max_bytes=2**30):
+    """Stream ``url`` into the open file ``dest``; refuses error statuses and huge bodies."""
+    with session.get(url, stream=True, timeout=timeout) as response:
+        response.raise_for_status()
+        size = 0
+        for chunk in response.iter_content(1 << 16):
+            size += len(chunk)
+            if size > max_bytes:
+                msg = f"{url}: response larger than {max_bytes} bytes"
+                raise DataError(msg)
+            dest.write(chunk)
+
+
+# --- # Services: each writes one FITS file into an open file and returns its source URL
+
+# name: (service, the service's own survey id, pixel scale in arcsec used to size the field)
+SURVEYS = {
+    "DSS2 Red": ("skyview", "DSS2 Red", 1.0),
+    "DSS2 Blue": ("skyview", "DSS2 Blue", 1.0),
+    "SDSS g": ("skyview", "SDSSg", 0.396),
+    "SDSS r": ("skyview", "SDSSr", 0.396),
+    "SDSS i": ("skyview", "SDSSi", 0.396),
+    "2MASS-J": ("skyview", "2MASS-J", 1.0),
+    "PanSTARRS/DR1/g": ("hips2fits", "CDS/P/PanSTARRS/DR1/g", 0.25),
+    "PanSTARRS/DR1/r": ("hips2fits", "CDS/P/PanSTARRS/DR1/r", 0.25),
+    "TESS": ("tesscut", "SPOC", 21.0),
+    "HST": ("mast", "HST", 0.04),
+    "JWST": ("mast", "JWST", 0.03),
+}
+
+
+def survey_service(survey):
+    """(service, native survey id, arcsec/px) for a survey name; unknown 'A/B/C' ids are HiPS."""
+    if survey in SURVEYS:
+        return SURVEYS[survey]
+    if survey.count("/") >= 2 and ".." not in survey:
+        return ("hips2fits", survey, 1.0)
+    msg = f"unknown survey {survey!r}; known: {', '.join(SURVEYS)} or a HiPS id like CDS/P/DSS2/red"
+    raise DataError(msg)
+
+
+def _fetch_skyview(coord, native, scale, *, pixels, timeout, dest, workdir):
+    """SkyView cutout through astroquery's form client; the FITS link is downloaded by us."""
+    from astroquery.skyview import SkyViewClass
+    from astroquery.skyview import conf as skyview_conf
+
+    client = _bounded(SkyViewClass(), timeout)
+    # SkyViewClass.URL is frozen from conf at import; read conf now so set_temp redirects it.
+    client.URL = skyview_conf.url
+    side = pixels * scale * u.arcsec
+    urls = client.get_image_list(position=coord, survey=native, pixels=str(pixels),
+                                 width=side, height=side, cache=False)
+    if not urls:
+        msg = f"SkyView returned no image for {native} at {coord.to_string('decimal')}"
+        raise DataError(msg)
+    # get_images would fetch this through astropy's download cache, where a bad body outlives
+    # the failure; downloading it ourselves keeps the timeout and leaves no stale copy.
+    _download(client._session, urls[0], dest, timeout=timeout)
+    return urls[0]
+
+
+def _fetch_hips(coord, native, scale, *, pixels, timeout, dest, workdir):
+    """Cutout of a HiPS survey (e.g. Pan-STARRS) from CDS hips2fits."""
+    from astroquery.hips2fits import conf as hips_conf
+    from astroquery.hips2fits import hips2fitsClass
+
+    client = _bounded(hips2fitsClass(), timeout)
+    servers = hips_conf.server
+    client.server = servers if isinstance(servers, str) else servers[0]
+    client.timeout = timeout
+    hdul = client.query(hips=native, width=pixels, height=pixels, projection="TAN",
+                        ra=coord.ra, dec=coord.dec, fov=Angle(pixels * scale * u.arcsec),
+                        format="fits")
+    hdul.writeto(dest)
+    return f"{client.server}?hips={native}&ra={coord.ra.deg:.6f}&dec={coord.dec.deg:.6f}"
+
+
+def _fetch_tesscut(coord, native, scale, *, pixels, timeout, dest, workdir):
+    """Median over cadences of a TESS FFI cutout, saved as a plain image with its WCS."""
+    from astroquery.mast import TesscutClass
+
+    # A TESScut cube holds every cadence of a sector; beyond ~50 px it runs to gigabytes.
+    size = min(pixels, 50)
+    client = _bounded(TesscutClass(), timeout)
+    cubes = client.get_cutouts(coordinates=coord, size=size, product=native)
+    if not cubes:
+        msg = f"TESScut has no sector covering {coord.to_string('decimal')}"
+        raise DataError(msg)
+    cube = cubes[0]
+    flux = np.asarray(cube[1].data["FLUX"], dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cadences at sector edges
+        image = np.nanmedian(flux, axis=0)
+    # The aperture extension carries the cutout's celestial WCS.
+    header = WCS(cube[2].header).celestial.to_header()
+    header["SECTOR"] = cube[0].header.get("SECTOR", -1)
+    fits.PrimaryHDU(image, header=header).writeto(dest)
+    return f"tesscut:{native}:sector{header['SECTOR']}:{coord.to_string('decimal')}"
+
+
+def _fetch_mast(coord, native, scale, *, pixels, timeout, dest, workdir):
+    """Calibrated drizzled science image (HST drz/drc, JWST i2d) covering the position."""
+    from astroquery.mast import ObservationsClass
+
+    client = _bounded(ObservationsClass(), timeout)
+    radius = pixels * scale * u.arcsec / 2
+    observations = client.query_criteria(coordinates=coord, radius=radius, obs_collection=native,
+                                         dataproduct_type="image", intentType="science",
+                                         calib_level=3)
+    if len(observations) == 0:
+        msg = f"no {native} science images within {radius:.1f} of {coord.to_string('decimal')}"
+        raise DataError(msg)
+    observations.sort("t_exptime", reverse=True)  # deepest first
+    products = client.get_product_list(observations[:5])
+    products = client.filter_products(products, productType="SCIENCE", extension="fits",
+                                      productSubGroupDescription=["DRZ", "DRC", "I2D"])
+    if len(products) == 0:
+        msg = f"{native} observations at {coord.to_string('decimal')} have no drizzled image"
+        raise DataError(msg)
+    manifest = client.download_products(products[:1], download_dir=str(workdir), flat=True,
+                                        cache=False, verbose=False)
+    if manifest["Status"][0] != "COMPLETE":
+        msg = f"MAST download failed: {manifest['Message'][0]}"
+        raise NetworkError(msg)
+    with open(manifest["Local Path"][0], "rb") as src:
+        shutil.copyfileobj(src, dest)
+    return str(manifest["URL"][0]) if "URL" in manifest.colnames else str(products["dataURI"][0])
+
+
+FETCHERS = {"skyview": _fetch_skyview, "hips2fits": _fetch_hips, "tesscut": _fetch_tesscut,
+            "mast": _fetch_mast}
+
+
+# --- # Fetching with retries into the cache
+
+
+def _fetch_into_cache(coord, survey, path, *, timeout, retries, backoff, pixels, label):
+    """
+    Fetch one cutout with bounded retries; the file appears at ``path`` only once it reads.
+
+    Returns
+    -------
+    str
+        The source URL that served the file.
+    """
+    from astroquery import cache_conf
+
+    service, native, scale = survey_service(survey)
+    attempts = retries + 1
+    for attempt in range(1, attempts + 1):
+        workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        staged = workdir / "cutout.fits"
+        try:
+            # astroquery pickles responses before checking them; with its cache off a failed
+            # reply cannot be replayed to the next attempt.
+            with cache_conf.set_temp("cache_active", False), open(staged, "wb") as dest:
+                url = FETCHERS[service](coord, native, scale, pixels=pixels, timeout=timeout,
+                                        dest=dest, workdir=workdir)
+            _check_download(staged, url)
+            os.replace(staged, path)
+            return url
+        except Exception as exc:
+            reason = _one_line(exc)
+            final = "" if _is_retryable(exc) else " (not retried)"
+            log.warning("fetch failed: %s attempt %d/%d: %s%s", label, attempt, attempts, reason,
+                        final)
+            if final:
+                msg = f"{label}: {reason}"
+                error = DataError if isinstance(exc, DataError) else NetworkError
+                raise error(msg) from None
+            if attempt == attempts:
+                msg = f"{label}: gave up after {attempts} attempts: {reason}"
+                raise NetworkError(msg) from exc
+            time.sleep(backoff * 2 ** (attempt - 1))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _check_download(path, url):
+    """Refuse a downloaded file that is not a usable image, before it enters the cache."""
+    try:
+        read_fits_image(path)
+    except DataError as exc:
+        msg = str(exc).replace(str(path), f"download from {url}")
+        raise DataError(msg) from None
+
+
+def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
+                 pixels=DEFAULT_PIXELS, backoff=DEFAULT_BACKOFF, offline=False):
+    """
+    Real cutouts for every (target, survey) pair, from the cache when it holds them.
+
+    Parameters
+    ----------
+    targets : list of str
+        Target names or "RA DEC" strings, see `resolve_target`.
+    surveys : list of str
+        Keys of `SURVEYS` or HiPS ids.
+    cache_dir : str or path-like
+        FITS files and ``manifest.json`` live here.
+    timeout : float
+        Socket timeout per request in seconds, at most `MAX_TIMEOUT`.
+    retries : int
+        Extra attempts after a network failure (0 means one attempt).
+    pixels : int
+        Cutout side in pixels.
+    backoff : float
+        Seconds before the first retry; doubled after each further failure.
+    offline : bool
+        Use the cache only; anything missing or corrupt becomes a failure.
+
+    Returns
+    -------
+    frames : list of Frame
+    failures : list of FetchFailure
+        One entry per pair that produced no frame; a failure never stops the other pairs.
+    """
+    timeout = _checked_timeout(timeout)
+    if retries < 0 or pixels < 8:
+        msg = f"need retries >= 0 and pixels >= 8, got {retries} and {pixels}"
+        raise ValueError(msg)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = cache_dir / MANIFEST
+    manifest = _read_json(manifest_path, default={})
+    frames, failures = [], []
+    down: dict[str, str] = {}  # service -> why: once it has failed every retry, spare the rest
+    for target in targets:
+        try:
+            coord = resolve_target(target, cache_dir=cache_dir, timeout=timeout)
+        except (DataError, NetworkError) as exc:
+            failures += [FetchFailure(str(target), s, _one_line(exc)) for s in surveys]
+            continue
+        for survey in surveys:
+            label = f"{target} / {survey}"
+            try:
+                service = survey_service(survey)[0]
+                path = _cache_path(cache_dir, target, survey, pixels)
+                if not _is_cached(path, manifest):
+                    if offline:
+                        msg = f"{label}: not in the cache and offline"
+                        raise DataError(msg)
+                    if service in down:
+                        msg = f"{label}: skipped, {service} failed earlier in this run ({down[service]})"
+                        raise NetworkError(msg)
+                    url = _fetch_into_cache(coord, survey, path, timeout=timeout,
+                                            retries=retries, backoff=backoff, pixels=pixels,
+                                            label=label)
+                    manifest[path.name] = _manifest_entry(path, target=target, survey=survey,
+                                                     coord=coord, url=url, pixels=pixels)
+                    write_json(manifest_path, manifest)
+                    log.info("fetched %s -> %s", label, path.name)
+                frames.append(_frame_from_file(path, target=str(target), survey=survey,
+                                               coord=coord))
+            except NetworkError as exc:
+                down.setdefault(service, _one_line(exc, limit=80))
+                failures.append(FetchFailure(str(target), survey, _one_line(exc)))
+            except DataError as exc:
+                failures.append(FetchFailure(str(target), survey, _one_line(exc)))
+    return frames, failures
+
+
+def _manifest_entry(path, *, target, survey, coord, url, pixels):
+    """Provenance record of one cached file."""
+    service = survey_service(survey)[0]
+    return {"target": str(target), "survey": survey, "ra": coord.ra.deg, "dec": coord.dec.deg,
+            "service": service, "url": url, "pixels": int(pixels), "sha256": _sha256(path),
+            "retrieved": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds")}
+
+
+def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
+             pixels=DEFAULT_PIXELS, backoff=DEFAULT_BACKOFF):
+    """
+    Fill the cache for later offline runs (``standalone_training.py fetch``).
+
+    Parameters
+    ----------
+    targets, surveys, cache_dir, timeout, retries, pixels, backoff
+        As for `fetch_frames`.
+
+    Returns
+    -------
+    dict
+        ``{"cached": [...], "failed": [...]}``: one "target / survey: file" line per frame and
+        one "target / survey: reason" line per failure.
+    """
+    frames, failures = fetch_frames(targets, surveys, cache_dir=cache_dir, timeout=timeout,
+                                    retries=retries, pixels=pixels, backoff=backoff)
+    summary = {"cached": [f"{f.target} / {f.survey}: {f.path.name}" for f in frames],
+               "failed": [f"{f.target} / {f.survey}: {f.reason}" for f in failures]}
+    log.info("prefetch: %d cached, %d failed", len(frames), len(failures))
+    return summary
+
+
+# --- # Tiling and measurement of real frames
+
+
+class Tile(NamedTuple):
+    """A tile's corner, its NaN-filled pixels and where they were real."""
+
+    y0: int
+    x0: int
+    data: np.ndarray
+    valid: np.ndarray  # False where the frame had NaN
+
+
+def tile_frame(data, *, tile_size, max_bad_fraction=0.25, max_saturated_fraction=0.02):
+    """
+    Cut a frame into non-overlapping square tiles that are fit to serve as static sky.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        2-D frame, NaN where there is no data.
+    tile_size : int
+        Tile side in pixels; a partial strip at the right and bottom edges is dropped.
+    max_bad_fraction : float
+        Tiles with a larger fraction of NaN pixels are skipped.
+    max_saturated_fraction : float
+        Tiles with a larger fraction of pixels at the frame's maximum are skipped (saturated
+        cores and bleed trails would dominate any injection).
+
+    Returns
+    -------
+    list of Tile
+        NaN pixels are filled with the tile median; ``valid`` is False exactly there. Blank
+        tiles (zero robust sigma, e.g. constant padding) are skipped.
+    """
+    data = np.asarray(data, dtype=np.float64)
+    if data.ndim != 2 or tile_size < 1:
+        msg = f"need a 2-D frame and tile_size >= 1, got shape {data.shape}, {tile_size}"
+        raise ValueError(msg)
+    peak = np.nanmax(data) if np.isfinite(data).any() else np.nan
+    tiles = []
+    for y0 in range(0, data.shape[0] - tile_size + 1, tile_size):
+        for x0 in range(0, data.shape[1] - tile_size + 1, tile_size):
+            tile = data[y0:y0 + tile_size, x0:x0 + tile_size]
+            valid = np.isfinite(tile)
+            if 1.0 - valid.mean() > max_bad_fraction:
+                continue
+            if not robust_sigma(tile) > 0:
+                continue
+            if np.mean(tile[valid] >= peak) > max_saturated_fraction:
+                continue
+            tiles.append(Tile(y0, x0, np.where(valid, tile, np.median(tile[valid])), valid))
+    return tiles
+
+
+class PsfEstimate(NamedTuple):
+    """PSF width of a tile and whether it was measured or is the default."""
+
+    fwhm: float  # px
+    measured: bool
+    n_stars: int  # stars whose fits entered the median
+
+
+def _pixel_gaussian(shape, amplitude, x0, y0, sigma, background):
+    """Circular Gaussian integrated over each pixel (flux = amplitude), plus a constant."""
+    def edges(n, centre):
+        e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
+        return 0.5 * np.diff(special.erf(e))
+
+    return amplitude * np.outer(edges(shape[0], y0), edges(shape[1], x0)) + background
+
+
+def measure_psf_fwhm(tile, *, default=2.5, threshold=20.0, min_stars=3, max_stars=25):
+    """
+    FWHM of the PSF from the brightest isolated, unsaturated stars of a tile.
+
+    Parameters
+    ----------
+    tile : numpy.ndarray
+        2-D pixels; NaN allowed.
+    default : float
+        FWHM in pixels returned when too few stars can be measured.
+    threshold : float
+        Peak height above background, in robust sigmas, for a star to be used.
+    min_stars : int
+        Fewer measured stars than this give the default.
+    max_stars : int
+        Only the brightest this many usable stars are fitted.
+
+    Returns
+    -------
+    PsfEstimate
+        Median FWHM of pixel-integrated Gaussian fits, or ``default`` with ``measured=False``.
+
+    Notes
+    -----
+    A star is refused when it is within one stamp of the edge, has a brighter-than-5-sigma
+    peak within two stamps, or is flat-topped (three neighbours within 2% of the peak, or the
+    peak at the tile's maximum), since clipped cores widen the fit.
+    """
+    img = np.asarray(tile, dtype=np.float64)
+    background = np.nanmedian(img)
+    sigma = robust_sigma(img)
+    fallback = PsfEstimate(float(default), False, 0)
+    if not (np.isfinite(sigma) and sigma > 0):
+        return fallback
+    img = np.where(np.isfinite(img), img, background)
+    box = max(4, int(np.ceil(2.0 * default)))  # stamp half-size: covers the core and wings
+    maxima = (img == ndimage.maximum_filter(img, size=3)) & (img > background + 5 * sigma)
+    ys, xs = np.nonzero(maxima)
+    heights = img[ys, xs] - background
+    top = np.nanmax(img)
+    candidates = []
+    for i in np.argsort(heights)[::-1]:
+        y, x, height = ys[i], xs[i], heights[i]
+        if height < threshold * sigma or len(candidates) >= max_stars:
+            break
+        if not (box <= y < img.shape[0] - box and box <= x < img.shape[1] - box):
+            continue
+        near = (np.abs(ys - y) <= 2 * box) & (np.abs(xs - x) <= 2 * box)
+        if near.sum() > 1:
+            continue
+        ring = img[y - 1:y + 2, x - 1:x + 2] - background
+        if img[y, x] >= top or np.sum(ring >= 0.98 * height) > 3:  # the peak counts once
+            continue
+        candidates.append((y, x))
+    fwhms = [f for f in (_fit_fwhm(img, y, x, box, background) for y, x in candidates)
+             if f is not None]
+    if len(fwhms) < min_stars:
+        log.debug("PSF: %d usable stars, using default FWHM %.2f px", len(fwhms), default)
+        return PsfEstimate(float(default), False, len(fwhms))
+    return PsfEstimate(float(np.median(fwhms)), True, len(fwhms))
+
+
+def _fit_fwhm(img, y, x, box, background):
+    """FWHM in pixels of one star's pixel-integrated Gaussian fit, or None if it fails."""
+    stamp = img[y - box:y + box + 1, x - box:x + box + 1]
+    shape = stamp.shape
+
+    def residual(p):
+        return (_pixel_gaussian(shape, *p) - stamp).ravel()
+
+    amplitude = (stamp.max() - background) * 2 * np.pi
+    start = [amplitude, box, box, 1.0, background]
+    bounds = ([0, box - 2, box - 2, 0.2, -np.inf], [np.inf, box + 2, box + 2, box, np.inf])
+    try:
+        fit = optimize.least_squares(residual, start, bounds=bounds)
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    sigma = fit.x[3]
+    if not fit.success or sigma >= 0.95 * box:  # pinned at the bound: not a point source
+        return None
+    return float(2.0 * np.sqrt(2.0 * np.log(2.0)) * sigma)
 
 
 # ----------------------------------------------------------------------------
@@ -723,6 +1635,158 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
     def raw(self, i: int) -> RawPair:
         s = self.simulate(i)
         return RawPair(s.reference, s.science, s.psf_reference.fwhm, s.psf_science.fwhm)
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/astrid, or $XDG_CACHE_HOME/astrid."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "astrid"
+
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz")
+
+
+def load_fits_dir(directory: str | os.PathLike) -> tuple[list[Frame], list[FetchFailure]]:
+    """Every readable 2-D FITS image in a directory (no network); unreadable files are reported."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        msg = f"--fits-dir {directory}: no such directory"
+        raise DataError(msg)
+    frames, failures = [], []
+    for path in sorted(p for p in directory.iterdir() if p.name.lower().endswith(FITS_SUFFIXES)):
+        try:
+            data, header, wcs = read_fits_image(path)
+        except DataError as exc:
+            log.warning("skipping %s", exc)
+            failures.append(FetchFailure(path.name, "local FITS", _one_line(exc)))
+            continue
+        centre = wcs.pixel_to_world(data.shape[1] / 2, data.shape[0] / 2) if wcs is not None else None
+        frames.append(Frame(data=data, wcs=wcs, target=path.stem, survey="local FITS", path=path, ra=float(centre.ra.deg) if centre is not None else float("nan"), dec=float(centre.dec.deg) if centre is not None else float("nan"), pixel_scale=float("nan"), header=header))
+    return frames, failures
+
+
+def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyConfig) -> SkySample:
+    """A (reference, science) pair made from one real tile, with injected anomalies and bogus.
+
+    The tile is the static sky. Both epochs get independent Gaussian noise at the tile's
+    own robust noise level, and the science epoch is blurred to a slightly worse seeing,
+    so the difference has real residuals of real stars. Anomalies are injected into the
+    science epoch with a Moffat PSF of the measured FWHM (convolved to the science seeing),
+    at SNRs computed against the difference's noise. Pixels are in the frame's own units,
+    so the noise is taken as background-limited (no shot noise of the sources).
+    """
+    shape = tile.data.shape
+    bg, sigma = robust_background(tile.data)
+    # 1. Two epochs of the same real sky, the science one at slightly worse seeing.
+    fwhm_sci = fwhm * rng.uniform(*sky.seeing_ratio)
+    blur = math.sqrt(max(fwhm_sci**2 - fwhm**2, 0.0)) / 2.3548  # Gaussian sigma, px
+    reference = tile.data + rng.normal(0, sigma, shape)
+    science = ndimage.gaussian_filter(tile.data, blur) + rng.normal(0, sigma, shape)
+    impulse = np.zeros((2 * psf_radius(fwhm_sci) + 1,) * 2)
+    impulse[impulse.shape[0] // 2, impulse.shape[1] // 2] = 1.0
+    leak = float(np.sum((ndimage.gaussian_filter(impulse, blur) - impulse) ** 2))  # tile noise left by the blur
+    variance = np.full(shape, sigma**2 * (2.0 + leak))
+    # 2. Catalogues from the pixels: stars (candidate variables) and bright extended hosts.
+    peaks = (tile.data == ndimage.maximum_filter(tile.data, size=5)) & (tile.data > bg + 10 * sigma)
+    sy, sx = (a.astype(np.float64) for a in np.nonzero(peaks & tile.valid))
+    sflux = (tile.data[sy.astype(int), sx.astype(int)] - bg) * 2 * math.pi * (fwhm / 2.3548) ** 2
+    smooth = ndimage.gaussian_filter(tile.data, 3.0)
+    hy, hx = np.nonzero((smooth == ndimage.maximum_filter(smooth, size=9)) & (smooth > bg + 5 * sigma / 3.0))
+    hosts = [dict(x=float(x), y=float(y), half_light_radius=3.0) for x, y in zip(hx, hy)]
+    area = shape[0] * shape[1] / 64.0**2
+    counts = _draw_anomaly_counts(rng, sky, area)
+    if not hosts:  # no host in this tile: its supernovae become plain transients
+        counts["transient"] += counts.pop("supernova")
+        counts["supernova"] = 0
+    # 3. Injections, bogus and the label; pixels the frame did not have are never labelled.
+    psf_sci = PSF(fwhm_sci, 3.5)
+    science, variance, truth = inject_anomalies(
+        rng, counts=counts, stars=(sx, sy, sflux), galaxies=hosts, shift=(0.0, 0.0), psf=psf_sci, science=science, variance=variance, sky=sky, shot_noise=False
+    )
+    truth += _add_detector_bogus(rng, science, reference, variance, sky, area)
+    mask = anomaly_mask(shape, truth, fwhm_sci) & tile.valid
+    return SkySample(reference.astype(np.float32), science.astype(np.float32), variance.astype(np.float32), mask, truth, PSF(fwhm, 3.5), psf_sci)
+
+
+class MASTRealDataset(SyntheticAstronomicalDataset):
+    """Real sky pixels with injected anomalies: injection-recovery (SCIENCE.md, section 6).
+
+    Frames come from MAST/SkyView through astroquery (``source="mast"``, cached with a
+    manifest) or from the user's FITS files (``source="fits"``, no network). They are cut
+    into tiles of the training size; tiles mostly blank, NaN or saturated are skipped.
+    Each tile's FWHM is measured from its stars (or its frame's), and sample ``i`` turns
+    tile ``i mod n_tiles`` into a pair with :func:`real_tile_pair`, seeded by (seed, i).
+
+    Same sample contract as :class:`SyntheticAstronomicalDataset`. When no real tile can
+    be had, it falls back to synthetic samples, logs a warning and records it in
+    :meth:`provenance`; with ``fallback=False`` that is a DataError instead.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        image_size: int = 64,
+        seed: int = 0,
+        stream: str = "train",
+        source: str = "mast",
+        targets: Sequence[str] = (),
+        surveys: Sequence[str] = DEFAULT_SURVEYS,
+        fits_dir: str | os.PathLike = "",
+        cache_dir: str | os.PathLike = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        pixels: int = DEFAULT_PIXELS,
+        fallback: bool = True,
+        snr_range: tuple[float, float] | None = None,
+        sky: SkyConfig | None = None,
+    ) -> None:
+        super().__init__(num_samples, image_size=image_size, seed=seed, stream=stream, snr_range=snr_range, sky=sky)
+        if source not in ("mast", "fits"):
+            msg = f"source must be 'mast' or 'fits', got {source!r}"
+            raise ValueError(msg)
+        self.source = source
+        if source == "fits":
+            frames, self.failures = load_fits_dir(fits_dir)
+        else:
+            frames, self.failures = fetch_frames(
+                list(targets) or list(DEFAULT_TARGETS), list(surveys), cache_dir=cache_dir or default_cache_dir(), timeout=timeout, retries=retries, pixels=pixels
+            )
+        self.tiles: list[tuple[Tile, float, str]] = []
+        for frame in frames:
+            frame_psf = measure_psf_fwhm(frame.data)
+            for tile in tile_frame(frame.data, tile_size=image_size):
+                psf = measure_psf_fwhm(tile.data, default=frame_psf.fwhm)
+                self.tiles.append((tile, psf.fwhm, f"{frame.target} / {frame.survey} @ ({tile.x0}, {tile.y0})"))
+        self.frames = [f"{f.target} / {f.survey}" for f in frames]
+        if not self.tiles:
+            reason = _one_line(self.failures[0].reason, limit=160) if self.failures else "no usable tile in the frames"
+            if not fallback:
+                msg = f"no real sky available for --data {source} ({reason}); --no-fallback forbids synthetic samples"
+                raise DataError(msg)
+            log.warning("real sky unavailable (%s): FALLING BACK to %d synthetic samples; real_fraction = 0", reason, num_samples)
+        else:
+            log.info("real sky: %d tiles from %d frames (%d failures)", len(self.tiles), len(frames), len(self.failures))
+
+    def provenance(self) -> dict:
+        """Where the samples came from; goes to metrics.json and MLflow."""
+        real = self.num_samples if self.tiles else 0
+        return dict(
+            data_source=self.source if self.tiles else f"synthetic (fallback from {self.source})",
+            real_fraction=real / self.num_samples,
+            real_samples=real,
+            synthetic_samples=self.num_samples - real,
+            real_tiles=len(self.tiles),
+            frames=self.frames,
+            failures=[f.reason for f in self.failures],  # each reason names its target / survey
+        )
+
+    def simulate(self, i: int) -> SkySample:
+        if not self.tiles:
+            return super().simulate(i)
+        i = self._index(i)
+        rng = np.random.default_rng([self.seed, SEED_STREAMS[self.stream], i])
+        tile, fwhm, _ = self.tiles[i % len(self.tiles)]
+        return real_tile_pair(rng, tile, fwhm, self.sky)
 
 
 # ----------------------------------------------------------------------------
@@ -1784,6 +2848,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     called with a binary file object.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -2132,7 +3197,10 @@ def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.ut
         pool = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr)
         info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
     else:
-        pool = real_sky_dataset(cfg)
+        pool = MASTRealDataset(
+            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=cfg.data, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
+            cache_dir=cfg.cache_dir, timeout=cfg.timeout, retries=cfg.retries, fallback=cfg.fallback, snr_range=snr,
+        )
         info = pool.provenance()
     test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
     order = np.random.default_rng(cfg.seed).permutation(len(pool))
@@ -2565,12 +3633,6 @@ def _savefig(fig: Any, path: Path) -> Path:
     return path
 
 
-def real_sky_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
-    """Real pixels with injected anomalies (--data mast | fits)."""
-    msg = f"--data {cfg.data} is not available in this version of AstrID; use --data synthetic"
-    raise AstridError(msg)
-
-
 def run_training(config: TrainConfig) -> dict:
     """Train with `config`; print where everything went. The runner's single entry point."""
     trainer = StandaloneTrainer(config)
@@ -2659,14 +3721,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data", help="synthetic | mast | fits")
     a("--fits-dir")
     a("--cache-dir")
-    a("--no-fallback", dest="fallback", action="store_false", default=None)
+    a("--targets", nargs="+", help="--data mast: names or 'RA DEC' (default: famous targets and empty fields)")
+    a("--surveys", nargs="+", help="--data mast: e.g. 'DSS2 Red' 'SDSS r' TESS HST PanSTARRS/DR1/r")
+    a("--timeout", type=float, help="s per network request (<= 60)")
+    a("--retries", type=int, help="extra attempts after a network failure")
+    a("--no-fallback", dest="fallback", action="store_false", default=None, help="a failed real-data source is fatal")
     a("--resume", help="continue from a checkpoint (last.pt)")
 
 
 def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> TrainConfig:
     """A preset, then whatever flags the user gave, on top of the defaults."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
     return dataclasses.replace(TrainConfig(), **{**(preset or {}), **overrides})
 
 
@@ -2684,10 +3750,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--output-dir", default="evaluation")
+    fetch = commands.add_parser("fetch", help="fill the real-sky cache ahead of an offline run")
+    fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
+    fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS))
+    fetch.add_argument("--cache-dir", default="", help="default ~/.cache/astrid")
+    fetch.add_argument("--pixels", type=int, default=DEFAULT_PIXELS)
+    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     return parser
 
 
-_NOISY_LOGGERS = ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "astroquery", "git", "torch._export", "torch.export")
+def run_fetch(*, targets: Sequence[str], surveys: Sequence[str], cache_dir: str, pixels: int, timeout: float, retries: int) -> dict:
+    """Prefetch cutouts into the cache; fails (one line) only if nothing at all was cached."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    summary = prefetch(targets, surveys, cache_dir=cache, timeout=timeout, retries=retries, pixels=pixels)
+    for line in summary["cached"]:
+        print(f"cached  {line}")
+    for line in summary["failed"]:
+        print(f"FAILED  {line}")
+    if not summary["cached"]:
+        msg = f"nothing could be fetched into {cache} ({len(summary['failed'])} failures, listed above)"
+        raise NetworkError(msg)
+    print(f"cache: {cache} ({len(summary['cached'])} frames, {len(summary['failed'])} failures)")
+    return summary
+
+
+# Not astroquery: it installs its own Logger class at import, which must not exist before.
+_NOISY_LOGGERS = ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "git", "torch._export", "torch.export")
 
 
 def _quiet_loggers(level: int = logging.ERROR) -> None:
@@ -2725,6 +3814,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(debug=args.debug)
     if args.command == "train":
         return cli(lambda: run_training(config_from_args(args)), debug=args.debug)
+    if args.command == "fetch":
+        keys = ("targets", "surveys", "cache_dir", "pixels", "timeout", "retries")
+        return cli(lambda: run_fetch(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "evaluate":
         keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold")
         return cli(lambda: run_evaluation(**{k: getattr(args, k) for k in keys}), debug=args.debug)
