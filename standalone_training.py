@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -1355,7 +1355,7 @@ def _manifest_entry(path, *, target, survey, coord, url, pixels):
     service = survey_service(survey)[0]
     return {"target": str(target), "survey": survey, "ra": coord.ra.deg, "dec": coord.dec.deg,
             "service": service, "url": url, "pixels": int(pixels), "sha256": _sha256(path),
-            "retrieved": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            "retrieved": _dt.datetime.now(_dt.timezone.utc).isoformat(
                 timespec="seconds")}
 
 
