@@ -671,7 +671,21 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
     return median, sigma
 
 
-def normalize_pair(reference: np.ndarray, science: np.ndarray) -> np.ndarray:
+class PairStatistics(NamedTuple):
+    """Each epoch's median background and robust noise, in its own pixel units."""
+
+    background_reference: float
+    sigma_reference: float
+    background_science: float
+    sigma_science: float
+
+
+def pair_statistics(reference: np.ndarray, science: np.ndarray) -> PairStatistics:
+    """Background and noise of both epochs (measured once per image, even when tiled)."""
+    return PairStatistics(*robust_background(np.asarray(reference)), *robust_background(np.asarray(science)))
+
+
+def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics | None = None) -> np.ndarray:
     """Network input from a registered pair in any pixel units: (3, H, W) float32.
 
     Channels are reference, science and difference. Each epoch has its median
@@ -679,25 +693,24 @@ def normalize_pair(reference: np.ndarray, science: np.ndarray) -> np.ndarray:
     reference in the images' own units, divided by sqrt(sigma_s^2 + sigma_r^2). An
     asinh stretch then keeps the noise linear (|x| < 1) while compressing bright stars
     logarithmically, so counts, ADU and photographic densities all land on one scale.
-    Non-finite pixels become 0 (background) in every channel.
+    Non-finite pixels become 0 (background) in every channel. `statistics` measured on a
+    whole image let its tiles be normalised exactly as the whole would be.
     """
-    reference = np.asarray(reference, dtype=np.float64)
-    science = np.asarray(science, dtype=np.float64)
+    reference, science = np.asarray(reference), np.asarray(science)
     if reference.shape != science.shape:
         msg = f"reference {reference.shape} and science {science.shape} differ in shape"
         raise ValueError(msg)
-    bg_r, sig_r = robust_background(reference)
-    bg_s, sig_s = robust_background(science)
-    channels = np.stack(
-        [
-            (reference - bg_r) / sig_r,
-            (science - bg_s) / sig_s,
-            ((science - bg_s) - (reference - bg_r)) / math.hypot(sig_s, sig_r),
-        ]
-    )
-    channels = np.arcsinh(channels)
+    bg_r, sig_r, bg_s, sig_s = statistics or pair_statistics(reference, science)
+    # Background subtraction in float64: pixel values can be large next to their noise.
+    ref = reference.astype(np.float64) - bg_r
+    sci = science.astype(np.float64) - bg_s
+    channels = np.empty((3,) + reference.shape, dtype=np.float32)
+    channels[0] = ref / sig_r
+    channels[1] = sci / sig_s
+    channels[2] = (sci - ref) / math.hypot(sig_s, sig_r)
+    np.arcsinh(channels, out=channels)
     channels[~np.isfinite(channels)] = 0.0
-    return channels.astype(np.float32)
+    return channels
 
 
 # ----------------------------------------------------------------------------
