@@ -3669,12 +3669,13 @@ def run_training(config: TrainConfig) -> dict:
 DEFAULT_EVAL_SEED = 20261126  # any seed works: the test stream never meets training samples
 
 
-def run_evaluation(*, checkpoint: str, samples: int, seed: int, image_size: int, output_dir: str, device: str, threshold: float | None) -> dict:
+def run_evaluation(*, checkpoint: str | None, samples: int, seed: int, image_size: int, output_dir: str, device: str, threshold: float | None) -> dict:
     """Evaluate a checkpoint on a fresh synthetic test set; writes evaluation.json and plots."""
     check_image_size(image_size)
     if samples < 1:
         msg = f"samples must be >= 1, got {samples}"
         raise ValueError(msg)
+    checkpoint = checkpoint_or_default(checkpoint)
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload, path=checkpoint)
     dev = resolve_device(device)
@@ -3700,6 +3701,212 @@ def run_evaluation(*, checkpoint: str, samples: int, seed: int, image_size: int,
         print(f"{name:28s}{_fmt(a):>12s}{_fmt(b):>12s}")
     print(f"evaluation: {out / 'evaluation.json'}")
     return result
+
+
+# ----------------------------------------------------------------------------
+# Prediction on the user's own FITS pairs
+# ----------------------------------------------------------------------------
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "astrid_default.pt"
+DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
+PREDICT_TILE = 256  # px side of each network window (a multiple of 16)
+PREDICT_MARGIN = 32  # px of context around each window, discarded: the U-Net's edge effects
+DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "area_px", "type")
+
+
+def checkpoint_or_default(path: str | None) -> Path:
+    """The user's checkpoint, or the weights that ship with AstrID."""
+    if path:
+        return Path(path)
+    if not DEFAULT_WEIGHTS.is_file():
+        msg = f"no --checkpoint given and the default weights are missing ({DEFAULT_WEIGHTS})"
+        raise AstridError(msg)
+    return DEFAULT_WEIGHTS
+
+
+@torch.no_grad()
+def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, device: torch.device, batch_size: int = 8) -> np.ndarray:
+    """Anomaly probability per pixel for a registered pair of any size, in bounded memory.
+
+    The pair is normalised with statistics of the whole images, then seen through
+    overlapping windows of PREDICT_TILE px whose outer PREDICT_MARGIN px are discarded;
+    beyond the image the inputs are 0 (the normalised background).
+    """
+    height, width = science.shape
+    statistics = pair_statistics(reference, science)
+    core = PREDICT_TILE - 2 * PREDICT_MARGIN
+    window = min(PREDICT_TILE, 16 * math.ceil((max(height, width) + 2 * PREDICT_MARGIN) / 16))
+    if max(height, width) <= window - 2 * PREDICT_MARGIN:
+        core = max(height, width)  # one window holds the whole image
+    model.eval()
+    ctx, _ = autocast_context(device)
+    prob = np.zeros((height, width), dtype=np.float32)
+    corners = [(y, x) for y in range(0, height, core) for x in range(0, width, core)]
+    for start in range(0, len(corners), batch_size):
+        batch, spans = [], []
+        for y0, x0 in corners[start : start + batch_size]:
+            ya, xa = y0 - PREDICT_MARGIN, x0 - PREDICT_MARGIN
+            inputs = np.zeros((3, window, window), dtype=np.float32)
+            sy = slice(max(ya, 0), min(ya + window, height))
+            sx = slice(max(xa, 0), min(xa + window, width))
+            inputs[:, sy.start - ya : sy.stop - ya, sx.start - xa : sx.stop - xa] = normalize_pair(reference[sy, sx], science[sy, sx], statistics=statistics)
+            batch.append(inputs)
+            spans.append((y0, x0))
+        with ctx:
+            logits = model(torch.from_numpy(np.stack(batch)).to(device))
+        maps = F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy()
+        for (y0, x0), m in zip(spans, maps):
+            h, w = min(core, height - y0), min(core, width - x0)
+            prob[y0 : y0 + h, x0 : x0 + w] = m[PREDICT_MARGIN : PREDICT_MARGIN + h, PREDICT_MARGIN : PREDICT_MARGIN + w]
+    return prob
+
+
+def detection_catalog(prob: np.ndarray, *, threshold: float, wcs: Any = None) -> list[dict]:
+    """One row per connected detection, highest score first, with sky coordinates if a WCS is given."""
+    rows = []
+    for det in find_components(prob, threshold=threshold):
+        ra = dec = None
+        if wcs is not None:
+            sky = wcs.pixel_to_world(det["x"], det["y"])
+            ra, dec = float(sky.ra.deg), float(sky.dec.deg)
+        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], area_px=det["area_px"], type="anomaly"))
+    return sorted(rows, key=lambda r: -r["score"])
+
+
+def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
+    """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, area_px, type."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.4f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
+    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
+def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold: float, checkpoint: Path) -> Path:
+    """mask.fits: the probability map with the science image's WCS."""
+    header = wcs.to_header() if wcs is not None else fits.Header()
+    header["BUNIT"] = ("probability", "AstrID anomaly probability per pixel")
+    header["THRESH"] = (float(threshold), "operating threshold used for detections")
+    header["CKPT"] = (checkpoint.name[:60], "AstrID checkpoint")
+    hdu = fits.PrimaryHDU(prob.astype(np.float32), header=header)
+    return atomic_write(path, lambda f: hdu.writeto(f))
+
+
+def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, max_side: int = 1024) -> Path:
+    """Science and difference images with the detections circled (block-averaged if large)."""
+    channels = normalize_pair(reference, science)
+    factor = max(1, math.ceil(max(science.shape) / max_side))
+    if factor > 1:
+        h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
+        channels = channels[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+    fig = Figure(figsize=(11, 5.5))
+    axes = fig.subplots(1, 2)
+    for ax, image, title, kwargs in (
+        (axes[0], channels[1], "science", dict(cmap="gray", vmin=-1, vmax=5)),
+        (axes[1], channels[2], "difference (science - reference)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
+    ):
+        ax.imshow(image, origin="lower", **kwargs)
+        for r in rows:
+            ax.add_patch(Circle(((r["x"] + 0.5) / factor - 0.5, (r["y"] + 0.5) / factor - 0.5), radius=max(4, 8 / factor), fill=False, color="lime", lw=1.2))
+        ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, cache_dir: str, timeout: float, retries: int) -> np.ndarray:
+    """A survey image covering the science frame, reprojected onto its pixel grid."""
+    if science_wcs is None:
+        msg = "--reference-survey needs a science image with a celestial WCS"
+        raise DataError(msg)
+    from reproject import reproject_interp
+
+    centre = science_wcs.pixel_to_world((shape[1] - 1) / 2, (shape[0] - 1) / 2)
+    scale_arcsec = float(np.mean(u.Quantity(science_wcs.proj_plane_pixel_scales()).to_value(u.arcsec)))
+    survey_scale = survey_service(survey)[2]
+    pixels = int(min(2000, math.ceil(1.1 * max(shape) * scale_arcsec / survey_scale)))
+    target = f"{centre.ra.deg:.6f} {centre.dec.deg:.6f}"
+    frames, failures = fetch_frames([target], [survey], cache_dir=cache_dir or default_cache_dir(), timeout=timeout, retries=retries, pixels=max(pixels, 8))
+    if not frames:
+        msg = f"could not fetch a reference from {survey}: {failures[0].reason if failures else 'no frame'}"
+        raise NetworkError(msg)
+    reference, footprint = reproject_interp((frames[0].data, frames[0].wcs), science_wcs, shape_out=shape)
+    reference[footprint == 0] = np.nan
+    return reference
+
+
+def run_prediction(
+    *,
+    science: str,
+    reference: str | None,
+    reference_survey: str | None,
+    output_dir: str,
+    checkpoint: str | None,
+    threshold: float | None,
+    device: str,
+    max_pixels: int,
+    cache_dir: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+) -> list[dict]:
+    """Find anomalies in a (reference, science) FITS pair; writes detections.csv, mask.fits, overlay.png."""
+    # 1. Inputs: two 2-D images of one shape, within the pixel budget.
+    if bool(reference) == bool(reference_survey):
+        msg = "give exactly one of --reference FITS or --reference-survey NAME"
+        raise AstridError(msg)
+    sci, _, wcs = read_fits_image(science)
+    if sci.size > max_pixels:
+        msg = f"{science}: {sci.shape[1]}x{sci.shape[0]} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
+        raise DataError(msg)
+    if reference:
+        ref, _, _ = read_fits_image(reference)
+    else:
+        ref = fetch_reference(wcs, sci.shape, reference_survey, cache_dir=cache_dir, timeout=timeout, retries=retries)
+    if ref.shape != sci.shape:
+        msg = f"reference {ref.shape[1]}x{ref.shape[0]} and science {sci.shape[1]}x{sci.shape[0]} px differ in shape: register them onto one grid first"
+        raise DataError(msg)
+    if not np.isfinite(ref).any():
+        msg = "the reference has no finite pixels over the science frame"
+        raise DataError(msg)
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot create output directory {out} ({exc.strerror or exc})"
+        raise AstridError(msg) from None
+    # 2. The model and its operating threshold.
+    ckpt_path = checkpoint_or_default(checkpoint)
+    payload = load_checkpoint(ckpt_path)
+    dev = resolve_device(device)
+    model = model_from_checkpoint(payload, path=ckpt_path).to(dev)
+    threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
+    if not 0 < threshold <= 1:
+        msg = f"threshold must lie in (0, 1], got {threshold}"
+        raise ValueError(msg)
+    # 3. Probabilities, the catalogue and the pictures.
+    prob = probability_map(model, ref, sci, device=dev)
+    prob[~(np.isfinite(sci) & np.isfinite(ref))] = 0.0  # no claims where either epoch has no data
+    rows = detection_catalog(prob, threshold=threshold, wcs=wcs)
+    write_detections_csv(out / "detections.csv", rows)
+    write_probability_fits(out / "mask.fits", prob, wcs=wcs, threshold=threshold, checkpoint=ckpt_path)
+    save_overlay(out / "overlay.png", ref, sci, rows)
+    print(f"{len(rows)} detections at threshold {threshold:.2f} -> {out / 'detections.csv'} (also mask.fits, overlay.png)")
+    return rows
+
+
+def export_weights(checkpoint: str, output: str) -> Path:
+    """A small, shareable checkpoint: fp32 weights, architecture, threshold and provenance only."""
+    payload = load_checkpoint(checkpoint)
+    model_from_checkpoint(payload, path=checkpoint)  # refuse a mismatched file before writing
+    keep = ("model", "model_config", "config", "epoch", "threshold", "history")
+    path = save_checkpoint(Path(output), {k: payload[k] for k in keep if k in payload})
+    print(f"weights: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
 
 
 # ----------------------------------------------------------------------------
@@ -3756,13 +3963,28 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model (see also run_standalone_training.py)")
     add_train_arguments(train)
     evaluate = commands.add_parser("evaluate", help="completeness, purity and bogus rejection vs the matched filter")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     evaluate.add_argument("--samples", type=int, default=200)
     evaluate.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED)
     evaluate.add_argument("--image-size", type=int, default=128)
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--output-dir", default="evaluation")
+    predict = commands.add_parser("predict", help="find anomalies in your own (reference, science) FITS pair")
+    predict.add_argument("--science", required=True, help="FITS image (its WCS gives ra/dec)")
+    predict.add_argument("--reference", help="FITS image of the same field on the same pixel grid")
+    predict.add_argument("--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)")
+    predict.add_argument("--output-dir", required=True)
+    predict.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
+    predict.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    predict.add_argument("--cache-dir", default="")
+    predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
+    export = commands.add_parser("export", help="strip a checkpoint to shareable weights")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--output", required=True)
     fetch = commands.add_parser("fetch", help="fill the real-sky cache ahead of an offline run")
     fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
     fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS))
@@ -3827,6 +4049,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(debug=args.debug)
     if args.command == "train":
         return cli(lambda: run_training(config_from_args(args)), debug=args.debug)
+    if args.command == "predict":
+        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries")
+        return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
+    if args.command == "export":
+        return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)
     if args.command == "fetch":
         keys = ("targets", "surveys", "cache_dir", "pixels", "timeout", "retries")
         return cli(lambda: run_fetch(**{k: getattr(args, k) for k in keys}), debug=args.debug)
