@@ -1722,6 +1722,9 @@ def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyCo
         rng, counts=counts, stars=(sx, sy, sflux), galaxies=hosts, shift=(0.0, 0.0), psf=psf_sci, science=science, variance=variance, sky=sky, shot_noise=False
     )
     truth += _add_detector_bogus(rng, science, reference, variance, sky, area)
+    # The blur leaves rings around real bright stars: list them as bogus, as the simulator does.
+    residual = ndimage.gaussian_filter(tile.data, blur) - tile.data
+    truth += _static_residuals(residual, variance, sx, sy, sflux, [], (0.0, 0.0), PSF(fwhm, 3.5), truth)
     mask = anomaly_mask(shape, truth, fwhm_sci) & tile.valid
     return SkySample(reference.astype(np.float32), science.astype(np.float32), variance.astype(np.float32), mask, truth, PSF(fwhm, 3.5), psf_sci)
 
@@ -1884,7 +1887,7 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     return path
 
 
-def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLike, *, count: int = 8) -> Path:
+def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLike, *, count: int = 8, title: str = "AstrID synthetic sky") -> Path:
     """Gallery of the first `count` samples of a dataset, with their truth markers."""
     rows = []
     for i in range(min(count, len(dataset))):
@@ -1892,7 +1895,7 @@ def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLi
         truth = dataset.truth(i)
         kinds = sorted({o["type"] for o in truth if o["type"] in ANOMALY_TYPES})
         rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=truth, label=", ".join(k.replace("_", " ") for k in kinds) or "no anomaly"))
-    return save_sample_gallery(rows, path, title="AstrID synthetic sky: circles = anomalies, crosses = bogus")
+    return save_sample_gallery(rows, path, title=f"{title}: circles = anomalies, crosses = bogus")
 
 
 # ----------------------------------------------------------------------------
