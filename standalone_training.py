@@ -1820,7 +1820,7 @@ TYPE_COLOURS = {
     "variable_star": "tab:orange",
     "supernova": "tab:purple",
     "asteroid": "tab:cyan",
-    "cosmic_ray": "white",
+    "cosmic_ray": "hotpink",
     "hot_pixel": "yellow",
     "dipole": "lime",
 }
@@ -3004,6 +3004,8 @@ class MlflowRun:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        if mlflow.get_experiment_by_name(self.cfg.experiment) is None:
+            mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
         mlflow.set_experiment(self.cfg.experiment)
         if resume_run_id:
             run = mlflow.start_run(run_id=resume_run_id)
@@ -3070,6 +3072,17 @@ class MlflowRun:
             import mlflow
 
             mlflow.end_run(status=status)
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go to mlartifacts/ beside the database, not to ./mlruns.
+
+    A server decides for itself (None).
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
 class EnergyMeter:
@@ -3678,7 +3691,16 @@ def run_training(config: TrainConfig) -> dict:
 DEFAULT_EVAL_SEED = 20261126  # any seed works: the test stream never meets training samples
 
 
-def run_evaluation(*, checkpoint: str | None, samples: int, seed: int, image_size: int, output_dir: str, device: str, threshold: float | None) -> dict:
+def run_evaluation(
+    *,
+    checkpoint: str | None = None,
+    samples: int = 200,
+    seed: int = DEFAULT_EVAL_SEED,
+    image_size: int = 128,
+    output_dir: str = "evaluation",
+    device: str = "auto",
+    threshold: float | None = None,
+) -> dict:
     """Evaluate a checkpoint on a fresh synthetic test set; writes evaluation.json and plots."""
     check_image_size(image_size)
     if samples < 1:
