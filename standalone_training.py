@@ -731,7 +731,7 @@ DEFAULT_PIXELS = 300  # px, SkyView's own default cutout size
 MANIFEST = "manifest.json"
 NAME_CACHE = "names.json"
 
-# --- # Reading FITS images
+# --- Reading FITS images
 
 
 def read_fits_image(path):
@@ -816,7 +816,7 @@ def _celestial_wcs(header):
     return wcs.celestial if wcs.has_celestial else None
 
 
-# --- # Safe paths
+# --- Safe paths
 
 
 def safe_filename(name, *, max_length=80):
@@ -867,7 +867,7 @@ def path_inside(directory, name, *, suffix=""):
     return path
 
 
-# --- # Targets
+# --- Targets
 
 # ICRS, degrees, from SIMBAD; hard-coded so that the defaults never need a name resolver.
 DEFAULT_TARGETS = {
@@ -983,7 +983,7 @@ def _sesame(name, *, timeout):
         raise DataError(msg) from None
 
 
-# --- # Atomic files and the FITS cache
+# --- The FITS cache
 
 
 def _read_json(path, *, default):
@@ -1057,7 +1057,7 @@ def _is_cached(path, manifest):
     return True
 
 
-# --- # Network discipline
+# --- Network discipline
 
 
 def _checked_timeout(timeout):
@@ -1119,7 +1119,7 @@ def _download(session, url, dest, *, timeout, max_bytes=2**30):
             dest.write(chunk)
 
 
-# --- # Services: each writes one FITS file into an open file and returns its source URL
+# --- Services: each writes one FITS file into an open file and returns its source URL
 
 # name: (service, the service's own survey id, pixel scale in arcsec used to size the field)
 SURVEYS = {
@@ -1239,7 +1239,7 @@ FETCHERS = {"skyview": _fetch_skyview, "hips2fits": _fetch_hips, "tesscut": _fet
             "mast": _fetch_mast}
 
 
-# --- # Fetching with retries into the cache
+# --- Fetching with retries into the cache
 
 
 def _fetch_into_cache(coord, survey, path, *, timeout, retries, backoff, pixels, label):
@@ -1402,7 +1402,7 @@ def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DE
     return summary
 
 
-# --- # Tiling and measurement of real frames
+# --- Tiling and measurement of real frames
 
 
 class Tile(NamedTuple):
