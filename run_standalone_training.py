@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     if args.mode == "custom":
         missing = [flag for flag in ("samples", "epochs", "batch_size") if getattr(args, flag) is None]
         if missing:
-            parser.error("--mode custom needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+            print("run_standalone_training.py: error: --mode custom needs " + ", ".join("--" + m.replace("_", "-") for m in missing), file=sys.stderr)
+            return 2
     st.configure_logging(debug=args.debug)
     preset = st.PRESETS.get(args.mode, {})
     return st.cli(lambda: st.run_training(st.config_from_args(args, preset)), debug=args.debug)

@@ -94,11 +94,11 @@ class SkyConfig:
     seeing_ratio: tuple[float, float] = (1.0, 1.5)  # FWHM_science / FWHM_reference
     moffat_beta: tuple[float, float] = (2.5, 4.8)  # 4.765 is Kolmogorov (Trujillo+ 2001)
     registration_error: float = 0.3  # px, max |shift| of science vs reference per axis
-    star_density: tuple[float, float] = (0.002, 0.012)  # stars per px^2, log-uniform
+    star_density: tuple[float, float] = (0.0002, 0.012)  # stars per px^2, log-uniform: empty to crowded
     star_flux: tuple[float, float] = (300.0, 3e6)  # e-, power-law range
     star_flux_slope: float = 0.9  # N(>F) ~ F^-slope (1.5 is Euclidean; fields are bounded)
     saturation: float = 60000.0  # e-, full well: pixels clip here
-    galaxy_density: float = 0.0005  # galaxies per px^2 (about 2 per 64x64 field)
+    galaxy_density: tuple[float, float] = (0.0, 0.001)  # galaxies per px^2, uniform (0-4 per 64x64 field)
     galaxy_flux: tuple[float, float] = (3e3, 3e5)  # e-, log-uniform
     galaxy_half_light_radius: tuple[float, float] = (1.5, 6.0)  # px
     snr_range: tuple[float, float] = (3.0, 100.0)  # anomaly SNR, log-uniform
@@ -432,7 +432,7 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     sx = rng.uniform(-margin, image_size + margin, n_stars)
     sy = rng.uniform(-margin, image_size + margin, n_stars)
     sflux = _power_law(rng, *sky.star_flux, sky.star_flux_slope, n_stars)
-    n_gal = rng.poisson(sky.galaxy_density * image_size**2)
+    n_gal = rng.poisson(rng.uniform(*sky.galaxy_density) * image_size**2)
     counts = _draw_anomaly_counts(rng, sky, area)
     n_gal = max(n_gal, int(counts["supernova"] > 0))  # a supernova needs a host
     galaxies = [
@@ -510,11 +510,12 @@ def inject_anomalies(
     sx, sy, sflux = stars
     inside = (sx >= 2) & (sx < shape[1] - 2) & (sy >= 2) & (sy < shape[0] - 2)
     variable_candidates = list(rng.permutation(np.flatnonzero(inside)))
+    hosts_left = [galaxies[k] for k in rng.permutation(len(galaxies))]
     truth, profiles = [], []
     for kind in ANOMALY_TYPES:
         for _ in range(counts[kind]):
             snr = float(_log_uniform(rng, *sky.snr_range))
-            obj = _place_anomaly(rng, kind, shape[0], shift, sx, sy, sflux, galaxies, variable_candidates, sky)
+            obj = _place_anomaly(rng, kind, shape[0], shift, sx, sy, sflux, galaxies, variable_candidates, hosts_left, sky)
             if obj is None:
                 continue
             profile = _anomaly_profile(obj, shape, psf)
@@ -542,8 +543,12 @@ def _draw_anomaly_counts(rng: np.random.Generator, sky: SkyConfig, area: float) 
     return dict(zip(ANOMALY_TYPES, (int(c) for c in rng.multinomial(total, mix))))
 
 
-def _place_anomaly(rng, kind, size, shift, sx, sy, sflux, galaxies, variable_candidates, sky) -> dict | None:
-    """Position (in science-frame pixels) and geometry of one anomaly."""
+def _place_anomaly(rng, kind, size, shift, sx, sy, sflux, galaxies, variable_candidates, hosts_left, sky) -> dict | None:
+    """Position (in science-frame pixels) and geometry of one anomaly.
+
+    `variable_candidates` and `hosts_left` are queues: a star varies once, and a field's
+    supernovae take each galaxy in turn before any gets a second.
+    """
     edge = 3.0  # keep anomalies where the network sees their whole PSF core
     if kind == "transient":
         return dict(type=kind, x=rng.uniform(edge, size - edge), y=rng.uniform(edge, size - edge))
@@ -557,7 +562,7 @@ def _place_anomaly(rng, kind, size, shift, sx, sy, sflux, galaxies, variable_can
             type=kind, x=float(sx[star] + shift[0]), y=float(sy[star] + shift[1]), reference_flux=float(sflux[star]), sign=sign
         )
     if kind == "supernova":
-        host = galaxies[rng.integers(len(galaxies))]
+        host = hosts_left.pop() if hosts_left else galaxies[int(rng.integers(len(galaxies)))]
         radius = 1.5 * host["half_light_radius"] * rng.uniform()
         theta = rng.uniform(0, 2 * math.pi)
         x = float(np.clip(host["x"] + shift[0] + radius * math.cos(theta), edge, size - edge))
@@ -1903,14 +1908,15 @@ def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLi
 # ----------------------------------------------------------------------------
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    # GroupNorm, not BatchNorm: batches of 4 give noisy batch statistics, and DDP ranks
-    # and tiled prediction must all see the same normalisation.
-    return nn.GroupNorm(min(8, channels), channels)
+def _norm(channels: int) -> nn.BatchNorm2d:
+    # BatchNorm, whose inference statistics are fixed: a per-image norm (GroupNorm) rescales
+    # an empty field's noise until it looks like sources, and makes predictions depend on
+    # how an image is tiled.
+    return nn.BatchNorm2d(channels)
 
 
 class DoubleConv(nn.Module):
-    """(conv 3x3 => GroupNorm => ReLU) * 2"""
+    """(conv 3x3 => BatchNorm => ReLU) * 2"""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -3615,7 +3621,7 @@ def threading_main() -> bool:
 def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
     """A checksum of every rank's parameters: DDP ranks must end identical."""
     digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
+    for tensor in model.parameters():
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     mine = digest.hexdigest()[:16]
     if not dist.enabled:
@@ -3765,10 +3771,11 @@ def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray
     """
     height, width = science.shape
     statistics = pair_statistics(reference, science)
-    core = PREDICT_TILE - 2 * PREDICT_MARGIN
-    window = min(PREDICT_TILE, 16 * math.ceil((max(height, width) + 2 * PREDICT_MARGIN) / 16))
-    if max(height, width) <= window - 2 * PREDICT_MARGIN:
-        core = max(height, width)  # one window holds the whole image
+    if max(height, width) <= PREDICT_TILE:
+        # One window holds the whole image, padded only up to a multiple of 16.
+        margin, core, window = 0, max(height, width), 16 * math.ceil(max(height, width) / 16)
+    else:
+        margin, core, window = PREDICT_MARGIN, PREDICT_TILE - 2 * PREDICT_MARGIN, PREDICT_TILE
     model.eval()
     ctx, _ = autocast_context(device)
     prob = np.zeros((height, width), dtype=np.float32)
@@ -3776,7 +3783,7 @@ def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray
     for start in range(0, len(corners), batch_size):
         batch, spans = [], []
         for y0, x0 in corners[start : start + batch_size]:
-            ya, xa = y0 - PREDICT_MARGIN, x0 - PREDICT_MARGIN
+            ya, xa = y0 - margin, x0 - margin
             inputs = np.zeros((3, window, window), dtype=np.float32)
             sy = slice(max(ya, 0), min(ya + window, height))
             sx = slice(max(xa, 0), min(xa + window, width))
@@ -3788,7 +3795,7 @@ def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray
         maps = F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy()
         for (y0, x0), m in zip(spans, maps):
             h, w = min(core, height - y0), min(core, width - x0)
-            prob[y0 : y0 + h, x0 : x0 + w] = m[PREDICT_MARGIN : PREDICT_MARGIN + h, PREDICT_MARGIN : PREDICT_MARGIN + w]
+            prob[y0 : y0 + h, x0 : x0 + w] = m[margin : margin + h, margin : margin + w]
     return prob
 
 
@@ -3813,7 +3820,7 @@ def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.4f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
+        writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
