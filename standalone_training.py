@@ -3172,8 +3172,16 @@ CHECKPOINT_FORMAT = "astrid-checkpoint-v1"
 
 
 def save_checkpoint(path: Path, payload: dict) -> Path:
-    """Atomically save a checkpoint: the previous file survives a crash or a full disk."""
-    return atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
+    """Atomically save a checkpoint: the previous file survives a crash or a full disk.
+
+    It is serialised in memory first, so that a full disk surfaces as the OSError it is
+    (torch's writer would turn it into an opaque RuntimeError).
+    """
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -3409,6 +3417,10 @@ class StandaloneTrainer:
         cfg, dist = self.cfg, self.dist
         resume = load_checkpoint(cfg.resume) if cfg.resume else None
         if resume is not None:
+            missing = [k for k in ("optimizer", "scheduler", "early_stopping", "config", "epoch", "step", "history", "rng") if k not in resume]
+            if missing:
+                msg = f"{cfg.resume} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
+                raise AstridError(msg)
             # A resumed run continues the saved run exactly: its config, its directory.
             saved = {k: v for k, v in resume["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
             self.cfg = cfg = dataclasses.replace(TrainConfig(**saved), resume=cfg.resume, device=cfg.device)
@@ -3439,6 +3451,7 @@ class StandaloneTrainer:
         self.energy = EnergyMeter(cfg, enabled=dist.is_main, output_dir=self.output_dir)
         start_epoch, start_step, loss_sum = 0, 0, 0.0
         if resume is not None:
+            model_from_checkpoint(resume, path=cfg.resume)  # a mismatch is named, not a traceback
             self._bare_model().load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
             self.scheduler.load_state_dict(resume["scheduler"])
@@ -3573,6 +3586,7 @@ class StandaloneTrainer:
             "data": self.data_info,
             "world_size": dist.world_size,
             "parameter_checksums": checksums,
+            "mlflow": {"enabled": self.tracker.enabled, "reason_off": self.tracker.disabled_reason},
         }
         plots = plot_history(self.history, out)
         plots.append(self._prediction_gallery(model, probs, out / "predictions.png"))

@@ -1422,7 +1422,6 @@ def test_custom_mode_without_samples_is_refused(refusals):
     assert "--samples" in last_line(r.stderr)
 
 
-@pytest.mark.xfail(reason="BUG: `--mode custom` without --samples prints argparse's whole usage block (~25 lines) before its one-line error", strict=True)
 def test_custom_mode_without_samples_says_so_in_one_line(refusals):
     lines = refusals["custom without --samples"].stderr.strip().splitlines()
     assert len(lines) == 1, lines
