@@ -3429,7 +3429,10 @@ class StandaloneTrainer:
         # 1. Seeds, determinism, processes and the output directory.
         set_seed(cfg.seed)
         if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to repeat
+            torch.backends.cudnn.benchmark = False
+            # CUDA has no deterministic backward for bilinear upsampling: warn there, not fail.
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         self._init_distributed()
         self._prepare_output_dir()
 
