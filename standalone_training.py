@@ -462,8 +462,11 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     base_variance = var_ref + model_sci + sky.read_noise**2
 
     # 3. Anomalies: flux changes set by their matched-filter SNR in the difference image.
+    # A saturated star's change is clipped away: only stars with room to double can vary.
+    unsaturated = sflux * psf_ref.stamp().max() < sky.saturation / 4
     model_sci, base_variance, truth = inject_anomalies(
-        rng, counts=counts, stars=(sx, sy, sflux), galaxies=galaxies, shift=shift, psf=psf_sci, science=model_sci, variance=base_variance, sky=sky
+        rng, counts=counts, stars=(sx[unsaturated], sy[unsaturated], sflux[unsaturated]), galaxies=galaxies, shift=shift, psf=psf_sci,
+        science=model_sci, variance=base_variance, sky=sky,
     )
 
     # 4. Noise: Poisson on sky + sources, Gaussian read noise; the reference is a coadd.
@@ -1712,7 +1715,10 @@ def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyCo
     # 2. Catalogues from the pixels: stars (candidate variables) and bright extended hosts.
     peaks = (tile.data == ndimage.maximum_filter(tile.data, size=5)) & (tile.data > bg + 10 * sigma)
     sy, sx = (a.astype(np.float64) for a in np.nonzero(peaks & tile.valid))
-    sflux = (tile.data[sy.astype(int), sx.astype(int)] - bg) * 2 * math.pi * (fwhm / 2.3548) ** 2
+    height = tile.data[sy.astype(int), sx.astype(int)] - bg
+    sflux = height * 2 * math.pi * (fwhm / 2.3548) ** 2
+    # Stars that may vary: well below the frame's maximum, where saturation may lie.
+    can_vary = height < (float(tile.data.max()) - bg) / 4
     smooth = ndimage.gaussian_filter(tile.data, 3.0)
     hy, hx = np.nonzero((smooth == ndimage.maximum_filter(smooth, size=9)) & (smooth > bg + 5 * sigma / 3.0))
     hosts = [dict(x=float(x), y=float(y), half_light_radius=3.0) for x, y in zip(hx, hy)]
@@ -1724,7 +1730,8 @@ def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyCo
     # 3. Injections, bogus and the label; pixels the frame did not have are never labelled.
     psf_sci = PSF(fwhm_sci, 3.5)
     science, variance, truth = inject_anomalies(
-        rng, counts=counts, stars=(sx, sy, sflux), galaxies=hosts, shift=(0.0, 0.0), psf=psf_sci, science=science, variance=variance, sky=sky, shot_noise=False
+        rng, counts=counts, stars=(sx[can_vary], sy[can_vary], sflux[can_vary]), galaxies=hosts, shift=(0.0, 0.0), psf=psf_sci,
+        science=science, variance=variance, sky=sky, shot_noise=False,
     )
     truth += _add_detector_bogus(rng, science, reference, variance, sky, area)
     # The blur leaves rings around real bright stars: list them as bogus, as the simulator does.
