@@ -3419,19 +3419,33 @@ class StandaloneTrainer:
 
     # -- the run -------------------------------------------------------------
 
+    def _load_resume(self) -> dict:
+        """The checkpoint to resume; the run continues exactly: its config, its directory."""
+        resume = load_checkpoint(self.cfg.resume)
+        missing = [k for k in ("optimizer", "scheduler", "early_stopping", "config", "epoch", "step", "history", "rng") if k not in resume]
+        if missing:
+            msg = f"{self.cfg.resume} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
+            raise AstridError(msg)
+        saved = {k: v for k, v in resume["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+        self.cfg = dataclasses.replace(TrainConfig(**saved), resume=self.cfg.resume, device=self.cfg.device)
+        self.output_dir = Path(self.cfg.resume).parent
+        return resume
+
+    def _restore(self, resume: dict) -> tuple[int, int, float]:
+        """Load model, optimizer, schedule, early stopping and RNG; return where to continue."""
+        model_from_checkpoint(resume, path=self.cfg.resume)  # a mismatch is named, not a traceback
+        self._bare_model().load_state_dict(resume["model"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scheduler.load_state_dict(resume["scheduler"])
+        self.stopper.load_state_dict(resume["early_stopping"])
+        self.history = list(resume["history"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        return int(resume["epoch"]), int(resume["step"]), float(resume["loss_sum"])
+
     def fit(self) -> dict:
         """Run training to the end; returns the metrics written to metrics.json."""
+        resume = self._load_resume() if self.cfg.resume else None
         cfg, dist = self.cfg, self.dist
-        resume = load_checkpoint(cfg.resume) if cfg.resume else None
-        if resume is not None:
-            missing = [k for k in ("optimizer", "scheduler", "early_stopping", "config", "epoch", "step", "history", "rng") if k not in resume]
-            if missing:
-                msg = f"{cfg.resume} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
-                raise AstridError(msg)
-            # A resumed run continues the saved run exactly: its config, its directory.
-            saved = {k: v for k, v in resume["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-            self.cfg = cfg = dataclasses.replace(TrainConfig(**saved), resume=cfg.resume, device=cfg.device)
-            self.output_dir = Path(cfg.resume).parent
 
         # 1. Seeds, determinism, processes and the output directory.
         set_seed(cfg.seed)
@@ -3459,16 +3473,7 @@ class StandaloneTrainer:
         self.stopper = EarlyStopping(patience=cfg.patience, min_delta=cfg.min_delta, mode=cfg.monitor_mode)
         self.tracker = MlflowRun(cfg, enabled=dist.is_main)
         self.energy = EnergyMeter(cfg, enabled=dist.is_main, output_dir=self.output_dir)
-        start_epoch, start_step, loss_sum = 0, 0, 0.0
-        if resume is not None:
-            model_from_checkpoint(resume, path=cfg.resume)  # a mismatch is named, not a traceback
-            self._bare_model().load_state_dict(resume["model"])
-            self.optimizer.load_state_dict(resume["optimizer"])
-            self.scheduler.load_state_dict(resume["scheduler"])
-            self.stopper.load_state_dict(resume["early_stopping"])
-            self.history = list(resume["history"])
-            torch.set_rng_state(resume["rng"]["torch"])
-            start_epoch, start_step, loss_sum = int(resume["epoch"]), int(resume["step"]), float(resume["loss_sum"])
+        start_epoch, start_step, loss_sum = self._restore(resume) if resume is not None else (0, 0, 0.0)
         n_params = count_parameters(model)
 
         # 4. Tracking starts: a summary block, MLflow, CodeCarbon.
@@ -3488,10 +3493,7 @@ class StandaloneTrainer:
             metrics = self._loop(start_epoch, start_step, loss_sum, n_params)
             status = "FINISHED"
             return metrics
-        except TrainingInterrupted:
-            status = "KILLED"
-            raise
-        except KeyboardInterrupt:
+        except (TrainingInterrupted, KeyboardInterrupt):
             status = "KILLED"
             raise
         finally:
