@@ -1,7 +1,7 @@
 """How fast AstrID trains on one device: prints one JSON object, measured in one run.
 
     python benchmarks/bench_training.py [--image-size 64] [--batch-size 8] [--device cpu]
-                                        [--steps 30] [--warmup 5]
+                                        [--steps 30] [--warmup 5] [--threads 0]
 
 Every rate is the median over several timed chunks (never a mean: a shared machine
 gives the odd slow chunk), and the JSON says so. What is measured, in data-flow order:
@@ -15,7 +15,8 @@ gives the odd slow chunk), and the JSON says so. What is measured, in data-flow 
 - ``step_gflops``: one forward + backward of one batch, counted by
   ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products only;
   norms and activations are not counted), and the rate it gives at the bare step's
-  speed, next to a large fp32 matmul's rate on the same device and threads.
+  speed, next to a large fp32 matmul's rate and a large 3x3 convolution's rate on the
+  same device and threads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -43,7 +45,7 @@ import standalone_training as st  # noqa: E402
 CHUNKS = 5  # timed chunks per rate; the median of five shrugs off two bad ones
 SYNTH_PER_CHUNK = 8  # samples simulated per timed chunk
 MATMUL_SIDE = 2048  # large enough to reach the BLAS's sustained rate
-MATMUL_REPEATS = 5
+MATMUL_REPEATS = 5  # also the repeats of the convolution reference
 
 
 # ----------------------------------------------------------------------------
@@ -59,19 +61,27 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def median_rate(run_chunk: Callable[[int], float], *, chunks: int, device: torch.device) -> dict:
-    """Median and spread of `run_chunk(k)`'s items per second over `chunks` chunks.
+def median_rates(runners: dict[str, Callable[[int], float]], *, chunks: int, device: torch.device) -> dict[str, dict]:
+    """Median and spread of each runner's items per second over `chunks` chunks.
 
-    `run_chunk(k)` does chunk k's work and returns how many items it processed.
+    `runner(k)` does chunk k's work and returns how many items it processed. Chunk k of
+    every runner runs before chunk k + 1 of any, so a change in the machine's load hits
+    all of them alike and their ratio stays meaningful.
     """
-    rates = []
+    rates: dict[str, list[float]] = {name: [] for name in runners}
     for k in range(chunks):
-        synchronize(device)
-        began = time.perf_counter()
-        items = run_chunk(k)
-        synchronize(device)
-        rates.append(items / (time.perf_counter() - began))
-    return dict(median=statistics.median(rates), min=min(rates), max=max(rates), chunks=chunks)
+        for name, run_chunk in runners.items():
+            synchronize(device)
+            began = time.perf_counter()
+            items = run_chunk(k)
+            synchronize(device)
+            rates[name].append(items / (time.perf_counter() - began))
+    return {name: dict(median=statistics.median(r), min=min(r), max=max(r), chunks=chunks) for name, r in rates.items()}
+
+
+def median_rate(run_chunk: Callable[[int], float], *, chunks: int, device: torch.device) -> dict:
+    """`median_rates` of one runner."""
+    return median_rates({"only": run_chunk}, chunks=chunks, device=device)["only"]
 
 
 # ----------------------------------------------------------------------------
@@ -111,30 +121,21 @@ def prepared_trainer(cfg: st.TrainConfig) -> st.StandaloneTrainer:
     trainer = st.StandaloneTrainer(cfg)
     st.set_seed(cfg.seed)
     trainer.train_ds, trainer.val_ds, trainer.test_ds, trainer.data_info = st.build_datasets(cfg)
-    model = st.StandaloneUNet(width=cfg.width).to(trainer.device)
-    if trainer.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    trainer.model = model
-    trainer.criterion = st.CombinedLoss(bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
-    trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(trainer.train_ds) / cfg.batch_size)
-    trainer.scheduler = torch.optim.lr_scheduler.OneCycleLR(trainer.optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
-    trainer.autocast, trainer.scaler = st.autocast_context(trainer.device)
-    trainer.stopper = st.EarlyStopping(patience=cfg.patience, min_delta=cfg.min_delta, mode=cfg.monitor_mode)
+    trainer._build_model()
     for i in range(len(trainer.train_ds)):
         trainer.train_ds[i]
     return trainer
 
 
-def train_loop_rate(trainer: st.StandaloneTrainer, *, warmup_epochs: int) -> dict:
-    """Samples per second of `_train_epoch`, one timed chunk per epoch."""
+def train_loop_runner(trainer: st.StandaloneTrainer, *, warmup_epochs: int) -> Callable[[int], int]:
+    """After `warmup_epochs` untimed epochs: chunk k is `_train_epoch` of one more epoch."""
     for epoch in range(warmup_epochs):
         trainer._train_epoch(epoch, 0, 0.0)
 
     def chunk(k: int) -> int:
         return trainer._train_epoch(warmup_epochs + k, 0, 0.0)[2]
 
-    return median_rate(chunk, chunks=trainer.cfg.epochs - warmup_epochs, device=trainer.device)
+    return chunk
 
 
 def example_batch(trainer: st.StandaloneTrainer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,22 +153,29 @@ def bare_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: tor
     optimizer.step()
 
 
-def bare_step_rate(cfg: st.TrainConfig, inputs: torch.Tensor, masks: torch.Tensor, *, steps_per_chunk: int, warmup: int,
-                   prepare: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> dict:
-    """Samples per second of `bare_step` on a fresh model; `prepare` may transform the model."""
+def memory_format(model: torch.nn.Module) -> torch.memory_format:
+    """channels_last if the model's convolution weights are laid out that way, else contiguous."""
+    weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    nhwc = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def bare_step_runner(cfg: st.TrainConfig, inputs: torch.Tensor, masks: torch.Tensor, *, steps_per_chunk: int, warmup: int,
+                     layout: torch.memory_format = torch.contiguous_format) -> Callable[[int], int]:
+    """After `warmup` untimed steps on a fresh model in `layout`: chunk k is `steps_per_chunk` bare steps."""
     torch.manual_seed(cfg.seed)
-    model = prepare(st.StandaloneUNet(width=cfg.width).to(inputs.device).train())
+    model = st.StandaloneUNet(width=cfg.width).to(inputs.device, memory_format=layout).train()
     criterion = st.CombinedLoss(bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     for _ in range(warmup):
         bare_step(model, criterion, optimizer, inputs, masks)
 
-    def chunk(k: int) -> int:
+    def chunk(_k: int) -> int:
         for _ in range(steps_per_chunk):
             bare_step(model, criterion, optimizer, inputs, masks)
         return steps_per_chunk * len(inputs)
 
-    return median_rate(chunk, chunks=CHUNKS, device=inputs.device)
+    return chunk
 
 
 def step_flops(cfg: st.TrainConfig, inputs: torch.Tensor, masks: torch.Tensor) -> int:
@@ -188,6 +196,24 @@ def matmul_gflop_per_s(device: torch.device) -> dict:
 
     def chunk(_k: int) -> float:
         a @ b
+        return flop / 1e9
+
+    return median_rate(chunk, chunks=MATMUL_REPEATS, device=device)
+
+
+def conv_gflop_per_s(device: torch.device) -> dict:
+    """Sustained fp32 GFLOP/s of one large 3x3 convolution, the U-Net's own kind of work.
+
+    A second ceiling beside the matmul: on AMD CPUs MKL's sgemm takes its AVX2 path while
+    oneDNN's convolutions use AVX-512, so the matmul alone can understate the machine.
+    """
+    x = torch.randn(8, 128, 64, 64, device=device)
+    w = torch.randn(128, 128, 3, 3, device=device)
+    torch.nn.functional.conv2d(x, w, padding=1)  # warm-up: oneDNN primitive creation
+    flop = 2 * 9 * 128 * 128 * 64 * 64 * 8
+
+    def chunk(_k: int) -> float:
+        torch.nn.functional.conv2d(x, w, padding=1)
         return flop / 1e9
 
     return median_rate(chunk, chunks=MATMUL_REPEATS, device=device)
@@ -222,20 +248,25 @@ def benchmark(*, image_size: int, batch_size: int, device: str, steps: int, warm
     # 1. The simulator alone.
     synth = synthesis_rate(image_size=image_size)
 
-    # 2. The real loop on cached samples.
+    # 2. The real loop on cached samples and the bare step on its first batch, chunk by chunk.
     trainer = prepared_trainer(cfg)
-    train = train_loop_rate(trainer, warmup_epochs=warmup_epochs)
-
-    # 3. The bare step on the same batch, and its FLOPs.
     inputs, masks = example_batch(trainer)
-    bare = bare_step_rate(cfg, inputs, masks, steps_per_chunk=steps_per_chunk, warmup=warmup)
+    runners = {
+        "train": train_loop_runner(trainer, warmup_epochs=warmup_epochs),
+        "bare": bare_step_runner(cfg, inputs, masks, steps_per_chunk=steps_per_chunk, warmup=warmup, layout=memory_format(trainer.model)),
+    }
+    rates = median_rates(runners, chunks=CHUNKS, device=trainer.device)
+    train, bare = rates["train"], rates["bare"]
+
+    # 3. What one step costs, and what the device can do.
     flops = step_flops(cfg, inputs, masks)
     matmul = matmul_gflop_per_s(trainer.device)
+    conv = conv_gflop_per_s(trainer.device)
 
     step_gflops = flops / 1e9
     achieved = step_gflops * bare["median"] / batch_size
     return {
-        "statistic": f"median over {CHUNKS} timed chunks of {steps_per_chunk} steps ({SYNTH_PER_CHUNK} samples for synth, {MATMUL_REPEATS} products for matmul); spread gives min and max",
+        "statistic": f"median over {CHUNKS} timed chunks of {steps_per_chunk} steps, train and bare chunks alternating ({SYNTH_PER_CHUNK} samples for synth, {MATMUL_REPEATS} calls for matmul and conv); spread gives min and max",
         "synth_samples_per_s": synth["median"],
         "train_samples_per_s": train["median"],
         "bare_step_samples_per_s": bare["median"],
@@ -245,12 +276,16 @@ def benchmark(*, image_size: int, batch_size: int, device: str, steps: int, warm
         "achieved_gflop_per_s": achieved,
         "machine_gflop_per_s": matmul["median"],
         "fraction_of_matmul_peak": achieved / matmul["median"],
+        "conv_reference_gflop_per_s": conv["median"],
+        "fraction_of_conv_reference": achieved / conv["median"],
         "peak_rss_mb": peak_rss_mb(),
-        "spread": {"synth_samples_per_s": synth, "train_samples_per_s": train, "bare_step_samples_per_s": bare, "machine_gflop_per_s": matmul},
+        "spread": {"synth_samples_per_s": synth, "train_samples_per_s": train, "bare_step_samples_per_s": bare, "machine_gflop_per_s": matmul, "conv_reference_gflop_per_s": conv},
         "flop_counter": "torch.utils.flop_counter.FlopCounterMode, one forward + loss + backward of one batch (convolutions and matmuls only)",
         "machine_peak": f"fp32 {MATMUL_SIDE}x{MATMUL_SIDE} @ {MATMUL_SIDE}x{MATMUL_SIDE} matmul, same device and threads",
+        "conv_reference": "fp32 3x3 convolution, 8x128x64x64 input, 128 filters, same device and threads",
         "loop": {"steps_per_epoch": steps_per_chunk, "warmup_epochs": warmup_epochs, "train_samples": len(trainer.train_ds), "dataloader_workers": 0, "cached": True},
         "parameters": st.count_parameters(trainer.model),
+        "memory_format": str(memory_format(trainer.model)).removeprefix("torch."),
         "image_size": image_size,
         "batch_size": batch_size,
         "steps": steps_per_chunk * CHUNKS,
@@ -258,6 +293,8 @@ def benchmark(*, image_size: int, batch_size: int, device: str, steps: int, warm
         "device": str(trainer.device),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
@@ -272,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
     parser.add_argument("--steps", type=int, default=30, help=f"timed steps per rate, split into {CHUNKS} chunks")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each rate")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default, one per core)")
     return parser
 
 
@@ -281,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         msg = "need batch-size >= 1, steps >= 1 and warmup >= 0"
         raise SystemExit(msg)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = benchmark(image_size=args.image_size, batch_size=args.batch_size, device=args.device, steps=args.steps, warmup=args.warmup)
     print(json.dumps(report, indent=2))
     return 0
