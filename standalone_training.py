@@ -3217,11 +3217,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         msg = f"checkpoint not found: {path}"
         raise AstridError(msg)
+    import pickle
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text suggests weights_only=False, exactly what must not be done here.
+        msg = f"cannot load checkpoint {path}: not a safe AstrID checkpoint (it holds objects other than tensors and plain data; refused by weights_only=True)"
+        raise AstridError(msg) from None
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"cannot load checkpoint {path}: not a safe AstrID checkpoint ({first_line[:200]})"
+        msg = f"cannot load checkpoint {path}: not a safe AstrID checkpoint (unreadable: {type(exc).__name__}; corrupt, truncated or not a torch file)"
         raise AstridError(msg) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         msg = f"{path} is not an AstrID checkpoint (expected format {CHECKPOINT_FORMAT})"
@@ -3339,7 +3344,8 @@ class StandaloneTrainer:
 
         def handler(signum: int, _frame: Any) -> None:
             self._signal = signum
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one exits at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             log.warning("%s received: finishing this step, then saving last.pt (press Ctrl-C again to quit at once)", signal.Signals(signum).name)
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -3478,6 +3484,10 @@ class StandaloneTrainer:
             msg = f"{self.cfg.resume} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
             raise AstridError(msg)
         saved = {k: v for k, v in resume["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+        defaults, asked = TrainConfig(), self.cfg
+        ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("resume", "device") and getattr(asked, f.name) != getattr(defaults, f.name) and getattr(asked, f.name) != saved.get(f.name)]
+        if ignored:
+            log.warning("resuming with the saved configuration; ignoring %s", ", ".join(f"--{n.replace('_', '-')}" for n in ignored))
         self.cfg = dataclasses.replace(TrainConfig(**saved), resume=self.cfg.resume, device=self.cfg.device)
         self.output_dir = Path(self.cfg.resume).parent
         return resume
