@@ -3841,41 +3841,46 @@ def checkpoint_or_default(path: str | None) -> Path:
     return DEFAULT_WEIGHTS
 
 
+def _windows(n: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Along one axis of n px: the window size, and (core start, core length, window start) of each window.
+
+    Windows lie inside the image wherever it is large enough: a band of padding would be a
+    border the network never saw in training (it made false detections along it). Only a
+    side shorter than a window is padded, to the next multiple of 16.
+    """
+    if n <= PREDICT_TILE:
+        return 16 * math.ceil(n / 16), [(0, n, 0)]
+    core = PREDICT_TILE - 2 * PREDICT_MARGIN
+    return PREDICT_TILE, [(c, min(core, n - c), min(max(c - PREDICT_MARGIN, 0), n - PREDICT_TILE)) for c in range(0, n, core)]
+
+
 @torch.no_grad()
 def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, device: torch.device, batch_size: int = 8) -> np.ndarray:
     """Anomaly probability per pixel for a registered pair of any size, in bounded memory.
 
-    The pair is normalised with statistics of the whole images, then seen through
-    overlapping windows of PREDICT_TILE px whose outer PREDICT_MARGIN px are discarded;
-    beyond the image the inputs are 0 (the normalised background).
+    The pair is normalised with statistics of the whole images, then seen through windows
+    of PREDICT_TILE px overlapping by PREDICT_MARGIN px on each side; each keeps only its
+    core, away from the window's inner edges.
     """
     height, width = science.shape
     statistics = pair_statistics(reference, science)
-    if max(height, width) <= PREDICT_TILE:
-        # One window holds the whole image, padded only up to a multiple of 16.
-        margin, core, window = 0, max(height, width), 16 * math.ceil(max(height, width) / 16)
-    else:
-        margin, core, window = PREDICT_MARGIN, PREDICT_TILE - 2 * PREDICT_MARGIN, PREDICT_TILE
+    (win_h, rows), (win_w, cols) = _windows(height), _windows(width)
     model.eval()
     ctx, _ = autocast_context(device)
     prob = np.zeros((height, width), dtype=np.float32)
-    corners = [(y, x) for y in range(0, height, core) for x in range(0, width, core)]
-    for start in range(0, len(corners), batch_size):
-        batch, spans = [], []
-        for y0, x0 in corners[start : start + batch_size]:
-            ya, xa = y0 - margin, x0 - margin
-            inputs = np.zeros((3, window, window), dtype=np.float32)
-            sy = slice(max(ya, 0), min(ya + window, height))
-            sx = slice(max(xa, 0), min(xa + window, width))
-            inputs[:, sy.start - ya : sy.stop - ya, sx.start - xa : sx.stop - xa] = normalize_pair(reference[sy, sx], science[sy, sx], statistics=statistics)
+    tiles = [(r, c) for r in rows for c in cols]
+    for start in range(0, len(tiles), batch_size):
+        batch = []
+        for (_, _, wy), (_, _, wx) in tiles[start : start + batch_size]:
+            inputs = np.zeros((3, win_h, win_w), dtype=np.float32)  # 0 is the normalised background
+            sy, sx = slice(wy, min(wy + win_h, height)), slice(wx, min(wx + win_w, width))
+            inputs[:, : sy.stop - wy, : sx.stop - wx] = normalize_pair(reference[sy, sx], science[sy, sx], statistics=statistics)
             batch.append(inputs)
-            spans.append((y0, x0))
         with ctx:
             logits = model(torch.from_numpy(np.stack(batch)).to(device))
         maps = F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy()
-        for (y0, x0), m in zip(spans, maps):
-            h, w = min(core, height - y0), min(core, width - x0)
-            prob[y0 : y0 + h, x0 : x0 + w] = m[margin : margin + h, margin : margin + w]
+        for ((y0, h, wy), (x0, w, wx)), m in zip(tiles[start : start + batch_size], maps):
+            prob[y0 : y0 + h, x0 : x0 + w] = m[y0 - wy : y0 - wy + h, x0 - wx : x0 - wx + w]
     return prob
 
 
