@@ -371,7 +371,7 @@ def test_variable_stars_are_stars_whose_flux_changed():
 
 def test_asteroid_trails_appear_only_in_the_science_image():
     """Along a trail the reference is background within its noise; the science is far above."""
-    sky = SkyConfig(anomaly_mix=(0.0, 0.0, 0.0, 1.0), empty_fraction=0.0, anomalies_per_field=1.0, star_density=(1e-5, 2e-5), galaxy_density=0.0, snr_range=(20.0, 30.0), cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0)
+    sky = SkyConfig(anomaly_mix=(0.0, 0.0, 0.0, 1.0), empty_fraction=0.0, anomalies_per_field=1.0, star_density=(1e-5, 2e-5), galaxy_density=(0.0, 0.0), snr_range=(20.0, 30.0), cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0)
     checked = 0
     for i in range(15):
         s = st.simulate_sky(np.random.default_rng([47, i]), image_size=64, sky=sky)
@@ -404,7 +404,7 @@ def test_cosmic_rays_are_sharper_than_the_psf():
     """Cosmic rays hit 1-3 pixels and, in the difference image, are narrower than the science
     PSF measured the same way. Width is the minor-axis second moment: a 3-pixel diagonal hit
     is long but has no width across, unlike any PSF (its total moment can match a sharp PSF's)."""
-    sky = SkyConfig(star_density=(1e-5, 2e-5), galaxy_density=0.0, empty_fraction=1.0, cosmic_rays_per_field=3.0, hot_pixels_per_field=0.0, bogus_snr_range=(100.0, 300.0))
+    sky = SkyConfig(star_density=(1e-5, 2e-5), galaxy_density=(0.0, 0.0), empty_fraction=1.0, cosmic_rays_per_field=3.0, hot_pixels_per_field=0.0, bogus_snr_range=(100.0, 300.0))
     half, checked = 2, 0
     for i in range(10):
         s = st.simulate_sky(np.random.default_rng([5, i]), image_size=64, sky=sky)
