@@ -3939,7 +3939,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, cache_dir: str, timeout: float, retries: int) -> np.ndarray:
