@@ -1495,3 +1495,28 @@ def test_training_against_a_real_mlflow_server(mlflow_server, tmp_path):
     # The artifacts went through the server's proxy into its destination, not into cwd.
     assert list(mlflow_server["artifacts"].rglob("metrics.json"))
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ----------------------------------------------------------------------------
+# The walkthrough
+# ----------------------------------------------------------------------------
+
+
+def test_demo_walks_through_every_step_and_writes_only_under_its_output_dir(tmp_path):
+    """demo_standalone_training.py --fast runs its five steps; the working directory stays clean."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "demo_standalone_training.py"), "--fast", "--output-dir", str(out)],
+        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    headers = [line for line in result.stdout.splitlines() if re.match(r"\[\d/5\] ", line)]
+    assert [h[:5] for h in headers] == [f"[{k}/5]" for k in range(1, 6)]
+    assert (out / "gallery.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((out / "run" / "metrics.json").read_text())["epochs_run"] >= 1
+    assert (out / "evaluation" / "evaluation.json").is_file()
+    assert (out / "mlflow.db").is_file() and (out / "mlartifacts").is_dir()
+    assert list(cwd.iterdir()) == [], "the demo must not litter the working directory"
