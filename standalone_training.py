@@ -1639,6 +1639,7 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
         sky.validate()
         self.num_samples, self.image_size, self.seed, self.stream, self.sky = num_samples, image_size, seed, stream, sky
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self._recent: dict[int, SkySample] = {}
 
     def __len__(self) -> int:
         return self.num_samples
@@ -1650,8 +1651,20 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
         return i % self.num_samples
 
     def simulate(self, i: int) -> SkySample:
-        """Render sample i from scratch (deterministic in seed, stream and i)."""
-        rng = np.random.default_rng([self.seed, SEED_STREAMS[self.stream], self._index(i)])
+        """Render sample i (deterministic in seed, stream and i).
+
+        The last few samples are remembered: evaluation asks for a sample's tensors, truth
+        and raw pair in turn, and each would otherwise render it again.
+        """
+        i = self._index(i)
+        if i not in self._recent:
+            if len(self._recent) >= 4:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[i] = self._render(i)
+        return self._recent[i]
+
+    def _render(self, i: int) -> SkySample:
+        rng = np.random.default_rng([self.seed, SEED_STREAMS[self.stream], i])
         return simulate_sky(rng, image_size=self.image_size, sky=self.sky)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1822,10 +1835,9 @@ class MASTRealDataset(SyntheticAstronomicalDataset):
             failures=[f.reason for f in self.failures],  # each reason names its target / survey
         )
 
-    def simulate(self, i: int) -> SkySample:
+    def _render(self, i: int) -> SkySample:
         if not self.tiles:
-            return super().simulate(i)
-        i = self._index(i)
+            return super()._render(i)
         rng = np.random.default_rng([self.seed, SEED_STREAMS[self.stream], i])
         tile, fwhm, _ = self.tiles[i % len(self.tiles)]
         return real_tile_pair(rng, tile, fwhm, self.sky)
@@ -2770,18 +2782,18 @@ def evaluate_model(
     `output_dir`, writes the completeness, precision-recall and object-gallery plots there.
     """
     n = len(dataset)
-    items = [dataset[i] for i in range(n)]
-    inputs = torch.stack([x for x, _ in items])
-    masks = torch.stack([m for _, m in items])[:, 0].numpy()
-    truths = [dataset.truth(i) for i in range(n)]
+    # Each sample's tensors, truth and raw pair in turn: the dataset renders it once.
+    items = [(dataset[i], dataset.truth(i), dataset.raw(i)) for i in range(n)]
+    inputs = torch.stack([x for (x, _), _, _ in items])
+    masks = torch.stack([m for (_, m), _, _ in items])[:, 0].numpy()
+    truths = [truth for _, truth, _ in items]
     probs = predict_probabilities(model, inputs, device=device)
 
     net_results, base_results, examples = [], [], []
-    for i in range(n):
+    for i, (_, _, raw) in enumerate(items):
         detections = find_components(probs[i], threshold=threshold)
         net = match_objects(detections, truths[i])
         net_results.append(net)
-        raw = dataset.raw(i)
         psf = PSF(raw.fwhm_science, 3.5).stamp()
         base_results.append(match_objects(baseline_detections(raw.science.astype(np.float64) - raw.reference, psf=psf, threshold=baseline_sigma), truths[i]))
         examples += _gallery_examples(inputs[i].numpy(), probs[i], truths[i], detections, net)
