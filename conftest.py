@@ -1,4 +1,4 @@
-"""Snippet for the project's conftest.py: the ``remote_data`` marker and ``--remote-data``.
+"""The ``remote_data`` marker and the ``--remote-data`` option.
 
 Tests that talk to real services carry ``@pytest.mark.remote_data`` and are skipped unless
 pytest runs with ``--remote-data`` (the astropy convention, without needing pytest-remotedata).
