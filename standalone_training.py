@@ -50,7 +50,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 from requests.adapters import HTTPAdapter
 from scipy import ndimage, optimize, special, signal as sp_signal
-from sklearn.metrics import average_precision_score, precision_recall_curve
 
 log = logging.getLogger("astrid")
 
@@ -2057,7 +2056,7 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
     it flatters any model: judge by average precision (AUCPR), MCC and the object-level
     numbers (SCIENCE.md, section 5).
     """
-    from sklearn import metrics as skm
+    from sklearn import metrics as skm  # imported here: the CLI's refusals should not wait for it
 
     y_true = np.asarray(target).ravel() > 0.5
     y_score = np.asarray(probs, dtype=np.float64).ravel()
@@ -2667,6 +2666,8 @@ def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | o
     if not y_true.any():
         msg = "y_true has no positive pixel: precision and AP are undefined"
         raise ValueError(msg)
+    from sklearn.metrics import average_precision_score, precision_recall_curve  # ~0.8 s to import: not at start-up
+
     precision, recall, _ = precision_recall_curve(y_true, y_score)
     ap = average_precision_score(y_true, y_score)
     fig = Figure(figsize=(5, 4.5))
