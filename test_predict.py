@@ -115,7 +115,7 @@ def point_source_pair(shape: tuple[int, int], sources: list[tuple[float, float]]
     n_stars = rng.poisson(star_density * shape[0] * shape[1])
     static = render_points(shape, rng.uniform(0, shape[1], n_stars), rng.uniform(0, shape[0], n_stars),
                            10 ** rng.uniform(2.5, 5.0, n_stars), psf)
-    stamp = psf.stamp()
+    stamp = psf.stamp
     flux = st.flux_for_snr(snr, stamp, np.full(stamp.shape, sky + sky / 4), shot_noise=False)
     xs, ys = (np.array(v, dtype=float) for v in zip(*sources))
     reference = sky + static + rng.normal(0, np.sqrt(sky / 4), shape)

@@ -410,7 +410,7 @@ def test_cosmic_rays_are_sharper_than_the_psf():
         s = st.simulate_sky(np.random.default_rng([5, i]), image_size=64, sky=sky)
         difference = s.science.astype(np.float64) - s.reference
         sigma = st.robust_background(difference)[1]
-        stamp = s.psf_science.stamp()
+        stamp = s.psf_science.stamp
         r = s.psf_science.radius
         psf_width = minor_second_moment(stamp[r - half : r + half + 1, r - half : r + half + 1])
         for obj in s.truth:
@@ -428,6 +428,71 @@ def test_cosmic_rays_are_sharper_than_the_psf():
             assert minor_second_moment(cut) < psf_width, (obj, psf_width)
             checked += 1
     assert checked >= 15
+
+
+# --- The simulator's fast paths against plain reference implementations
+
+
+@pytest.mark.parametrize("shape, factor", [((12, 12), 3), ((2, 8, 8), 4), ((3, 2, 10, 10), 2)])
+def test_bin_subpixels_sums_each_block(shape, factor):
+    image = np.random.default_rng(0).random(shape)
+    expected = np.zeros(shape[:-2] + (shape[-2] // factor, shape[-1] // factor))
+    for i in range(expected.shape[-2]):
+        for j in range(expected.shape[-1]):
+            expected[..., i, j] = image[..., i * factor : (i + 1) * factor, j * factor : (j + 1) * factor].sum(axis=(-2, -1))
+    np.testing.assert_allclose(st.bin_subpixels(image, factor), expected, rtol=1e-14)
+
+
+def test_render_points_places_every_stamp_like_a_padded_canvas():
+    """Sources inside, on the edge of and just off a 40x30 frame, against the plain method:
+    each stamp added to a canvas padded by a stamp on every side, then the frame cut out."""
+    psf = PSF(2.2, 3.0)
+    r, shape = psf.radius, (30, 40)
+    x = np.array([15.3, 0.2, 39.6, -3.4, 44.0, 20.0, -30.0])
+    y = np.array([12.8, 29.4, 0.1, 15.0, 12.5, -2.6, 10.0])  # the last one lies far off the frame
+    flux = np.array([100.0, 50.0, 70.0, 30.0, 20.0, 40.0, 1e6])
+    pad = 3 * r
+    canvas = np.zeros((shape[0] + 2 * pad, shape[1] + 2 * pad))
+    for xi, yi, fi in zip(x, y, flux):
+        ix, iy = int(np.rint(xi)), int(np.rint(yi))
+        if -pad + r <= ix < shape[1] + pad - r and -pad + r <= iy < shape[0] + pad - r:
+            stamp = st.moffat_stamps(np.array([xi - ix]), np.array([yi - iy]), fwhm=psf.fwhm, beta=psf.beta, radius=r)[0]
+            canvas[iy + pad - r : iy + pad + r + 1, ix + pad - r : ix + pad + r + 1] += fi * stamp
+    expected = canvas[pad:-pad, pad:-pad]
+    np.testing.assert_allclose(st.render_points(shape, x, y, flux, psf), expected, rtol=1e-12, atol=1e-12)
+    box, (rows, cols) = st.render_points_box(shape, x[:1], y[:1], flux[:1], psf)
+    assert box.shape == (2 * r + 1, 2 * r + 1) and (rows.start, cols.start) == (13 - r, 15 - r)
+    np.testing.assert_allclose(box, expected[rows, cols] - st.render_points(shape, x[1:], y[1:], flux[1:], psf)[rows, cols], atol=1e-9)
+    off_box, _ = st.render_points_box(shape, x[-1:], y[-1:], flux[-1:], psf)
+    assert off_box.size == 0 and not st.render_points(shape, x[-1:], y[-1:], flux[-1:], psf).any()
+
+
+def test_psf_stamp_is_computed_once_and_cannot_be_changed():
+    psf = PSF(1.8, 2.9)
+    assert psf.stamp is psf.stamp
+    assert psf.stamp.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.unravel_index(psf.stamp.argmax(), psf.stamp.shape) == (psf.radius, psf.radius)
+    with pytest.raises(ValueError, match="read-only"):
+        psf.stamp[0, 0] = 1.0
+
+
+def test_sersic_image_matches_the_textbook_profile():
+    """One elliptical de Vaucouleurs-like galaxy against exp(-b_n ((r / r_e)^(1/n) - 1)) with
+    r from hypot, evaluated on the same 3x3 sub-pixel grid and binned by reshaping."""
+    g = dict(x=20.3, y=18.6, flux=5e4, half_light_radius=2.5, n=3.2, axis_ratio=0.6, angle=0.7)
+    shape, os_ = (40, 40), 3
+    half = int(math.ceil(5.0 * g["half_light_radius"]))
+    ix, iy = round(g["x"]), round(g["y"])
+    sub = (np.arange((2 * half + 1) * os_) + 0.5) / os_ - half - 0.5
+    u, v = sub[None, :] - (g["x"] - ix), sub[:, None] - (g["y"] - iy)
+    c, s = math.cos(g["angle"]), math.sin(g["angle"])
+    r = np.hypot(u * c + v * s, (-u * s + v * c) / g["axis_ratio"]) / g["half_light_radius"]
+    b_n = 2.0 * g["n"] - 1.0 / 3.0 + 4.0 / (405.0 * g["n"])
+    size = 2 * half + 1
+    stamp = np.exp(-b_n * (r ** (1.0 / g["n"]) - 1.0)).reshape(size, os_, size, os_).sum(axis=(1, 3))
+    expected = np.zeros(shape)
+    expected[iy - half : iy + half + 1, ix - half : ix + half + 1] = stamp * g["flux"] / stamp.sum()
+    np.testing.assert_allclose(st.sersic_image(shape, [g]), expected, rtol=1e-10, atol=1e-12)
 
 
 BAD_DATASET_ARGS = {

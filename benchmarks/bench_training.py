@@ -7,6 +7,10 @@ Every rate is the median over several timed chunks (never a mean: a shared machi
 gives the odd slow chunk), and the JSON says so. What is measured, in data-flow order:
 
 - ``synth_samples_per_s``: SyntheticAstronomicalDataset(cache=False), one process.
+- ``synth_floor_samples_per_s``: only the noise draws and the normalisation every
+  simulated sample needs, however its scene is rendered: the ceiling on generation in
+  one process. ``synth_over_train`` and ``synth_floor_over_train`` compare both with
+  ``train_samples_per_s`` from the same run.
 - ``train_samples_per_s``: StandaloneTrainer's own ``_train_epoch`` (its DataLoader,
   tqdm, gradient clipping and one-cycle schedule), set up as ``fit()`` sets it up, on
   samples already cached, so it measures the loop and not the simulator. No validation.
@@ -36,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -97,6 +102,28 @@ def synthesis_rate(*, image_size: int, seed: int = 0) -> dict:
     def chunk(k: int) -> int:
         for i in range(k * SYNTH_PER_CHUNK, (k + 1) * SYNTH_PER_CHUNK):
             ds[i]
+        return SYNTH_PER_CHUNK
+
+    return median_rate(chunk, chunks=CHUNKS, device=torch.device("cpu"))
+
+
+def noise_floor_rate(*, image_size: int, seed: int = 0) -> dict:
+    """Samples per second of the work no renderer can skip, on the simulator's own scenes.
+
+    Per sample: the Poisson and read-noise draws of both epochs (`st.observe`) and the
+    normalisation into network input. A simulator that rendered its scenes for free would
+    still run no faster than this. Distinct scenes per call, as in `synthesis_rate`: the
+    same arrays over and over would train the CPU's branch predictors on the medians.
+    """
+    sky = st.SkyConfig()
+    ds = st.SyntheticAstronomicalDataset(CHUNKS * SYNTH_PER_CHUNK, image_size=image_size, seed=seed + 1, cache=False)
+    scenes = [ds.simulate(i) for i in range(len(ds))]  # noisy pairs: close enough to the expected counts
+    rng = np.random.default_rng(seed)
+
+    def chunk(k: int) -> int:
+        for scene in scenes[k * SYNTH_PER_CHUNK : (k + 1) * SYNTH_PER_CHUNK]:
+            reference, science = st.observe(rng, scene.reference, scene.science, sky)
+            st.normalize_pair(reference.astype(np.float32), science.astype(np.float32))
         return SYNTH_PER_CHUNK
 
     return median_rate(chunk, chunks=CHUNKS, device=torch.device("cpu"))
@@ -247,6 +274,7 @@ def benchmark(*, image_size: int, batch_size: int, device: str, steps: int, warm
 
     # 1. The simulator alone.
     synth = synthesis_rate(image_size=image_size)
+    floor = noise_floor_rate(image_size=image_size)
 
     # 2. The real loop on cached samples and the bare step on its first batch, chunk by chunk.
     trainer = prepared_trainer(cfg)
@@ -268,9 +296,12 @@ def benchmark(*, image_size: int, batch_size: int, device: str, steps: int, warm
     return {
         "statistic": f"median over {CHUNKS} timed chunks of {steps_per_chunk} steps, train and bare chunks alternating ({SYNTH_PER_CHUNK} samples for synth, {MATMUL_REPEATS} calls for matmul and conv); spread gives min and max",
         "synth_samples_per_s": synth["median"],
+        "synth_floor_samples_per_s": floor["median"],
         "train_samples_per_s": train["median"],
         "bare_step_samples_per_s": bare["median"],
         "loop_efficiency": train["median"] / bare["median"],
+        "synth_over_train": synth["median"] / train["median"],
+        "synth_floor_over_train": floor["median"] / train["median"],
         "step_gflops": step_gflops,
         "step_gflops_per_sample": step_gflops / batch_size,
         "achieved_gflop_per_s": achieved,
@@ -279,7 +310,7 @@ def benchmark(*, image_size: int, batch_size: int, device: str, steps: int, warm
         "conv_reference_gflop_per_s": conv["median"],
         "fraction_of_conv_reference": achieved / conv["median"],
         "peak_rss_mb": peak_rss_mb(),
-        "spread": {"synth_samples_per_s": synth, "train_samples_per_s": train, "bare_step_samples_per_s": bare, "machine_gflop_per_s": matmul, "conv_reference_gflop_per_s": conv},
+        "spread": {"synth_samples_per_s": synth, "synth_floor_samples_per_s": floor, "train_samples_per_s": train, "bare_step_samples_per_s": bare, "machine_gflop_per_s": matmul, "conv_reference_gflop_per_s": conv},
         "flop_counter": "torch.utils.flop_counter.FlopCounterMode, one forward + loss + backward of one batch (convolutions and matmuls only)",
         "machine_peak": f"fp32 {MATMUL_SIDE}x{MATMUL_SIDE} @ {MATMUL_SIDE}x{MATMUL_SIDE} matmul, same device and threads",
         "conv_reference": "fp32 3x3 convolution, 8x128x64x64 input, 128 filters, same device and threads",
