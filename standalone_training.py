@@ -274,7 +274,7 @@ def moffat_stamps(dx: np.ndarray, dy: np.ndarray, *, fwhm: float, beta: float, r
     ddy2 = (sub[None, :, None] - np.asarray(dy, dtype=np.float32)[:, None, None]) ** 2
     # (1 + r^2/alpha^2)^-beta, written with exp/log1p: float32 pow is several times slower.
     profile = np.exp(np.float32(-beta) * np.log1p((ddx2 + ddy2) * inv_alpha2))
-    binned = bin_subpixels(profile.astype(np.float64), os_)  # exact: float64 sums of float32 terms
+    binned = bin_subpixels(profile.astype(np.float64), os_)  # sum in float64 before normalising
     return binned / binned.sum(axis=(1, 2), keepdims=True)
 
 
@@ -282,7 +282,7 @@ def bin_subpixels(image: np.ndarray, factor: int) -> np.ndarray:
     """Sum `factor` x `factor` blocks of the last two axes: an oversampled image back to pixels.
 
     Rows first, by adding whole rows (contiguous, vectorised), then runs of columns with
-    `np.add.reduceat`: three to four times faster than one strided reshape-and-sum over
+    `np.add.reduceat`: about three times faster than one strided reshape-and-sum over
     both axes, and no BLAS threads (a matrix product with a block-of-ones matrix is as
     fast, but wakes OpenBLAS's threads, which then compete with training for the cores).
     """
@@ -712,7 +712,7 @@ def _static_residuals(residual, variance, sx, sy, sflux, galaxies, shift, psf_re
     variables = np.array([(o["x"], o["y"]) for o in truth if o["type"] == "variable_star"]).reshape(-1, 2)
     # The variable star itself is an anomaly, not bogus.
     is_variable = ((np.abs(x[:, None] - variables[:, 0]) < 0.5) & (np.abs(y[:, None] - variables[:, 1]) < 0.5)).any(axis=1)
-    ix, iy = np.where(on_frame, ix, 0), np.where(on_frame, iy, 0)
+    ix, iy = np.where(on_frame, ix, 0), np.where(on_frame, iy, 0)  # off-frame ones read (0, 0), then drop out
     snr = significance[iy, ix]
     flux = np.concatenate([sflux, np.zeros(len(galaxies))])
     bright_enough = ~is_star | (flux * peak_psf >= 5.0 * sigma[iy, ix])
