@@ -24,13 +24,15 @@ import argparse
 import functools
 import importlib.util
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import torch
+
+import bench_training  # beside this file; its `st` is this checkout's module
 
 CHUNKS = 7
 SAMPLES_PER_CHUNK = {64: 40, 128: 15, 256: 4}
@@ -52,14 +54,16 @@ def alternating_rates(modules: dict[str, ModuleType], size: int) -> dict[str, fl
     datasets = {name: m.SyntheticAstronomicalDataset(CHUNKS * n + 1, image_size=size, seed=11, cache=False) for name, m in modules.items()}
     for ds in datasets.values():
         ds[CHUNKS * n]  # first call pays for FFT plans and caches
-    rates: dict[str, list[float]] = {name: [] for name in modules}
-    for k in range(CHUNKS):
-        for name, ds in datasets.items():
-            began = time.perf_counter()
+
+    def runner(ds):
+        def run_chunk(k: int) -> int:
             for i in range(k * n, (k + 1) * n):
                 ds[i]
-            rates[name].append(n / (time.perf_counter() - began))
-    return {name: statistics.median(r) for name, r in rates.items()}
+            return n
+        return run_chunk
+
+    rates = bench_training.median_rates({name: runner(ds) for name, ds in datasets.items()}, chunks=CHUNKS, device=torch.device("cpu"))
+    return {name: rate["median"] for name, rate in rates.items()}
 
 
 def stage_seconds(module: ModuleType, size: int) -> dict[str, float]:
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.old.is_file():
         parser.error(f"{args.old} is not a file")
-    modules = {"old": load(args.old, "astrid_old"), "new": load(Path(__file__).resolve().parents[1] / "standalone_training.py", "astrid_new")}
+    modules = {"old": load(args.old, "astrid_old"), "new": bench_training.st}
     report = {}
     for size in args.sizes:
         rates = alternating_rates(modules, size)
