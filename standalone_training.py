@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import requests
+import astropy
 from astropy import units as u
 from astropy.coordinates import Angle, SkyCoord
 from astropy.io import fits
@@ -109,6 +110,15 @@ class SkyConfig:
     cosmic_rays_per_field: float = 1.5  # mean per 64x64 area
     hot_pixels_per_field: float = 0.7  # mean per 64x64 area (bad columns included)
     bogus_snr_range: tuple[float, float] = (8.0, 300.0)  # cosmic rays and hot pixels
+    # Domain randomisation: skies unlike the default one, so that a model learns what a change
+    # is rather than what this simulator's sky looks like. All off by default: the test and
+    # evaluation sky stays the documented one (TRAINING_SKY turns them on).
+    reference_depth: tuple[float, float] | None = None  # reference/science exposure ratio, log-uniform; None -> reference_exposures
+    nebulosity_fraction: float = 0.0  # fields with a smooth structured background (nebula, cirrus)
+    correlated_noise_fraction: float = 0.0  # fields whose noise is correlated between pixels (resampled frames)
+    plate_fraction: float = 0.0  # fields seen through a photographic plate: non-linear, saturating, integer
+    identical_fraction: float = 0.0  # null pairs: the science epoch is the reference itself
+    quiet_fraction: float = 0.0  # null pairs: two noisy epochs of one static sky, no anomaly, no bogus
 
     def validate(self) -> None:
         lo, hi = self.snr_range
@@ -117,14 +127,33 @@ class SkyConfig:
             raise ValueError(msg)
 
 
+# The sky a model is trained on: the default sky's physics, widened (seeing, PSF wings,
+# crowding, reference depth) and randomised (nebulosity, correlated noise, plate response),
+# with a share of null pairs. Validation draws from it too; tests and `evaluate` use SkyConfig().
+TRAINING_SKY = SkyConfig(
+    fwhm_reference=(1.2, 4.5),
+    moffat_beta=(2.0, 6.0),
+    star_density=(0.0002, 0.04),
+    reference_depth=(1 / 9, 100.0),  # science/reference noise ratio from 1/3 to 10
+    nebulosity_fraction=0.2,
+    correlated_noise_fraction=0.2,
+    plate_fraction=0.15,
+    identical_fraction=0.03,
+    quiet_fraction=0.07,
+)
+
 DEFAULT_SURVEYS = ("DSS2 Red", "DSS2 Blue")  # SkyView; any of SURVEYS or a HiPS id works
+DEFAULT_NULL_SEED = 20261127  # null-test frames and their noise; any seed works
+# A real DSS cutout of M13 with its SkyView header, shipped inside astropy: real pixels offline.
+M13_FITS = Path(astropy.__file__).parent / "io" / "fits" / "hdu" / "compressed" / "tests" / "data" / "m13.fits"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; written to config.json beside its outputs."""
 
-    data: str = "synthetic"  # synthetic | mast | fits
+    data: str = "synthetic"  # synthetic | mast | fits | mix (synthetic and real tiles)
+    real_fraction: float = 0.5  # --data mix: share of samples made from real tiles
     samples: int = 100  # samples generated (train + validation)
     image_size: int = 64  # px, a multiple of 16
     val_fraction: float = 0.2  # share of samples held out for validation
@@ -143,6 +172,7 @@ class TrainConfig:
     width: int = 16  # channels of the first U-Net level (16 -> 2.16M parameters)
     snr_min: float = 3.0  # anomaly SNR range of the synthetic sky
     snr_max: float = 100.0
+    domain_randomisation: bool = True  # train on TRAINING_SKY rather than the plain SkyConfig()
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int = 0  # torch intra-op threads per process; 0 -> torch's default (one per core)
@@ -187,8 +217,11 @@ class TrainConfig:
         if self.monitor_mode not in ("min", "max"):
             msg = f"monitor-mode must be 'min' or 'max', got {self.monitor_mode!r}"
             raise ValueError(msg)
-        if self.data not in ("synthetic", "mast", "fits"):
-            msg = f"data must be synthetic, mast or fits, got {self.data!r}"
+        if self.data not in ("synthetic", "mast", "fits", "mix"):
+            msg = f"data must be synthetic, mast, fits or mix, got {self.data!r}"
+            raise ValueError(msg)
+        if not 0.0 <= self.real_fraction <= 1.0:
+            msg = f"real-fraction must lie in [0, 1], got {self.real_fraction}"
             raise ValueError(msg)
         if self.data == "fits" and not self.fits_dir:
             msg = "--data fits needs --fits-dir DIR"
@@ -475,6 +508,11 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     sky_level = _log_uniform(rng, *sky.sky_level)
     n_ref = sky.reference_exposures
     shift = rng.uniform(-sky.registration_error, sky.registration_error, 2)  # science vs reference
+    # Randomised skies draw their extra choices here, only when asked: the default sky's
+    # random stream, and so its samples, stay exactly as documented.
+    style = _draw_style(rng, sky)
+    if style["reference_depth"] is not None:
+        n_ref = style["reference_depth"]
 
     # 2. Static scene: stars (power-law fluxes) and galaxies, seen through each epoch's PSF.
     margin = 4
@@ -508,11 +546,16 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     # Expected counts and the true variance of each epoch and of their difference.
     model_ref = sky_level + static_ref
     model_sci = sky_level + static_sci
+    if style["nebulosity"] is not None:
+        nebula = style["nebulosity"] * sky_level * _smooth_field(rng, shape, scale=rng.uniform(4.0, 30.0))
+        model_ref, model_sci = model_ref + nebula, model_sci + nebula
     var_ref = (model_ref + sky.read_noise**2) / n_ref  # mean of n_ref exposures
     base_variance = var_ref + model_sci + sky.read_noise**2
 
     # 3. Anomalies: flux changes set by their matched-filter SNR in the difference image.
     # A saturated star's change is clipped away: only stars with room to double can vary.
+    if style["null"]:
+        counts = dict.fromkeys(ANOMALY_TYPES, 0)
     unsaturated = sflux * psf_ref.stamp.max() < sky.saturation / 4
     model_sci, base_variance, truth = inject_anomalies(
         rng, counts=counts, stars=(sx[unsaturated], sy[unsaturated], sflux[unsaturated]), galaxies=galaxies, shift=shift, psf=psf_sci,
@@ -520,13 +563,22 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     )
 
     # 4. Noise: Poisson on sky + sources, Gaussian read noise; the reference is a coadd.
-    reference, science = observe(rng, model_ref, model_sci, sky)
+    reference, science = observe(rng, model_ref, model_sci, sky, reference_exposures=n_ref)
+    if style["correlated_noise"] is not None:
+        reference = _correlate_noise(reference, model_ref, style["correlated_noise"])
+        science = _correlate_noise(science, model_sci, style["correlated_noise"])
 
     # 5. Bogus: what went wrong in the camera or the subtraction; never labelled.
-    truth += _add_detector_bogus(rng, science, reference, base_variance, sky, area)
+    if not style["null"]:
+        truth += _add_detector_bogus(rng, science, reference, base_variance, sky, area)
     truth += _static_residuals(static_sci - static_ref, base_variance, sx, sy, sflux, galaxies, shift, psf_ref, truth)
     np.minimum(science, sky.saturation, out=science)
     np.minimum(reference, sky.saturation, out=reference)
+    if style["plate"] is not None:
+        reference, science = (_photographic(epoch, style["plate"], sky.saturation) for epoch in (reference, science))
+    if style["null"] == "identical":
+        science = reference.copy()
+        truth = [o for o in truth if o["type"] != "dipole"]  # nothing differs, so nothing is left over
 
     mask = anomaly_mask(shape, truth, psf_sci.fwhm)
     return SkySample(
@@ -534,14 +586,15 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
     )
 
 
-def observe(rng: np.random.Generator, model_reference: np.ndarray, model_science: np.ndarray, sky: SkyConfig) -> tuple[np.ndarray, np.ndarray]:
+def observe(rng: np.random.Generator, model_reference: np.ndarray, model_science: np.ndarray, sky: SkyConfig, *, reference_exposures: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Noisy (reference, science) from their expected counts in e-.
 
     Poisson noise on sky and sources plus Gaussian read noise; the reference is the mean of
-    `sky.reference_exposures` exposures. Every simulated pixel pays for these draws,
-    however its scene was rendered.
+    `reference_exposures` exposures (default `sky.reference_exposures`; a fraction is a
+    shallower reference than the science epoch). Every simulated pixel pays for these
+    draws, however its scene was rendered.
     """
-    n_ref = sky.reference_exposures
+    n_ref = sky.reference_exposures if reference_exposures is None else reference_exposures
     science = rng.poisson(np.maximum(model_science, 0)) + rng.normal(0, sky.read_noise, model_science.shape)
     reference = rng.poisson(np.maximum(model_reference, 0) * n_ref) + rng.normal(0, sky.read_noise * math.sqrt(n_ref), model_reference.shape)
     return reference / n_ref, science
@@ -597,6 +650,55 @@ def inject_anomalies(
     for obj, (profile, where) in zip(truth, profiles):
         obj["snr"] = matched_filter_snr(obj["flux"], profile, variance[where])
     return science, variance, truth
+
+
+def _draw_style(rng: np.random.Generator, sky: SkyConfig) -> dict:
+    """The randomised choices of one field; draws nothing from `rng` when randomisation is off."""
+    style = dict(reference_depth=None, nebulosity=None, correlated_noise=None, plate=None, null=None)
+    if sky.reference_depth is None and not any((sky.nebulosity_fraction, sky.correlated_noise_fraction, sky.plate_fraction, sky.identical_fraction, sky.quiet_fraction)):
+        return style
+    if sky.reference_depth is not None:
+        style["reference_depth"] = float(_log_uniform(rng, *sky.reference_depth))
+    u = rng.uniform(size=4)
+    if u[0] < sky.nebulosity_fraction:
+        style["nebulosity"] = float(_log_uniform(rng, 0.05, 3.0))  # peak brightness, in units of the sky level
+    if u[1] < sky.correlated_noise_fraction:
+        style["correlated_noise"] = float(rng.uniform(0.4, 1.0))  # px, Gaussian kernel sigma of the resampling
+    if u[2] < sky.plate_fraction:
+        style["plate"] = float(_log_uniform(rng, 0.3, 3.0))  # noise sigma in density units: the quantisation step's scale
+    if u[3] < sky.identical_fraction:
+        style["null"] = "identical"
+    elif u[3] < sky.identical_fraction + sky.quiet_fraction:
+        style["null"] = "quiet"
+    return style
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], *, scale: float) -> np.ndarray:
+    """A non-negative, smooth random field with peak 1: filaments and blobs `scale` px across."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape), scale, mode="wrap")
+    field = np.maximum(field, 0.0)
+    peak = field.max()
+    return field / peak if peak > 0 else field
+
+
+def _correlate_noise(observed: np.ndarray, model: np.ndarray, sigma: float) -> np.ndarray:
+    """The noise of an epoch smoothed as resampling does, keeping its per-pixel variance."""
+    kernel_norm = math.sqrt(float(np.sum(ndimage.gaussian_filter(np.pad([[1.0]], 5), sigma) ** 2)))
+    return model + ndimage.gaussian_filter(observed - model, sigma) / kernel_norm
+
+
+def _photographic(epoch: np.ndarray, step: float, saturation: float) -> np.ndarray:
+    """An epoch as a plate scan records it: density ~ log exposure, saturating, in integer steps.
+
+    The density rises linearly with faint light and logarithmically with bright light,
+    flattening the cores of bright stars, then is quantised to integers; `step` sets the
+    sky noise in density units (0.3: the noise is finer than one step; 3: several steps).
+    """
+    sky = float(np.median(epoch))
+    noise = max(robust_sigma(epoch), 1e-9)
+    knee = 0.2 * saturation
+    density = knee * np.log1p(np.maximum(epoch - sky, -0.9 * knee) / knee)
+    return np.round(density * step / noise + 100.0)
 
 
 def _draw_anomaly_counts(rng: np.random.Generator, sky: SkyConfig, area: float) -> dict[str, int]:
@@ -754,44 +856,99 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
 
 
 class PairStatistics(NamedTuple):
-    """Each epoch's median background and robust noise, in its own pixel units."""
+    """How a pair is put on one scale: each epoch's background and noise, and their difference's.
+
+    The difference is ``science - flux_ratio * reference - offset``: the reference brought
+    onto the science image's photometric scale (exposure time, transparency, zero point),
+    so that a static source cancels whatever the units of each epoch.
+    """
 
     background_reference: float
     sigma_reference: float
     background_science: float
     sigma_science: float
+    flux_ratio: float  # science / reference flux of a static source
+    offset: float  # science-image units: the background left after scaling the reference
+    sigma_difference: float  # robust noise of the scaled difference, measured on itself
 
 
-def pair_statistics(reference: np.ndarray, science: np.ndarray) -> PairStatistics:
-    """Background and noise of both epochs (measured once per image, even when tiled)."""
-    return PairStatistics(*robust_background(np.asarray(reference)), *robust_background(np.asarray(science)))
+# A difference quieter than this fraction of the epochs' own noise has no noise of its own (a
+# frame compared with a copy of itself): its noise is taken as this floor, so that rounding
+# error in the subtraction never becomes a "significant" change.
+DIFFERENCE_NOISE_FLOOR = 1e-3
+
+
+def scaled_difference(reference: np.ndarray, science: np.ndarray, statistics: PairStatistics) -> np.ndarray:
+    """``science - flux_ratio * reference - offset`` in float64: what changed, in science units."""
+    s = statistics
+    return np.asarray(science, dtype=np.float64) - s.flux_ratio * np.asarray(reference, dtype=np.float64) - s.offset
+
+
+def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: float = 1.0) -> PairStatistics:
+    """Background and noise of both epochs and of their scaled difference (once per image, even when tiled).
+
+    Parameters
+    ----------
+    reference, science : ndarray, shape (H, W)
+        A registered pair in any pixel units; NaN where there is no data.
+    flux_ratio : float
+        Science over reference flux of a static source: 1 for simulated pairs and real tiles
+        (both epochs share their units), :func:`fit_flux_scale`'s ratio for a user's pair.
+
+    Returns
+    -------
+    PairStatistics
+        The difference's noise is measured on the difference itself (1.4826 MAD), not
+        propagated from the epochs: a MAD over a crowded or nebulous epoch measures its
+        stars and nebulosity, not its pixel noise, which would scale every change down.
+    """
+    reference, science = np.asarray(reference), np.asarray(science)
+    if not (math.isfinite(flux_ratio) and flux_ratio > 0):
+        msg = f"flux ratio must be a positive number, got {flux_ratio}"
+        raise ValueError(msg)
+    bg_r, sig_r = robust_background(reference)
+    bg_s, sig_s = robust_background(science)
+    scaled = np.asarray(science, dtype=np.float64) - flux_ratio * np.asarray(reference, dtype=np.float64)
+    finite = scaled[np.isfinite(scaled)]
+    if finite.size == 0:
+        msg = "the two epochs share no finite pixel"
+        raise ValueError(msg)
+    offset = float(np.median(finite))
+    floor = DIFFERENCE_NOISE_FLOOR * math.hypot(sig_s, flux_ratio * sig_r)
+    sig_d = max(robust_sigma(finite - offset), floor)
+    return PairStatistics(bg_r, sig_r, bg_s, sig_s, float(flux_ratio), offset, sig_d)
 
 
 def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics | None = None) -> np.ndarray:
     """Network input from a registered pair in any pixel units: (3, H, W) float32.
 
     Channels are reference, science and difference. Each epoch has its median
-    subtracted and is divided by its robust noise; the difference is science minus
-    reference in the images' own units, divided by sqrt(sigma_s^2 + sigma_r^2). An
-    asinh stretch then keeps the noise linear (|x| < 1) while compressing bright stars
-    logarithmically, so counts, ADU and photographic densities all land on one scale.
-    Non-finite pixels become 0 (background) in every channel. `statistics` measured on a
-    whole image let its tiles be normalised exactly as the whole would be.
+    subtracted and is divided by its robust noise; the difference is the scaled
+    difference (:func:`scaled_difference`) divided by its own measured noise, so that
+    one unit is one sigma of the difference whatever the epochs' units, depths and
+    crowding. An asinh stretch then keeps the noise linear (|x| < 1) while compressing
+    bright stars logarithmically. Pixels where either epoch has no data are blank sky in
+    every channel: zero background plus unit noise, drawn from a generator seeded by the
+    image's shape (so a pair always normalises the same way), because a flat patch of zeros
+    is a border the network never met in training. `statistics` measured on a whole image
+    let its tiles be normalised exactly as the whole would be; without them the pair is
+    taken to share one photometric scale (flux ratio 1).
     """
     reference, science = np.asarray(reference), np.asarray(science)
     if reference.shape != science.shape:
         msg = f"reference {reference.shape} and science {science.shape} differ in shape"
         raise ValueError(msg)
-    bg_r, sig_r, bg_s, sig_s = statistics or pair_statistics(reference, science)
-    # Background subtraction in float64: pixel values can be large next to their noise.
-    ref = reference.astype(np.float64) - bg_r
-    sci = science.astype(np.float64) - bg_s
+    s = statistics or pair_statistics(reference, science)
     channels = np.empty((3,) + reference.shape, dtype=np.float32)
-    channels[0] = ref / sig_r
-    channels[1] = sci / sig_s
-    channels[2] = (sci - ref) / math.hypot(sig_s, sig_r)
+    # Background subtraction in float64: pixel values can be large next to their noise.
+    channels[0] = (reference.astype(np.float64) - s.background_reference) / s.sigma_reference
+    channels[1] = (science.astype(np.float64) - s.background_science) / s.sigma_science
+    channels[2] = scaled_difference(reference, science, s) / s.sigma_difference
     np.arcsinh(channels, out=channels)
-    channels[~np.isfinite(channels)] = 0.0
+    missing = ~(np.isfinite(reference) & np.isfinite(science))
+    if missing.any():
+        blank = np.random.default_rng(list(reference.shape)).normal(0.0, 1.0, (3, int(missing.sum())))
+        channels[:, missing] = np.arcsinh(blank)
     return channels
 
 
@@ -1633,11 +1790,128 @@ def _fit_fwhm(img, y, x, box, background):
 
 
 # ----------------------------------------------------------------------------
+# Photometric scale of a pair, and the significance of what changed
+# ----------------------------------------------------------------------------
+
+
+class FluxScale(NamedTuple):
+    """The fitted flux ratio of two epochs: science ~ ratio x reference + offset."""
+
+    ratio: float
+    n_stars: int  # static stars that entered the fit
+    agreeing: float  # fraction of them that agree with the fitted relation
+
+
+FLUX_FIT_MIN_STARS = 10  # fewer static stars cannot pin the ratio down, nor vote out the stars that varied
+FLUX_FIT_MAX_STARS = 500  # the brightest this many: they hold the information, and Theil-Sen is O(n^2)
+FLUX_FIT_SYSTEMATIC = 0.05  # relative scatter allowed beyond the noise: seeing, crowding, colour
+
+
+def fit_flux_scale(reference: np.ndarray, science: np.ndarray, *, aperture: int | None = None, detection_sigma: float = 10.0) -> FluxScale:
+    """Fit the flux ratio science / reference on the static stars of a registered pair.
+
+    Survey pipelines fit this relation before differencing (the flux ratio of hotpants and
+    of ZOGY): two epochs differ in exposure time, transparency and zero point, and without
+    it every static star leaves a residual of (ratio - 1) times its flux.
+
+    Stars are the reference's local maxima brighter than `detection_sigma` robust sigmas, away
+    from the edges, from missing pixels and from the brightest pixel value of either epoch
+    (saturated cores keep their level whatever the exposure). Each star's light is summed over
+    a (2 `aperture` + 1) px box in each epoch; by default `aperture` is 3 FWHM of the
+    blurrier epoch (each measured on its stars), at least 5 px. A box that wide holds over 97%
+    of a star's flux in both epochs even for the broad wings of a beta 2.5 Moffat, so a
+    seeing difference moves the ratio by 2% at most (a narrower box lost 7%). The box sums
+    obey S = ratio x R + (box area) x offset, and the ratio is their Theil-Sen slope: the
+    intercept absorbs any difference of background (a median background is pulled by stars
+    and noise differently in each epoch), and the median of pairwise slopes ignores the
+    minority of stars that did change.
+
+    Raises
+    ------
+    DataError
+        Fewer than FLUX_FIT_MIN_STARS usable stars, a non-positive ratio, or fewer than half of
+        the stars agreeing with the fit within their noise and FLUX_FIT_SYSTEMATIC: the
+        epochs do not look like one field on two photometric scales.
+    """
+    from scipy.stats import theilslopes
+
+    reference = np.asarray(reference, dtype=np.float64)
+    science = np.asarray(science, dtype=np.float64)
+    valid = np.isfinite(reference) & np.isfinite(science)
+    if not valid.any():
+        msg = "cannot fit the flux ratio between the epochs: they share no finite pixel"
+        raise DataError(msg)
+    bg_r, sig_r = robust_background(reference[valid])
+    bg_s, sig_s = robust_background(science[valid])
+    ref = np.where(valid, reference, bg_r)
+    sci = np.where(valid, science, bg_s)
+    top_r, top_s = float(reference[valid].max()), float(science[valid].max())
+    if aperture is None:
+        aperture = max(5, math.ceil(3.0 * max(measure_psf_fwhm(ref).fwhm, measure_psf_fwhm(sci).fwhm)))
+    box = 2 * aperture + 1
+    smooth = ndimage.uniform_filter(ref, 3)
+    peaks = (smooth == ndimage.maximum_filter(smooth, size=box)) & (ref > bg_r + detection_sigma * sig_r)
+    # A usable star: its whole box has data and no pixel at either epoch's brightest value.
+    usable = valid & (reference < top_r) & (science < top_s)
+    clean = ndimage.minimum_filter(usable.astype(np.uint8), size=box, mode="constant", cval=0).astype(bool)
+    ys, xs = np.nonzero(peaks & clean)
+    sums_r = ndimage.uniform_filter(ref - bg_r, box)[ys, xs] * box**2
+    sums_s = ndimage.uniform_filter(sci - bg_s, box)[ys, xs] * box**2
+    brightest = np.argsort(sums_r)[::-1][:FLUX_FIT_MAX_STARS]
+    sums_r, sums_s = sums_r[brightest], sums_s[brightest]
+    advice = "give --flux-ratio (1 if the epochs share one photometric scale)"
+    if sums_r.size < FLUX_FIT_MIN_STARS:
+        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} static stars above {detection_sigma:g} sigma, need {FLUX_FIT_MIN_STARS}; {advice}"
+        raise DataError(msg)
+    ratio, intercept = (float(v) for v in theilslopes(sums_s, sums_r)[:2])
+    noise = np.sqrt(box**2 * (sig_s**2 + ratio**2 * sig_r**2) + (FLUX_FIT_SYSTEMATIC * ratio * sums_r) ** 2)
+    agreeing = float(np.mean(np.abs(sums_s - ratio * sums_r - intercept) <= 3 * noise))
+    if not (ratio > 0 and agreeing >= 0.5):
+        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} stars give a ratio of {ratio:.3g}, but only {agreeing:.0%} of them agree with it; {advice}"
+        raise DataError(msg)
+    return FluxScale(ratio, int(sums_r.size), agreeing)
+
+
+# A change must be this significant in the matched-filtered difference to be reported, however
+# sure the network is: candidates come from the difference, the network only vetoes them.
+# In white noise a 5 sigma threshold makes about 0.2 false peaks per megapixel.
+SIGNIFICANCE_GATE = 5.0
+
+
+def correlate_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """Cross-correlation of an image with a PSF stamp of odd sides (non-finite pixels count as 0)."""
+    clean = np.where(np.isfinite(image), image, 0.0)
+    return sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")  # correlation = convolution with the flipped kernel
+
+
+def difference_significance(reference: np.ndarray, science: np.ndarray, statistics: PairStatistics, *, fwhm: float) -> np.ndarray:
+    """Matched-filter SNR map of the scaled difference, in units of its own measured noise.
+
+    The difference is correlated with the unit-sum Moffat PSF of the given FWHM (beta
+    ASSUMED_MOFFAT_BETA) and divided by the robust noise (1.4826 MAD) of the *filtered* map
+    itself. Measured there, the noise includes whatever correlation the pixels have
+    (resampled or interlaced frames), which a per-pixel sigma would miss, overstating every
+    peak. A difference with no noise of its own (a frame minus a copy of itself) is held to
+    the pair's noise floor, DIFFERENCE_NOISE_FLOOR of the epochs' noise. Pixels where either
+    epoch has no data carry no signal; near the image's edges the filter is zero-padded, so
+    no significance is made up there either.
+    """
+    psf = PSF(fwhm, ASSUMED_MOFFAT_BETA).stamp
+    difference = scaled_difference(reference, science, statistics)
+    filtered = correlate_psf(difference, psf)
+    finite = np.isfinite(difference)
+    s = statistics
+    floor = DIFFERENCE_NOISE_FLOOR * math.hypot(s.sigma_science, s.flux_ratio * s.sigma_reference) * math.sqrt(float(np.sum(psf**2)))
+    noise = max(robust_sigma(filtered[finite]) if finite.any() else 0.0, floor)
+    return filtered / noise
+
+
+# ----------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------
 
 # Independent seed streams: a test set never shares a sample with training or validation.
-SEED_STREAMS = {"train": 0, "test": 1, "demo": 2}
+SEED_STREAMS = {"train": 0, "test": 1, "demo": 2, "null": 3}
 
 
 class RawPair(NamedTuple):
@@ -1903,6 +2177,47 @@ class MASTRealDataset(SyntheticAstronomicalDataset):
         return real_tile_pair(rng, tile, fwhm, self.sky)
 
 
+class MixedDataset(torch.utils.data.Dataset):
+    """Synthetic samples and real tiles in one set: injection-recovery on real pixels, mixed in.
+
+    Sample ``i`` is ``real[i]`` with probability `real_fraction`, decided by (seed, i) alone,
+    and ``synthetic[i]`` otherwise; both datasets hold as many samples as this one and
+    follow the sample contract, which this one forwards. When `real` fell back to synthetic
+    samples (no real tile could be had), every sample is synthetic and :meth:`provenance`
+    says so.
+    """
+
+    def __init__(self, synthetic: SyntheticAstronomicalDataset, real: MASTRealDataset, *, real_fraction: float, seed: int) -> None:
+        if len(synthetic) != len(real):
+            msg = f"synthetic and real datasets differ in length ({len(synthetic)} and {len(real)})"
+            raise ValueError(msg)
+        self.synthetic, self.real = synthetic, real
+        draws = np.random.default_rng([seed, 0x6D6978]).random(len(real))  # "mix"
+        self.is_real = (draws < real_fraction) & bool(real.tiles)
+
+    def __len__(self) -> int:
+        return len(self.synthetic)
+
+    def _source(self, i: int) -> SyntheticAstronomicalDataset:
+        return self.real if self.is_real[i] else self.synthetic
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._source(i)[i]
+
+    def truth(self, i: int) -> list[dict]:
+        return self._source(i).truth(i)
+
+    def raw(self, i: int) -> RawPair:
+        return self._source(i).raw(i)
+
+    def provenance(self) -> dict:
+        """Where the samples came from: the real dataset's record, with the mixed counts."""
+        real = int(self.is_real.sum())
+        record = self.real.provenance()
+        label = self.real.source if self.real.tiles else f"synthetic (fallback from {self.real.source})"
+        return {**record, "data_source": f"mix: synthetic + {label}", "real_fraction": real / len(self), "real_samples": real, "synthetic_samples": len(self) - real}
+
+
 # ----------------------------------------------------------------------------
 # Pictures of the sky
 # ----------------------------------------------------------------------------
@@ -2147,7 +2462,8 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
 DEFAULT_SNR_EDGES = (3, 4, 5, 6, 7, 8, 10, 13, 16, 20, 30, 50, 100)
 
 def find_components(score_map: np.ndarray, *, threshold: float,
-                    valid: np.ndarray | None = None) -> list[dict]:
+                    valid: np.ndarray | None = None,
+                    significance: np.ndarray | None = None) -> list[dict]:
     """Connected components of a thresholded score map.
 
     Parameters
@@ -2159,6 +2475,9 @@ def find_components(score_map: np.ndarray, *, threshold: float,
         centroid weights.
     valid : ndarray of bool, shape (H, W), optional
         Pixels allowed to take part (e.g. excluding a border or a saturated core).
+    significance : ndarray, shape (H, W), optional
+        Signed matched-filter SNR of the difference (:func:`difference_significance`); each
+        component then also gets ``significance``, the largest |SNR| on it or within 1 px.
 
     Returns
     -------
@@ -2190,10 +2509,30 @@ def find_components(score_map: np.ndarray, *, threshold: float,
     centroids = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=float)
     peaks = ndimage.maximum(weights, labels, index)
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    return [
+    components = [
         {"x": float(c[1]), "y": float(c[0]), "peak": float(p), "area_px": int(a)}
         for c, p, a in zip(centroids, peaks, areas)
     ]
+    if significance is not None:
+        near = ndimage.maximum_filter(np.abs(np.nan_to_num(significance)), size=3)
+        for component, value in zip(components, ndimage.maximum(near, labels, index)):
+            component["significance"] = float(value)
+    return components
+
+
+def detect_changes(prob: np.ndarray, significance: np.ndarray, *, threshold: float,
+                   valid: np.ndarray | None = None, gate: float = SIGNIFICANCE_GATE) -> list[dict]:
+    """What AstrID reports: the network's components that the difference image supports.
+
+    A component of ``prob >= threshold`` counts only where the matched-filtered difference
+    reaches ``|SNR| >= gate`` on it (or within 1 px): a detection with no significant signal
+    in the difference cannot be a change, however the epochs look. The network's part is
+    the veto: cosmic rays, hot pixels and subtraction residuals are significant in the
+    difference too, and it stays silent on them. One function serves evaluation, threshold
+    choice, the null tests and ``predict``.
+    """
+    components = find_components(prob, threshold=threshold, valid=valid, significance=significance)
+    return [c for c in components if c["significance"] >= gate]
 
 
 @dataclass(frozen=True, eq=False)
@@ -2364,10 +2703,7 @@ def matched_filter_snr_map(difference: np.ndarray, *, psf: np.ndarray,
     if not sigma > 0:
         msg = f"noise sigma must be > 0, got {sigma}"
         raise ValueError(msg)
-    clean = np.where(np.isfinite(difference), difference, 0.0)
-    # Correlation is convolution with the flipped kernel.
-    filtered = sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")
-    return filtered / (sigma * np.sqrt(np.sum(psf**2)))
+    return correlate_psf(difference, psf) / (sigma * np.sqrt(np.sum(psf**2)))
 
 
 def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: float = 5.0,
@@ -2585,6 +2921,7 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
 
 
 def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[dict]], *,
+                     significances: Sequence[np.ndarray] | None = None,
                      thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
                      radius: float = 3.0) -> tuple[float, list[dict]]:
     """Probability threshold with the best object-level F1 on a validation set.
@@ -2600,6 +2937,9 @@ def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[
         Network probability maps.
     truths : list of list of dict
         Their truth tables.
+    significances : sequence of ndarray, shape (H, W), optional
+        The difference's significance maps: detections then go through `detect_changes`, as
+        everywhere else; without them, the plain components of the maps count.
     thresholds : array_like
         Candidate thresholds, each in (0, 1].
     radius : float
@@ -2620,10 +2960,19 @@ def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[
     if thresholds.size == 0 or thresholds[0] <= 0 or thresholds[-1] > 1:
         msg = f"thresholds must be non-empty and within (0, 1], got {thresholds}"
         raise ValueError(msg)
+    if significances is not None and len(significances) != len(prob_maps):
+        msg = f"{len(significances)} significance maps for {len(prob_maps)} probability maps"
+        raise ValueError(msg)
+
+    def detections(i: int, threshold: float) -> list[dict]:
+        if significances is None:
+            return find_components(prob_maps[i], threshold=threshold)
+        return detect_changes(prob_maps[i], significances[i], threshold=threshold)
+
     table = []
     for threshold in thresholds:
-        results = [match_objects(find_components(p, threshold=threshold), t, radius=radius)
-                   for p, t in zip(prob_maps, truths)]
+        results = [match_objects(detections(i, threshold), t, radius=radius)
+                   for i, t in enumerate(truths)]
         n_recovered = sum(int(np.count_nonzero(r.recovered)) for r in results)
         n_anomalies = sum(len(r.recovered) for r in results)
         n_real = sum(int(np.count_nonzero(r.real)) for r in results)
@@ -2813,6 +3162,12 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
 
 
 @torch.no_grad()
+def raw_significance(raw: RawPair) -> np.ndarray:
+    """The difference's significance map of a dataset's raw pair (one photometric scale, known FWHM)."""
+    return difference_significance(raw.reference, raw.science, pair_statistics(raw.reference, raw.science), fwhm=raw.fwhm_science)
+
+
+@torch.no_grad()
 def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, batch_size: int = 16) -> np.ndarray:
     """Probability maps (N, H, W) float32 for normalised inputs (N, 3, H, W)."""
     model.eval()
@@ -2853,7 +3208,7 @@ def evaluate_model(
 
     net_results, base_results, examples = [], [], []
     for i, (_, _, raw) in enumerate(items):
-        detections = find_components(probs[i], threshold=threshold)
+        detections = detect_changes(probs[i], raw_significance(raw), threshold=threshold)
         net = match_objects(detections, truths[i])
         net_results.append(net)
         psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
@@ -2891,6 +3246,211 @@ def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[dict], d
         if not real:
             examples.append(dict(kind="false", score=det["peak"], inputs=inputs, probability=prob, x=det["x"], y=det["y"], label=f"false detection p={det['peak']:.2f}"))
     return examples
+
+
+# ----------------------------------------------------------------------------
+# Finding changes in a pair: windows, one photometric scale, the gate, null tests
+# ----------------------------------------------------------------------------
+
+PREDICT_TILE = 256  # px side of each network window (a multiple of 16)
+PREDICT_MARGIN = 32  # px of context around each window, discarded: the U-Net's edge effects
+
+
+def _windows(n: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Along one axis of n px: the window size, and (core start, core length, window start) of each window.
+
+    Windows lie inside the image wherever it is large enough. Only a side shorter than a
+    window is padded, to the next multiple of 16 (at least 32), and the padding mirrors the
+    image: a band of zeros would be a border the network never saw in training.
+    """
+    if n <= PREDICT_TILE:
+        return max(32, 16 * math.ceil(n / 16)), [(0, n, 0)]
+    core = PREDICT_TILE - 2 * PREDICT_MARGIN
+    return PREDICT_TILE, [(c, min(core, n - c), min(max(c - PREDICT_MARGIN, 0), n - PREDICT_TILE)) for c in range(0, n, core)]
+
+
+@torch.no_grad()
+def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics, device: torch.device, batch_size: int = 8) -> np.ndarray:
+    """Anomaly probability per pixel for a registered pair of any size, in bounded memory.
+
+    The pair is normalised with `statistics` of the whole images, then seen through windows
+    of PREDICT_TILE px overlapping by PREDICT_MARGIN px on each side; each keeps only its
+    core, away from the window's inner edges.
+    """
+    height, width = science.shape
+    (win_h, rows), (win_w, cols) = _windows(height), _windows(width)
+    model.eval()
+    ctx, _ = autocast_context(device)
+    prob = np.zeros((height, width), dtype=np.float32)
+    tiles = [(r, c) for r in rows for c in cols]
+    for start in range(0, len(tiles), batch_size):
+        batch = []
+        for (_, _, wy), (_, _, wx) in tiles[start : start + batch_size]:
+            sy, sx = slice(wy, min(wy + win_h, height)), slice(wx, min(wx + win_w, width))
+            inputs = normalize_pair(reference[sy, sx], science[sy, sx], statistics=statistics)
+            pad = ((0, 0), (0, win_h - inputs.shape[1]), (0, win_w - inputs.shape[2]))
+            batch.append(np.pad(inputs, pad, mode="symmetric"))  # mirrored sky, never a flat band
+        with ctx:
+            logits = model(torch.from_numpy(np.stack(batch)).to(device))
+        maps = F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy()
+        for ((y0, h, wy), (x0, w, wx)), m in zip(tiles[start : start + batch_size], maps):
+            prob[y0 : y0 + h, x0 : x0 + w] = m[y0 - wy : y0 - wy + h, x0 - wx : x0 - wx + w]
+    return prob
+
+
+class PairDetections(NamedTuple):
+    """Everything `find_changes` measured on one pair."""
+
+    detections: list[dict]  # detect_changes' components
+    prob: np.ndarray  # (H, W) network probability, 0 where either epoch has no data
+    significance: np.ndarray  # (H, W) signed matched-filter SNR of the scaled difference
+    valid: np.ndarray  # (H, W) bool: both epochs have data
+    statistics: PairStatistics
+    scale: dict  # flux_ratio and how it was found (fitted: with its stars and scatter)
+    psf: PsfEstimate  # of the science epoch
+
+
+def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None) -> PairDetections:
+    """Run AstrID on one registered pair of any size: what `predict` and the null tests share.
+
+    1. One photometric scale: the flux ratio is fitted on the static stars unless given
+       (:func:`fit_flux_scale` refuses a pair it cannot fit, in one line).
+    2. The science PSF's FWHM, measured on its stars, for the matched filter.
+    3. The network's probabilities through windows, and the difference's significance.
+    4. :func:`detect_changes`, away from pixels where either epoch has no data.
+    """
+    if flux_ratio is None:
+        fit = fit_flux_scale(reference, science)
+        scale = dict(flux_ratio=fit.ratio, flux_ratio_source="fitted", flux_fit_stars=fit.n_stars, flux_fit_agreeing=fit.agreeing)
+    else:
+        scale = dict(flux_ratio=float(flux_ratio), flux_ratio_source="given")
+    statistics = pair_statistics(reference, science, flux_ratio=scale["flux_ratio"])
+    psf = measure_psf_fwhm(science)
+    valid = np.isfinite(science) & np.isfinite(reference)
+    prob = probability_map(model, reference, science, statistics=statistics, device=device)
+    prob[~valid] = 0.0  # no claims where either epoch has no data
+    significance = difference_significance(reference, science, statistics, fwhm=psf.fwhm)
+    detections = detect_changes(prob, significance, threshold=threshold, valid=valid)
+    return PairDetections(detections, prob, significance, valid, statistics, scale, psf)
+
+
+def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[dict]:
+    """One row per change, highest score first, with sky coordinates if a WCS is given."""
+    rows = []
+    for det in detections:
+        ra = dec = None
+        if wcs is not None:
+            sky = wcs.pixel_to_world(det["x"], det["y"])
+            ra, dec = float(sky.ra.deg), float(sky.dec.deg)
+        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det["significance"], area_px=det["area_px"], type="anomaly"))
+    return sorted(rows, key=lambda r: -r["score"])
+
+
+# --- Null tests: pairs in which nothing changed
+
+
+NULL_NOISE_LEVELS = (0.25, 1.0, 4.0)  # reference noise added, in units of the frame's own robust noise
+NULL_NOISE_RATIOS = (1 / 3, 1.0, 3.0, 10.0)  # science noise / reference noise
+NULL_FLUX_RATIOS = (0.1, 0.3, 3.0, 10.0)  # science / reference flux scale, at the frame's own noise level
+
+
+class NullFrame(NamedTuple):
+    """A frame of static sky from which null pairs are made."""
+
+    name: str
+    data: np.ndarray  # 2-D, any units, NaN where there is no data
+
+
+def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[float] = NULL_NOISE_LEVELS,
+               ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+    """Pairs in which nothing changed, made from one frame: ``(case, reference, science)``.
+
+    - the identical pair (science is the reference);
+    - independent Gaussian noise in each epoch: the reference's at each of `levels` times the
+      frame's robust noise, the science's at each of `ratios` times the reference's;
+    - the science at each of `flux_ratios` times the reference's flux scale (another exposure
+      time or zero point), each epoch with noise at the frame's own level before scaling.
+    """
+    sigma = robust_background(frame)[1]
+    pairs = [(dict(kind="identical"), frame, frame)]
+    for level in levels:
+        for ratio in ratios:
+            reference = frame + rng.normal(0.0, level * sigma, frame.shape)
+            science = frame + rng.normal(0.0, ratio * level * sigma, frame.shape)
+            pairs.append((dict(kind="noise", level=float(level), noise_ratio=float(ratio)), reference, science))
+    for flux_ratio in flux_ratios:
+        reference = frame + rng.normal(0.0, sigma, frame.shape)
+        science = flux_ratio * (frame + rng.normal(0.0, sigma, frame.shape))
+        pairs.append((dict(kind="flux", flux_ratio=float(flux_ratio)), reference, science))
+    return pairs
+
+
+def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAULT_NULL_SEED, real: bool = True, fits_dir: str | os.PathLike = "") -> list[NullFrame]:
+    """Frames for the null tests: simulated static skies, the real M13 cutout astropy ships, and `fits_dir`'s frames.
+
+    The simulated skies are reference epochs of the simulator with nothing injected and no
+    bogus, with enough stars to fit a flux ratio. M13 is a 300x300 DSS plate scan of a
+    globular cluster: crowded, photographic, integer-valued, and never used in training.
+    """
+    sky = dataclasses.replace(SkyConfig(), empty_fraction=1.0, cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0, star_density=(0.002, 0.012))
+    frames = [
+        NullFrame(f"simulated static sky {k}", simulate_sky(np.random.default_rng([seed, SEED_STREAMS["null"], k]), image_size=image_size, sky=sky).reference.astype(np.float64))
+        for k in range(synthetic)
+    ]
+    if real and M13_FITS.is_file():
+        frames.append(NullFrame("M13 (DSS, astropy's SkyView cutout)", read_fits_image(M13_FITS)[0]))
+    if fits_dir:
+        loaded, _ = load_fits_dir(fits_dir)
+        frames += [NullFrame(f"{f.target} ({f.survey})", f.data) for f in loaded]
+    return frames
+
+
+def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_NULL_SEED,
+                 levels: Sequence[float] = NULL_NOISE_LEVELS, ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS) -> dict:
+    """False detections where nothing changed: each frame's null pairs through `find_changes`.
+
+    Every pair goes the way of ``predict``: the flux ratio is fitted, the network looks, the
+    difference's significance gates. The figure is false detections per megapixel (of pixels
+    where both epochs have data); a pair whose flux ratio cannot be fitted is listed as
+    refused, as ``predict`` would refuse it. Returns ``frames`` (per frame: its cases, the
+    identical pair's detections, the worst and mean rate over the noise pairs, the worst over
+    the flux pairs) and ``summary`` (the same, worst over all frames).
+    """
+    model.eval()
+    reports = []
+    for k, frame in enumerate(frames):
+        rng = np.random.default_rng([seed, k])
+        cases = []
+        for case, reference, science in null_pairs(frame.data, rng, levels=levels, ratios=ratios, flux_ratios=flux_ratios):
+            megapixels = float(np.count_nonzero(np.isfinite(reference) & np.isfinite(science))) / 1e6
+            try:
+                found = find_changes(model, reference, science, threshold=threshold, device=device)
+            except DataError as exc:
+                cases.append({**case, "refused": _one_line(exc)})
+                continue
+            n = len(found.detections)
+            cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
+                          "fitted_flux_ratio": found.scale["flux_ratio"]})
+        rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux")}
+        identical = [c for c in cases if c["kind"] == "identical"][0]
+        reports.append(dict(
+            frame=frame.name, shape=list(frame.data.shape), cases=cases,
+            identical_detections=identical.get("detections"),
+            noise_per_megapixel_max=max(rates["noise"], default=None), noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
+            flux_per_megapixel_max=max(rates["flux"], default=None), refused=sum("refused" in c for c in cases),
+        ))
+
+    def worst(key: str) -> float | None:
+        values = [r[key] for r in reports if r[key] is not None]
+        return max(values) if values else None
+
+    summary = dict(
+        frames=len(reports), pairs=sum(len(r["cases"]) for r in reports), refused=sum(r["refused"] for r in reports),
+        identical_detections=sum(r["identical_detections"] or 0 for r in reports),
+        noise_per_megapixel_max=worst("noise_per_megapixel_max"), flux_per_megapixel_max=worst("flux_per_megapixel_max"),
+        threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE,
+    )
+    return dict(summary=summary, frames=reports)
 
 
 # ----------------------------------------------------------------------------
@@ -3337,6 +3897,11 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
 # ----------------------------------------------------------------------------
 
 
+# The end-of-run null battery: the identical pair, equal and unequal depths at the frame's own
+# noise, and the extreme flux ratios.
+TRAINER_NULL_BATTERY = dict(levels=(1.0,), ratios=(1 / 3, 3.0), flux_ratios=(0.1, 10.0))
+
+
 class TrainingInterrupted(AstridError):
     """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
 
@@ -3348,14 +3913,19 @@ def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.ut
     an independent seed stream, so it never overlaps either.
     """
     snr = (cfg.snr_min, cfg.snr_max)
+    training_sky = TRAINING_SKY if cfg.domain_randomisation else SkyConfig()
+    synthetic = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr, sky=training_sky)
     if cfg.data == "synthetic":
-        pool = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr)
+        pool = synthetic
         info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
     else:
+        source = cfg.data if cfg.data != "mix" else ("fits" if cfg.fits_dir else "mast")
         pool = MASTRealDataset(
-            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=cfg.data, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
+            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=source, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
             cache_dir=cfg.cache_dir, timeout=cfg.timeout, retries=cfg.retries, fallback=cfg.fallback, snr_range=snr,
         )
+        if cfg.data == "mix":
+            pool = MixedDataset(synthetic, pool, real_fraction=cfg.real_fraction, seed=cfg.seed)
         info = pool.provenance()
     test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
     order = np.random.default_rng(cfg.seed).permutation(len(pool))
@@ -3698,9 +4268,13 @@ class StandaloneTrainer:
             return {}
         val_loss, probs, masks = self._validate(model) if not dist.enabled else self._validate_local_full(model)
         val_truths = [self.val_ds.truth(i) for i in range(len(self.val_ds))]
-        threshold, threshold_table = choose_threshold(list(probs), val_truths)
+        val_significances = [raw_significance(self.val_ds.raw(i)) for i in range(len(self.val_ds))]
+        threshold, threshold_table = choose_threshold(list(probs), val_truths, significances=val_significances)
         log.info("operating threshold %.2f (best object-level F1 on validation)", threshold)
         evaluation = evaluate_model(model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation")
+        # Where nothing changed, nothing may be found: a short battery on one simulated and
+        # one real frame (`evaluate` runs the full one).
+        evaluation["null"] = null_battery(model, null_frames(synthetic=1, seed=cfg.seed), threshold=threshold, device=self.device, **TRAINER_NULL_BATTERY)
         write_json(out / "evaluation" / "evaluation.json", evaluation)
         best_epoch = self.stopper.best_epoch
         save_checkpoint(out / "best.pt", {**self._checkpoint(epoch=best_epoch, step=0, loss_sum=0.0), "threshold": threshold})
@@ -3722,6 +4296,10 @@ class StandaloneTrainer:
                 "bogus_pass_rate": evaluation["network"]["bogus_pass_rate"]["overall"]["value"],
                 "baseline_snr50": evaluation["baseline"]["snr50"]["overall"],
                 "baseline_false_detections_per_image": evaluation["baseline"]["false_detections_per_image"]["value"],
+                "null_identical_detections": evaluation["null"]["summary"]["identical_detections"],
+                "null_noise_per_megapixel_max": evaluation["null"]["summary"]["noise_per_megapixel_max"],
+                "null_flux_per_megapixel_max": evaluation["null"]["summary"]["flux_per_megapixel_max"],
+                "null_refused": evaluation["null"]["summary"]["refused"],
             },
             "data": self.data_info,
             "world_size": dist.world_size,
@@ -3860,8 +4438,14 @@ def run_evaluation(
     output_dir: str = "evaluation",
     device: str = "auto",
     threshold: float | None = None,
+    fits_dir: str = "",
+    null_tests: bool = True,
 ) -> dict:
-    """Evaluate a checkpoint on a fresh synthetic test set; writes evaluation.json and plots."""
+    """Evaluate a checkpoint on a fresh synthetic test set and on null pairs; writes evaluation.json and plots.
+
+    The null battery (:func:`null_battery`) runs on two simulated static skies, the real M13
+    cutout and every frame in `fits_dir`.
+    """
     check_image_size(image_size)
     if samples < 1:
         msg = f"samples must be >= 1, got {samples}"
@@ -3878,6 +4462,8 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate_model(place_model(model, dev), dataset, threshold=threshold, device=dev, output_dir=out)
     result.update(checkpoint=str(checkpoint), seed=seed)
+    if null_tests:
+        result["null"] = null_battery(model, null_frames(fits_dir=fits_dir), threshold=threshold, device=dev)
     write_json(out / "evaluation.json", result)
     net, base = result["network"], result["baseline"]
     print(f"{'':28s}{'network':>12s}{'baseline':>12s}")
@@ -3890,6 +4476,10 @@ def run_evaluation(
     ]
     for name, a, b in rows:
         print(f"{name:28s}{_fmt(a):>12s}{_fmt(b):>12s}")
+    if null_tests:
+        for frame in result["null"]["frames"]:
+            print(f"null test, {frame['frame']}: {frame['identical_detections']} detections on the identical pair; "
+                  f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio pairs <= {_fmt(frame['flux_per_megapixel_max'])}; {frame['refused']} refused")
     print(f"evaluation: {out / 'evaluation.json'}")
     return result
 
@@ -3900,9 +4490,7 @@ def run_evaluation(
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "astrid_default.pt"
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
-PREDICT_TILE = 256  # px side of each network window (a multiple of 16)
-PREDICT_MARGIN = 32  # px of context around each window, discarded: the U-Net's edge effects
-DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "area_px", "type")
+DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type")
 
 
 def checkpoint_or_default(path: str | None) -> Path:
@@ -3915,63 +4503,8 @@ def checkpoint_or_default(path: str | None) -> Path:
     return DEFAULT_WEIGHTS
 
 
-def _windows(n: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """Along one axis of n px: the window size, and (core start, core length, window start) of each window.
-
-    Windows lie inside the image wherever it is large enough: a band of padding would be a
-    border the network never saw in training (it made false detections along it). Only a
-    side shorter than a window is padded, to the next multiple of 16.
-    """
-    if n <= PREDICT_TILE:
-        return 16 * math.ceil(n / 16), [(0, n, 0)]
-    core = PREDICT_TILE - 2 * PREDICT_MARGIN
-    return PREDICT_TILE, [(c, min(core, n - c), min(max(c - PREDICT_MARGIN, 0), n - PREDICT_TILE)) for c in range(0, n, core)]
-
-
-@torch.no_grad()
-def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, device: torch.device, batch_size: int = 8) -> np.ndarray:
-    """Anomaly probability per pixel for a registered pair of any size, in bounded memory.
-
-    The pair is normalised with statistics of the whole images, then seen through windows
-    of PREDICT_TILE px overlapping by PREDICT_MARGIN px on each side; each keeps only its
-    core, away from the window's inner edges.
-    """
-    height, width = science.shape
-    statistics = pair_statistics(reference, science)
-    (win_h, rows), (win_w, cols) = _windows(height), _windows(width)
-    model.eval()
-    ctx, _ = autocast_context(device)
-    prob = np.zeros((height, width), dtype=np.float32)
-    tiles = [(r, c) for r in rows for c in cols]
-    for start in range(0, len(tiles), batch_size):
-        batch = []
-        for (_, _, wy), (_, _, wx) in tiles[start : start + batch_size]:
-            inputs = np.zeros((3, win_h, win_w), dtype=np.float32)  # 0 is the normalised background
-            sy, sx = slice(wy, min(wy + win_h, height)), slice(wx, min(wx + win_w, width))
-            inputs[:, : sy.stop - wy, : sx.stop - wx] = normalize_pair(reference[sy, sx], science[sy, sx], statistics=statistics)
-            batch.append(inputs)
-        with ctx:
-            logits = model(torch.from_numpy(np.stack(batch)).to(device))
-        maps = F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy()
-        for ((y0, h, wy), (x0, w, wx)), m in zip(tiles[start : start + batch_size], maps):
-            prob[y0 : y0 + h, x0 : x0 + w] = m[y0 - wy : y0 - wy + h, x0 - wx : x0 - wx + w]
-    return prob
-
-
-def detection_catalog(prob: np.ndarray, *, threshold: float, wcs: Any = None) -> list[dict]:
-    """One row per connected detection, highest score first, with sky coordinates if a WCS is given."""
-    rows = []
-    for det in find_components(prob, threshold=threshold):
-        ra = dec = None
-        if wcs is not None:
-            sky = wcs.pixel_to_world(det["x"], det["y"])
-            ra, dec = float(sky.ra.deg), float(sky.dec.deg)
-        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], area_px=det["area_px"], type="anomaly"))
-    return sorted(rows, key=lambda r: -r["score"])
-
-
 def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
-    """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, area_px, type."""
+    """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, significance, area_px, type."""
     import csv
     import io
 
@@ -3979,7 +4512,7 @@ def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
+        writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}", "significance": f"{r['significance']:.2f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
@@ -3993,9 +4526,9 @@ def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold:
     return atomic_write(path, lambda f: hdu.writeto(f))
 
 
-def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, max_side: int = 1024) -> Path:
+def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024) -> Path:
     """Science and difference images with the detections circled (block-averaged if large)."""
-    channels = normalize_pair(reference, science)
+    channels = normalize_pair(reference, science, statistics=statistics)
     factor = max(1, math.ceil(max(science.shape) / max_side))
     if factor > 1:
         h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
@@ -4004,7 +4537,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
     axes = fig.subplots(1, 2)
     for ax, image, title, kwargs in (
         (axes[0], channels[1], "science", dict(cmap="gray", vmin=-1, vmax=5)),
-        (axes[1], channels[2], "difference (science - reference)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
+        (axes[1], channels[2], "difference (science - scaled reference)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
     ):
         ax.imshow(image, origin="lower", **kwargs)
         for r in rows:
@@ -4050,8 +4583,15 @@ def run_prediction(
     cache_dir: str = "",
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
+    flux_ratio: float | None = None,
 ) -> list[dict]:
-    """Find anomalies in a (reference, science) FITS pair; writes detections.csv, mask.fits, overlay.png."""
+    """Find what changed in a (reference, science) FITS pair.
+
+    Writes detections.csv, detections.json (how the pair was put on one scale, and with
+    what), mask.fits and overlay.png. The epochs' flux ratio is fitted on their static
+    stars (:func:`fit_flux_scale`) unless `flux_ratio` is given; a pair whose ratio cannot be
+    fitted is refused, because without it every static star would come back as a change.
+    """
     # 1. Inputs: two 2-D images of one shape, within the pixel budget.
     if bool(reference) == bool(reference_survey):
         msg = "give exactly one of --reference FITS or --reference-survey NAME"
@@ -4085,14 +4625,21 @@ def run_prediction(
     if not 0 < threshold <= 1:
         msg = f"threshold must lie in (0, 1], got {threshold}"
         raise ValueError(msg)
-    # 3. Probabilities, the catalogue and the pictures.
-    prob = probability_map(model, ref, sci, device=dev)
-    prob[~(np.isfinite(sci) & np.isfinite(ref))] = 0.0  # no claims where either epoch has no data
-    rows = detection_catalog(prob, threshold=threshold, wcs=wcs)
+    # 3. The changes, and how the pair was put on one scale.
+    found = find_changes(model, ref, sci, threshold=threshold, device=dev, flux_ratio=flux_ratio)
+    rows = detection_catalog(found.detections, wcs=wcs)
+    scale = found.scale
+    record = dict(
+        science=str(science), reference=str(reference or f"survey: {reference_survey}"), checkpoint=str(ckpt_path),
+        threshold=threshold, significance_gate=SIGNIFICANCE_GATE, **scale, offset=found.statistics.offset,
+        sigma_difference=found.statistics.sigma_difference, fwhm_science=found.psf.fwhm, fwhm_measured=found.psf.measured,
+        valid_fraction=float(found.valid.mean()), n_detections=len(rows),
+    )
     write_detections_csv(out / "detections.csv", rows)
-    write_probability_fits(out / "mask.fits", prob, wcs=wcs, threshold=threshold, checkpoint=ckpt_path)
-    save_overlay(out / "overlay.png", ref, sci, rows)
-    print(f"{len(rows)} detections at threshold {threshold:.2f} -> {out / 'detections.csv'} (also mask.fits, overlay.png)")
+    write_json(out / "detections.json", record)
+    write_probability_fits(out / "mask.fits", found.prob, wcs=wcs, threshold=threshold, checkpoint=ckpt_path)
+    save_overlay(out / "overlay.png", ref, sci, rows, statistics=found.statistics)
+    print(f"{len(rows)} detections at threshold {threshold:.2f}, flux ratio {scale['flux_ratio']:.4g} ({scale['flux_ratio_source']}) -> {out / 'detections.csv'} (also detections.json, mask.fits, overlay.png)")
     return rows
 
 
@@ -4125,6 +4672,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--width", type=int, help="U-Net base width (16 -> 2.16M parameters)")
     a("--snr-min", type=float)
     a("--snr-max", type=float)
+    a("--no-domain-randomisation", dest="domain_randomisation", action="store_false", default=None, help="train on the plain simulated sky, not TRAINING_SKY")
     a("--seed", type=int)
     a("--device", help="auto | cpu | cuda | mps")
     a("--threads", type=int, help="torch threads per process (0: one per core)")
@@ -4136,7 +4684,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mlflow-optional", action="store_true", default=None, help="train on without MLflow if its server is unreachable")
     a("--no-energy", dest="energy", action="store_false", default=None)
     a("--country", help="ISO alpha-3 code for CodeCarbon's carbon intensity")
-    a("--data", help="synthetic | mast | fits")
+    a("--data", help="synthetic | mast | fits | mix (real tiles from --fits-dir, else the MAST/SkyView cache, mixed with synthetic ones)")
+    a("--real-fraction", type=float, help="--data mix: share of real samples (default 0.5)")
     a("--fits-dir")
     a("--cache-dir")
     a("--targets", nargs="+", help="--data mast: names or 'RA DEC' (default: famous targets and empty fields)")
@@ -4168,6 +4717,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--output-dir", default="evaluation")
+    evaluate.add_argument("--fits-dir", default="", help="more real frames for the null tests")
+    evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
     predict = commands.add_parser("predict", help="find anomalies in your own (reference, science) FITS pair")
     predict.add_argument("--science", required=True, help="FITS image (its WCS gives ra/dec)")
     predict.add_argument("--reference", help="FITS image of the same field on the same pixel grid")
@@ -4180,6 +4731,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cache-dir", default="")
     predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
+    predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: fitted on the pair's stars)")
     export = commands.add_parser("export", help="strip a checkpoint to shareable weights")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--output", required=True)
@@ -4248,7 +4800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         return cli(lambda: run_training(config_from_args(args)), debug=args.debug)
     if args.command == "predict":
-        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries")
+        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "export":
         return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)
@@ -4256,7 +4808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = ("targets", "surveys", "cache_dir", "pixels", "timeout", "retries")
         return cli(lambda: run_fetch(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "evaluate":
-        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold")
+        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold", "fits_dir", "null_tests")
         return cli(lambda: run_evaluation(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     return 2
 

@@ -697,7 +697,7 @@ REFUSALS = [
 ]
 # Not refusals, run alongside them: the same inputs accepted, and --debug's traceback.
 CONTROLS = {
-    "predict-valid": PREDICT + " --science {sci} --reference {ref} --checkpoint {ckpt}",
+    "predict-valid": PREDICT + " --science {sci} --reference {ref} --checkpoint {ckpt} --flux-ratio 1",  # noise frames: no stars to fit a ratio on
     "evaluate-valid": EVALUATE + " --checkpoint {ckpt}",
     "debug-traceback": "--debug train {tiny} --samples 0",
 }
