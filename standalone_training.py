@@ -858,9 +858,10 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
 class PairStatistics(NamedTuple):
     """How a pair is put on one scale: each epoch's background and noise, and their difference's.
 
-    The difference is ``science - flux_ratio * reference - offset``: the reference brought
-    onto the science image's photometric scale (exposure time, transparency, zero point),
-    so that a static source cancels whatever the units of each epoch.
+    The difference is ``science - flux_ratio * reference - offset`` after the sharper epoch
+    is blurred to the other's seeing: the reference brought onto the science image's
+    photometric scale (exposure time, transparency, zero point) and both onto one PSF, so
+    that a static source cancels whatever the units and the seeing of each epoch.
     """
 
     background_reference: float
@@ -870,6 +871,41 @@ class PairStatistics(NamedTuple):
     flux_ratio: float  # science / reference flux of a static source
     offset: float  # science-image units: the background left after scaling the reference
     sigma_difference: float  # robust noise of the scaled difference, measured on itself
+    blur_reference: float = 0.0  # px, Gaussian sigma that brings the reference to the science seeing
+    blur_science: float = 0.0  # px, likewise the science to the reference seeing (one of the two is 0)
+
+
+SEEING_TOLERANCE = 1.05  # FWHMs closer than this ratio are one seeing: measuring them is no more precise
+
+
+def matching_blur(fwhm_reference: float | None, fwhm_science: float | None) -> tuple[float, float]:
+    """Gaussian sigmas (reference, science) in px that give both epochs the worse seeing.
+
+    Survey pipelines convolve the sharper epoch with a kernel that matches it to the other
+    (Alard & Lupton 1998); without it every bright star leaves a ring in the difference.
+    AstrID's kernel is a Gaussian of sigma sqrt(FWHM_b^2 - FWHM_s^2) / 2.3548, exact for
+    Gaussian PSFs and close in the core for Moffat ones. Unknown FWHMs mean no blur.
+    """
+    if not (fwhm_reference and fwhm_science) or max(fwhm_reference, fwhm_science) < SEEING_TOLERANCE * min(fwhm_reference, fwhm_science):
+        return 0.0, 0.0
+    sigma = math.sqrt(abs(fwhm_science**2 - fwhm_reference**2)) / 2.3548
+    return (sigma, 0.0) if fwhm_science > fwhm_reference else (0.0, sigma)
+
+
+def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
+    """`image` in float64 convolved with a Gaussian of `sigma` px; missing pixels stay missing.
+
+    Near missing pixels the convolution is normalised by the weight of the pixels that
+    exist (normalised convolution), so a hole's edge is blurred from real data alone.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if sigma <= 0:
+        return image
+    finite = np.isfinite(image)
+    weight = ndimage.gaussian_filter(finite.astype(np.float64), sigma, mode="reflect")
+    blurred = ndimage.gaussian_filter(np.where(finite, image, 0.0), sigma, mode="reflect")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, blurred / weight, np.nan)
 
 
 # A difference quieter than this fraction of the epochs' own noise has no noise of its own (a
@@ -879,12 +915,13 @@ DIFFERENCE_NOISE_FLOOR = 1e-3
 
 
 def scaled_difference(reference: np.ndarray, science: np.ndarray, statistics: PairStatistics) -> np.ndarray:
-    """``science - flux_ratio * reference - offset`` in float64: what changed, in science units."""
+    """What changed, in science units: the PSF-matched ``science - flux_ratio * reference - offset``, float64."""
     s = statistics
-    return np.asarray(science, dtype=np.float64) - s.flux_ratio * np.asarray(reference, dtype=np.float64) - s.offset
+    return _blurred(science, s.blur_science) - s.flux_ratio * _blurred(reference, s.blur_reference) - s.offset
 
 
-def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: float = 1.0) -> PairStatistics:
+def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: float = 1.0,
+                    fwhm_reference: float | None = None, fwhm_science: float | None = None) -> PairStatistics:
     """Background and noise of both epochs and of their scaled difference (once per image, even when tiled).
 
     Parameters
@@ -894,6 +931,10 @@ def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: f
     flux_ratio : float
         Science over reference flux of a static source: 1 for simulated pairs and real tiles
         (both epochs share their units), :func:`fit_flux_scale`'s ratio for a user's pair.
+    fwhm_reference, fwhm_science : float, optional
+        Each epoch's seeing in px: the sharper epoch is blurred to the other's
+        (:func:`matching_blur`) before differencing. Known for simulated pairs and real
+        tiles, measured on the stars of a user's pair.
 
     Returns
     -------
@@ -908,7 +949,9 @@ def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: f
         raise ValueError(msg)
     bg_r, sig_r = robust_background(reference)
     bg_s, sig_s = robust_background(science)
-    scaled = np.asarray(science, dtype=np.float64) - flux_ratio * np.asarray(reference, dtype=np.float64)
+    blur_r, blur_s = matching_blur(fwhm_reference, fwhm_science)
+    unshifted = PairStatistics(bg_r, sig_r, bg_s, sig_s, float(flux_ratio), 0.0, 1.0, blur_r, blur_s)
+    scaled = scaled_difference(reference, science, unshifted)
     finite = scaled[np.isfinite(scaled)]
     if finite.size == 0:
         msg = "the two epochs share no finite pixel"
@@ -916,7 +959,7 @@ def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: f
     offset = float(np.median(finite))
     floor = DIFFERENCE_NOISE_FLOOR * math.hypot(sig_s, flux_ratio * sig_r)
     sig_d = max(robust_sigma(finite - offset), floor)
-    return PairStatistics(bg_r, sig_r, bg_s, sig_s, float(flux_ratio), offset, sig_d)
+    return unshifted._replace(offset=offset, sigma_difference=sig_d)
 
 
 def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics | None = None) -> np.ndarray:
@@ -1923,6 +1966,11 @@ class RawPair(NamedTuple):
     fwhm_science: float
 
 
+def sample_statistics(sample: SkySample) -> PairStatistics:
+    """A simulated pair or real tile shares one photometric scale, and its seeing is known."""
+    return pair_statistics(sample.reference, sample.science, fwhm_reference=sample.psf_reference.fwhm, fwhm_science=sample.psf_science.fwhm)
+
+
 class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
     """Simulated (reference, science) pairs with anomaly masks and truth tables.
 
@@ -2006,7 +2054,7 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         sample = self.simulate(i)
-        item = (torch.from_numpy(normalize_pair(sample.reference, sample.science)), torch.from_numpy(sample.mask[None].astype(np.float32)))
+        item = (torch.from_numpy(normalize_pair(sample.reference, sample.science, statistics=sample_statistics(sample))), torch.from_numpy(sample.mask[None].astype(np.float32)))
         if self._cache is not None:
             self._cache[i] = item
         return item
@@ -3164,7 +3212,8 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
 @torch.no_grad()
 def raw_significance(raw: RawPair) -> np.ndarray:
     """The difference's significance map of a dataset's raw pair (one photometric scale, known FWHM)."""
-    return difference_significance(raw.reference, raw.science, pair_statistics(raw.reference, raw.science), fwhm=raw.fwhm_science)
+    statistics = pair_statistics(raw.reference, raw.science, fwhm_reference=raw.fwhm_reference, fwhm_science=raw.fwhm_science)
+    return difference_significance(raw.reference, raw.science, statistics, fwhm=max(raw.fwhm_reference, raw.fwhm_science))
 
 
 @torch.no_grad()
@@ -3306,32 +3355,37 @@ class PairDetections(NamedTuple):
     significance: np.ndarray  # (H, W) signed matched-filter SNR of the scaled difference
     valid: np.ndarray  # (H, W) bool: both epochs have data
     statistics: PairStatistics
-    scale: dict  # flux_ratio and how it was found (fitted: with its stars and scatter)
-    psf: PsfEstimate  # of the science epoch
+    scale: dict  # flux_ratio and how it was found (fitted: with its stars and agreement)
+    psf_reference: PsfEstimate
+    psf_science: PsfEstimate
 
 
 def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None) -> PairDetections:
     """Run AstrID on one registered pair of any size: what `predict` and the null tests share.
 
-    1. One photometric scale: the flux ratio is fitted on the static stars unless given
+    1. Each epoch's seeing, measured on its stars: the sharper epoch is blurred to the
+       other's (when either cannot be measured, neither is), and the matched filter uses the
+       worse FWHM.
+    2. One photometric scale: the flux ratio is fitted on the static stars unless given
        (:func:`fit_flux_scale` refuses a pair it cannot fit, in one line).
-    2. The science PSF's FWHM, measured on its stars, for the matched filter.
     3. The network's probabilities through windows, and the difference's significance.
     4. :func:`detect_changes`, away from pixels where either epoch has no data.
     """
+    psf_reference, psf_science = measure_psf_fwhm(reference), measure_psf_fwhm(science)
+    worse = max(psf_reference.fwhm, psf_science.fwhm)
     if flux_ratio is None:
-        fit = fit_flux_scale(reference, science)
+        fit = fit_flux_scale(reference, science, aperture=max(5, math.ceil(3.0 * worse)))
         scale = dict(flux_ratio=fit.ratio, flux_ratio_source="fitted", flux_fit_stars=fit.n_stars, flux_fit_agreeing=fit.agreeing)
     else:
         scale = dict(flux_ratio=float(flux_ratio), flux_ratio_source="given")
-    statistics = pair_statistics(reference, science, flux_ratio=scale["flux_ratio"])
-    psf = measure_psf_fwhm(science)
+    seeing = dict(fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm) if psf_reference.measured and psf_science.measured else {}
+    statistics = pair_statistics(reference, science, flux_ratio=scale["flux_ratio"], **seeing)
     valid = np.isfinite(science) & np.isfinite(reference)
     prob = probability_map(model, reference, science, statistics=statistics, device=device)
     prob[~valid] = 0.0  # no claims where either epoch has no data
-    significance = difference_significance(reference, science, statistics, fwhm=psf.fwhm)
+    significance = difference_significance(reference, science, statistics, fwhm=worse)
     detections = detect_changes(prob, significance, threshold=threshold, valid=valid)
-    return PairDetections(detections, prob, significance, valid, statistics, scale, psf)
+    return PairDetections(detections, prob, significance, valid, statistics, scale, psf_reference, psf_science)
 
 
 def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[dict]:
@@ -3352,6 +3406,7 @@ def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[di
 NULL_NOISE_LEVELS = (0.25, 1.0, 4.0)  # reference noise added, in units of the frame's own robust noise
 NULL_NOISE_RATIOS = (1 / 3, 1.0, 3.0, 10.0)  # science noise / reference noise
 NULL_FLUX_RATIOS = (0.1, 0.3, 3.0, 10.0)  # science / reference flux scale, at the frame's own noise level
+NULL_SEEING_RATIOS = (1.25, 1.5)  # science / reference FWHM: the science epoch blurred, at the frame's own noise level
 
 
 class NullFrame(NamedTuple):
@@ -3362,14 +3417,18 @@ class NullFrame(NamedTuple):
 
 
 def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[float] = NULL_NOISE_LEVELS,
-               ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+               ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
+               seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS) -> list[tuple[dict, np.ndarray, np.ndarray]]:
     """Pairs in which nothing changed, made from one frame: ``(case, reference, science)``.
 
     - the identical pair (science is the reference);
     - independent Gaussian noise in each epoch: the reference's at each of `levels` times the
       frame's robust noise, the science's at each of `ratios` times the reference's;
     - the science at each of `flux_ratios` times the reference's flux scale (another exposure
-      time or zero point), each epoch with noise at the frame's own level before scaling.
+      time or zero point), each epoch with noise at the frame's own level before scaling;
+    - the science blurred to each of `seeing_ratios` times the frame's FWHM (measured on its
+      stars) by a Gaussian, each epoch with noise at the frame's own level: the rings that a
+      seeing mismatch leaves around every bright star.
     """
     sigma = robust_background(frame)[1]
     pairs = [(dict(kind="identical"), frame, frame)]
@@ -3382,6 +3441,13 @@ def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[
         reference = frame + rng.normal(0.0, sigma, frame.shape)
         science = flux_ratio * (frame + rng.normal(0.0, sigma, frame.shape))
         pairs.append((dict(kind="flux", flux_ratio=float(flux_ratio)), reference, science))
+    fwhm = measure_psf_fwhm(frame).fwhm if seeing_ratios else 0.0
+    for seeing in seeing_ratios:
+        blur = math.sqrt(seeing**2 - 1.0) * fwhm / 2.3548  # Gaussian sigma that widens the FWHM by `seeing`
+        reference = frame + rng.normal(0.0, sigma, frame.shape)
+        science = ndimage.gaussian_filter(np.nan_to_num(frame, nan=float(np.nanmedian(frame))), blur) + rng.normal(0.0, sigma, frame.shape)
+        science[~np.isfinite(frame)] = np.nan
+        pairs.append((dict(kind="seeing", seeing_ratio=float(seeing)), reference, science))
     return pairs
 
 
@@ -3406,7 +3472,8 @@ def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAUL
 
 
 def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_NULL_SEED,
-                 levels: Sequence[float] = NULL_NOISE_LEVELS, ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS) -> dict:
+                 levels: Sequence[float] = NULL_NOISE_LEVELS, ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
+                 seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS) -> dict:
     """False detections where nothing changed: each frame's null pairs through `find_changes`.
 
     Every pair goes the way of ``predict``: the flux ratio is fitted, the network looks, the
@@ -3414,14 +3481,14 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
     where both epochs have data); a pair whose flux ratio cannot be fitted is listed as
     refused, as ``predict`` would refuse it. Returns ``frames`` (per frame: its cases, the
     identical pair's detections, the worst and mean rate over the noise pairs, the worst over
-    the flux pairs) and ``summary`` (the same, worst over all frames).
+    the flux pairs and over the seeing pairs) and ``summary`` (the same, worst over all frames).
     """
     model.eval()
     reports = []
     for k, frame in enumerate(frames):
         rng = np.random.default_rng([seed, k])
         cases = []
-        for case, reference, science in null_pairs(frame.data, rng, levels=levels, ratios=ratios, flux_ratios=flux_ratios):
+        for case, reference, science in null_pairs(frame.data, rng, levels=levels, ratios=ratios, flux_ratios=flux_ratios, seeing_ratios=seeing_ratios):
             megapixels = float(np.count_nonzero(np.isfinite(reference) & np.isfinite(science))) / 1e6
             try:
                 found = find_changes(model, reference, science, threshold=threshold, device=device)
@@ -3431,13 +3498,14 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
             n = len(found.detections)
             cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
                           "fitted_flux_ratio": found.scale["flux_ratio"]})
-        rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux")}
+        rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux", "seeing")}
         identical = [c for c in cases if c["kind"] == "identical"][0]
         reports.append(dict(
             frame=frame.name, shape=list(frame.data.shape), cases=cases,
             identical_detections=identical.get("detections"),
             noise_per_megapixel_max=max(rates["noise"], default=None), noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
-            flux_per_megapixel_max=max(rates["flux"], default=None), refused=sum("refused" in c for c in cases),
+            flux_per_megapixel_max=max(rates["flux"], default=None), seeing_per_megapixel_max=max(rates["seeing"], default=None),
+            refused=sum("refused" in c for c in cases),
         ))
 
     def worst(key: str) -> float | None:
@@ -3448,6 +3516,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
         frames=len(reports), pairs=sum(len(r["cases"]) for r in reports), refused=sum(r["refused"] for r in reports),
         identical_detections=sum(r["identical_detections"] or 0 for r in reports),
         noise_per_megapixel_max=worst("noise_per_megapixel_max"), flux_per_megapixel_max=worst("flux_per_megapixel_max"),
+        seeing_per_megapixel_max=worst("seeing_per_megapixel_max"),
         threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE,
     )
     return dict(summary=summary, frames=reports)
@@ -3899,7 +3968,7 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
 
 # The end-of-run null battery: the identical pair, equal and unequal depths at the frame's own
 # noise, and the extreme flux ratios.
-TRAINER_NULL_BATTERY = dict(levels=(1.0,), ratios=(1 / 3, 3.0), flux_ratios=(0.1, 10.0))
+TRAINER_NULL_BATTERY = dict(levels=(1.0,), ratios=(1 / 3, 3.0), flux_ratios=(0.1, 10.0), seeing_ratios=(1.5,))
 
 
 class TrainingInterrupted(AstridError):
@@ -4479,7 +4548,8 @@ def run_evaluation(
     if null_tests:
         for frame in result["null"]["frames"]:
             print(f"null test, {frame['frame']}: {frame['identical_detections']} detections on the identical pair; "
-                  f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio pairs <= {_fmt(frame['flux_per_megapixel_max'])}; {frame['refused']} refused")
+                  f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio pairs <= {_fmt(frame['flux_per_megapixel_max'])}, "
+                  f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}; {frame['refused']} refused")
     print(f"evaluation: {out / 'evaluation.json'}")
     return result
 
@@ -4632,7 +4702,9 @@ def run_prediction(
     record = dict(
         science=str(science), reference=str(reference or f"survey: {reference_survey}"), checkpoint=str(ckpt_path),
         threshold=threshold, significance_gate=SIGNIFICANCE_GATE, **scale, offset=found.statistics.offset,
-        sigma_difference=found.statistics.sigma_difference, fwhm_science=found.psf.fwhm, fwhm_measured=found.psf.measured,
+        sigma_difference=found.statistics.sigma_difference, fwhm_reference=found.psf_reference.fwhm, fwhm_science=found.psf_science.fwhm,
+        seeing_measured=found.psf_reference.measured and found.psf_science.measured,
+        blur_reference=found.statistics.blur_reference, blur_science=found.statistics.blur_science,
         valid_fraction=float(found.valid.mean()), n_detections=len(rows),
     )
     write_detections_csv(out / "detections.csv", rows)
