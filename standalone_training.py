@@ -119,6 +119,7 @@ class SkyConfig:
     plate_fraction: float = 0.0  # fields seen through a photographic plate: non-linear, saturating, integer
     identical_fraction: float = 0.0  # null pairs: the science epoch is the reference itself
     quiet_fraction: float = 0.0  # null pairs: two noisy epochs of one static sky, no anomaly, no bogus
+    plain_fraction: float = 0.0  # fields drawn from the plain SkyConfig() instead (same SNR range)
 
     def validate(self) -> None:
         lo, hi = self.snr_range
@@ -140,6 +141,7 @@ TRAINING_SKY = SkyConfig(
     plate_fraction=0.15,
     identical_fraction=0.03,
     quiet_fraction=0.07,
+    plain_fraction=0.4,
 )
 
 DEFAULT_SURVEYS = ("DSS2 Red", "DSS2 Blue")  # SkyView; any of SURVEYS or a HiPS id works
@@ -192,6 +194,7 @@ class TrainConfig:
     retries: int = 2  # extra attempts after a network failure
     fallback: bool = True  # --data mast|fits may fall back to synthetic samples
     resume: str = ""  # checkpoint to resume from
+    init_weights: str = ""  # start from these weights (fine-tuning): a fresh run, optimiser and schedule included
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
@@ -2047,7 +2050,10 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
 
     def _render(self, i: int) -> SkySample:
         rng = np.random.default_rng([self.seed, SEED_STREAMS[self.stream], i])
-        return simulate_sky(rng, image_size=self.image_size, sky=self.sky)
+        sky = self.sky
+        if sky.plain_fraction and rng.random() < sky.plain_fraction:  # no draw for a sky without plain fields
+            sky = SkyConfig(snr_range=sky.snr_range)
+        return simulate_sky(rng, image_size=self.image_size, sky=sky)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._index(i)
@@ -4187,6 +4193,13 @@ class StandaloneTrainer:
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
         self.autocast, self.scaler = autocast_context(self.device)
         self.stopper = EarlyStopping(patience=cfg.patience, min_delta=cfg.min_delta, mode=cfg.monitor_mode)
+        if cfg.init_weights and not cfg.resume:
+            payload = load_checkpoint(cfg.init_weights)
+            start = model_from_checkpoint(payload, path=cfg.init_weights)  # another architecture is refused in one line
+            if start.config != model.config:
+                msg = f"--init-weights {cfg.init_weights} is a {start.config} U-Net, this run trains {model.config}"
+                raise AstridError(msg)
+            model.load_state_dict(start.state_dict())
         return model
 
     def _load_resume(self) -> dict:
@@ -4766,6 +4779,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--retries", type=int, help="extra attempts after a network failure")
     a("--no-fallback", dest="fallback", action="store_false", default=None, help="a failed real-data source is fatal")
     a("--resume", help="continue from a checkpoint (last.pt)")
+    a("--init-weights", help="start a new run from these weights (fine-tuning)")
 
 
 def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> TrainConfig:
