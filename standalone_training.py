@@ -72,6 +72,10 @@ class NetworkError(AstridError):
     """A remote service did not deliver after the allowed attempts."""
 
 
+class ConfigError(AstridError, ValueError):
+    """A setting (a flag, a saved configuration) is out of range; the message names it."""
+
+
 def _one_line(exc: BaseException, *, limit: int = 200) -> str:
     """Exception text squeezed onto one bounded line, for logs and user messages."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -114,7 +118,7 @@ class SkyConfig:
         lo, hi = self.snr_range
         if not 0 < lo < hi:
             msg = f"snr_range must satisfy 0 < min < max, got {self.snr_range}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
 
 
 DEFAULT_SURVEYS = ("DSS2 Red", "DSS2 Blue")  # SkyView; any of SURVEYS or a HiPS id works
@@ -147,7 +151,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int = 0  # torch intra-op threads per process; 0 -> torch's default (one per core)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    output_dir: str = ""  # "" -> runs/<timestamp>
+    output_dir: str = ""  # "" -> runs/<timestamp>-<random>
+    overwrite: bool = False  # replace a previous run in output_dir (its files are deleted first)
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "astrid"
     mlflow: bool = True
@@ -169,36 +174,36 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 msg = f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                raise ValueError(msg)
+                raise ConfigError(msg)
         check_image_size(self.image_size)
         if not 0.0 < self.val_fraction < 1.0:
             msg = f"val-fraction must lie in (0, 1), got {self.val_fraction}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.threads < 0:
             msg = f"threads must be >= 0, got {self.threads}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         monitorable = ("train_loss", "val_loss", *(f"val_{k}" for k in PIXEL_METRICS))
         if self.monitor not in monitorable:
             msg = f"monitor must be one of {', '.join(monitorable)}, got {self.monitor!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.lr <= 0:
             msg = f"lr must be > 0, got {self.lr}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.monitor_mode not in ("min", "max"):
             msg = f"monitor-mode must be 'min' or 'max', got {self.monitor_mode!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.data not in ("synthetic", "mast", "fits"):
             msg = f"data must be synthetic, mast or fits, got {self.data!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.data == "fits" and not self.fits_dir:
             msg = "--data fits needs --fits-dir DIR"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if not 0 < self.timeout <= 60 or self.retries < 0:
             msg = f"need 0 < timeout <= 60 s and retries >= 0, got {self.timeout} and {self.retries}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if round(self.samples * self.val_fraction) < 1 or round(self.samples * (1 - self.val_fraction)) < 1:
             msg = f"{self.samples} samples cannot be split with val-fraction {self.val_fraction}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         SkyConfig(snr_range=(self.snr_min, self.snr_max)).validate()
 
 
@@ -213,7 +218,14 @@ def check_image_size(size: int) -> None:
     """The U-Net halves the image four times, so sizes are multiples of 16 (and >= 32)."""
     if size < 32 or size % 16:
         msg = f"image-size must be a multiple of 16 and >= 32, got {size}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
+
+
+def check_threshold(value: float) -> None:
+    """An operating threshold is a probability: (0, 1]."""
+    if not 0 < value <= 1:
+        msg = f"threshold must lie in (0, 1], got {value}"
+        raise ConfigError(msg)
 
 
 def set_seed(seed: int) -> None:
@@ -741,7 +753,7 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
     finite = image[np.isfinite(image)]
     if finite.size == 0:
         msg = "image has no finite pixels"
-        raise ValueError(msg)
+        raise DataError(msg)
     median = float(np.median(finite))
     sigma = robust_sigma(finite)
     if not sigma > 0:
@@ -749,7 +761,7 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
         sigma = float(np.std(finite))
     if not sigma > 0:
         msg = "image is constant: its noise cannot be measured"
-        raise ValueError(msg)
+        raise DataError(msg)
     return median, sigma
 
 
@@ -781,7 +793,7 @@ def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: Pa
     reference, science = np.asarray(reference), np.asarray(science)
     if reference.shape != science.shape:
         msg = f"reference {reference.shape} and science {science.shape} differ in shape"
-        raise ValueError(msg)
+        raise DataError(msg)
     bg_r, sig_r, bg_s, sig_s = statistics or pair_statistics(reference, science)
     # Background subtraction in float64: pixel values can be large next to their noise.
     ref = reference.astype(np.float64) - bg_r
@@ -1141,7 +1153,7 @@ def _checked_timeout(timeout):
     timeout = float(timeout)
     if not 0 < timeout <= MAX_TIMEOUT:
         msg = f"timeout must be in (0, {MAX_TIMEOUT:g}] s, got {timeout:g}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     return timeout
 
 
@@ -1403,7 +1415,7 @@ def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retrie
     timeout = _checked_timeout(timeout)
     if retries < 0 or pixels < 8:
         msg = f"need retries >= 0 and pixels >= 8, got {retries} and {pixels}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = cache_dir / MANIFEST
@@ -1972,9 +1984,7 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97 if title else 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = _save(fig, path, dpi=110, bbox_inches=None)
     plt.close(fig)
     return path
 
@@ -2646,11 +2656,9 @@ def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[
     return best["threshold"], table
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list | None = None, **kwargs: Any) -> Path:
+    """Write a figure as PNG through atomic_write: a symlink at `path` is replaced, never followed."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
 
 
 def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike) -> Path:
@@ -2970,11 +2978,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+def atomic_write(path: str | os.PathLike, write: Any, *, staged: list | None = None) -> Path:
     """Write through a temporary file in the same directory, then os.replace it into place.
 
     A crash or a full disk at any moment leaves the previous file intact. `write` is
-    called with a binary file object.
+    called with a binary file object. The temporary file is created anew (O_EXCL) and
+    renamed over `path`, so a symlink planted at `path` is replaced, never followed:
+    nothing outside the directory is written. With `staged` (from :func:`output_set`),
+    the temporary file is kept and ``(tmp, path)`` appended, to be swapped in with others.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -2985,12 +2996,113 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are for sharing
-        os.replace(tmp, path)
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def output_set():
+    """Files written inside (``atomic_write(..., staged=s)``) replace their old versions together, or none do.
+
+    Every file is first written in full beside its destination; only then are they renamed
+    into place. A failure while writing any of them leaves every previous file untouched.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        yield staged
+        # A directory in the way is the one rename that can fail here: find it before any swap.
+        blocked = [str(path) for _, path in staged if path.is_dir() and not path.is_symlink()]
+        if blocked:
+            msg = f"cannot write {blocked[0]}: a directory is in the way"
+            raise AstridError(msg)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # gone already once it was renamed into place
+
+
+STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's names (mkstemp's 8 characters)
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Delete what atomic_write leaves when killed mid-write; call only where no write is in progress."""
+    removed = []
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if STALE_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path.name)
+    return removed
+
+
+# --- Output directories: one rule for train, evaluate and predict
+#
+# A directory that already holds a command's outputs is refused; it is reused only by
+# `train --resume` (which continues the run inside it) or by an explicit --overwrite,
+# which names what it replaces. Default run directories are made with an exclusive mkdir.
+
+TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
+                 "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
+EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
+PREDICTION_OUTPUTS = ("detections.csv", "mask.fits", "overlay.png")
+RUN_MARKERS = {  # the files that say "a previous run lives here"
+    "training run": ("config.json", "last.pt", "best.pt", "metrics.json"),
+    "evaluation": ("evaluation.json",),
+    "prediction": PREDICTION_OUTPUTS,
+}
+
+
+def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Sequence[str] = ()) -> list[str]:
+    """Apply the output-directory rule; returns the names of the previous outputs found.
+
+    Parameters
+    ----------
+    directory : pathlib.Path
+        Where the command will write.
+    kind : {"training run", "evaluation", "prediction"}
+        What the command writes (RUN_MARKERS).
+    overwrite : bool
+        The user passed --overwrite: the previous outputs are replaced, and the log says which.
+    remove : sequence of str
+        Previous outputs (relative names) deleted at once under --overwrite, so that the
+        old run and the new never mix in one directory.
+    """
+    found = [name for name in RUN_MARKERS[kind] if os.path.lexists(directory / name)]
+    if found and not overwrite:
+        hint = ", continue it with --resume DIR/last.pt," if kind == "training run" else ""
+        msg = f"{directory} already holds a {kind} ({', '.join(found)}): choose another --output-dir{hint} or pass --overwrite to replace it"
+        raise AstridError(msg)
+    if found:
+        gone = [name for name in remove if os.path.lexists(directory / name) and not (directory / name).is_dir()]
+        log.warning("--overwrite: replacing the %s in %s (%s)", kind, directory, ", ".join(gone or found))
+        for name in gone:
+            (directory / name).unlink()
+    return found
+
+
+def new_run_dir(parent: Path) -> Path:
+    """runs/<timestamp>-<6 hex>, made with an exclusive mkdir: two runs never share one."""
+    import secrets
+
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    while True:
+        path = parent / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _json_default(value: Any) -> Any:
@@ -3386,23 +3498,33 @@ class StandaloneTrainer:
         self.cfg = config
         self.dist = DistInfo.from_env()
         self.device = resolve_device(config.device, local_rank=self.dist.local_rank)
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.output_dir = Path(config.output_dir or Path("runs") / stamp)
+        # Without --output-dir, rank 0 makes a fresh runs/<timestamp>-<random> in _prepare_output_dir.
+        self.output_dir = Path(config.output_dir or "runs")
         self._signal: int | None = None
         self.history: list[dict] = []
 
     # -- setup ---------------------------------------------------------------
 
     def _prepare_output_dir(self) -> None:
+        """Claim the output directory (the rule of claim_output_dir) and clear stale temporaries."""
         if not self.dist.is_main:
             return
         try:
+            if not self.cfg.output_dir and not self.cfg.resume:
+                self.output_dir = new_run_dir(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.output_dir, prefix=".write-test-")
             probe.close()
         except OSError as exc:
             msg = f"output directory {self.output_dir} is not writable ({exc.strerror or exc})"
             raise AstridError(msg) from None
+        if not self.cfg.resume:
+            remove = [*TRAIN_OUTPUTS, *(f"evaluation/{n}" for n in EVALUATION_OUTPUTS)]
+            claim_output_dir(self.output_dir, kind="training run", overwrite=self.cfg.overwrite, remove=remove)
+        # Only this run writes here now, so any temporary file is a dead write's leftover.
+        stale = remove_stale_temporaries(self.output_dir) + remove_stale_temporaries(self.output_dir / "evaluation")
+        if stale:
+            log.warning("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
 
     def _init_distributed(self) -> None:
         if self.dist.enabled and not torch.distributed.is_initialized():
@@ -3823,7 +3945,7 @@ def plot_history(history: list[dict], out: Path) -> list[Path]:
 
 def _savefig(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110, bbox_inches=None)
     _pyplot().close(fig)
     return path
 
@@ -3860,22 +3982,27 @@ def run_evaluation(
     output_dir: str = "evaluation",
     device: str = "auto",
     threshold: float | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on a fresh synthetic test set; writes evaluation.json and plots."""
     check_image_size(image_size)
     if samples < 1:
         msg = f"samples must be >= 1, got {samples}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
+    if threshold is not None:
+        check_threshold(threshold)
     checkpoint = checkpoint_or_default(checkpoint)
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload, path=checkpoint)
     dev = resolve_device(device)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
+    check_threshold(threshold)
     saved = payload.get("config", {})
     snr = (saved.get("snr_min", 3.0), saved.get("snr_max", 100.0))
     dataset = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=seed, stream="test", snr_range=snr)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, kind="evaluation", overwrite=overwrite, remove=EVALUATION_OUTPUTS)
     result = evaluate_model(place_model(model, dev), dataset, threshold=threshold, device=dev, output_dir=out)
     result.update(checkpoint=str(checkpoint), seed=seed)
     write_json(out / "evaluation.json", result)
@@ -3970,7 +4097,7 @@ def detection_catalog(prob: np.ndarray, *, threshold: float, wcs: Any = None) ->
     return sorted(rows, key=lambda r: -r["score"])
 
 
-def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
+def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
     """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, area_px, type."""
     import csv
     import io
@@ -3980,20 +4107,20 @@ def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
     writer.writeheader()
     for r in rows:
         writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
-    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
 
 
-def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold: float, checkpoint: Path) -> Path:
+def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold: float, checkpoint: Path, staged: list | None = None) -> Path:
     """mask.fits: the probability map with the science image's WCS."""
     header = wcs.to_header() if wcs is not None else fits.Header()
     header["BUNIT"] = ("probability", "AstrID anomaly probability per pixel")
     header["THRESH"] = (float(threshold), "operating threshold used for detections")
     header["CKPT"] = (checkpoint.name[:60], "AstrID checkpoint")
     hdu = fits.PrimaryHDU(prob.astype(np.float32), header=header)
-    return atomic_write(path, lambda f: hdu.writeto(f))
+    return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
 
 
-def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, max_side: int = 1024) -> Path:
+def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, max_side: int = 1024, staged: list | None = None) -> Path:
     """Science and difference images with the detections circled (block-averaged if large)."""
     channels = normalize_pair(reference, science)
     factor = max(1, math.ceil(max(science.shape) / max_side))
@@ -4013,7 +4140,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    return _save(fig, path, dpi=110, staged=staged)
 
 
 def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, cache_dir: str, timeout: float, retries: int) -> np.ndarray:
@@ -4050,6 +4177,7 @@ def run_prediction(
     cache_dir: str = "",
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Find anomalies in a (reference, science) FITS pair; writes detections.csv, mask.fits, overlay.png."""
     # 1. Inputs: two 2-D images of one shape, within the pixel budget.
@@ -4076,22 +4204,23 @@ def run_prediction(
     except OSError as exc:
         msg = f"cannot create output directory {out} ({exc.strerror or exc})"
         raise AstridError(msg) from None
+    claim_output_dir(out, kind="prediction", overwrite=overwrite)
     # 2. The model and its operating threshold.
     ckpt_path = checkpoint_or_default(checkpoint)
     payload = load_checkpoint(ckpt_path)
     dev = resolve_device(device)
     model = place_model(model_from_checkpoint(payload, path=ckpt_path), dev)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
-    if not 0 < threshold <= 1:
-        msg = f"threshold must lie in (0, 1], got {threshold}"
-        raise ValueError(msg)
+    check_threshold(threshold)
     # 3. Probabilities, the catalogue and the pictures.
     prob = probability_map(model, ref, sci, device=dev)
     prob[~(np.isfinite(sci) & np.isfinite(ref))] = 0.0  # no claims where either epoch has no data
     rows = detection_catalog(prob, threshold=threshold, wcs=wcs)
-    write_detections_csv(out / "detections.csv", rows)
-    write_probability_fits(out / "mask.fits", prob, wcs=wcs, threshold=threshold, checkpoint=ckpt_path)
-    save_overlay(out / "overlay.png", ref, sci, rows)
+    # One set: a failure while writing any file leaves the previous run's three files together.
+    with output_set() as staged:
+        write_detections_csv(out / "detections.csv", rows, staged=staged)
+        write_probability_fits(out / "mask.fits", prob, wcs=wcs, threshold=threshold, checkpoint=ckpt_path, staged=staged)
+        save_overlay(out / "overlay.png", ref, sci, rows, staged=staged)
     print(f"{len(rows)} detections at threshold {threshold:.2f} -> {out / 'detections.csv'} (also mask.fits, overlay.png)")
     return rows
 
@@ -4129,7 +4258,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", help="auto | cpu | cuda | mps")
     a("--threads", type=int, help="torch threads per process (0: one per core)")
     a("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
-    a("--output-dir", help="default runs/<timestamp>")
+    a("--output-dir", help="default runs/<timestamp>-<random>; one that holds a run is refused")
+    a("--overwrite", action="store_true", default=None, help="replace the run already in --output-dir (its files are deleted first)")
     a("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     a("--experiment", help="MLflow experiment name")
     a("--no-mlflow", dest="mlflow", action="store_false", default=None)
@@ -4167,12 +4297,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int, default=128)
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--output-dir", default="evaluation")
+    evaluate.add_argument("--output-dir", default="evaluation", help="one that holds an evaluation is refused")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the evaluation already in --output-dir")
     predict = commands.add_parser("predict", help="find anomalies in your own (reference, science) FITS pair")
     predict.add_argument("--science", required=True, help="FITS image (its WCS gives ra/dec)")
     predict.add_argument("--reference", help="FITS image of the same field on the same pixel grid")
     predict.add_argument("--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)")
-    predict.add_argument("--output-dir", required=True)
+    predict.add_argument("--output-dir", required=True, help="one that holds a prediction is refused")
+    predict.add_argument("--overwrite", action="store_true", help="replace the prediction already in --output-dir")
     predict.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     predict.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     predict.add_argument("--device", default="auto")
@@ -4235,7 +4367,14 @@ def cli(run: Any, *, debug: bool) -> int:
     except KeyboardInterrupt:
         print("astrid: interrupted", file=sys.stderr)
         return 130
-    except (AstridError, ValueError, OSError) as exc:
+    except MemoryError:
+        if debug:
+            raise
+        print("astrid: error: out of memory: use a smaller configuration (--image-size, --batch-size, --width, --samples)", file=sys.stderr)
+        return 2
+    # The project's refusals and the operating system's errors only: any other exception is
+    # a bug, and its traceback is what a bug report needs.
+    except (AstridError, OSError) as exc:
         if debug:
             raise
         print(f"astrid: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
@@ -4248,7 +4387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         return cli(lambda: run_training(config_from_args(args)), debug=args.debug)
     if args.command == "predict":
-        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries")
+        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "export":
         return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)
@@ -4256,7 +4395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = ("targets", "surveys", "cache_dir", "pixels", "timeout", "retries")
         return cli(lambda: run_fetch(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "evaluate":
-        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold")
+        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold", "overwrite")
         return cli(lambda: run_evaluation(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     return 2
 
