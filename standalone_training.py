@@ -3180,19 +3180,55 @@ class EarlyStopping:
         self.bad_epochs, self.stop_reason = int(state["bad_epochs"]), str(state["stop_reason"])
 
 
+class TrackingError(AstridError):
+    """MLflow failed and --mlflow-optional was not given: the run stops, its checkpoints kept."""
+
+
 class MlflowRun:
     """MLflow tracking for one training run (rank 0 only); inert when disabled.
 
     The tracking URI defaults to MLflow's embedded ``sqlite:///mlflow.db`` in the working
     directory. A remote server is checked before training starts: unreachable, the run
     fails at once with one line, unless the user asked to continue without MLflow.
+
+    Every call into MLflow goes through :meth:`_call`: a failure at any point (a server that
+    errors, hangs or dies, a read-only database) never kills the run with a traceback.
+    With --mlflow-optional tracking stops there, and when and why are logged and kept in
+    :meth:`record` (metrics.json); without it, :class:`TrackingError` ends the run in one line.
     """
 
     def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
         self.cfg = cfg
         self.enabled = enabled and cfg.mlflow
         self.run_id = ""
+        self.failed_at: str | None = None  # "start", "epoch N" or "the end of training"
         self.disabled_reason = "" if self.enabled else ("--no-mlflow" if not cfg.mlflow else "not rank 0")
+
+    def record(self) -> dict:
+        """What metrics.json says about tracking."""
+        return {"enabled": self.enabled, "reason_off": self.disabled_reason, "failed_at": self.failed_at}
+
+    def _give_up(self, reason: str, when: str) -> None:
+        """Tracking failed: stop it, or stop the run (TrackingError) unless --mlflow-optional."""
+        self.enabled, self.disabled_reason, self.failed_at = False, reason, when
+        if "mlflow" in sys.modules:
+            # Forget the run locally: MLflow's exit hook would otherwise call the dead server again.
+            with contextlib.suppress(Exception):
+                from mlflow.tracking import fluent
+
+                fluent._active_run_stack.get().clear()
+        if not self.cfg.mlflow_optional:
+            raise TrackingError(reason + "; fix it, pass --no-mlflow, or --mlflow-optional to train on without it") from None
+        log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
+
+    def _call(self, when: str, call: Any) -> None:
+        """Run one tracking call (nothing if disabled); a failure goes to _give_up."""
+        if not self.enabled:
+            return
+        try:
+            call()
+        except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
+            self._give_up(f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})", when)
 
     def _check_server(self) -> None:
         uri = self.cfg.tracking_uri
@@ -3201,13 +3237,13 @@ class MlflowRun:
         import requests
 
         try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, self.cfg.timeout)).raise_for_status()
         except requests.RequestException as exc:
             reason = f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})"
             if not self.cfg.mlflow_optional:
                 raise AstridError(reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it") from None
             log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
-            self.enabled, self.disabled_reason = False, reason
+            self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
 
     def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "") -> None:
         if not self.enabled:
@@ -3216,81 +3252,142 @@ class MlflowRun:
         if not self.enabled:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read at import: no calls home
-        import mlflow
-
-        _quiet_loggers()
-        # A remote server that dies mid-run should fail a logging call, not hang it.
+        # A remote server that dies or hangs mid-run should fail a logging call within
+        # about --timeout x 3 seconds, not hang it for MLflow's default of minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        if mlflow.get_experiment_by_name(self.cfg.experiment) is None:
-            mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
-        mlflow.set_experiment(self.cfg.experiment)
-        if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)
-        else:
-            run = mlflow.start_run(run_name=run_name)
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.set_tags(tags)
-        self.run_id = run.info.run_id
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(self.cfg.timeout))))
+
+        def begin() -> None:
+            import mlflow
+
+            _quiet_loggers()
+            mlflow.set_tracking_uri(self.cfg.tracking_uri)
+            # Two first runs at once in a fresh directory would both migrate the new database
+            # ("table ... already exists") and both create the experiment: one at a time.
+            with _sqlite_init_lock(self.cfg.tracking_uri, timeout=120.0):
+                if mlflow.get_experiment_by_name(self.cfg.experiment) is None:
+                    mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
+                mlflow.set_experiment(self.cfg.experiment)
+                if resume_run_id:
+                    run = mlflow.start_run(run_id=resume_run_id)
+                else:
+                    run = mlflow.start_run(run_name=run_name)
+                    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+                self.run_id = run.info.run_id
+                mlflow.set_tags(tags)
+
+        self._call("start", begin)
+
+    @staticmethod
+    def _when(step: int | None) -> str:
+        return f"epoch {step}" if step is not None else "the end of training"
 
     def log_metrics(self, metrics: dict, *, step: int | None = None) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
             mlflow.log_metrics(clean, step=step)
 
+        self._call(self._when(step), call)
+
     def log_params(self, params: dict) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             mlflow.log_params({k: str(v) for k, v in params.items()})
 
+        self._call("the end of training", call)
+
     def set_tags(self, tags: dict) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             mlflow.set_tags(tags)
 
+        self._call("the end of training", call)
+
     def log_artifacts(self, paths: Sequence[Path], *, artifact_path: str | None = None) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             for path in paths:
                 if Path(path).exists():
                     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+        self._call("the end of training", call)
+
     def log_model(self, model: nn.Module, example: torch.Tensor) -> None:
         """Log the model with a signature and an input example (CPU, fp32)."""
-        if not self.enabled:
-            return
-        import mlflow
-        import mlflow.pytorch
-        from mlflow.models import infer_signature
 
-        model = model.to("cpu").float().eval()
-        # Two samples: torch.export (MLflow's pt2 format) would pin a batch of one.
-        example = example.detach().cpu().float()[:2]
-        example_np = example.numpy()
-        with torch.no_grad():
-            output = model(example).numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # mlflow's pickle-serialisation advisories
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example_np, output),
-                input_example=example_np,
-                # Stated, not inferred: inference would re-import every dependency.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            )
+        def call() -> None:
+            import mlflow
+            import mlflow.pytorch
+            from mlflow.models import infer_signature
+
+            cpu_model = model.to("cpu").float().eval()
+            # Two samples: torch.export (MLflow's pt2 format) would pin a batch of one.
+            batch = example.detach().cpu().float()[:2]
+            example_np = batch.numpy()
+            with torch.no_grad():
+                output = cpu_model(batch).numpy()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # mlflow's pickle-serialisation advisories
+                mlflow.pytorch.log_model(
+                    cpu_model,
+                    name="model",
+                    signature=infer_signature(example_np, output),
+                    input_example=example_np,
+                    # Stated, not inferred: inference would re-import every dependency.
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+                )
+
+        self._call("the end of training", call)
 
     def end(self, status: str) -> None:
-        if self.enabled and self.run_id:
+        if not self.run_id:
+            return
+
+        def call() -> None:
             import mlflow
 
             mlflow.end_run(status=status)
+
+        self._call("the end of the run", call)
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str, *, timeout: float):
+    """An exclusive lock file beside a SQLite tracking database (nothing for other stores)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(tracking_uri[len(prefix) :].split("?")[0] + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError:  # a read-only place: no run can initialise a database there, so none races
+        yield
+        return
+    with handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    msg = f"{lock_path} stayed locked for {timeout:g} s: another run is initialising the database"
+                    raise TimeoutError(msg) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _artifact_location(tracking_uri: str) -> str | None:
@@ -3746,13 +3843,21 @@ class StandaloneTrainer:
         except (TrainingInterrupted, KeyboardInterrupt):
             status = "KILLED"
             raise
+        except TrackingError as exc:
+            last = self.output_dir / "last.pt"
+            if last.exists():
+                msg = f"{exc}. {last} is saved: resume with --resume {last}"
+                raise TrackingError(msg) from None
+            raise
         finally:
             for s, h in previous_handlers.items():
                 signal.signal(s, h)
             energy = self.energy.stop()
-            if status != "FINISHED":
-                self.tracker.log_metrics({k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
-            self.tracker.end(status)
+            # An error is already on its way out: a tracker failing now must not replace it.
+            with contextlib.suppress(TrackingError) if status != "FINISHED" else contextlib.nullcontext():
+                if status != "FINISHED":
+                    self.tracker.log_metrics({k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
+                self.tracker.end(status)
             if dist.enabled and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
@@ -3797,10 +3902,11 @@ class StandaloneTrainer:
                     epoch + 1, cfg.epochs, train_loss, val_loss, _fmt(row["val_average_precision"]), row["val_f1"], row["val_mcc"],
                     row["lr"], row["epoch_time_s"], row["train_samples_per_s"], "  *best*" if improved else "",
                 )
-                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                # Checkpoints first: a tracker that fails next must not cost this epoch.
                 if improved:
                     save_checkpoint(self.output_dir / "best.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
                 save_checkpoint(self.output_dir / "last.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if improved:
                 best_state = {k: v.detach().clone() for k, v in self._bare_model().state_dict().items()}
             if self.stopper.should_stop:
@@ -3848,7 +3954,7 @@ class StandaloneTrainer:
             "data": self.data_info,
             "world_size": dist.world_size,
             "parameter_checksums": checksums,
-            "mlflow": {"enabled": self.tracker.enabled, "reason_off": self.tracker.disabled_reason},
+            "mlflow": self.tracker.record(),
         }
         plots = plot_history(self.history, out)
         plots.append(self._prediction_gallery(model, probs, out / "predictions.png"))
@@ -3867,7 +3973,11 @@ class StandaloneTrainer:
         self.tracker.log_artifacts(sorted((out / "evaluation").glob("*")), artifact_path="evaluation")
         example = torch.stack([self.test_ds[i][0] for i in range(min(2, len(self.test_ds)))])
         self.tracker.log_model(model, example)
+        self.tracker.end("FINISHED")
         model.to(self.device)
+        if metrics["mlflow"] != self.tracker.record():  # it failed just now, under --mlflow-optional
+            metrics["mlflow"] = self.tracker.record()
+            write_json(out / "metrics.json", metrics)
         return metrics
 
     def _validate_local_full(self, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
@@ -3961,7 +4071,8 @@ def run_training(config: TrainConfig) -> dict:
             f"test completeness {_fmt(test['completeness'])}, purity {_fmt(test['purity'])}, "
             f"false detections/image {_fmt(test['false_detections_per_image'])} at threshold {metrics['threshold']:.2f}"
         )
-        run = trainer.tracker.run_id or f"none ({trainer.tracker.disabled_reason})"
+        tracker = trainer.tracker
+        run = f"{tracker.run_id}{'' if tracker.enabled else f' (incomplete: {tracker.disabled_reason})'}" if tracker.run_id else f"none ({tracker.disabled_reason})"
         print(f"outputs: {trainer.output_dir}  |  MLflow run: {run}")
     return metrics
 

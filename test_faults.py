@@ -552,7 +552,7 @@ def test_mlflow_optional_trains_on_and_says_mlflow_was_off(runs):
     reason = "MLflow tracking server http://127.0.0.1:1 is unreachable (ConnectionError)"
     assert any("continuing WITHOUT MLflow" in line for line in nonblank_lines(job.stderr))
     assert job.stdout.strip().splitlines()[-1].endswith(f"MLflow run: none ({reason})")
-    assert json.loads((out / "metrics.json").read_text())["mlflow"] == {"enabled": False, "reason_off": reason}
+    assert json.loads((out / "metrics.json").read_text())["mlflow"] == {"enabled": False, "reason_off": reason, "failed_at": "start"}
 
 
 # -- 8. Reproducibility ----------------------------------------------------------
@@ -566,7 +566,8 @@ def test_deterministic_gives_the_same_metrics_as_the_default_on_cpu(runs):
     a, b = runs.root / "deterministic", runs.root / "reference"
     assert json.loads((a / "config.json").read_text())["deterministic"] is True
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    assert (ma.pop("mlflow"), mb.pop("mlflow")) == ({"enabled": False, "reason_off": "--no-mlflow"}, {"enabled": True, "reason_off": ""})
+    assert (ma.pop("mlflow"), mb.pop("mlflow")) == ({"enabled": False, "reason_off": "--no-mlflow", "failed_at": None},
+                                                  {"enabled": True, "reason_off": "", "failed_at": None})
     assert ma == mb
 
 
