@@ -822,7 +822,7 @@ NAME_CACHE = "names.json"
 # --- Reading FITS images
 
 
-def read_fits_image(path):
+def read_fits_image(path, *, max_pixels=None):
     """
     Read the first image HDU of a FITS file as a 2-D float64 array.
 
@@ -830,6 +830,8 @@ def read_fits_image(path):
     ----------
     path : str or path-like
         FITS file; plain or tile-compressed image HDUs are accepted.
+    max_pixels : int, optional
+        Refuse an image whose header declares more pixels, before any pixel is read.
 
     Returns
     -------
@@ -844,7 +846,9 @@ def read_fits_image(path):
     ------
     DataError
         One-line message for a missing, empty, non-FITS, truncated or corrupt file, a file
-        without image data, a cube, or an image that is entirely NaN.
+        without image data, a cube, an image above `max_pixels`, or one that is entirely NaN.
+        Sizes are checked against the header and the file's length before the pixels are
+        read: a header that declares more data than the file holds allocates nothing.
     """
     path = Path(path)
     if not path.is_file():
@@ -856,11 +860,14 @@ def read_fits_image(path):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AstropyWarning)
-            with fits.open(path, memmap=False) as hdul:
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 found = _first_image(hdul)
                 if found is not None:
+                    _check_declared_size(path, found, max_pixels=max_pixels)
                     data = np.array(found.data, dtype=np.float64)
                     header = found.header.copy()
+    except DataError:
+        raise
     except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
         msg = f"{path}: not a readable FITS file ({_one_line(exc)})"
         raise DataError(msg) from None
@@ -884,12 +891,28 @@ def read_fits_image(path):
 
 
 def _first_image(hdul):
-    """First image HDU (plain or compressed) that holds pixels, or None."""
+    """First image HDU (plain or compressed) whose header declares pixels, or None; no pixel is read."""
     for hdu in hdul:
         is_image = isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
-        if is_image and hdu.data is not None and hdu.data.size > 0:
+        if is_image and hdu.shape and math.prod(hdu.shape) > 0:
             return hdu
     return None
+
+
+def _check_declared_size(path, hdu, *, max_pixels):
+    """Refuse, from the header alone, an image above the pixel budget or longer than the file."""
+    shape = tuple(int(n) for n in hdu.shape)
+    pixels = math.prod(shape)
+    size = f"{shape[-1]}x{shape[-2]}" if len(shape) >= 2 else f"{pixels}"
+    if max_pixels is not None and pixels > max_pixels:
+        msg = f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
+        raise DataError(msg)
+    if not isinstance(hdu, fits.CompImageHDU):  # a compressed image's size on disk is not its pixel count
+        declared = pixels * abs(int(hdu.header.get("BITPIX", 8))) // 8
+        available = Path(path).stat().st_size - hdu.fileinfo()["datLoc"]
+        if declared > available:
+            msg = f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file holds {max(available, 0)})"
+            raise DataError(msg)
 
 
 def _celestial_wcs(header):
@@ -2084,6 +2107,68 @@ class StandaloneUNet(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- Memory: refuse a configuration that cannot fit, before allocating any of it
+
+# Measured peak of one AdamW step on CPU, per (width x side^2 x batch): 144-151 bytes
+# (width 16-32, 256 px); rounded up for allocator slack.
+ACTIVATION_BYTES = 200
+SAMPLE_BYTES = 4 * 4  # a cached sample: 3 input channels + 1 mask, float32
+TEST_SAMPLE_BYTES = 64  # per px of a test sample during evaluation: tensors, raw pair (float64), probabilities
+
+
+def unet_parameters(width: int) -> int:
+    """Parameters of StandaloneUNet(width), counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return count_parameters(StandaloneUNet(width=width))
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit; None if unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    # A container's limit is lower than the host's free memory, and the OOM killer enforces it.
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return max(0, min(found)) if found else None
+
+
+def check_memory(parts: dict[str, int], *, device: torch.device | None = None) -> None:
+    """Refuse (one line) when the estimated `parts` (bytes, by what needs them) exceed what is available.
+
+    On a GPU the model and its activations are compared with the GPU's free memory, the rest
+    with the host's.
+    """
+    gpu_parts = {"model", "activations"} if device is not None and device.type == "cuda" else set()
+    checks = [(sum(v for k, v in parts.items() if k not in gpu_parts), available_memory(), "memory")]
+    if gpu_parts:
+        checks.append((sum(parts[k] for k in gpu_parts if k in parts), torch.cuda.mem_get_info(device)[0], "GPU memory"))
+    for need, available, what in checks:
+        if available is not None and need > available:
+            detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+            msg = (f"this configuration needs about {need / 2**30:.1f} GiB of {what} ({detail} GiB) but {available / 2**30:.1f} GiB "
+                   "is available: lower --width, --batch-size, --image-size or --samples")
+            raise AstridError(msg)
+
+
+def training_memory(cfg: TrainConfig) -> dict[str, int]:
+    """Estimated peak bytes of a training run, by what needs them."""
+    px = cfg.image_size**2
+    return {
+        "model": 16 * unet_parameters(cfg.width),  # weights, gradients and AdamW's two moments, float32
+        "activations": ACTIVATION_BYTES * cfg.width * px * cfg.batch_size,
+        "data": SAMPLE_BYTES * px * cfg.samples + TEST_SAMPLE_BYTES * px * cfg.test_samples,
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -3800,6 +3885,7 @@ class StandaloneTrainer:
         """Run training to the end; returns the metrics written to metrics.json."""
         resume = self._load_resume() if self.cfg.resume else None
         cfg, dist = self.cfg, self.dist
+        check_memory(training_memory(cfg), device=self.device)  # before anything is allocated
 
         # 1. Seeds, threads, determinism, processes and the output directory.
         set_seed(cfg.seed)
@@ -4106,6 +4192,10 @@ def run_evaluation(
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload, path=checkpoint)
     dev = resolve_device(device)
+    px = image_size**2
+    # Inference keeps no activations for backward: a quarter of training's, for batches of 16.
+    check_memory({"model": 4 * count_parameters(model), "activations": ACTIVATION_BYTES // 4 * model.config["width"] * px * 16,
+                  "data": TEST_SAMPLE_BYTES * px * samples}, device=dev)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
     check_threshold(threshold)
     saved = payload.get("config", {})
@@ -4295,12 +4385,9 @@ def run_prediction(
     if bool(reference) == bool(reference_survey):
         msg = "give exactly one of --reference FITS or --reference-survey NAME"
         raise AstridError(msg)
-    sci, _, wcs = read_fits_image(science)
-    if sci.size > max_pixels:
-        msg = f"{science}: {sci.shape[1]}x{sci.shape[0]} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
-        raise DataError(msg)
+    sci, _, wcs = read_fits_image(science, max_pixels=max_pixels)
     if reference:
-        ref, _, _ = read_fits_image(reference)
+        ref, _, _ = read_fits_image(reference, max_pixels=max_pixels)
     else:
         ref = fetch_reference(wcs, sci.shape, reference_survey, cache_dir=cache_dir, timeout=timeout, retries=retries)
     if ref.shape != sci.shape:
