@@ -223,8 +223,40 @@ def check_image_size(size: int) -> None:
 
 def check_threshold(value: float) -> None:
     """An operating threshold is a probability: (0, 1]."""
-    if not 0 < value <= 1:
-        msg = f"threshold must lie in (0, 1], got {value}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        msg = f"threshold must lie in (0, 1], got {value!r}"
+        raise ConfigError(msg)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """More torch threads than cores only makes them wait for each other (7.6x slower measured at 999)."""
+    cores = usable_cores()
+    if threads > cores:
+        msg = f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
+        raise ConfigError(msg)
+
+
+def check_country(code: str) -> None:
+    """Refuse a country CodeCarbon has no carbon intensity for: it would silently use the world average."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("codecarbon")
+    if spec is None or not spec.submodule_search_locations:
+        return  # no CodeCarbon: the energy meter says so itself
+    table = Path(list(spec.submodule_search_locations)[0]) / "data" / "private_infra" / "global_energy_mix.json"
+    try:
+        known = json.loads(table.read_text())
+    except (OSError, ValueError):
+        return  # another CodeCarbon layout: it judges the code itself
+    if code not in known:
+        msg = f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
         raise ConfigError(msg)
 
 
@@ -233,6 +265,23 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's global random states, as tensors and plain data (weights_only loads them)."""
+    _, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), python=list(internal), python_gauss=gauss,
+                numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos), numpy_gauss=[int(has_gauss), float(cached)])
+
+
+def restore_rng(state: dict) -> None:
+    """Set the three global random states saved by rng_state (older checkpoints lack the NumPy position)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), state.get("python_gauss")))
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    # Position 624 makes NumPy regenerate its block: what an old checkpoint can restore.
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)), int(has_gauss), float(cached)))
 
 
 # ----------------------------------------------------------------------------
@@ -1098,14 +1147,18 @@ def _sesame(name, *, timeout):
 
 
 def _read_json(path, *, default):
-    """Parsed JSON file, or ``default`` when absent or unreadable (logged)."""
+    """Parsed JSON file, or ``default`` when absent, unreadable or of another type (e.g. null for a mapping; logged)."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable %s: %s", path, _one_line(exc))
         return default
+    if not isinstance(data, type(default)):
+        log.warning("ignoring %s: it holds a %s, not a %s", path, type(data).__name__, type(default).__name__)
+        return default
+    return data
 
 
 def _sha256(path):
@@ -1159,7 +1212,7 @@ def _frame_from_file(path, *, target, survey, coord):
 def _is_cached(path, manifest):
     """Whether ``path`` is in the manifest with matching bytes; a mismatching file is removed."""
     entry = manifest.get(path.name)
-    if entry is None or not path.is_file():
+    if not isinstance(entry, dict) or not path.is_file():
         return False
     if _sha256(path) != entry.get("sha256"):
         log.warning("cache entry %s fails its checksum; discarding it", path.name)
@@ -2206,7 +2259,7 @@ PIXEL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_pr
 
 
 def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0.5) -> dict[str, float | None]:
-    """Pixel-level metrics from scikit-learn; None where undefined (e.g. no positives).
+    """Pixel-level metrics from scikit-learn; None where undefined (no positives, or non-finite scores).
 
     Accuracy is reported because users expect it, but on images that are >99% background
     it flatters any model: judge by average precision (AUCPR), MCC and the object-level
@@ -2217,7 +2270,8 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
     y_true = np.asarray(target).ravel() > 0.5
     y_score = np.asarray(probs, dtype=np.float64).ravel()
     y_pred = y_score >= threshold
-    both_classes = 0 < y_true.sum() < y_true.size
+    # A diverged model's NaN scores rank nothing: AP and ROC AUC are undefined, not an exception.
+    both_classes = 0 < y_true.sum() < y_true.size and bool(np.isfinite(y_score).all())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zero_division cases are reported as 0 by design
         result = dict(
@@ -3602,11 +3656,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+MODEL_CONFIG = {"in_channels": 3, "out_channels": 1, "width": None}  # fixed values; None: any positive int
+
+
 def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoint") -> StandaloneUNet:
-    """Rebuild the U-Net a checkpoint was saved from; a mismatch is named, not dumped."""
-    model = StandaloneUNet(**payload.get("model_config", {}))
-    state = payload["model"]
-    expected = model.state_dict()
+    """Rebuild the U-Net a checkpoint was saved from; anything wrong is named, not dumped.
+
+    The architecture record and the weights are checked against a model built on the meta
+    device (nothing allocated) before the real one is: unknown keys, wrong types, a missing
+    ``model`` entry, different shapes and non-finite weights are all refused in one line.
+    """
+    config = payload.get("model_config", {})
+    if not isinstance(config, dict):
+        msg = f"{path}: model_config is a {type(config).__name__}, not a mapping"
+        raise AstridError(msg)
+    unknown = sorted(set(config) - set(MODEL_CONFIG), key=str)
+    if unknown:
+        msg = f"{path}: model_config has unknown keys {unknown} (known: {', '.join(MODEL_CONFIG)})"
+        raise AstridError(msg)
+    for key, value in config.items():
+        fixed = MODEL_CONFIG[key]
+        if type(value) is not int or value < 1 or (fixed is not None and value != fixed):
+            want = f"{fixed}" if fixed is not None else "a positive integer"
+            msg = f"{path}: model_config {key} must be {want}, got {value!r}"
+            raise AstridError(msg)
+    state = payload.get("model")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        msg = f"{path} holds no model weights (its 'model' entry is missing or not a mapping of tensors)"
+        raise AstridError(msg)
+    with torch.device("meta"):
+        expected = StandaloneUNet(**config).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -3622,8 +3701,53 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
         )
         msg = f"{path} was saved from a different architecture: {details}"
         raise AstridError(msg)
+    # NaN weights would predict nothing, silently: "0 detections" is not an answer.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        msg = f"{path} has non-finite weights (NaN or inf in {len(broken)} of {len(state)} tensors, e.g. {broken[0]}): the run that saved it diverged"
+        raise AstridError(msg)
+    model = StandaloneUNet(**config)
     model.load_state_dict(state)
     return model
+
+
+def config_from_saved(saved: Any, *, path: str | os.PathLike = "checkpoint") -> TrainConfig:
+    """The TrainConfig a checkpoint recorded, type-checked and validated like the command line's.
+
+    Unknown keys are dropped (a newer or older AstrID may have written them); a known key
+    of the wrong type, or a value out of range, is refused in one line.
+    """
+    if not isinstance(saved, dict):
+        msg = f"{path}: its saved configuration is a {type(saved).__name__}, not a mapping"
+        raise ConfigError(msg)
+    defaults = TrainConfig()
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in saved:
+            continue
+        value, default = saved[field.name], getattr(defaults, field.name)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = type(value) is int
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            msg = f"{path}: saved configuration has {field.name} = {value!r}, not a {type(default).__name__}"
+            raise ConfigError(msg)
+        values[field.name] = value
+    cfg = dataclasses.replace(defaults, **values)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        msg = f"{path}: saved configuration is invalid: {exc}"
+        raise ConfigError(msg) from None
+    return cfg
 
 
 # ----------------------------------------------------------------------------
@@ -3633,6 +3757,10 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
 
 class TrainingInterrupted(AstridError):
     """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
+
+
+class TrainingDiverged(AstridError):
+    """The monitored metric was never finite: the NaN early stop ended the run with no model."""
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
@@ -3675,9 +3803,11 @@ class StandaloneTrainer:
     energy and writes files.
     """
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, *, given: Sequence[str] | None = None) -> None:
         config.validate()
         self.cfg = config
+        # Flags typed on the command line (given_flags); None: every field that differs from the defaults.
+        self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(TrainConfig(), f.name)}
         self.dist = DistInfo.from_env()
         self.device = resolve_device(config.device, local_rank=self.dist.local_rank)
         # Without --output-dir, rank 0 makes a fresh runs/<timestamp>-<random> in _prepare_output_dir.
@@ -3819,8 +3949,10 @@ class StandaloneTrainer:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _checkpoint(self, *, epoch: int, step: int, loss_sum: float, threshold: float | None = None) -> dict:
+    def _checkpoint(self, *, epoch: int, step: int, loss_sum: float, threshold: float | None = None, kind: str = "last") -> dict:
+        """Everything a resume needs, consistent at `epoch` (its history holds exactly `epoch` rows)."""
         return dict(
+            kind=kind,
             model=self._bare_model().state_dict(),
             model_config=self._bare_model().config,
             optimizer=self.optimizer.state_dict(),
@@ -3833,7 +3965,7 @@ class StandaloneTrainer:
             history=self.history,
             threshold=threshold,
             mlflow_run_id=self.tracker.run_id,
-            rng=dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]), numpy=torch.from_numpy(np.random.get_state()[1].astype(np.int64))),
+            rng=rng_state(),
         )
 
     def _bare_model(self) -> StandaloneUNet:
@@ -3855,37 +3987,68 @@ class StandaloneTrainer:
         return model
 
     def _load_resume(self) -> dict:
-        """The checkpoint to resume; the run continues exactly: its config, its directory."""
-        resume = load_checkpoint(self.cfg.resume)
+        """The checkpoint to resume; the run continues exactly: its config, its directory.
+
+        The saved configuration is validated like the command line's, and the checkpoint must
+        be a consistent "last" state: best.pt is refused (resuming it would replay the epochs
+        after the best one over the run's own last.pt).
+        """
+        path = self.cfg.resume
+        resume = load_checkpoint(path)
         missing = [k for k in ("optimizer", "scheduler", "early_stopping", "config", "epoch", "step", "history", "rng") if k not in resume]
         if missing:
-            msg = f"{self.cfg.resume} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
+            msg = f"{path} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
             raise AstridError(msg)
-        saved = {k: v for k, v in resume["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-        defaults, asked = TrainConfig(), self.cfg
-        ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("resume", "device") and getattr(asked, f.name) != getattr(defaults, f.name) and getattr(asked, f.name) != saved.get(f.name)]
+        if resume.get("kind") == "best" or Path(path).name == "best.pt":
+            msg = f"{path} holds the best epoch's weights, for evaluate and predict; resume from last.pt beside it, the run's latest state"
+            raise AstridError(msg)
+        epoch, step, history = resume["epoch"], resume["step"], resume["history"]
+        if type(epoch) is not int or type(step) is not int or epoch < 0 or step < 0 or not isinstance(history, list):
+            msg = f"{path} cannot be resumed: its epoch ({epoch!r}), step ({step!r}) or history is malformed"
+            raise AstridError(msg)
+        if [h.get("epoch") if isinstance(h, dict) else None for h in history] != list(range(1, epoch + 1)):
+            msg = f"{path} cannot be resumed: it was saved at epoch {epoch} but its history holds {len(history)} epochs"
+            raise AstridError(msg)
+        saved = config_from_saved(resume["config"], path=path)
+        asked = self.cfg
+        # Device and threads describe this machine, not the run: they come from this command line.
+        machine = ("resume", "device", "threads")
+        ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name in self.given and f.name not in machine and getattr(asked, f.name) != getattr(saved, f.name)]
         if ignored:
             log.warning("resuming with the saved configuration; ignoring %s", ", ".join(f"--{n.replace('_', '-')}" for n in ignored))
-        self.cfg = dataclasses.replace(TrainConfig(**saved), resume=self.cfg.resume, device=self.cfg.device)
-        self.output_dir = Path(self.cfg.resume).parent
+        self.cfg = dataclasses.replace(saved, resume=path, device=asked.device, threads=asked.threads)
+        self.output_dir = Path(path).parent
         return resume
 
     def _restore(self, resume: dict) -> tuple[int, int, float]:
         """Load model, optimizer, schedule, early stopping and RNG; return where to continue."""
         model_from_checkpoint(resume, path=self.cfg.resume)  # a mismatch is named, not a traceback
         self._bare_model().load_state_dict(resume["model"])
-        self.optimizer.load_state_dict(resume["optimizer"])
-        self.scheduler.load_state_dict(resume["scheduler"])
-        self.stopper.load_state_dict(resume["early_stopping"])
+        part = "optimizer"
+        try:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            part = "scheduler"
+            self.scheduler.load_state_dict(resume["scheduler"])
+            part = "early_stopping"
+            self.stopper.load_state_dict(resume["early_stopping"])
+            part = "rng"
+            restore_rng(resume["rng"])
+            part = "loss_sum"
+            loss_sum = float(resume.get("loss_sum", 0.0))
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            msg = f"{self.cfg.resume} cannot be resumed: its {part} state does not fit this run ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+            raise AstridError(msg) from None
         self.history = list(resume["history"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        return int(resume["epoch"]), int(resume["step"]), float(resume["loss_sum"])
+        return resume["epoch"], resume["step"], loss_sum
 
     def fit(self) -> dict:
         """Run training to the end; returns the metrics written to metrics.json."""
         resume = self._load_resume() if self.cfg.resume else None
         cfg, dist = self.cfg, self.dist
         check_memory(training_memory(cfg), device=self.device)  # before anything is allocated
+        check_threads(cfg.threads)
+        if cfg.energy and dist.is_main:
+            check_country(cfg.country)
 
         # 1. Seeds, threads, determinism, processes and the output directory.
         set_seed(cfg.seed)
@@ -3990,7 +4153,7 @@ class StandaloneTrainer:
                 )
                 # Checkpoints first: a tracker that fails next must not cost this epoch.
                 if improved:
-                    save_checkpoint(self.output_dir / "best.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
+                    save_checkpoint(self.output_dir / "best.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0, kind="best"))
                 save_checkpoint(self.output_dir / "last.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if improved:
@@ -4004,6 +4167,13 @@ class StandaloneTrainer:
     def _finish(self, best_state: dict | None, n_params: int) -> dict:
         """7. Restore the best weights, choose the threshold, test, plot, write, log."""
         cfg, dist, out = self.cfg, self.dist, self.output_dir
+        if self.stopper.best_epoch < 0:
+            # No epoch ever gave a finite metric: there is no model worth testing or keeping.
+            if dist.is_main:
+                write_json(out / "history.json", self.history)
+            msg = (f"training diverged: {self.stopper.stop_reason or 'no finite ' + cfg.monitor}, with no finite {cfg.monitor} "
+                   f"before it, so no best.pt was saved; lower --lr (history.json and last.pt are in {out})")
+            raise TrainingDiverged(msg)
         model = self._bare_model()
         if best_state is not None:
             model.load_state_dict(best_state)
@@ -4017,7 +4187,9 @@ class StandaloneTrainer:
         evaluation = evaluate_model(model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation")
         write_json(out / "evaluation" / "evaluation.json", evaluation)
         best_epoch = self.stopper.best_epoch
-        save_checkpoint(out / "best.pt", {**self._checkpoint(epoch=best_epoch, step=0, loss_sum=0.0), "threshold": threshold})
+        # The best epoch's own checkpoint, plus the threshold: weights, optimiser, history and
+        # early stopping all of that epoch (the final state would pair best weights with later history).
+        save_checkpoint(out / "best.pt", {**load_checkpoint(out / "best.pt"), "threshold": threshold})
 
         metrics = {
             "parameters": n_params,
@@ -4146,9 +4318,12 @@ def _savefig(fig: Any, path: Path) -> Path:
     return path
 
 
-def run_training(config: TrainConfig) -> dict:
-    """Train with `config`; print where everything went. The runner's single entry point."""
-    trainer = StandaloneTrainer(config)
+def run_training(config: TrainConfig, *, given: Sequence[str] | None = None) -> dict:
+    """Train with `config`; print where everything went. The runner's single entry point.
+
+    `given` names the fields the user typed (given_flags); a resume warns about those alone.
+    """
+    trainer = StandaloneTrainer(config, given=given)
     metrics = trainer.fit()
     if trainer.dist.is_main:
         test = metrics["test"]
@@ -4198,8 +4373,8 @@ def run_evaluation(
                   "data": TEST_SAMPLE_BYTES * px * samples}, device=dev)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
     check_threshold(threshold)
-    saved = payload.get("config", {})
-    snr = (saved.get("snr_min", 3.0), saved.get("snr_max", 100.0))
+    saved = config_from_saved(payload["config"], path=checkpoint) if "config" in payload else TrainConfig()
+    snr = (saved.snr_min, saved.snr_max)
     dataset = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=seed, stream="test", snr_range=snr)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -4482,6 +4657,12 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> Tr
     return dataclasses.replace(TrainConfig(), **{**(preset or {}), **overrides})
 
 
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """TrainConfig fields the user typed: every training flag defaults to None, so only those are set."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return [k for k, v in vars(args).items() if k in names and v is not None]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="standalone_training.py", description="AstrID: train and use a U-Net that finds what changed between two images of the sky.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -4583,7 +4764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(debug=args.debug)
     if args.command == "train":
-        return cli(lambda: run_training(config_from_args(args)), debug=args.debug)
+        return cli(lambda: run_training(config_from_args(args), given=given_flags(args)), debug=args.debug)
     if args.command == "predict":
         keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
