@@ -3219,7 +3219,8 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
     found = [name for name in RUN_MARKERS[kind] if os.path.lexists(directory / name)]
     if found and not overwrite:
         hint = ", continue it with --resume DIR/last.pt," if kind == "training run" else ""
-        msg = f"{directory} already holds a {kind} ({', '.join(found)}): choose another --output-dir{hint} or pass --overwrite to replace it"
+        article = "an" if kind[0] in "aeiou" else "a"
+        msg = f"{directory} already holds {article} {kind} ({', '.join(found)}): choose another --output-dir{hint} or pass --overwrite to replace it"
         raise AstridError(msg)
     if found:
         gone = [name for name in remove if os.path.lexists(directory / name) and not (directory / name).is_dir()]
@@ -3401,6 +3402,9 @@ class MlflowRun:
             import mlflow
 
             _quiet_loggers()
+            if not log.isEnabledFor(logging.DEBUG):
+                # Its failures reach the user as AstrID's one line; its own ERROR records carry tracebacks.
+                logging.getLogger("mlflow").setLevel(logging.CRITICAL)
             mlflow.set_tracking_uri(self.cfg.tracking_uri)
             # Two first runs at once in a fresh directory would both migrate the new database
             # ("table ... already exists") and both create the experiment: one at a time.
