@@ -3230,6 +3230,21 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
     return found
 
 
+def lock_run_dir(directory: Path) -> Any:
+    """Hold DIR/.astrid.lock exclusively for the run's life: a second run into DIR, even one
+    started in the same instant, is refused while the first runs. Returns the open lock file."""
+    import fcntl
+
+    handle = open(directory / ".astrid.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        msg = f"{directory} is in use by another run right now: wait for it to end, or choose another --output-dir"
+        raise AstridError(msg) from None
+    return handle
+
+
 def new_run_dir(parent: Path) -> Path:
     """runs/<timestamp>-<6 hex>, made with an exclusive mkdir: two runs never share one."""
     import secrets
@@ -3817,6 +3832,7 @@ class StandaloneTrainer:
         # Without --output-dir, rank 0 makes a fresh runs/<timestamp>-<random> in _prepare_output_dir.
         self.output_dir = Path(config.output_dir or "runs")
         self._signal: int | None = None
+        self._dir_lock: Any = None  # the open .astrid.lock of the output directory (rank 0)
         self.history: list[dict] = []
 
     # -- setup ---------------------------------------------------------------
@@ -3834,6 +3850,8 @@ class StandaloneTrainer:
         except OSError as exc:
             msg = f"output directory {self.output_dir} is not writable ({exc.strerror or exc})"
             raise AstridError(msg) from None
+        # Checked and claimed under the lock: the check and the first write are then one step.
+        self._dir_lock = lock_run_dir(self.output_dir)
         if not self.cfg.resume:
             remove = [*TRAIN_OUTPUTS, *(f"evaluation/{n}" for n in EVALUATION_OUTPUTS)]
             claim_output_dir(self.output_dir, kind="training run", overwrite=self.cfg.overwrite, remove=remove)
@@ -4111,6 +4129,8 @@ class StandaloneTrainer:
                 if status != "FINISHED":
                     self.tracker.log_metrics({k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
                 self.tracker.end(status)
+            if self._dir_lock is not None:
+                self._dir_lock.close()  # releases the directory for a resume
             if dist.enabled and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 

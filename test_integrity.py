@@ -179,6 +179,7 @@ def runs(tmp_path_factory) -> Jobs:
     - evaluate / evaluate_again: an output dir whose plot names are symlinks to a victim; then the same again.
     - first / second / overwrite: train into one directory (planted symlinks too), again, then --overwrite.
     - twin_a, twin_b, twin_c: three first runs at once in a fresh directory, no --output-dir, default MLflow.
+    - same_dir_a, same_dir_b: two runs started together into one --output-dir.
     - server_dies(_optional): a real MLflow server, killed once both runs have a last.pt.
     - api_500(_optional), api_hangs_optional: a server whose /health answers but whose API fails.
     - readonly_db(_optional): a read-only SQLite tracking store.
@@ -213,6 +214,7 @@ def runs(tmp_path_factory) -> Jobs:
         # Three steps an epoch: enough for --lr 1e10 to reach NaN within the first epoch.
         "diverges": ["train", *TINY, "--samples", "12", "--epochs", "2", "--lr", "1e10", *OFFLINE, "--output-dir", "diverges"],
         **{f"twin_{k}": ["train", *TINY, "--no-energy"] for k in "abc"},
+        **{f"same_dir_{k}": ["train", *TINY, *OFFLINE, "--output-dir", "same_dir"] for k in "ab"},
     }
     cwd = {name: fresh if name.startswith("twin_") else root for name in specs}
     with broken_api("500") as api_500, broken_api("hang") as api_hangs, read_only(ro) as ro_ok, contextlib.ExitStack() as stack:
@@ -333,6 +335,17 @@ def test_runs_started_together_without_output_dir_never_share_a_directory(runs):
     for stamped in (fresh / "runs").iterdir():
         if stamped not in {fresh / d for d in dirs}:
             assert sorted(p.name for p in stamped.iterdir()) == ["sentinel.txt"], stamped
+
+
+def test_two_runs_started_together_into_one_output_dir_never_mix(runs):
+    """One trains; the other is refused in one line, whichever moment it checks the directory."""
+    pair = sorted((runs.jobs[f"same_dir_{k}"] for k in "ab"), key=lambda job: job.rc)
+    winner, loser = pair
+    assert winner.rc == 0, describe(winner)
+    last = one_line_error(loser)
+    assert "is in use by another run" in last or "already holds a training run" in last, last
+    config = json.loads((runs.root / "same_dir" / "config.json").read_text())
+    assert config["output_dir"] == "same_dir" and (runs.root / "same_dir" / "metrics.json").is_file()
 
 
 def test_simultaneous_first_runs_each_track_their_own_run_in_one_new_database(runs):
