@@ -7,6 +7,7 @@ Run it from anywhere; everything it writes (the MLflow database included) goes u
     python demo_standalone_training.py --output-dir /tmp/astrid-demo
     python demo_standalone_training.py --fast                   # a smaller run, for tests
     python demo_standalone_training.py --no-mlflow              # no experiment tracking
+    python demo_standalone_training.py --overwrite              # run again into the same directory
 
 The five steps print what they do: what AstrID is, a look at the synthetic sky, training,
 evaluation against the classical matched filter, and where the outputs are. All the
@@ -113,12 +114,12 @@ def sqlite_uri(path: Path) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
-def demo_config(out: Path, *, fast: bool, mlflow: bool) -> st.TrainConfig:
+def demo_config(out: Path, *, fast: bool, mlflow: bool, overwrite: bool = False) -> st.TrainConfig:
     """PRESETS['quick'] enlarged to a run that learns something in well under a minute."""
     quick = dataclasses.replace(st.TrainConfig(), **st.PRESETS["quick"])
     return dataclasses.replace(
         quick, **(FAST_RUN if fast else DEMO_RUN), output_dir=str(out / "run"),
-        tracking_uri=sqlite_uri(out / "mlflow.db"), experiment=EXPERIMENT, mlflow=mlflow,
+        tracking_uri=sqlite_uri(out / "mlflow.db"), experiment=EXPERIMENT, mlflow=mlflow, overwrite=overwrite,
     )
 
 
@@ -180,7 +181,7 @@ def evaluate(cfg: st.TrainConfig, out: Path, *, samples: int) -> dict:
     print(f"Evaluating {checkpoint} on {samples} fresh images (a seed stream training never saw),")
     print("at the operating threshold chosen on validation, beside a matched-filter baseline.\n")
     result = st.run_evaluation(checkpoint=str(checkpoint), samples=samples, seed=st.DEFAULT_EVAL_SEED, image_size=EVAL_IMAGE_SIZE,
-                               output_dir=str(out / "evaluation"), device=cfg.device, threshold=None)
+                               output_dir=str(out / "evaluation"), device=cfg.device, threshold=None, overwrite=cfg.overwrite)
     describe_metrics(result)
     return result
 
@@ -220,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(out, fast=args.fast, mlflow=args.mlflow)
+    cfg = demo_config(out, fast=args.fast, mlflow=args.mlflow, overwrite=args.overwrite)
 
     header(1, "What AstrID does")
     explain_astrid()
@@ -240,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="demo_output", help="where everything goes (default: demo_output)")
     parser.add_argument("--fast", action="store_true", help="an even smaller run (24 samples, 1 epoch), for tests")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not track the run in MLflow")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo in --output-dir (refused without it)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     st.configure_logging(debug=args.debug)

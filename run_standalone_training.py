@@ -23,7 +23,7 @@ def main(argv=None) -> int:
             return 2
     st.configure_logging(debug=args.debug)
     preset = st.PRESETS.get(args.mode, {})
-    return st.cli(lambda: st.run_training(st.config_from_args(args, preset)), debug=args.debug)
+    return st.cli(lambda: st.run_training(st.config_from_args(args, preset), given=st.given_flags(args)), debug=args.debug)
 
 
 if __name__ == "__main__":

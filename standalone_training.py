@@ -73,6 +73,10 @@ class NetworkError(AstridError):
     """A remote service did not deliver after the allowed attempts."""
 
 
+class ConfigError(AstridError, ValueError):
+    """A setting (a flag, a saved configuration) is out of range; the message names it."""
+
+
 def _one_line(exc: BaseException, *, limit: int = 200) -> str:
     """Exception text squeezed onto one bounded line, for logs and user messages."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -125,7 +129,7 @@ class SkyConfig:
         lo, hi = self.snr_range
         if not 0 < lo < hi:
             msg = f"snr_range must satisfy 0 < min < max, got {self.snr_range}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
 
 
 # The sky a model is trained on: the default sky's physics, widened (seeing, PSF wings,
@@ -179,7 +183,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int = 0  # torch intra-op threads per process; 0 -> torch's default (one per core)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    output_dir: str = ""  # "" -> runs/<timestamp>
+    output_dir: str = ""  # "" -> runs/<timestamp>-<random>
+    overwrite: bool = False  # replace a previous run in output_dir (its files are deleted first)
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "astrid"
     mlflow: bool = True
@@ -202,39 +207,39 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 msg = f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                raise ValueError(msg)
+                raise ConfigError(msg)
         check_image_size(self.image_size)
         if not 0.0 < self.val_fraction < 1.0:
             msg = f"val-fraction must lie in (0, 1), got {self.val_fraction}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.threads < 0:
             msg = f"threads must be >= 0, got {self.threads}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         monitorable = ("train_loss", "val_loss", *(f"val_{k}" for k in PIXEL_METRICS))
         if self.monitor not in monitorable:
             msg = f"monitor must be one of {', '.join(monitorable)}, got {self.monitor!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.lr <= 0:
             msg = f"lr must be > 0, got {self.lr}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.monitor_mode not in ("min", "max"):
             msg = f"monitor-mode must be 'min' or 'max', got {self.monitor_mode!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.data not in ("synthetic", "mast", "fits", "mix"):
             msg = f"data must be synthetic, mast, fits or mix, got {self.data!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if not 0.0 <= self.real_fraction <= 1.0:
             msg = f"real-fraction must lie in [0, 1], got {self.real_fraction}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.data == "fits" and not self.fits_dir:
             msg = "--data fits needs --fits-dir DIR"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if not 0 < self.timeout <= 60 or self.retries < 0:
             msg = f"need 0 < timeout <= 60 s and retries >= 0, got {self.timeout} and {self.retries}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if round(self.samples * self.val_fraction) < 1 or round(self.samples * (1 - self.val_fraction)) < 1:
             msg = f"{self.samples} samples cannot be split with val-fraction {self.val_fraction}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         SkyConfig(snr_range=(self.snr_min, self.snr_max)).validate()
 
 
@@ -249,7 +254,46 @@ def check_image_size(size: int) -> None:
     """The U-Net halves the image four times, so sizes are multiples of 16 (and >= 32)."""
     if size < 32 or size % 16:
         msg = f"image-size must be a multiple of 16 and >= 32, got {size}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
+
+
+def check_threshold(value: float) -> None:
+    """An operating threshold is a probability: (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        msg = f"threshold must lie in (0, 1], got {value!r}"
+        raise ConfigError(msg)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """More torch threads than cores only makes them wait for each other (7.6x slower measured at 999)."""
+    cores = usable_cores()
+    if threads > cores:
+        msg = f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
+        raise ConfigError(msg)
+
+
+def check_country(code: str) -> None:
+    """Refuse a country CodeCarbon has no carbon intensity for: it would silently use the world average."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("codecarbon")
+    if spec is None or not spec.submodule_search_locations:
+        return  # no CodeCarbon: the energy meter says so itself
+    table = Path(list(spec.submodule_search_locations)[0]) / "data" / "private_infra" / "global_energy_mix.json"
+    try:
+        known = json.loads(table.read_text())
+    except (OSError, ValueError):
+        return  # another CodeCarbon layout: it judges the code itself
+    if code not in known:
+        msg = f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
+        raise ConfigError(msg)
 
 
 def set_seed(seed: int) -> None:
@@ -257,6 +301,23 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's global random states, as tensors and plain data (weights_only loads them)."""
+    _, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), python=list(internal), python_gauss=gauss,
+                numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos), numpy_gauss=[int(has_gauss), float(cached)])
+
+
+def restore_rng(state: dict) -> None:
+    """Set the three global random states saved by rng_state (older checkpoints lack the NumPy position)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), state.get("python_gauss")))
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    # Position 624 makes NumPy regenerate its block: what an old checkpoint can restore.
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)), int(has_gauss), float(cached)))
 
 
 # ----------------------------------------------------------------------------
@@ -846,7 +907,7 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
     finite = image[np.isfinite(image)]
     if finite.size == 0:
         msg = "image has no finite pixels"
-        raise ValueError(msg)
+        raise DataError(msg)
     median = float(np.median(finite))
     sigma = robust_sigma(finite)
     if not sigma > 0:
@@ -854,7 +915,7 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
         sigma = float(np.std(finite))
     if not sigma > 0:
         msg = "image is constant: its noise cannot be measured"
-        raise ValueError(msg)
+        raise DataError(msg)
     return median, sigma
 
 
@@ -949,7 +1010,7 @@ def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: f
     reference, science = np.asarray(reference), np.asarray(science)
     if not (math.isfinite(flux_ratio) and flux_ratio > 0):
         msg = f"flux ratio must be a positive number, got {flux_ratio}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     bg_r, sig_r = robust_background(reference)
     bg_s, sig_s = robust_background(science)
     blur_r, blur_s = matching_blur(fwhm_reference, fwhm_science)
@@ -958,7 +1019,7 @@ def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: f
     finite = scaled[np.isfinite(scaled)]
     if finite.size == 0:
         msg = "the two epochs share no finite pixel"
-        raise ValueError(msg)
+        raise DataError(msg)
     offset = float(np.median(finite))
     floor = DIFFERENCE_NOISE_FLOOR * math.hypot(sig_s, flux_ratio * sig_r)
     sig_d = max(robust_sigma(finite - offset), floor)
@@ -983,7 +1044,7 @@ def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: Pa
     reference, science = np.asarray(reference), np.asarray(science)
     if reference.shape != science.shape:
         msg = f"reference {reference.shape} and science {science.shape} differ in shape"
-        raise ValueError(msg)
+        raise DataError(msg)
     s = statistics or pair_statistics(reference, science)
     channels = np.empty((3,) + reference.shape, dtype=np.float32)
     # Background subtraction in float64: pixel values can be large next to their noise.
@@ -1013,7 +1074,7 @@ NAME_CACHE = "names.json"
 # --- Reading FITS images
 
 
-def read_fits_image(path):
+def read_fits_image(path, *, max_pixels=None):
     """
     Read the first image HDU of a FITS file as a 2-D float64 array.
 
@@ -1021,6 +1082,8 @@ def read_fits_image(path):
     ----------
     path : str or path-like
         FITS file; plain or tile-compressed image HDUs are accepted.
+    max_pixels : int, optional
+        Refuse an image whose header declares more pixels, before any pixel is read.
 
     Returns
     -------
@@ -1035,7 +1098,9 @@ def read_fits_image(path):
     ------
     DataError
         One-line message for a missing, empty, non-FITS, truncated or corrupt file, a file
-        without image data, a cube, or an image that is entirely NaN.
+        without image data, a cube, an image above `max_pixels`, or one that is entirely NaN.
+        Sizes are checked against the header and the file's length before the pixels are
+        read: a header that declares more data than the file holds allocates nothing.
     """
     path = Path(path)
     if not path.is_file():
@@ -1047,11 +1112,14 @@ def read_fits_image(path):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AstropyWarning)
-            with fits.open(path, memmap=False) as hdul:
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 found = _first_image(hdul)
                 if found is not None:
+                    _check_declared_size(path, found, max_pixels=max_pixels)
                     data = np.array(found.data, dtype=np.float64)
                     header = found.header.copy()
+    except DataError:
+        raise
     except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
         msg = f"{path}: not a readable FITS file ({_one_line(exc)})"
         raise DataError(msg) from None
@@ -1075,12 +1143,28 @@ def read_fits_image(path):
 
 
 def _first_image(hdul):
-    """First image HDU (plain or compressed) that holds pixels, or None."""
+    """First image HDU (plain or compressed) whose header declares pixels, or None; no pixel is read."""
     for hdu in hdul:
         is_image = isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
-        if is_image and hdu.data is not None and hdu.data.size > 0:
+        if is_image and hdu.shape and math.prod(hdu.shape) > 0:
             return hdu
     return None
+
+
+def _check_declared_size(path, hdu, *, max_pixels):
+    """Refuse, from the header alone, an image above the pixel budget or longer than the file."""
+    shape = tuple(int(n) for n in hdu.shape)
+    pixels = math.prod(shape)
+    size = f"{shape[-1]}x{shape[-2]}" if len(shape) >= 2 else f"{pixels}"
+    if max_pixels is not None and pixels > max_pixels:
+        msg = f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
+        raise DataError(msg)
+    if not isinstance(hdu, fits.CompImageHDU):  # a compressed image's size on disk is not its pixel count
+        declared = pixels * abs(int(hdu.header.get("BITPIX", 8))) // 8
+        available = Path(path).stat().st_size - hdu.fileinfo()["datLoc"]
+        if declared > available:
+            msg = f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file holds {max(available, 0)})"
+            raise DataError(msg)
 
 
 def _celestial_wcs(header):
@@ -1266,14 +1350,18 @@ def _sesame(name, *, timeout):
 
 
 def _read_json(path, *, default):
-    """Parsed JSON file, or ``default`` when absent or unreadable (logged)."""
+    """Parsed JSON file, or ``default`` when absent, unreadable or of another type (e.g. null for a mapping; logged)."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable %s: %s", path, _one_line(exc))
         return default
+    if not isinstance(data, type(default)):
+        log.warning("ignoring %s: it holds a %s, not a %s", path, type(data).__name__, type(default).__name__)
+        return default
+    return data
 
 
 def _sha256(path):
@@ -1327,7 +1415,7 @@ def _frame_from_file(path, *, target, survey, coord):
 def _is_cached(path, manifest):
     """Whether ``path`` is in the manifest with matching bytes; a mismatching file is removed."""
     entry = manifest.get(path.name)
-    if entry is None or not path.is_file():
+    if not isinstance(entry, dict) or not path.is_file():
         return False
     if _sha256(path) != entry.get("sha256"):
         log.warning("cache entry %s fails its checksum; discarding it", path.name)
@@ -1344,7 +1432,7 @@ def _checked_timeout(timeout):
     timeout = float(timeout)
     if not 0 < timeout <= MAX_TIMEOUT:
         msg = f"timeout must be in (0, {MAX_TIMEOUT:g}] s, got {timeout:g}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     return timeout
 
 
@@ -1606,7 +1694,7 @@ def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retrie
     timeout = _checked_timeout(timeout)
     if retries < 0 or pixels < 8:
         msg = f"need retries >= 0 and pixels >= 8, got {retries} and {pixels}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = cache_dir / MANIFEST
@@ -2341,9 +2429,7 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97 if title else 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = _save(fig, path, dpi=110, bbox_inches=None)
     plt.close(fig)
     return path
 
@@ -2445,6 +2531,68 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# --- Memory: refuse a configuration that cannot fit, before allocating any of it
+
+# Measured peak of one AdamW step on CPU, per (width x side^2 x batch): 144-151 bytes
+# (width 16-32, 256 px); rounded up for allocator slack.
+ACTIVATION_BYTES = 200
+SAMPLE_BYTES = 4 * 4  # a cached sample: 3 input channels + 1 mask, float32
+TEST_SAMPLE_BYTES = 64  # per px of a test sample during evaluation: tensors, raw pair (float64), probabilities
+
+
+def unet_parameters(width: int) -> int:
+    """Parameters of StandaloneUNet(width), counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return count_parameters(StandaloneUNet(width=width))
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit; None if unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    # A container's limit is lower than the host's free memory, and the OOM killer enforces it.
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return max(0, min(found)) if found else None
+
+
+def check_memory(parts: dict[str, int], *, device: torch.device | None = None) -> None:
+    """Refuse (one line) when the estimated `parts` (bytes, by what needs them) exceed what is available.
+
+    On a GPU the model and its activations are compared with the GPU's free memory, the rest
+    with the host's.
+    """
+    gpu_parts = {"model", "activations"} if device is not None and device.type == "cuda" else set()
+    checks = [(sum(v for k, v in parts.items() if k not in gpu_parts), available_memory(), "memory")]
+    if gpu_parts:
+        checks.append((sum(parts[k] for k in gpu_parts if k in parts), torch.cuda.mem_get_info(device)[0], "GPU memory"))
+    for need, available, what in checks:
+        if available is not None and need > available:
+            detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+            msg = (f"this configuration needs about {need / 2**30:.1f} GiB of {what} ({detail} GiB) but {available / 2**30:.1f} GiB "
+                   "is available: lower --width, --batch-size, --image-size or --samples")
+            raise AstridError(msg)
+
+
+def training_memory(cfg: TrainConfig) -> dict[str, int]:
+    """Estimated peak bytes of a training run, by what needs them."""
+    px = cfg.image_size**2
+    return {
+        "model": 16 * unet_parameters(cfg.width),  # weights, gradients and AdamW's two moments, float32
+        "activations": ACTIVATION_BYTES * cfg.width * px * cfg.batch_size,
+        "data": SAMPLE_BYTES * px * cfg.samples + TEST_SAMPLE_BYTES * px * cfg.test_samples,
+    }
+
+
 # ----------------------------------------------------------------------------
 # Loss and pixel metrics
 # ----------------------------------------------------------------------------
@@ -2480,7 +2628,7 @@ PIXEL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_pr
 
 
 def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0.5) -> dict[str, float | None]:
-    """Pixel-level metrics from scikit-learn; None where undefined (e.g. no positives).
+    """Pixel-level metrics from scikit-learn; None where undefined (no positives, or non-finite scores).
 
     Accuracy is reported because users expect it, but on images that are >99% background
     it flatters any model: judge by average precision (AUCPR), MCC and the object-level
@@ -2491,7 +2639,8 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
     y_true = np.asarray(target).ravel() > 0.5
     y_score = np.asarray(probs, dtype=np.float64).ravel()
     y_pred = y_score >= threshold
-    both_classes = 0 < y_true.sum() < y_true.size
+    # A diverged model's NaN scores rank nothing: AP and ROC AUC are undefined, not an exception.
+    both_classes = 0 < y_true.sum() < y_true.size and bool(np.isfinite(y_score).all())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zero_division cases are reported as 0 by design
         result = dict(
@@ -3049,11 +3198,9 @@ def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[
     return best["threshold"], table
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list | None = None, **kwargs: Any) -> Path:
+    """Write a figure as PNG through atomic_write: a symlink at `path` is replaced, never followed."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
 
 
 def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike) -> Path:
@@ -3605,11 +3752,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+def atomic_write(path: str | os.PathLike, write: Any, *, staged: list | None = None) -> Path:
     """Write through a temporary file in the same directory, then os.replace it into place.
 
     A crash or a full disk at any moment leaves the previous file intact. `write` is
-    called with a binary file object.
+    called with a binary file object. The temporary file is created anew (O_EXCL) and
+    renamed over `path`, so a symlink planted at `path` is replaced, never followed:
+    nothing outside the directory is written. With `staged` (from :func:`output_set`),
+    the temporary file is kept and ``(tmp, path)`` appended, to be swapped in with others.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -3620,12 +3770,129 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are for sharing
-        os.replace(tmp, path)
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def output_set():
+    """Files written inside (``atomic_write(..., staged=s)``) replace their old versions together, or none do.
+
+    Every file is first written in full beside its destination; only then are they renamed
+    into place. A failure while writing any of them leaves every previous file untouched.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        yield staged
+        # A directory in the way is the one rename that can fail here: find it before any swap.
+        blocked = [str(path) for _, path in staged if path.is_dir() and not path.is_symlink()]
+        if blocked:
+            msg = f"cannot write {blocked[0]}: a directory is in the way"
+            raise AstridError(msg)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # gone already once it was renamed into place
+
+
+STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's names (mkstemp's 8 characters)
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Delete what atomic_write leaves when killed mid-write; call only where no write is in progress."""
+    removed = []
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if STALE_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path.name)
+    return removed
+
+
+# --- Output directories: one rule for train, evaluate and predict
+#
+# A directory that already holds a command's outputs is refused; it is reused only by
+# `train --resume` (which continues the run inside it) or by an explicit --overwrite,
+# which names what it replaces. Default run directories are made with an exclusive mkdir.
+
+TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
+                 "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
+EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
+PREDICTION_OUTPUTS = ("detections.csv", "mask.fits", "overlay.png")
+RUN_MARKERS = {  # the files that say "a previous run lives here"
+    "training run": ("config.json", "last.pt", "best.pt", "metrics.json"),
+    "evaluation": ("evaluation.json",),
+    "prediction": PREDICTION_OUTPUTS,
+}
+
+
+def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Sequence[str] = ()) -> list[str]:
+    """Apply the output-directory rule; returns the names of the previous outputs found.
+
+    Parameters
+    ----------
+    directory : pathlib.Path
+        Where the command will write.
+    kind : {"training run", "evaluation", "prediction"}
+        What the command writes (RUN_MARKERS).
+    overwrite : bool
+        The user passed --overwrite: the previous outputs are replaced, and the log says which.
+    remove : sequence of str
+        Previous outputs (relative names) deleted at once under --overwrite, so that the
+        old run and the new never mix in one directory.
+    """
+    found = [name for name in RUN_MARKERS[kind] if os.path.lexists(directory / name)]
+    if found and not overwrite:
+        hint = ", continue it with --resume DIR/last.pt," if kind == "training run" else ""
+        article = "an" if kind[0] in "aeiou" else "a"
+        msg = f"{directory} already holds {article} {kind} ({', '.join(found)}): choose another --output-dir{hint} or pass --overwrite to replace it"
+        raise AstridError(msg)
+    if found:
+        gone = [name for name in remove if os.path.lexists(directory / name) and not (directory / name).is_dir()]
+        log.warning("--overwrite: replacing the %s in %s (%s)", kind, directory, ", ".join(gone or found))
+        for name in gone:
+            (directory / name).unlink()
+    return found
+
+
+def lock_run_dir(directory: Path) -> Any:
+    """Hold DIR/.astrid.lock exclusively for the run's life: a second run into DIR, even one
+    started in the same instant, is refused while the first runs. Returns the open lock file."""
+    import fcntl
+
+    handle = open(directory / ".astrid.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        msg = f"{directory} is in use by another run right now: wait for it to end, or choose another --output-dir"
+        raise AstridError(msg) from None
+    return handle
+
+
+def new_run_dir(parent: Path) -> Path:
+    """runs/<timestamp>-<6 hex>, made with an exclusive mkdir: two runs never share one."""
+    import secrets
+
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    while True:
+        path = parent / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _json_default(value: Any) -> Any:
@@ -3650,10 +3917,10 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Atomically write sorted, indented, strict JSON."""
+def write_json(path: str | os.PathLike, data: Any, *, staged: list | None = None) -> Path:
+    """Atomically write sorted, indented, strict JSON (`staged` as in :func:`atomic_write`)."""
     text = json.dumps(_finite_or_none(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
-    return atomic_write(path, lambda f: f.write(text.encode() + b"\n"))
+    return atomic_write(path, lambda f: f.write(text.encode() + b"\n"), staged=staged)
 
 
 class EarlyStopping:
@@ -3703,19 +3970,55 @@ class EarlyStopping:
         self.bad_epochs, self.stop_reason = int(state["bad_epochs"]), str(state["stop_reason"])
 
 
+class TrackingError(AstridError):
+    """MLflow failed and --mlflow-optional was not given: the run stops, its checkpoints kept."""
+
+
 class MlflowRun:
     """MLflow tracking for one training run (rank 0 only); inert when disabled.
 
     The tracking URI defaults to MLflow's embedded ``sqlite:///mlflow.db`` in the working
     directory. A remote server is checked before training starts: unreachable, the run
     fails at once with one line, unless the user asked to continue without MLflow.
+
+    Every call into MLflow goes through :meth:`_call`: a failure at any point (a server that
+    errors, hangs or dies, a read-only database) never kills the run with a traceback.
+    With --mlflow-optional tracking stops there, and when and why are logged and kept in
+    :meth:`record` (metrics.json); without it, :class:`TrackingError` ends the run in one line.
     """
 
     def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
         self.cfg = cfg
         self.enabled = enabled and cfg.mlflow
         self.run_id = ""
+        self.failed_at: str | None = None  # "start", "epoch N" or "the end of training"
         self.disabled_reason = "" if self.enabled else ("--no-mlflow" if not cfg.mlflow else "not rank 0")
+
+    def record(self) -> dict:
+        """What metrics.json says about tracking."""
+        return {"enabled": self.enabled, "reason_off": self.disabled_reason, "failed_at": self.failed_at}
+
+    def _give_up(self, reason: str, when: str) -> None:
+        """Tracking failed: stop it, or stop the run (TrackingError) unless --mlflow-optional."""
+        self.enabled, self.disabled_reason, self.failed_at = False, reason, when
+        if "mlflow" in sys.modules:
+            # Forget the run locally: MLflow's exit hook would otherwise call the dead server again.
+            with contextlib.suppress(Exception):
+                from mlflow.tracking import fluent
+
+                fluent._active_run_stack.get().clear()
+        if not self.cfg.mlflow_optional:
+            raise TrackingError(reason + "; fix it, pass --no-mlflow, or --mlflow-optional to train on without it") from None
+        log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
+
+    def _call(self, when: str, call: Any) -> None:
+        """Run one tracking call (nothing if disabled); a failure goes to _give_up."""
+        if not self.enabled:
+            return
+        try:
+            call()
+        except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
+            self._give_up(f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})", when)
 
     def _check_server(self) -> None:
         uri = self.cfg.tracking_uri
@@ -3724,13 +4027,13 @@ class MlflowRun:
         import requests
 
         try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, self.cfg.timeout)).raise_for_status()
         except requests.RequestException as exc:
             reason = f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})"
             if not self.cfg.mlflow_optional:
                 raise AstridError(reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it") from None
             log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
-            self.enabled, self.disabled_reason = False, reason
+            self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
 
     def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "") -> None:
         if not self.enabled:
@@ -3739,81 +4042,145 @@ class MlflowRun:
         if not self.enabled:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read at import: no calls home
-        import mlflow
-
-        _quiet_loggers()
-        # A remote server that dies mid-run should fail a logging call, not hang it.
+        # A remote server that dies or hangs mid-run should fail a logging call within
+        # about --timeout x 3 seconds, not hang it for MLflow's default of minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        if mlflow.get_experiment_by_name(self.cfg.experiment) is None:
-            mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
-        mlflow.set_experiment(self.cfg.experiment)
-        if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)
-        else:
-            run = mlflow.start_run(run_name=run_name)
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.set_tags(tags)
-        self.run_id = run.info.run_id
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(self.cfg.timeout))))
+
+        def begin() -> None:
+            import mlflow
+
+            _quiet_loggers()
+            if not log.isEnabledFor(logging.DEBUG):
+                # Its failures reach the user as AstrID's one line; its own ERROR records carry tracebacks.
+                logging.getLogger("mlflow").setLevel(logging.CRITICAL)
+            mlflow.set_tracking_uri(self.cfg.tracking_uri)
+            # Two first runs at once in a fresh directory would both migrate the new database
+            # ("table ... already exists") and both create the experiment: one at a time.
+            with _sqlite_init_lock(self.cfg.tracking_uri, timeout=120.0):
+                if mlflow.get_experiment_by_name(self.cfg.experiment) is None:
+                    mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
+                mlflow.set_experiment(self.cfg.experiment)
+                if resume_run_id:
+                    run = mlflow.start_run(run_id=resume_run_id)
+                else:
+                    run = mlflow.start_run(run_name=run_name)
+                    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+                self.run_id = run.info.run_id
+                mlflow.set_tags(tags)
+
+        self._call("start", begin)
+
+    @staticmethod
+    def _when(step: int | None) -> str:
+        return f"epoch {step}" if step is not None else "the end of training"
 
     def log_metrics(self, metrics: dict, *, step: int | None = None) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
             mlflow.log_metrics(clean, step=step)
 
+        self._call(self._when(step), call)
+
     def log_params(self, params: dict) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             mlflow.log_params({k: str(v) for k, v in params.items()})
 
+        self._call("the end of training", call)
+
     def set_tags(self, tags: dict) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             mlflow.set_tags(tags)
 
+        self._call("the end of training", call)
+
     def log_artifacts(self, paths: Sequence[Path], *, artifact_path: str | None = None) -> None:
-        if self.enabled:
+        def call() -> None:
             import mlflow
 
             for path in paths:
                 if Path(path).exists():
                     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+        self._call("the end of training", call)
+
     def log_model(self, model: nn.Module, example: torch.Tensor) -> None:
         """Log the model with a signature and an input example (CPU, fp32)."""
-        if not self.enabled:
-            return
-        import mlflow
-        import mlflow.pytorch
-        from mlflow.models import infer_signature
 
-        model = model.to("cpu").float().eval()
-        # Two samples: torch.export (MLflow's pt2 format) would pin a batch of one.
-        example = example.detach().cpu().float()[:2]
-        example_np = example.numpy()
-        with torch.no_grad():
-            output = model(example).numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # mlflow's pickle-serialisation advisories
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example_np, output),
-                input_example=example_np,
-                # Stated, not inferred: inference would re-import every dependency.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            )
+        def call() -> None:
+            import mlflow
+            import mlflow.pytorch
+            from mlflow.models import infer_signature
+
+            cpu_model = model.to("cpu").float().eval()
+            # Two samples: torch.export (MLflow's pt2 format) would pin a batch of one.
+            batch = example.detach().cpu().float()[:2]
+            example_np = batch.numpy()
+            with torch.no_grad():
+                output = cpu_model(batch).numpy()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # mlflow's pickle-serialisation advisories
+                mlflow.pytorch.log_model(
+                    cpu_model,
+                    name="model",
+                    signature=infer_signature(example_np, output),
+                    input_example=example_np,
+                    # Stated, not inferred: inference would re-import every dependency.
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+                )
+
+        self._call("the end of training", call)
 
     def end(self, status: str) -> None:
-        if self.enabled and self.run_id:
+        if not self.run_id:
+            return
+
+        def call() -> None:
             import mlflow
 
             mlflow.end_run(status=status)
+
+        self._call("the end of the run", call)
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str, *, timeout: float):
+    """An exclusive lock file beside a SQLite tracking database (nothing for other stores)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(tracking_uri[len(prefix) :].split("?")[0] + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError:  # a read-only place: no run can initialise a database there, so none races
+        yield
+        return
+    with handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    msg = f"{lock_path} stayed locked for {timeout:g} s: another run is initialising the database"
+                    raise TimeoutError(msg) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _artifact_location(tracking_uri: str) -> str | None:
@@ -3943,11 +4310,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+MODEL_CONFIG = {"in_channels": 3, "out_channels": 1, "width": None}  # fixed values; None: any positive int
+
+
 def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoint") -> StandaloneUNet:
-    """Rebuild the U-Net a checkpoint was saved from; a mismatch is named, not dumped."""
-    model = StandaloneUNet(**payload.get("model_config", {}))
-    state = payload["model"]
-    expected = model.state_dict()
+    """Rebuild the U-Net a checkpoint was saved from; anything wrong is named, not dumped.
+
+    The architecture record and the weights are checked against a model built on the meta
+    device (nothing allocated) before the real one is: unknown keys, wrong types, a missing
+    ``model`` entry, different shapes and non-finite weights are all refused in one line.
+    """
+    config = payload.get("model_config", {})
+    if not isinstance(config, dict):
+        msg = f"{path}: model_config is a {type(config).__name__}, not a mapping"
+        raise AstridError(msg)
+    unknown = sorted(set(config) - set(MODEL_CONFIG), key=str)
+    if unknown:
+        msg = f"{path}: model_config has unknown keys {unknown} (known: {', '.join(MODEL_CONFIG)})"
+        raise AstridError(msg)
+    for key, value in config.items():
+        fixed = MODEL_CONFIG[key]
+        if type(value) is not int or value < 1 or (fixed is not None and value != fixed):
+            want = f"{fixed}" if fixed is not None else "a positive integer"
+            msg = f"{path}: model_config {key} must be {want}, got {value!r}"
+            raise AstridError(msg)
+    state = payload.get("model")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        msg = f"{path} holds no model weights (its 'model' entry is missing or not a mapping of tensors)"
+        raise AstridError(msg)
+    with torch.device("meta"):
+        expected = StandaloneUNet(**config).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -3963,8 +4355,53 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
         )
         msg = f"{path} was saved from a different architecture: {details}"
         raise AstridError(msg)
+    # NaN weights would predict nothing, silently: "0 detections" is not an answer.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        msg = f"{path} has non-finite weights (NaN or inf in {len(broken)} of {len(state)} tensors, e.g. {broken[0]}): the run that saved it diverged"
+        raise AstridError(msg)
+    model = StandaloneUNet(**config)
     model.load_state_dict(state)
     return model
+
+
+def config_from_saved(saved: Any, *, path: str | os.PathLike = "checkpoint") -> TrainConfig:
+    """The TrainConfig a checkpoint recorded, type-checked and validated like the command line's.
+
+    Unknown keys are dropped (a newer or older AstrID may have written them); a known key
+    of the wrong type, or a value out of range, is refused in one line.
+    """
+    if not isinstance(saved, dict):
+        msg = f"{path}: its saved configuration is a {type(saved).__name__}, not a mapping"
+        raise ConfigError(msg)
+    defaults = TrainConfig()
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in saved:
+            continue
+        value, default = saved[field.name], getattr(defaults, field.name)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = type(value) is int
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            msg = f"{path}: saved configuration has {field.name} = {value!r}, not a {type(default).__name__}"
+            raise ConfigError(msg)
+        values[field.name] = value
+    cfg = dataclasses.replace(defaults, **values)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        msg = f"{path}: saved configuration is invalid: {exc}"
+        raise ConfigError(msg) from None
+    return cfg
 
 
 # ----------------------------------------------------------------------------
@@ -3979,6 +4416,10 @@ TRAINER_NULL_BATTERY = dict(levels=(1.0,), ratios=(1 / 3, 3.0), flux_ratios=(0.1
 
 class TrainingInterrupted(AstridError):
     """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
+
+
+class TrainingDiverged(AstridError):
+    """The monitored metric was never finite: the NaN early stop ended the run with no model."""
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
@@ -4026,28 +4467,43 @@ class StandaloneTrainer:
     energy and writes files.
     """
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, *, given: Sequence[str] | None = None) -> None:
         config.validate()
         self.cfg = config
+        # Flags typed on the command line (given_flags); None: every field that differs from the defaults.
+        self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(TrainConfig(), f.name)}
         self.dist = DistInfo.from_env()
         self.device = resolve_device(config.device, local_rank=self.dist.local_rank)
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.output_dir = Path(config.output_dir or Path("runs") / stamp)
+        # Without --output-dir, rank 0 makes a fresh runs/<timestamp>-<random> in _prepare_output_dir.
+        self.output_dir = Path(config.output_dir or "runs")
         self._signal: int | None = None
+        self._dir_lock: Any = None  # the open .astrid.lock of the output directory (rank 0)
         self.history: list[dict] = []
 
     # -- setup ---------------------------------------------------------------
 
     def _prepare_output_dir(self) -> None:
+        """Claim the output directory (the rule of claim_output_dir) and clear stale temporaries."""
         if not self.dist.is_main:
             return
         try:
+            if not self.cfg.output_dir and not self.cfg.resume:
+                self.output_dir = new_run_dir(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.output_dir, prefix=".write-test-")
             probe.close()
         except OSError as exc:
             msg = f"output directory {self.output_dir} is not writable ({exc.strerror or exc})"
             raise AstridError(msg) from None
+        # Checked and claimed under the lock: the check and the first write are then one step.
+        self._dir_lock = lock_run_dir(self.output_dir)
+        if not self.cfg.resume:
+            remove = [*TRAIN_OUTPUTS, *(f"evaluation/{n}" for n in EVALUATION_OUTPUTS)]
+            claim_output_dir(self.output_dir, kind="training run", overwrite=self.cfg.overwrite, remove=remove)
+        # Only this run writes here now, so any temporary file is a dead write's leftover.
+        stale = remove_stale_temporaries(self.output_dir) + remove_stale_temporaries(self.output_dir / "evaluation")
+        if stale:
+            log.warning("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
 
     def _init_distributed(self) -> None:
         if self.dist.enabled and not torch.distributed.is_initialized():
@@ -4160,8 +4616,10 @@ class StandaloneTrainer:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _checkpoint(self, *, epoch: int, step: int, loss_sum: float, threshold: float | None = None) -> dict:
+    def _checkpoint(self, *, epoch: int, step: int, loss_sum: float, threshold: float | None = None, kind: str = "last") -> dict:
+        """Everything a resume needs, consistent at `epoch` (its history holds exactly `epoch` rows)."""
         return dict(
+            kind=kind,
             model=self._bare_model().state_dict(),
             model_config=self._bare_model().config,
             optimizer=self.optimizer.state_dict(),
@@ -4174,7 +4632,7 @@ class StandaloneTrainer:
             history=self.history,
             threshold=threshold,
             mlflow_run_id=self.tracker.run_id,
-            rng=dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]), numpy=torch.from_numpy(np.random.get_state()[1].astype(np.int64))),
+            rng=rng_state(),
         )
 
     def _bare_model(self) -> StandaloneUNet:
@@ -4203,36 +4661,68 @@ class StandaloneTrainer:
         return model
 
     def _load_resume(self) -> dict:
-        """The checkpoint to resume; the run continues exactly: its config, its directory."""
-        resume = load_checkpoint(self.cfg.resume)
+        """The checkpoint to resume; the run continues exactly: its config, its directory.
+
+        The saved configuration is validated like the command line's, and the checkpoint must
+        be a consistent "last" state: best.pt is refused (resuming it would replay the epochs
+        after the best one over the run's own last.pt).
+        """
+        path = self.cfg.resume
+        resume = load_checkpoint(path)
         missing = [k for k in ("optimizer", "scheduler", "early_stopping", "config", "epoch", "step", "history", "rng") if k not in resume]
         if missing:
-            msg = f"{self.cfg.resume} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
+            msg = f"{path} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
             raise AstridError(msg)
-        saved = {k: v for k, v in resume["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-        defaults, asked = TrainConfig(), self.cfg
-        ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("resume", "device") and getattr(asked, f.name) != getattr(defaults, f.name) and getattr(asked, f.name) != saved.get(f.name)]
+        if resume.get("kind") == "best" or Path(path).name == "best.pt":
+            msg = f"{path} holds the best epoch's weights, for evaluate and predict; resume from last.pt beside it, the run's latest state"
+            raise AstridError(msg)
+        epoch, step, history = resume["epoch"], resume["step"], resume["history"]
+        if type(epoch) is not int or type(step) is not int or epoch < 0 or step < 0 or not isinstance(history, list):
+            msg = f"{path} cannot be resumed: its epoch ({epoch!r}), step ({step!r}) or history is malformed"
+            raise AstridError(msg)
+        if [h.get("epoch") if isinstance(h, dict) else None for h in history] != list(range(1, epoch + 1)):
+            msg = f"{path} cannot be resumed: it was saved at epoch {epoch} but its history holds {len(history)} epochs"
+            raise AstridError(msg)
+        saved = config_from_saved(resume["config"], path=path)
+        asked = self.cfg
+        # Device and threads describe this machine, not the run: they come from this command line.
+        machine = ("resume", "device", "threads")
+        ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name in self.given and f.name not in machine and getattr(asked, f.name) != getattr(saved, f.name)]
         if ignored:
             log.warning("resuming with the saved configuration; ignoring %s", ", ".join(f"--{n.replace('_', '-')}" for n in ignored))
-        self.cfg = dataclasses.replace(TrainConfig(**saved), resume=self.cfg.resume, device=self.cfg.device)
-        self.output_dir = Path(self.cfg.resume).parent
+        self.cfg = dataclasses.replace(saved, resume=path, device=asked.device, threads=asked.threads)
+        self.output_dir = Path(path).parent
         return resume
 
     def _restore(self, resume: dict) -> tuple[int, int, float]:
         """Load model, optimizer, schedule, early stopping and RNG; return where to continue."""
         model_from_checkpoint(resume, path=self.cfg.resume)  # a mismatch is named, not a traceback
         self._bare_model().load_state_dict(resume["model"])
-        self.optimizer.load_state_dict(resume["optimizer"])
-        self.scheduler.load_state_dict(resume["scheduler"])
-        self.stopper.load_state_dict(resume["early_stopping"])
+        part = "optimizer"
+        try:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            part = "scheduler"
+            self.scheduler.load_state_dict(resume["scheduler"])
+            part = "early_stopping"
+            self.stopper.load_state_dict(resume["early_stopping"])
+            part = "rng"
+            restore_rng(resume["rng"])
+            part = "loss_sum"
+            loss_sum = float(resume.get("loss_sum", 0.0))
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            msg = f"{self.cfg.resume} cannot be resumed: its {part} state does not fit this run ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+            raise AstridError(msg) from None
         self.history = list(resume["history"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        return int(resume["epoch"]), int(resume["step"]), float(resume["loss_sum"])
+        return resume["epoch"], resume["step"], loss_sum
 
     def fit(self) -> dict:
         """Run training to the end; returns the metrics written to metrics.json."""
         resume = self._load_resume() if self.cfg.resume else None
         cfg, dist = self.cfg, self.dist
+        check_memory(training_memory(cfg), device=self.device)  # before anything is allocated
+        check_threads(cfg.threads)
+        if cfg.energy and dist.is_main:
+            check_country(cfg.country)
 
         # 1. Seeds, threads, determinism, processes and the output directory.
         set_seed(cfg.seed)
@@ -4276,13 +4766,23 @@ class StandaloneTrainer:
         except (TrainingInterrupted, KeyboardInterrupt):
             status = "KILLED"
             raise
+        except TrackingError as exc:
+            last = self.output_dir / "last.pt"
+            if last.exists():
+                msg = f"{exc}. {last} is saved: resume with --resume {last}"
+                raise TrackingError(msg) from None
+            raise
         finally:
             for s, h in previous_handlers.items():
                 signal.signal(s, h)
             energy = self.energy.stop()
-            if status != "FINISHED":
-                self.tracker.log_metrics({k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
-            self.tracker.end(status)
+            # An error is already on its way out: a tracker failing now must not replace it.
+            with contextlib.suppress(TrackingError) if status != "FINISHED" else contextlib.nullcontext():
+                if status != "FINISHED":
+                    self.tracker.log_metrics({k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
+                self.tracker.end(status)
+            if self._dir_lock is not None:
+                self._dir_lock.close()  # releases the directory for a resume
             if dist.enabled and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
@@ -4327,10 +4827,11 @@ class StandaloneTrainer:
                     epoch + 1, cfg.epochs, train_loss, val_loss, _fmt(row["val_average_precision"]), row["val_f1"], row["val_mcc"],
                     row["lr"], row["epoch_time_s"], row["train_samples_per_s"], "  *best*" if improved else "",
                 )
-                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                # Checkpoints first: a tracker that fails next must not cost this epoch.
                 if improved:
-                    save_checkpoint(self.output_dir / "best.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
+                    save_checkpoint(self.output_dir / "best.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0, kind="best"))
                 save_checkpoint(self.output_dir / "last.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if improved:
                 best_state = {k: v.detach().clone() for k, v in self._bare_model().state_dict().items()}
             if self.stopper.should_stop:
@@ -4342,6 +4843,13 @@ class StandaloneTrainer:
     def _finish(self, best_state: dict | None, n_params: int) -> dict:
         """7. Restore the best weights, choose the threshold, test, plot, write, log."""
         cfg, dist, out = self.cfg, self.dist, self.output_dir
+        if self.stopper.best_epoch < 0:
+            # No epoch ever gave a finite metric: there is no model worth testing or keeping.
+            if dist.is_main:
+                write_json(out / "history.json", self.history)
+            msg = (f"training diverged: {self.stopper.stop_reason or 'no finite ' + cfg.monitor}, with no finite {cfg.monitor} "
+                   f"before it, so no best.pt was saved; lower --lr (history.json and last.pt are in {out})")
+            raise TrainingDiverged(msg)
         model = self._bare_model()
         if best_state is not None:
             model.load_state_dict(best_state)
@@ -4359,7 +4867,9 @@ class StandaloneTrainer:
         evaluation["null"] = null_battery(model, null_frames(synthetic=1, seed=cfg.seed), threshold=threshold, device=self.device, **TRAINER_NULL_BATTERY)
         write_json(out / "evaluation" / "evaluation.json", evaluation)
         best_epoch = self.stopper.best_epoch
-        save_checkpoint(out / "best.pt", {**self._checkpoint(epoch=best_epoch, step=0, loss_sum=0.0), "threshold": threshold})
+        # The best epoch's own checkpoint, plus the threshold: weights, optimiser, history and
+        # early stopping all of that epoch (the final state would pair best weights with later history).
+        save_checkpoint(out / "best.pt", {**load_checkpoint(out / "best.pt"), "threshold": threshold})
 
         metrics = {
             "parameters": n_params,
@@ -4386,7 +4896,7 @@ class StandaloneTrainer:
             "data": self.data_info,
             "world_size": dist.world_size,
             "parameter_checksums": checksums,
-            "mlflow": {"enabled": self.tracker.enabled, "reason_off": self.tracker.disabled_reason},
+            "mlflow": self.tracker.record(),
         }
         plots = plot_history(self.history, out)
         plots.append(self._prediction_gallery(model, probs, out / "predictions.png"))
@@ -4405,7 +4915,11 @@ class StandaloneTrainer:
         self.tracker.log_artifacts(sorted((out / "evaluation").glob("*")), artifact_path="evaluation")
         example = torch.stack([self.test_ds[i][0] for i in range(min(2, len(self.test_ds)))])
         self.tracker.log_model(model, example)
+        self.tracker.end("FINISHED")
         model.to(self.device)
+        if metrics["mlflow"] != self.tracker.record():  # it failed just now, under --mlflow-optional
+            metrics["mlflow"] = self.tracker.record()
+            write_json(out / "metrics.json", metrics)
         return metrics
 
     def _validate_local_full(self, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
@@ -4483,14 +4997,17 @@ def plot_history(history: list[dict], out: Path) -> list[Path]:
 
 def _savefig(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110, bbox_inches=None)
     _pyplot().close(fig)
     return path
 
 
-def run_training(config: TrainConfig) -> dict:
-    """Train with `config`; print where everything went. The runner's single entry point."""
-    trainer = StandaloneTrainer(config)
+def run_training(config: TrainConfig, *, given: Sequence[str] | None = None) -> dict:
+    """Train with `config`; print where everything went. The runner's single entry point.
+
+    `given` names the fields the user typed (given_flags); a resume warns about those alone.
+    """
+    trainer = StandaloneTrainer(config, given=given)
     metrics = trainer.fit()
     if trainer.dist.is_main:
         test = metrics["test"]
@@ -4499,7 +5016,8 @@ def run_training(config: TrainConfig) -> dict:
             f"test completeness {_fmt(test['completeness'])}, purity {_fmt(test['purity'])}, "
             f"false detections/image {_fmt(test['false_detections_per_image'])} at threshold {metrics['threshold']:.2f}"
         )
-        run = trainer.tracker.run_id or f"none ({trainer.tracker.disabled_reason})"
+        tracker = trainer.tracker
+        run = f"{tracker.run_id}{'' if tracker.enabled else f' (incomplete: {tracker.disabled_reason})'}" if tracker.run_id else f"none ({tracker.disabled_reason})"
         print(f"outputs: {trainer.output_dir}  |  MLflow run: {run}")
     return metrics
 
@@ -4522,6 +5040,7 @@ def run_evaluation(
     threshold: float | None = None,
     fits_dir: str = "",
     null_tests: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on a fresh synthetic test set and on null pairs; writes evaluation.json and plots.
 
@@ -4531,17 +5050,25 @@ def run_evaluation(
     check_image_size(image_size)
     if samples < 1:
         msg = f"samples must be >= 1, got {samples}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
+    if threshold is not None:
+        check_threshold(threshold)
     checkpoint = checkpoint_or_default(checkpoint)
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload, path=checkpoint)
     dev = resolve_device(device)
+    px = image_size**2
+    # Inference keeps no activations for backward: a quarter of training's, for batches of 16.
+    check_memory({"model": 4 * count_parameters(model), "activations": ACTIVATION_BYTES // 4 * model.config["width"] * px * 16,
+                  "data": TEST_SAMPLE_BYTES * px * samples}, device=dev)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
-    saved = payload.get("config", {})
-    snr = (saved.get("snr_min", 3.0), saved.get("snr_max", 100.0))
+    check_threshold(threshold)
+    saved = config_from_saved(payload["config"], path=checkpoint) if "config" in payload else TrainConfig()
+    snr = (saved.snr_min, saved.snr_max)
     dataset = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=seed, stream="test", snr_range=snr)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, kind="evaluation", overwrite=overwrite, remove=EVALUATION_OUTPUTS)
     result = evaluate_model(place_model(model, dev), dataset, threshold=threshold, device=dev, output_dir=out)
     result.update(checkpoint=str(checkpoint), seed=seed)
     if null_tests:
@@ -4586,7 +5113,7 @@ def checkpoint_or_default(path: str | None) -> Path:
     return DEFAULT_WEIGHTS
 
 
-def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
+def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
     """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, significance, area_px, type."""
     import csv
     import io
@@ -4596,20 +5123,20 @@ def write_detections_csv(path: Path, rows: Sequence[dict]) -> Path:
     writer.writeheader()
     for r in rows:
         writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}", "significance": f"{r['significance']:.2f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
-    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
 
 
-def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold: float, checkpoint: Path) -> Path:
+def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold: float, checkpoint: Path, staged: list | None = None) -> Path:
     """mask.fits: the probability map with the science image's WCS."""
     header = wcs.to_header() if wcs is not None else fits.Header()
     header["BUNIT"] = ("probability", "AstrID anomaly probability per pixel")
     header["THRESH"] = (float(threshold), "operating threshold used for detections")
     header["CKPT"] = (checkpoint.name[:60], "AstrID checkpoint")
     hdu = fits.PrimaryHDU(prob.astype(np.float32), header=header)
-    return atomic_write(path, lambda f: hdu.writeto(f))
+    return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
 
 
-def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024) -> Path:
+def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024, staged: list | None = None) -> Path:
     """Science and difference images with the detections circled (block-averaged if large)."""
     channels = normalize_pair(reference, science, statistics=statistics)
     factor = max(1, math.ceil(max(science.shape) / max_side))
@@ -4629,7 +5156,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    return _save(fig, path, dpi=110, staged=staged)
 
 
 def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, cache_dir: str, timeout: float, retries: int) -> np.ndarray:
@@ -4667,6 +5194,7 @@ def run_prediction(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     flux_ratio: float | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Find what changed in a (reference, science) FITS pair.
 
@@ -4679,12 +5207,9 @@ def run_prediction(
     if bool(reference) == bool(reference_survey):
         msg = "give exactly one of --reference FITS or --reference-survey NAME"
         raise AstridError(msg)
-    sci, _, wcs = read_fits_image(science)
-    if sci.size > max_pixels:
-        msg = f"{science}: {sci.shape[1]}x{sci.shape[0]} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
-        raise DataError(msg)
+    sci, _, wcs = read_fits_image(science, max_pixels=max_pixels)
     if reference:
-        ref, _, _ = read_fits_image(reference)
+        ref, _, _ = read_fits_image(reference, max_pixels=max_pixels)
     else:
         ref = fetch_reference(wcs, sci.shape, reference_survey, cache_dir=cache_dir, timeout=timeout, retries=retries)
     if ref.shape != sci.shape:
@@ -4699,15 +5224,14 @@ def run_prediction(
     except OSError as exc:
         msg = f"cannot create output directory {out} ({exc.strerror or exc})"
         raise AstridError(msg) from None
+    claim_output_dir(out, kind="prediction", overwrite=overwrite)
     # 2. The model and its operating threshold.
     ckpt_path = checkpoint_or_default(checkpoint)
     payload = load_checkpoint(ckpt_path)
     dev = resolve_device(device)
     model = place_model(model_from_checkpoint(payload, path=ckpt_path), dev)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
-    if not 0 < threshold <= 1:
-        msg = f"threshold must lie in (0, 1], got {threshold}"
-        raise ValueError(msg)
+    check_threshold(threshold)
     # 3. The changes, and how the pair was put on one scale.
     found = find_changes(model, ref, sci, threshold=threshold, device=dev, flux_ratio=flux_ratio)
     rows = detection_catalog(found.detections, wcs=wcs)
@@ -4720,10 +5244,12 @@ def run_prediction(
         blur_reference=found.statistics.blur_reference, blur_science=found.statistics.blur_science,
         valid_fraction=float(found.valid.mean()), n_detections=len(rows),
     )
-    write_detections_csv(out / "detections.csv", rows)
-    write_json(out / "detections.json", record)
-    write_probability_fits(out / "mask.fits", found.prob, wcs=wcs, threshold=threshold, checkpoint=ckpt_path)
-    save_overlay(out / "overlay.png", ref, sci, rows, statistics=found.statistics)
+    # One set: a failure while writing any file leaves the previous run's files together.
+    with output_set() as staged:
+        write_detections_csv(out / "detections.csv", rows, staged=staged)
+        write_json(out / "detections.json", record, staged=staged)
+        write_probability_fits(out / "mask.fits", found.prob, wcs=wcs, threshold=threshold, checkpoint=ckpt_path, staged=staged)
+        save_overlay(out / "overlay.png", ref, sci, rows, statistics=found.statistics, staged=staged)
     print(f"{len(rows)} detections at threshold {threshold:.2f}, flux ratio {scale['flux_ratio']:.4g} ({scale['flux_ratio_source']}) -> {out / 'detections.csv'} (also detections.json, mask.fits, overlay.png)")
     return rows
 
@@ -4762,7 +5288,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", help="auto | cpu | cuda | mps")
     a("--threads", type=int, help="torch threads per process (0: one per core)")
     a("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
-    a("--output-dir", help="default runs/<timestamp>")
+    a("--output-dir", help="default runs/<timestamp>-<random>; one that holds a run is refused")
+    a("--overwrite", action="store_true", default=None, help="replace the run already in --output-dir (its files are deleted first)")
     a("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     a("--experiment", help="MLflow experiment name")
     a("--no-mlflow", dest="mlflow", action="store_false", default=None)
@@ -4789,6 +5316,12 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> Tr
     return dataclasses.replace(TrainConfig(), **{**(preset or {}), **overrides})
 
 
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """TrainConfig fields the user typed: every training flag defaults to None, so only those are set."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return [k for k, v in vars(args).items() if k in names and v is not None]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="standalone_training.py", description="AstrID: train and use a U-Net that finds what changed between two images of the sky.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -4802,14 +5335,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int, default=128)
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--output-dir", default="evaluation")
+    evaluate.add_argument("--output-dir", default="evaluation", help="one that holds an evaluation is refused")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the evaluation already in --output-dir")
     evaluate.add_argument("--fits-dir", default="", help="more real frames for the null tests")
     evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
     predict = commands.add_parser("predict", help="find anomalies in your own (reference, science) FITS pair")
     predict.add_argument("--science", required=True, help="FITS image (its WCS gives ra/dec)")
     predict.add_argument("--reference", help="FITS image of the same field on the same pixel grid")
     predict.add_argument("--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)")
-    predict.add_argument("--output-dir", required=True)
+    predict.add_argument("--output-dir", required=True, help="one that holds a prediction is refused")
+    predict.add_argument("--overwrite", action="store_true", help="replace the prediction already in --output-dir")
     predict.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     predict.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     predict.add_argument("--device", default="auto")
@@ -4873,7 +5408,14 @@ def cli(run: Any, *, debug: bool) -> int:
     except KeyboardInterrupt:
         print("astrid: interrupted", file=sys.stderr)
         return 130
-    except (AstridError, ValueError, OSError) as exc:
+    except MemoryError:
+        if debug:
+            raise
+        print("astrid: error: out of memory: use a smaller configuration (--image-size, --batch-size, --width, --samples)", file=sys.stderr)
+        return 2
+    # The project's refusals and the operating system's errors only: any other exception is
+    # a bug, and its traceback is what a bug report needs.
+    except (AstridError, OSError) as exc:
         if debug:
             raise
         print(f"astrid: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
@@ -4884,9 +5426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(debug=args.debug)
     if args.command == "train":
-        return cli(lambda: run_training(config_from_args(args)), debug=args.debug)
+        return cli(lambda: run_training(config_from_args(args), given=given_flags(args)), debug=args.debug)
     if args.command == "predict":
-        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio")
+        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "export":
         return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)
@@ -4894,7 +5436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = ("targets", "surveys", "cache_dir", "pixels", "timeout", "retries")
         return cli(lambda: run_fetch(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "evaluate":
-        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold", "fits_dir", "null_tests")
+        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold", "fits_dir", "null_tests", "overwrite")
         return cli(lambda: run_evaluation(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     return 2
 

@@ -104,7 +104,7 @@ def test_rank_zero_alone_writes_files_and_prints(ddp_run):
     assert outside_store("best.pt") == [root / "run" / "best.pt"]
     assert outside_store("last.pt") == [root / "run" / "last.pt"]
     assert [p.relative_to(store) for p in store.rglob("*.pt")] == [Path("best.pt")]
-    assert {p.name for p in root.iterdir()} == {"run", "mlflow.db", store_top.name}
+    assert {p.name for p in root.iterdir()} == {"run", "mlflow.db", "mlflow.db.lock", store_top.name}
     assert not [p for p in root.rglob("*") if "rank" in p.name.lower()]
     assert sum(line.startswith("outputs: ") for line in proc.stdout.splitlines()) == 1
     assert sum(" epoch   1/2 " in line for line in proc.stderr.splitlines()) == 1

@@ -21,6 +21,7 @@ import errno
 import json
 import multiprocessing
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -41,6 +42,7 @@ import standalone_training as st
 
 HERE = Path(__file__).resolve().parent
 MODULE = HERE / "standalone_training.py"
+RUNNER = HERE / "run_standalone_training.py"
 IS_ROOT = os.geteuid() == 0
 
 
@@ -86,12 +88,12 @@ def cli_env() -> dict:
 class Job:
     """`python standalone_training.py ARGS` whose output goes to files, so it can be watched live."""
 
-    def __init__(self, name: str, args: list[str], *, cwd: Path) -> None:
+    def __init__(self, name: str, args: list[str], *, cwd: Path, script: Path = MODULE) -> None:
         self.name, self.args = name, args
         cwd.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(MODULE), *args], cwd=cwd, env=cli_env(), stdout=out, stderr=err)
+            self.proc = subprocess.Popen([sys.executable, str(script), *args], cwd=cwd, env=cli_env(), stdout=out, stderr=err)
         self.started = time.monotonic()
         self.ended: float | None = None
         self.events: dict[str, float] = {}  # what the driver saw or did, and when (monotonic s)
@@ -261,7 +263,14 @@ def runs(tmp_path_factory) -> Runs:
                 state["mlflow_status"] = mlflow_client(uri[job.name]).get_run(run_id).info.status if run_id else "no run id"
 
         def resume(job: Job) -> None:
-            jobs["resume"] = Job("resume", ["train", "--resume", str(root / "sigint" / "last.pt"), "--device", "cpu"], cwd=root)
+            """Through the runner, whose default mode is a preset the user never typed, plus a typed --lr."""
+            jobs["resume"] = Job("resume", ["--resume", str(root / "sigint" / "last.pt"), "--device", "cpu", "--lr", "0.5"], cwd=root, script=RUNNER)
+
+        def resume_best(job: Job) -> None:
+            """The finished reference run's best.pt, copied so that a wrongful resume harms no other test."""
+            (root / "best_copy").mkdir()
+            shutil.copy2(root / "reference" / "best.pt", root / "best_copy" / "best.pt")
+            jobs["resume_best"] = Job("resume_best", ["train", "--resume", str(root / "best_copy" / "best.pt"), "--device", "cpu"], cwd=root)
 
         def resume_other_architecture(job: Job) -> None:
             """A real last.pt (width 8) whose architecture record now claims width 16."""
@@ -282,6 +291,7 @@ def runs(tmp_path_factory) -> Runs:
             "sigint": [(exists(root / "sigint" / "last.pt"), send(signal.SIGINT, "signal")), (exited, record), (exited, resume)],
             "sigterm": [(exists(root / "sigterm" / "last.pt"), send(signal.SIGTERM, "signal")), (exited, record), (exited, resume_other_architecture)],
             "double": [(exists(root / "double" / "last.pt"), send(signal.SIGINT, "signal")), (acknowledged, send(signal.SIGINT, "second signal"))],
+            "reference": [(exited, resume_best)],
             "mlflow_down": [(exists(root / "mlflow_down" / "config.json"), mark("config.json"))],
         }
         if disk is not None:
@@ -379,6 +389,39 @@ def test_resume_continues_the_same_mlflow_run(runs):
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
     assert sorted(steps) == list(range(1, EPOCHS + 1)), "each epoch logged once across the interruption"
+
+
+def test_resume_warns_only_about_the_flags_the_user_typed(runs):
+    """The runner's default mode sets --samples, --epochs and --batch-size; the user typed only --lr (and --device)."""
+    job = runs.jobs["resume"]
+    assert job.rc == 0, describe(job)
+    warnings = [line for line in nonblank_lines(job.stderr) if "ignoring" in line]
+    assert len(warnings) == 1, describe(job)
+    assert warnings[0].endswith("resuming with the saved configuration; ignoring --lr"), warnings[0]
+    assert json.loads((runs.root / "sigint" / "config.json").read_text())["lr"] == pytest.approx(st.TrainConfig().lr)
+
+
+def test_best_pt_is_the_best_epochs_own_state(runs):
+    """Weights, history, optimiser and early stopping all of the best epoch: nothing from later epochs."""
+    out = runs.root / "reference"
+    best = st.load_checkpoint(out / "best.pt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert best["kind"] == "best" and best["epoch"] == metrics["best_epoch"]
+    assert [h["epoch"] for h in best["history"]] == list(range(1, best["epoch"] + 1))
+    assert best["early_stopping"]["best_epoch"] == best["epoch"] and best["early_stopping"]["bad_epochs"] == 0
+    assert best["threshold"] == metrics["threshold"]
+    last = st.load_checkpoint(out / "last.pt")
+    assert last["kind"] == "last" and len(last["history"]) == last["epoch"] == EPOCHS
+
+
+def test_resume_from_best_pt_is_refused_with_the_reason(runs):
+    job = runs.jobs["resume_best"]
+    assert job.rc == 2, describe(job)
+    assert "Traceback" not in job.stderr, describe(job)
+    lines = nonblank_lines(job.stderr)
+    assert len(lines) == 1 and lines[0].startswith("astrid: error: "), describe(job)
+    assert "best epoch's weights" in lines[0] and "last.pt" in lines[0]
+    assert sorted(p.name for p in (runs.root / "best_copy").iterdir()) == ["best.pt"], "nothing written beside it"
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture_in_one_line(runs):
@@ -552,7 +595,7 @@ def test_mlflow_optional_trains_on_and_says_mlflow_was_off(runs):
     reason = "MLflow tracking server http://127.0.0.1:1 is unreachable (ConnectionError)"
     assert any("continuing WITHOUT MLflow" in line for line in nonblank_lines(job.stderr))
     assert job.stdout.strip().splitlines()[-1].endswith(f"MLflow run: none ({reason})")
-    assert json.loads((out / "metrics.json").read_text())["mlflow"] == {"enabled": False, "reason_off": reason}
+    assert json.loads((out / "metrics.json").read_text())["mlflow"] == {"enabled": False, "reason_off": reason, "failed_at": "start"}
 
 
 # -- 8. Reproducibility ----------------------------------------------------------
@@ -566,7 +609,8 @@ def test_deterministic_gives_the_same_metrics_as_the_default_on_cpu(runs):
     a, b = runs.root / "deterministic", runs.root / "reference"
     assert json.loads((a / "config.json").read_text())["deterministic"] is True
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    assert (ma.pop("mlflow"), mb.pop("mlflow")) == ({"enabled": False, "reason_off": "--no-mlflow"}, {"enabled": True, "reason_off": ""})
+    assert (ma.pop("mlflow"), mb.pop("mlflow")) == ({"enabled": False, "reason_off": "--no-mlflow", "failed_at": None},
+                                                  {"enabled": True, "reason_off": "", "failed_at": None})
     assert ma == mb
 
 
@@ -643,6 +687,32 @@ def inputs(tmp_path_factory) -> Inputs:
     readonly.chmod(0o500)
     p["readonly"] = str(readonly / "out")
     p["tiny"] = " ".join(["--samples", "12", "--epochs", "2", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", *OFFLINE, "--device", "cpu"])
+    p["tiny_energy"] = p["tiny"].replace(" --no-energy", "")
+    # A 14 KB FITS file whose header declares 100000 x 100000 float32 pixels (40 GB).
+    header = fits.Header([("SIMPLE", True), ("BITPIX", -32), ("NAXIS", 2), ("NAXIS1", 100_000), ("NAXIS2", 100_000)]).tostring().encode()
+    (root / "bomb.fits").write_bytes(header + b" " * (-len(header) % 2880) + bytes(4 * 2880))
+    p["bomb"] = str(root / "bomb.fits")
+    # Hostile checkpoints: a lying architecture record, no weights, NaN weights.
+    weights = model.state_dict()
+    for name, payload in {
+        "cfg_unknown": dict(model=weights, model_config={**model.config, "depth": 5}),
+        "cfg_negative": dict(model=weights, model_config={**model.config, "width": -4}),
+        "cfg_string": dict(model=weights, model_config={**model.config, "width": "4"}),
+        "no_model": dict(model_config=model.config, threshold=0.5),
+        "nan_weights": dict(model={k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}, model_config=model.config, threshold=0.5),
+    }.items():
+        p[name] = str(st.save_checkpoint(root / f"{name}.pt", payload))
+    # Resumable checkpoints (every key present) whose contents are tampered with.
+    resumable = dict(model=weights, model_config=model.config, optimizer={}, scheduler={}, early_stopping={}, epoch=1, step=0,
+                     history=[{"epoch": 1}], rng={}, loss_sum=0.0)
+    for name, payload in {
+        "resume_batch0": dict(resumable, config={**saved_config(width=4), "batch_size": 0}),
+        "resume_batch_str": dict(resumable, config={**saved_config(width=4), "batch_size": "4"}),
+        "resume_kind_best": dict(resumable, config=saved_config(width=4), kind="best"),
+        "resume_inconsistent": dict(resumable, config=saved_config(width=4), history=[{"epoch": e} for e in (1, 2, 3)]),
+    }.items():
+        (root / name).mkdir()
+        p[name] = str(st.save_checkpoint(root / name / "last.pt", payload))
     return Inputs(root, p, marker)
 
 
@@ -694,6 +764,27 @@ REFUSALS = [
     Refusal("predict-above-max-pixels", PREDICT + " --science {big_sci} --reference {big_ref} --checkpoint {ckpt} --max-pixels 1000", ("64x64", "pixel budget of 1000")),
     Refusal("predict-output-under-a-file", "predict --output-dir {under_file} --device cpu --science {sci} --reference {ref} --checkpoint {ckpt}", ("cannot create output directory",)),
     pytest.param(Refusal("predict-output-read-only", "predict --output-dir {readonly} --device cpu --science {sci} --reference {ref} --checkpoint {ckpt}", ("cannot create output directory",)), marks=UNLOCKABLE),
+    # Memory: configurations that cannot fit are refused before anything is allocated.
+    Refusal("train-width-beyond-memory", "train {tiny} --width 512", ("needs about", "GiB of memory", "--width")),
+    Refusal("train-image-size-beyond-memory", "train {tiny} --image-size 8192", ("needs about", "GiB of memory", "--image-size")),
+    Refusal("evaluate-image-size-beyond-memory", "evaluate --samples 2 --image-size 8192 --output-dir {out} --device cpu --checkpoint {ckpt}", ("needs about", "GiB of memory")),
+    Refusal("fits-header-declares-40-gb", PREDICT + " --science {bomb} --reference {ref} --checkpoint {ckpt}", ("bomb.fits", "100000x100000", "pixel budget")),
+    Refusal("fits-header-declares-40-gb-with-a-large-budget", PREDICT + " --science {bomb} --reference {ref} --checkpoint {ckpt} --max-pixels 20000000000", ("bomb.fits", "truncated", "100000x100000")),
+    # Hostile checkpoint contents.
+    Refusal("checkpoint-unknown-model-config-key", EVALUATE + " --checkpoint {cfg_unknown}", ("model_config has unknown keys", "'depth'")),
+    Refusal("checkpoint-negative-width", EVALUATE + " --checkpoint {cfg_negative}", ("model_config width must be a positive integer", "-4")),
+    Refusal("checkpoint-string-width", PREDICT + " --science {sci} --reference {ref} --checkpoint {cfg_string}", ("model_config width must be a positive integer", "'4'")),
+    Refusal("checkpoint-without-model", EVALUATE + " --checkpoint {no_model}", ("holds no model weights",)),
+    Refusal("checkpoint-nan-weights-predict", PREDICT + " --science {sci} --reference {ref} --checkpoint {nan_weights}", ("non-finite weights",)),
+    Refusal("checkpoint-nan-weights-evaluate", EVALUATE + " --checkpoint {nan_weights}", ("non-finite weights",)),
+    Refusal("resume-tampered-batch-size-zero", "train --device cpu --resume {resume_batch0}", ("saved configuration is invalid", "batch-size must be >= 1")),
+    Refusal("resume-tampered-batch-size-string", "train --device cpu --resume {resume_batch_str}", ("batch_size = '4'",)),
+    Refusal("resume-best-checkpoint", "train --device cpu --resume {resume_kind_best}", ("best epoch's weights", "last.pt")),
+    Refusal("resume-history-longer-than-epoch", "train --device cpu --resume {resume_inconsistent}", ("saved at epoch 1", "history holds 3 epochs")),
+    # Smaller: values accepted elsewhere, a country without data, more threads than cores.
+    Refusal("evaluate-threshold-above-1", EVALUATE + " --checkpoint {ckpt} --threshold 5", ("threshold must lie in (0, 1]", "5")),
+    Refusal("train-unknown-country", "train {tiny_energy} --country ZZZ", ("--country 'ZZZ'", "world average")),
+    Refusal("train-threads-beyond-cores", "train {tiny} --threads 999", ("--threads 999", "cores")),
 ]
 # Not refusals, run alongside them: the same inputs accepted, and --debug's traceback.
 CONTROLS = {
@@ -780,7 +871,9 @@ def test_a_forked_run_refuses_exactly_like_a_fresh_interpreter(refusals):
     for name in ("samples-zero", "debug-traceback"):
         forked, fresh = refusals[name], refusals[f"{name}-subprocess"]
         assert forked.rc == fresh.rc
-        assert nonblank_lines(forked.stderr)[-1] == nonblank_lines(fresh.stderr)[-1]
+        # The exception's class is qualified by its module, which is __main__ in a fresh interpreter.
+        unqualified = lambda line: re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", line)  # noqa: E731
+        assert unqualified(nonblank_lines(forked.stderr)[-1]) == unqualified(nonblank_lines(fresh.stderr)[-1])
         assert ("Traceback" in forked.stderr) == ("Traceback" in fresh.stderr)
 
 
@@ -817,7 +910,8 @@ def test_debug_shows_the_traceback(refusals):
     job = refusals["debug-traceback"]
     assert job.rc not in (0, None)
     assert "Traceback (most recent call last)" in job.stderr
-    assert nonblank_lines(job.stderr)[-1] == "ValueError: samples must be >= 1, got 0"
+    assert nonblank_lines(job.stderr)[-1].endswith("ConfigError: samples must be >= 1, got 0")
+    assert issubclass(st.ConfigError, (st.AstridError, ValueError))
 
 
 def test_a_checkpoint_with_code_in_it_never_runs_the_code(refusals, inputs):

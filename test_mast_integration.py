@@ -593,3 +593,21 @@ def test_cli_mast_with_unreachable_service_falls_back_or_fails_on_one_line(skyvi
     assert len(errors) == 1 and "--no-fallback" in errors[0]
     assert "Traceback" not in refused.stderr
     assert not (tmp_path / "run2" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("content", ["null", "[]"])
+def test_cli_fetch_with_a_manifest_of_the_wrong_type_ignores_it_and_refetches(skyview, tmp_path, content):
+    """A manifest that is not a mapping is ignored with a warning, never an AttributeError traceback."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(content)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(_astroquery_config(tmp_path, skyview_conf.url))}
+    cmd = [sys.executable, str(Path(__file__).parent / "standalone_training.py"), "fetch", "--targets", "M13", "--surveys", "DSS2 Red",
+           "--cache-dir", str(cache), "--retries", "0", "--timeout", "5"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "ignoring" in result.stderr and "manifest.json" in result.stderr
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert isinstance(manifest, dict) and any(isinstance(entry, dict) and entry.get("sha256") for entry in manifest.values())
+    assert skyview.requests, "the frame was fetched again from the local replay server"
