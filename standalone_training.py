@@ -3828,7 +3828,7 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
 TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
                  "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
-PREDICTION_OUTPUTS = ("detections.csv", "mask.fits", "overlay.png")
+PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "mask.fits", "overlay.png")
 RUN_MARKERS = {  # the files that say "a previous run lives here"
     "training run": ("config.json", "last.pt", "best.pt", "metrics.json"),
     "evaluation": ("evaluation.json",),
