@@ -8,7 +8,8 @@ versions see exactly the same pixels; each pair then goes the way the older `pre
 its `probability_map` with its shipped weights and its operating threshold, and the
 components of that map, without a flux-ratio fit or a significance gate. Prints one JSON
 object: per frame, detections on the identical pair and false detections per megapixel
-(worst and mean over the noise pairs, worst over the flux-ratio pairs).
+(worst and mean over the noise pairs, worst over the flux-ratio pairs and over the
+seeing-mismatch pairs).
 
 ``diagnosis`` holds what was measured to find the cause, on M13:
 
@@ -64,8 +65,10 @@ def main() -> None:
             cases.append({**case, "detections": n, "per_megapixel": n / (reference.size / 1e6)})
         noise = [c["per_megapixel"] for c in cases if c["kind"] == "noise"]
         flux = [c["per_megapixel"] for c in cases if c["kind"] == "flux"]
+        seeing = [c["per_megapixel"] for c in cases if c["kind"] == "seeing"]
         report[frame.name] = dict(identical_detections=cases[0]["detections"], noise_per_megapixel_max=max(noise),
-                                  noise_per_megapixel_mean=float(np.mean(noise)), flux_per_megapixel_max=max(flux), cases=cases)
+                                  noise_per_megapixel_mean=float(np.mean(noise)), flux_per_megapixel_max=max(flux),
+                                  seeing_per_megapixel_max=max(seeing), cases=cases)
     print(json.dumps(dict(module=str(args.old_module), threshold=threshold, frames=report, diagnosis=diagnose(old, model, threshold)), indent=1))
 
 
