@@ -339,3 +339,57 @@ def test_mixed_data_takes_the_asked_share_of_real_tiles(tmp_path):
     np.testing.assert_array_equal(mixed[i][0].numpy(), real[i][0].numpy())
     j = int(np.flatnonzero(~mixed.is_real)[0])
     np.testing.assert_array_equal(mixed[j][0].numpy(), synthetic[j][0].numpy())
+
+
+def test_plain_fields_of_the_training_sky_follow_the_plain_sky():
+    plain = st.SyntheticAstronomicalDataset(40, image_size=32, sky=st.dataclasses.replace(st.TRAINING_SKY, plain_fraction=1.0), seed=4)
+    wide = st.SyntheticAstronomicalDataset(40, image_size=32, sky=st.dataclasses.replace(st.TRAINING_SKY, plain_fraction=0.0), seed=4)
+    lo, hi = st.SkyConfig().fwhm_reference
+    assert all(lo <= plain.simulate(i).psf_reference.fwhm <= hi for i in range(40))
+    assert any(not lo <= wide.simulate(i).psf_reference.fwhm <= hi for i in range(40))
+
+
+# ----------------------------------------------------------------------------
+# 7. Seeing: measured on the same stars, matched before differencing
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", [1.0, 2.5, 3.0])
+def test_the_seeing_of_one_frame_under_different_noise_is_one_seeing(frames, noise):
+    """Paired per-star ratios: a noisier copy of a frame has its seeing, and needs no blur."""
+    frame = frames[1].data
+    rng = np.random.default_rng(10)
+    sigma = st.robust_background(frame)[1]
+    reference = frame + rng.normal(0, 0.25 * sigma, frame.shape)
+    science = frame + rng.normal(0, noise * sigma, frame.shape)
+    psf_reference, psf_science = st.measure_seeing(reference, science)
+    assert psf_reference.measured and psf_science.measured
+    assert psf_science.fwhm / psf_reference.fwhm == pytest.approx(1.0, abs=0.05)
+    assert st.matching_blur(psf_reference.fwhm, psf_science.fwhm) == (0.0, 0.0)
+
+
+def test_a_blurred_science_epoch_is_measured_and_matched(frames):
+    frame = frames[0].data
+    fwhm = st.measure_psf_fwhm(frame).fwhm
+    blur = np.sqrt(1.5**2 - 1.0) * fwhm / 2.3548
+    science = st.ndimage.gaussian_filter(frame, blur)
+    psf_reference, psf_science = st.measure_seeing(frame, science)
+    assert psf_science.fwhm / psf_reference.fwhm == pytest.approx(1.5, rel=0.1)
+    blur_reference, blur_science = st.matching_blur(psf_reference.fwhm, psf_science.fwhm)
+    assert blur_science == 0.0 and blur_reference == pytest.approx(blur, rel=0.15)
+    statistics = st.pair_statistics(frame, science, fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm)
+    unmatched = st.pair_statistics(frame, science)
+    # Matched, the bright stars' rings shrink: the difference's largest residual falls.
+    assert np.abs(st.scaled_difference(frame, science, statistics)).max() < 0.5 * np.abs(st.scaled_difference(frame, science, unmatched)).max()
+
+
+def test_init_weights_of_another_width_is_refused_in_one_line(tmp_path):
+    narrow = st.StandaloneUNet(width=8)
+    st.save_checkpoint(tmp_path / "narrow.pt", {"model": narrow.state_dict(), "model_config": narrow.config})
+    result = subprocess.run(
+        [sys.executable, str(HERE / "standalone_training.py"), "train", "--samples", "8", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+         "--test-samples", "2", "--no-mlflow", "--no-energy", "--device", "cpu", "--init-weights", str(tmp_path / "narrow.pt"), "--output-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "init-weights" in result.stderr and "width" in result.stderr and "Traceback" not in result.stderr
