@@ -61,10 +61,10 @@ def m13() -> np.ndarray:
 def test_the_battery_covers_simulated_and_real_frames(frames, battery):
     names = [f.name for f in frames]
     assert sum(n.startswith("simulated") for n in names) == 2 and any("M13" in n for n in names)
-    per_frame = 1 + len(st.NULL_NOISE_LEVELS) * len(st.NULL_NOISE_RATIOS) + len(st.NULL_FLUX_RATIOS)
+    per_frame = 1 + len(st.NULL_NOISE_LEVELS) * len(st.NULL_NOISE_RATIOS) + len(st.NULL_FLUX_RATIOS) + len(st.NULL_SEEING_RATIOS)
     assert battery["summary"]["pairs"] == per_frame * len(frames)
     kinds = {c["kind"] for r in battery["frames"] for c in r["cases"]}
-    assert kinds == {"identical", "noise", "flux"}
+    assert kinds == {"identical", "noise", "flux", "seeing"}
 
 
 def test_identical_pairs_give_zero_detections(battery):
@@ -79,6 +79,14 @@ def test_noise_only_pairs_stay_under_one_false_detection_per_megapixel(battery):
             if case["kind"] == "noise":
                 assert "refused" not in case, case
                 assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (report["frame"], case)
+
+
+def test_seeing_mismatch_pairs_give_no_false_detection(battery):
+    """The science epoch blurred to 1.25x and 1.5x the frame's seeing: PSF matching, then nothing."""
+    for report in battery["frames"]:
+        for case in report["cases"]:
+            if case["kind"] == "seeing":
+                assert case["detections"] == 0, (report["frame"], case)
 
 
 def test_flux_ratio_pairs_stay_under_one_false_detection_per_megapixel(battery):
