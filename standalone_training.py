@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -2935,6 +2935,54 @@ def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: f
     return find_components(np.abs(snr), threshold=threshold, valid=valid)
 
 
+SEP_THRESHOLD = 1.5  # sigma of the background RMS: SExtractor's DETECT_THRESH default
+SEP_MIN_AREA = 5  # px: SExtractor's DETECT_MINAREA default
+
+
+def sep_detections(difference: np.ndarray, *, threshold: float = SEP_THRESHOLD, min_area: int = SEP_MIN_AREA,
+                   valid: np.ndarray | None = None) -> list[dict]:
+    """SExtractor, as an astronomer would run it on a difference image, through `sep`.
+
+    The difference's background (sep's 64 px mesh, as SExtractor's BACK_SIZE default) is
+    subtracted, then objects of at least `min_area` pixels above `threshold` times the global
+    background RMS are extracted on both signs (a fading variable is a negative source).
+    Beside the matched filter, it is the baseline users know: it shows what a plain source
+    finder does with dipoles, cosmic rays and noise.
+
+    Parameters
+    ----------
+    difference : ndarray, shape (H, W)
+        Science minus reference; non-finite pixels are masked.
+    threshold, min_area
+        SExtractor's DETECT_THRESH (sigma) and DETECT_MINAREA (px).
+    valid : ndarray of bool, optional
+        Pixels where both epochs have data; others are masked.
+
+    Returns
+    -------
+    list of dict
+        ``x``, ``y`` (0-based pixel centroid), ``peak`` (|peak| in RMS units), ``area_px``, ``sign``:
+        the keys `match_objects` reads, like `find_components`.
+    """
+    import sep
+
+    data = np.ascontiguousarray(difference, dtype=np.float64)
+    mask = ~np.isfinite(data) if valid is None else ~(np.asarray(valid, dtype=bool) & np.isfinite(data))
+    data = np.where(mask, 0.0, data)
+    side = min(64, *data.shape)
+    background = sep.Background(data, mask=mask, bw=side, bh=side)
+    residual = data - background.back()
+    rms = background.globalrms
+    if not rms > 0:  # a blank difference (an identical pair): nothing can stand above zero noise
+        return []
+    detections = []
+    for sign in (1.0, -1.0):
+        objects = sep.extract(sign * residual, threshold, err=rms, mask=mask, minarea=min_area)
+        detections += [{"x": float(o["x"]), "y": float(o["y"]), "peak": float(o["peak"]) / rms,
+                        "area_px": int(o["npix"]), "sign": sign} for o in objects]
+    return detections
+
+
 def _check_edges(bins: Sequence[float]) -> np.ndarray:
     edges = np.asarray(bins, dtype=float)
     if edges.ndim != 1 or edges.size < 2 or np.any(edges <= 0) or np.any(np.diff(edges) <= 0):
@@ -3025,10 +3073,54 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+CONFIDENCE = 0.95  # of every interval AstrID reports
+BOOTSTRAP_RESAMPLES = 200  # enough for a 95% interval's ends to settle to a few per cent of the SNR
+BOOTSTRAP_SEED = 20261128  # intervals repeat exactly; any seed works
+
+
+def wilson_interval(count: int, total: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``count / total``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0/n and n/n,
+    which is where completeness bins of 20 objects sit. NaNs when ``total`` is 0.
+    """
+    if total <= 0:
+        return math.nan, math.nan
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(count), int(total)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def bootstrap_snr_at_completeness(snr: np.ndarray, recovered: np.ndarray, *, bins: Sequence[float], level: float,
+                                  rng: np.random.Generator, resamples: int = BOOTSTRAP_RESAMPLES,
+                                  confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile bootstrap interval of `snr_at_completeness`, resampling the objects.
+
+    A threshold crossing is not a proportion, so no binomial formula applies: the objects are
+    drawn with replacement, the curve and its crossing recomputed. Resamples that never reach
+    `level` count as +inf, so an interval whose top is None (JSON) says "possibly never".
+    """
+    snr, recovered = np.asarray(snr, dtype=float), np.asarray(recovered, dtype=bool)
+    if snr.size == 0:
+        return math.nan, math.nan
+    edges = _check_edges(bins)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    values = np.empty(resamples)
+    for b in range(resamples):
+        pick = rng.integers(0, snr.size, snr.size)
+        _, curve, _ = completeness_curve(snr[pick], recovered[pick], bins=edges)
+        crossing = snr_at_completeness(centres, curve, level)
+        values[b] = math.inf if math.isnan(crossing) else crossing
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
 def _ratio(count: int, total: int) -> dict:
-    """A ratio with the counts it was computed from, so that small samples show."""
+    """A ratio with the counts it was computed from and its Wilson interval, so that small samples show."""
+    low, high = wilson_interval(count, total)
     return {"value": _json_float(count / total) if total else None,
-            "count": int(count), "total": int(total)}
+            "count": int(count), "total": int(total), "interval": [_json_float(low), _json_float(high)]}
 
 
 def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence[Sequence[dict]],
@@ -3050,10 +3142,12 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
         JSON-serialisable (plain floats and ints, None for undefined values). Every ratio is
         ``{"value", "count", "total"}``. Keys: ``n_images``, ``completeness`` (``overall``,
         ``by_type``), ``completeness_by_snr`` (``edges``, ``centres``, then ``overall`` and
-        ``by_type`` with ``completeness`` and ``counts`` lists), ``snr50`` and ``snr90``
-        (``overall``, ``by_type``), ``purity``, ``false_detections_per_image``
+        ``by_type`` with ``completeness``, ``counts`` and the Wilson band's ``low`` and ``high``
+        lists), ``snr50`` and ``snr90`` (``overall``, ``by_type``), ``snr50_interval`` (the
+        bootstrap's [low, high], None for "never reached"), ``purity``, ``false_detections_per_image``
         (``value``, ``n_false``, ``n_images``), ``bogus_pass_rate`` (``overall``, ``by_type``),
-        ``completeness_snr_ge_10`` (``point``, ``trail``). Every anomaly and bogus type is
+        ``completeness_snr_ge_10`` (``point``, ``trail``). Every ratio also carries its 95%
+        Wilson ``interval``. Every anomaly and bogus type is
         always present, so summaries of different runs share one schema.
     """
     if len(per_image_results) != len(truths):
@@ -3083,14 +3177,19 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
     # 2. Completeness, its SNR curve and its 50% and 90% points, for all and per type.
     groups = {"overall": np.ones(len(recovered), dtype=bool)}
     groups.update({t: anomaly_type == t for t in ANOMALY_TYPES})
-    completeness, curves, snr50, snr90 = {}, {}, {}, {}
+    completeness, curves, snr50, snr50_interval, snr90 = {}, {}, {}, {}, {}
     centres = np.sqrt(edges[:-1] * edges[1:])
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
     for name, sel in groups.items():
         completeness[name] = _ratio(np.count_nonzero(recovered[sel]), np.count_nonzero(sel))
         _, curve, counts = completeness_curve(anomaly_snr[sel], recovered[sel], bins=edges)
+        hits, _ = np.histogram(anomaly_snr[sel][recovered[sel]], bins=edges)
+        bands = [wilson_interval(h, n) for h, n in zip(hits, counts)]
         curves[name] = {"completeness": [_json_float(c) for c in curve],
-                        "counts": [int(n) for n in counts]}
+                        "counts": [int(n) for n in counts],
+                        "low": [_json_float(lo) for lo, _ in bands], "high": [_json_float(hi) for _, hi in bands]}
         snr50[name] = _json_float(snr_at_completeness(centres, curve, 0.5))
+        snr50_interval[name] = [_json_float(v) for v in bootstrap_snr_at_completeness(anomaly_snr[sel], recovered[sel], bins=edges, level=0.5, rng=rng)]
         snr90[name] = _json_float(snr_at_completeness(centres, curve, 0.9))
 
     def split(per_group: dict) -> dict:
@@ -3113,6 +3212,7 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
         "completeness_by_snr": {"edges": [float(e) for e in edges],
                                 "centres": [float(c) for c in centres], **split(curves)},
         "snr50": split(snr50),
+        "snr50_interval": split(snr50_interval),
         "snr90": split(snr90),
         "purity": _ratio(n_real, n_detections),
         "false_detections_per_image": {
@@ -3203,8 +3303,10 @@ def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list 
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
 
 
-def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike) -> Path:
+def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike, *, summary_sep: dict | None = None) -> Path:
     """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
+
+    Overall curves carry their 95% Wilson band.
 
     Parameters
     ----------
@@ -3212,6 +3314,8 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
         Outputs of `summarise_objects` for the network and the matched-filter baseline.
     path : str or Path
         Where to save the figure.
+    summary_sep : dict, optional
+        The SExtractor baseline's summary: its overall curve, dotted.
 
     Returns
     -------
@@ -3232,6 +3336,15 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
             shown = np.isfinite(y)
             ax.plot(centres[shown], y[shown], style, marker=marker, ms=3, color=colour,
                     lw=2.2 if name == "overall" else 1.2)
+            if name == "overall" and "low" in curve:
+                # Bins of 20 objects jump by 10 points: the 95% Wilson band says which jumps are noise.
+                low, high = (np.array([np.nan if v is None else v for v in curve[k]]) for k in ("low", "high"))
+                ax.fill_between(centres[shown], low[shown], high[shown], color=colour, alpha=0.12 if style == "-" else 0.06, lw=0)
+    if summary_sep is not None:
+        curve = summary_sep["completeness_by_snr"]
+        y = np.array([np.nan if c is None else c for c in curve["overall"]["completeness"]])
+        shown = np.isfinite(y)
+        ax.plot(np.asarray(curve["centres"])[shown], y[shown], ":", marker="^", ms=3, color="black", lw=1.6)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
@@ -3242,6 +3355,8 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
                     for n, c in colours.items()]
     style_handles = [Line2D([], [], color="grey", ls="-", marker="o", label="network"),
                      Line2D([], [], color="grey", ls="--", marker="s", label="matched filter")]
+    if summary_sep is not None:
+        style_handles.append(Line2D([], [], color="grey", ls=":", marker="^", label="SExtractor (sep), overall"))
     legend = ax.legend(handles=type_handles, loc="lower right", fontsize=8)
     ax.add_artist(legend)
     ax.legend(handles=style_handles, loc="center right", fontsize=8)
@@ -3408,13 +3523,15 @@ def evaluate_model(
     truths = [truth for _, truth, _ in items]
     probs = predict_probabilities(model, inputs, device=device)
 
-    net_results, base_results, examples = [], [], []
+    net_results, base_results, sep_results, examples = [], [], [], []
     for i, (_, _, raw) in enumerate(items):
         detections = detect_changes(probs[i], raw_significance(raw), threshold=threshold)
         net = match_objects(detections, truths[i])
         net_results.append(net)
         psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
-        base_results.append(match_objects(baseline_detections(raw.science.astype(np.float64) - raw.reference, psf=psf, threshold=baseline_sigma), truths[i]))
+        difference = raw.science.astype(np.float64) - raw.reference
+        base_results.append(match_objects(baseline_detections(difference, psf=psf, threshold=baseline_sigma), truths[i]))
+        sep_results.append(match_objects(sep_detections(difference), truths[i]))
         examples += _gallery_examples(inputs[i].numpy(), probs[i], truths[i], detections, net)
     result = {
         "n_images": n,
@@ -3424,10 +3541,12 @@ def evaluate_model(
         "network": summarise_objects(net_results, truths),
         "baseline": summarise_objects(base_results, truths),
         "baseline_rule": f"PSF matched filter on the raw difference, |SNR| >= {baseline_sigma:g}",
+        "sextractor": summarise_objects(sep_results, truths),
+        "sextractor_rule": f"sep (SExtractor) on the background-subtracted raw difference, {SEP_THRESHOLD:g} sigma, >= {SEP_MIN_AREA} px, both signs",
     }
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png")
+        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png", summary_sep=result["sextractor"])
         if masks.any():
             plot_precision_recall(masks.ravel() > 0.5, probs.ravel(), output_dir / "precision_recall.png")
         misses = [e for e in examples if e["kind"] == "miss"][:6]
@@ -3649,8 +3768,10 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
                 cases.append({**case, "refused": _one_line(exc)})
                 continue
             n = len(found.detections)
+            # SExtractor on the same flux-matched, PSF-matched difference: what a plain source finder reports here.
+            n_sep = len(sep_detections(scaled_difference(reference, science, found.statistics), valid=found.valid))
             cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
-                          "fitted_flux_ratio": found.scale["flux_ratio"]})
+                          "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.scale["flux_ratio"]})
         rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux", "seeing")}
         identical = [c for c in cases if c["kind"] == "identical"][0]
         reports.append(dict(
@@ -3658,6 +3779,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
             identical_detections=identical.get("detections"),
             noise_per_megapixel_max=max(rates["noise"], default=None), noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
             flux_per_megapixel_max=max(rates["flux"], default=None), seeing_per_megapixel_max=max(rates["seeing"], default=None),
+            sextractor_per_megapixel_max=max((c["sextractor_per_megapixel"] for c in cases if "sextractor_per_megapixel" in c), default=None),
             refused=sum("refused" in c for c in cases),
         ))
 
@@ -3669,7 +3791,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
         frames=len(reports), pairs=sum(len(r["cases"]) for r in reports), refused=sum(r["refused"] for r in reports),
         identical_detections=sum(r["identical_detections"] or 0 for r in reports),
         noise_per_megapixel_max=worst("noise_per_megapixel_max"), flux_per_megapixel_max=worst("flux_per_megapixel_max"),
-        seeing_per_megapixel_max=worst("seeing_per_megapixel_max"),
+        seeing_per_megapixel_max=worst("seeing_per_megapixel_max"), sextractor_per_megapixel_max=worst("sextractor_per_megapixel_max"),
         threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE,
     )
     return dict(summary=summary, frames=reports)
@@ -4035,7 +4157,7 @@ class MlflowRun:
             log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
             self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
 
-    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "") -> None:
+    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "", parent_run_id: str = "") -> None:
         if not self.enabled:
             return
         self._check_server()
@@ -4065,7 +4187,7 @@ class MlflowRun:
                 if resume_run_id:
                     run = mlflow.start_run(run_id=resume_run_id)
                 else:
-                    run = mlflow.start_run(run_name=run_name)
+                    run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id or None)
                     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
                 self.run_id = run.info.run_id
                 mlflow.set_tags(tags)
@@ -4418,6 +4540,10 @@ class TrainingInterrupted(AstridError):
     """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
 
 
+class TrainingPruned(AstridError):
+    """An ``on_epoch_end`` hook stopped the run (a sweep's pruner): best.pt so far is kept."""
+
+
 class TrainingDiverged(AstridError):
     """The monitored metric was never finite: the NaN early stop ended the run with no model."""
 
@@ -4467,8 +4593,12 @@ class StandaloneTrainer:
     energy and writes files.
     """
 
-    def __init__(self, config: TrainConfig, *, given: Sequence[str] | None = None) -> None:
+    def __init__(self, config: TrainConfig, *, given: Sequence[str] | None = None,
+                 on_epoch_end: Callable[[int, dict], None] | None = None, parent_run_id: str = "") -> None:
         config.validate()
+        # A sweep watches each epoch's history row; raising TrainingPruned ends the run cleanly.
+        self.on_epoch_end = on_epoch_end
+        self.parent_run_id = parent_run_id  # MLflow: this run is a nested child of that one
         self.cfg = config
         # Flags typed on the command line (given_flags); None: every field that differs from the defaults.
         self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(TrainConfig(), f.name)}
@@ -4755,7 +4885,7 @@ class StandaloneTrainer:
             write_json(self.output_dir / "config.json", dataclasses.asdict(cfg))
         params = {**dataclasses.asdict(cfg), "parameters": n_params, "world_size": dist.world_size, "global_batch_size": cfg.batch_size * dist.world_size, "real_fraction": self.data_info["real_fraction"]}
         tags = {"data_source": self.data_info["data_source"], "device": str(self.device)}
-        self.tracker.start(run_name=self.output_dir.name, params=params, tags=tags, resume_run_id=resume.get("mlflow_run_id", "") if resume else "")
+        self.tracker.start(run_name=self.output_dir.name, params=params, tags=tags, resume_run_id=resume.get("mlflow_run_id", "") if resume else "", parent_run_id=self.parent_run_id)
         self.energy.start()
         previous_handlers = self._install_signal_handlers()
         status = "FAILED"
@@ -4763,8 +4893,10 @@ class StandaloneTrainer:
             metrics = self._loop(start_epoch, start_step, loss_sum, n_params)
             status = "FINISHED"
             return metrics
-        except (TrainingInterrupted, KeyboardInterrupt):
+        except (TrainingInterrupted, TrainingPruned, KeyboardInterrupt) as exc:
             status = "KILLED"
+            if isinstance(exc, TrainingPruned):
+                self.tracker.set_tags({"pruned": str(exc)})
             raise
         except TrackingError as exc:
             last = self.output_dir / "last.pt"
@@ -4834,6 +4966,8 @@ class StandaloneTrainer:
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if improved:
                 best_state = {k: v.detach().clone() for k, v in self._bare_model().state_dict().items()}
+            if self.on_epoch_end is not None and dist.is_main:
+                self.on_epoch_end(epoch + 1, row)
             if self.stopper.should_stop:
                 if dist.is_main:
                     log.info("early stopping: %s", self.stopper.stop_reason)
@@ -4963,6 +5097,18 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
+    """`value [low, high]`; an open top (None) is printed as inf."""
+    low, high = interval
+    low, high = _fmt(low), ("inf" if high is None and low is not None else _fmt(high))
+    return f"{_fmt(value)} [{low}, {high}]"
+
+
+def _fmt_ratio(ratio: dict) -> str:
+    """A `_ratio` with its Wilson interval."""
+    return _fmt_interval(ratio["value"], ratio.get("interval", (None, None)))
+
+
 def _progress(iterable: Any, **kwargs: Any) -> Any:
     """tqdm over batches, on stderr, quiet when not attached to a terminal."""
     from tqdm.auto import tqdm
@@ -5074,22 +5220,24 @@ def run_evaluation(
     if null_tests:
         result["null"] = null_battery(model, null_frames(fits_dir=fits_dir), threshold=threshold, device=dev)
     write_json(out / "evaluation.json", result)
-    net, base = result["network"], result["baseline"]
-    print(f"{'':28s}{'network':>12s}{'baseline':>12s}")
+    summaries = (result["network"], result["baseline"], result["sextractor"])
+    print(f"{'':26s}" + "".join(f"{h:>22s}" for h in ("network", "matched filter", "SExtractor (sep)")))
     rows = [
-        ("completeness", net["completeness"]["overall"]["value"], base["completeness"]["overall"]["value"]),
-        ("SNR at 50% completeness", net["snr50"]["overall"], base["snr50"]["overall"]),
-        ("purity", net["purity"]["value"], base["purity"]["value"]),
-        ("false detections / image", net["false_detections_per_image"]["value"], base["false_detections_per_image"]["value"]),
-        ("bogus pass rate", net["bogus_pass_rate"]["overall"]["value"], base["bogus_pass_rate"]["overall"]["value"]),
+        ("completeness", lambda s: _fmt_ratio(s["completeness"]["overall"])),
+        ("SNR at 50% completeness", lambda s: _fmt_interval(s["snr50"]["overall"], s["snr50_interval"]["overall"])),
+        ("purity", lambda s: _fmt_ratio(s["purity"])),
+        ("false detections / image", lambda s: _fmt(s["false_detections_per_image"]["value"])),
+        ("bogus pass rate", lambda s: _fmt_ratio(s["bogus_pass_rate"]["overall"])),
     ]
-    for name, a, b in rows:
-        print(f"{name:28s}{_fmt(a):>12s}{_fmt(b):>12s}")
+    for name, cell in rows:
+        print(f"{name:26s}" + "".join(f"{cell(s):>22s}" for s in summaries))
+    print("(in brackets: 95% intervals, Wilson for ratios, bootstrap for the SNR at 50%)")
     if null_tests:
         for frame in result["null"]["frames"]:
             print(f"null test, {frame['frame']}: {frame['identical_detections']} detections on the identical pair; "
                   f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio pairs <= {_fmt(frame['flux_per_megapixel_max'])}, "
-                  f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}; {frame['refused']} refused")
+                  f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}; {frame['refused']} refused; "
+                  f"SExtractor on the same differences: <= {_fmt(frame.get('sextractor_per_megapixel_max'))} per megapixel")
     print(f"evaluation: {out / 'evaluation.json'}")
     return result
 
@@ -5265,6 +5413,206 @@ def export_weights(checkpoint: str, output: str) -> Path:
 
 
 # ----------------------------------------------------------------------------
+# Experiments: sweeps of training configurations
+# ----------------------------------------------------------------------------
+
+DEFAULT_SWEEP_SPACE = Path(__file__).resolve().parent / "sweep_space.json"
+SWEEP_OBJECTIVE = "val_average_precision"  # maximised: unlike val_loss, it does not change scale with the loss weights
+SWEEP_KINDS = ("float", "int", "categorical")
+SWEEP_PARAMETERS = ("width", "lr", "batch_size", "bce_weight", "dice_weight", "image_size", "samples", "weight_decay", "real_fraction")
+
+
+def load_sweep_space(path: str | os.PathLike) -> dict[str, dict]:
+    """The search space: ``{name: {"type": float|int|categorical, ...}}`` from a JSON file.
+
+    Each entry names a TrainConfig field in SWEEP_PARAMETERS. ``float`` and ``int`` take
+    ``low``, ``high`` and optionally ``log``/``step``; ``categorical`` takes ``choices``. An
+    optional ``default`` is the first trial of a new study, so the baseline is always measured.
+    """
+    try:
+        space = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        msg = f"cannot read the sweep space {path} ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+        raise ConfigError(msg) from None
+    if not isinstance(space, dict) or not space:
+        msg = f"{path}: the sweep space must be a non-empty JSON object of parameters"
+        raise ConfigError(msg)
+    for name, spec in space.items():
+        if name not in SWEEP_PARAMETERS:
+            msg = f"{path}: {name!r} cannot be swept; choose from {', '.join(SWEEP_PARAMETERS)}"
+            raise ConfigError(msg)
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        needed = ("choices",) if kind == "categorical" else ("low", "high")
+        if kind not in SWEEP_KINDS or any(k not in spec for k in needed):
+            msg = f"{path}: {name} needs type (one of {', '.join(SWEEP_KINDS)}) and {' and '.join(needed)}"
+            raise ConfigError(msg)
+    return space
+
+
+def suggest_config(trial: Any, space: dict[str, dict], base: TrainConfig) -> TrainConfig:
+    """`base` with each swept field drawn by the trial (validated like a command line)."""
+    values = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "int":
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+        else:
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+    cfg = dataclasses.replace(base, **values)
+    cfg.validate()
+    return cfg
+
+
+def _mlflow_parent(cfg: TrainConfig, *, study: Any, sweep_dir: Path) -> str:
+    """The sweep's MLflow parent run: made once per study, its id kept in the study."""
+    if not cfg.mlflow:
+        return ""
+    parent = study.user_attrs.get("mlflow_parent_run_id", "")
+    if parent:
+        return parent
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    _quiet_loggers()
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg.tracking_uri))
+        run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}", tags={"astrid.sweep": study.study_name, "sweep_dir": str(sweep_dir)})
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Path, parent_run_id: str) -> Callable[[Any], float]:
+    """One Optuna trial: an ordinary training run in sweep_dir/trial-NNNN, pruned on SWEEP_OBJECTIVE."""
+    import optuna
+
+    def objective(trial: optuna.Trial) -> float:
+        cfg = suggest_config(trial, space, base)
+        cfg = dataclasses.replace(cfg, output_dir=str(sweep_dir / f"trial-{trial.number:04d}"), resume="")
+        trial.set_user_attr("run_dir", cfg.output_dir)
+
+        def report(epoch: int, row: dict) -> None:
+            value = row.get(SWEEP_OBJECTIVE)
+            trial.report(float("nan") if value is None else float(value), epoch)
+            if trial.should_prune():
+                msg = f"pruned by Optuna after epoch {epoch} ({SWEEP_OBJECTIVE} {_fmt(value)})"
+                raise TrainingPruned(msg)
+
+        trainer = StandaloneTrainer(cfg, given=[], on_epoch_end=report, parent_run_id=parent_run_id)
+        try:
+            metrics = trainer.fit()
+        except TrainingPruned as exc:
+            log.info("trial %d: %s", trial.number, exc)
+            raise optuna.TrialPruned(str(exc)) from None
+        except TrainingInterrupted:
+            # Ctrl-C: this trial is recorded as failed and the sweep stops; rerunning continues the study.
+            raise KeyboardInterrupt from None
+        trial.set_user_attr("parameters", metrics["parameters"])
+        trial.set_user_attr("test", {k: v for k, v in metrics["test"].items() if not isinstance(v, dict)})
+        best = metrics["monitor"]["best"] if cfg.monitor == SWEEP_OBJECTIVE else max((h[SWEEP_OBJECTIVE] or 0.0) for h in trainer.history)
+        return float(best)
+
+    return objective
+
+
+def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
+    """Best configuration, top trials, parameter importances and Optuna's plots, in sweep_dir."""
+    import optuna
+
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    ranked = sorted(finished, key=lambda t: -t.value)
+    importances: dict[str, float] = {}
+    if len(finished) >= 2:
+        with contextlib.suppress(ValueError, RuntimeError):  # all trials alike: nothing to attribute
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    report = {
+        "study": study.study_name,
+        "objective": SWEEP_OBJECTIVE,
+        "trials": {"complete": len(finished), "pruned": len(pruned), "total": len(study.trials)},
+        "best": {"number": ranked[0].number, "value": ranked[0].value, "params": ranked[0].params, **ranked[0].user_attrs} if ranked else None,
+        "top": [{"number": t.number, "value": t.value, "params": t.params, **t.user_attrs} for t in ranked[:top]],
+        "importances": importances,
+    }
+    write_json(sweep_dir / "sweep.json", report)
+    plots = []
+    if finished:
+        from optuna.visualization import matplotlib as ov
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            figures = {"optimization_history.png": ov.plot_optimization_history}
+            if importances:
+                figures["param_importances.png"] = ov.plot_param_importances
+            for name, plot in figures.items():
+                ax = plot(study)
+                plots.append(_savefig(ax.figure, sweep_dir / name))
+    report["plots"] = [str(p) for p in plots]
+    return report
+
+
+def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, study_name: str, sweep_dir: str) -> dict:
+    """Run (or continue) an Optuna study of training configurations; see STANDALONE_TRAINING.md.
+
+    `trials` counts the finished (complete or pruned) trials the study should hold: rerunning
+    the command continues it, and several processes sharing `storage` share that count.
+    """
+    import optuna
+
+    if trials < 1:
+        msg = f"trials must be >= 1, got {trials}"
+        raise ConfigError(msg)
+    space = load_sweep_space(space_path)
+    base.validate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root = Path(sweep_dir or Path("sweeps") / safe_filename(study_name))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
+            # Seeded per process: two workers drawing the same first candidates would waste trials.
+            sampler=optuna.samplers.TPESampler(seed=base.seed + os.getpid()),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
+        )
+    except (ImportError, ValueError, RuntimeError) as exc:  # a bad URL, a missing driver, a locked or foreign database
+        msg = f"cannot open the Optuna study {study_name!r} in {storage} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+        raise AstridError(msg) from None
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=states))
+    if not study.trials:
+        defaults = {k: spec["default"] for k, spec in space.items() if "default" in spec}
+        if defaults:
+            study.enqueue_trial(defaults)
+    parent = _mlflow_parent(base, study=study, sweep_dir=root)
+    log.info("sweep %s in %s: %d of %d trials finished; trials in %s", study_name, storage, done, trials, root)
+    if done < trials:
+        objective = sweep_objective(space, base, sweep_dir=root, parent_run_id=parent)
+        stop = optuna.study.MaxTrialsCallback(trials, states=states)
+        # A trial that fails for any reason but the user's Ctrl-C is recorded and the sweep goes on.
+        study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=(TrainingDiverged, ConfigError, DataError))
+    report = sweep_report(study, sweep_dir=root)
+    if parent:
+        import mlflow
+
+        client = mlflow.MlflowClient(base.tracking_uri)
+        if report["best"]:
+            client.log_metric(parent, f"best_{SWEEP_OBJECTIVE}", report["best"]["value"])
+            client.log_dict(parent, report["best"]["params"], "best_params.json")
+        for path in (root / "sweep.json", *report["plots"]):
+            client.log_artifact(parent, str(path))
+        client.set_terminated(parent)  # a rerun or another worker may log to it again
+    print(f"{'trial':>6s} {SWEEP_OBJECTIVE:>22s}  parameters")
+    for row in report["top"]:
+        print(f"{row['number']:6d} {row['value']:22.4f}  {json.dumps(row['params'])}")
+    if report["importances"]:
+        print("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
+    print(f"sweep: {root / 'sweep.json'} ({report['trials']['complete']} complete, {report['trials']['pruned']} pruned)  |  MLflow parent run: {parent or 'none'}")
+    return report
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -5353,6 +5701,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: fitted on the pair's stars)")
+    sweep = commands.add_parser("sweep", help="search training configurations with Optuna (TPE, pruning, MLflow)")
+    add_train_arguments(sweep)
+    sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space (default: sweep_space.json)")
+    sweep.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)")
+    sweep.add_argument("--storage", default="sqlite:///sweeps.db", help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study")
+    sweep.add_argument("--study-name", default="astrid-baseline")
+    sweep.add_argument("--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)")
     export = commands.add_parser("export", help="strip a checkpoint to shareable weights")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--output", required=True)
@@ -5427,6 +5782,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(debug=args.debug)
     if args.command == "train":
         return cli(lambda: run_training(config_from_args(args), given=given_flags(args)), debug=args.debug)
+    if args.command == "sweep":
+        keys = ("trials", "storage", "study_name", "sweep_dir")
+        return cli(lambda: run_sweep(config_from_args(args), space_path=args.space, **{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "predict":
         keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
