@@ -3112,8 +3112,10 @@ def bootstrap_snr_at_completeness(snr: np.ndarray, recovered: np.ndarray, *, bin
         _, curve, _ = completeness_curve(snr[pick], recovered[pick], bins=edges)
         crossing = snr_at_completeness(centres, curve, level)
         values[b] = math.inf if math.isnan(crossing) else crossing
-    tail = 100 * (1 - confidence) / 2
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+    tail = (1 - confidence) / 2
+    # An order statistic, not an interpolation: interpolating towards +inf would give NaN.
+    low, high = np.quantile(values, [tail, 1 - tail], method="inverted_cdf")
+    return float(low), float(high)
 
 
 def _ratio(count: int, total: int) -> dict:
@@ -3951,10 +3953,12 @@ TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.j
                  "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
 PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "mask.fits", "overlay.png")
+COMPARISON_OUTPUTS = ("comparison.json", "comparison.md", "comparison.png")
 RUN_MARKERS = {  # the files that say "a previous run lives here"
     "training run": ("config.json", "last.pt", "best.pt", "metrics.json"),
     "evaluation": ("evaluation.json",),
     "prediction": PREDICTION_OUTPUTS,
+    "comparison": COMPARISON_OUTPUTS,
 }
 
 
@@ -3965,7 +3969,7 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
     ----------
     directory : pathlib.Path
         Where the command will write.
-    kind : {"training run", "evaluation", "prediction"}
+    kind : {"training run", "evaluation", "prediction", "comparison"}
         What the command writes (RUN_MARKERS).
     overwrite : bool
         The user passed --overwrite: the previous outputs are replaced, and the log says which.
@@ -5613,6 +5617,251 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
 
 
 # ----------------------------------------------------------------------------
+# Experiments: synthetic versus real training (compare)
+# ----------------------------------------------------------------------------
+
+COMPARE_ARMS = {  # arm -> how its training data differs from the shared configuration
+    "synthetic": dict(data="synthetic"),
+    "mix": dict(data="mix"),  # --real-fraction of the samples from the training frames' tiles
+    "real": dict(data="fits"),  # real tiles only
+}
+REAL_ONLY_MIN_TILES = 12  # fewer distinct training tiles than this: a real-only arm would learn the tiles, not the task
+COMPARE_SUMMARIES = ("network", "baseline", "sextractor")  # the network and the two classical detectors on the same images
+
+
+def split_real_frame(path: str | os.PathLike, out: Path) -> tuple[Path, Path]:
+    """Write the left half of a real frame to out/train/ and the right half to out/heldout/.
+
+    One real frame is all that ships offline (M13): its two halves share survey, plate and
+    seeing but no pixel, so a model trained on one half meets the other as new sky.
+    """
+    data, header, _ = read_fits_image(path)
+    half = data.shape[1] // 2
+    dirs = (out / "train", out / "heldout")
+    for directory, part in zip(dirs, (data[:, :half], data[:, half:])):
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / f"{Path(path).name.split('.')[0]}.fits", lambda f, part=part: fits.PrimaryHDU(part.astype(np.float32)).writeto(f))
+    return dirs
+
+
+def compare_evaluation(model: nn.Module, *, threshold: float, heldout_dir: Path, samples: int, image_size: int, device: torch.device) -> dict:
+    """The three sets every arm meets: the synthetic test stream, injections into held-out real frames, the null battery."""
+    synthetic = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=DEFAULT_EVAL_SEED, stream="test")
+    real = MASTRealDataset(samples, image_size=image_size, seed=DEFAULT_EVAL_SEED, stream="test", source="fits", fits_dir=heldout_dir, fallback=False)
+    return {
+        "synthetic_test": evaluate_model(model, synthetic, threshold=threshold, device=device),
+        "heldout_real": evaluate_model(model, real, threshold=threshold, device=device),
+        "null": null_battery(model, null_frames(synthetic=1, image_size=128), threshold=threshold, device=device)["summary"],
+    }
+
+
+def _pooled_curve(evaluations: Sequence[dict], detector: str) -> dict:
+    """Completeness per SNR bin with the counts of all seeds pooled, and its Wilson band."""
+    curves = [e[detector]["completeness_by_snr"] for e in evaluations]
+    counts = np.sum([c["overall"]["counts"] for c in curves], axis=0)
+    hits = np.sum([[round((v or 0.0) * n) for v, n in zip(c["overall"]["completeness"], c["overall"]["counts"])] for c in curves], axis=0)
+    bands = [wilson_interval(h, n) for h, n in zip(hits, counts)]
+    return {"centres": curves[0]["centres"], "completeness": [_json_float(h / n) if n else None for h, n in zip(hits, counts)],
+            "low": [_json_float(lo) for lo, _ in bands], "high": [_json_float(hi) for _, hi in bands], "counts": [int(n) for n in counts]}
+
+
+def _spread(values: Sequence[float | None]) -> dict:
+    """Mean and standard deviation over seeds (None values are left out and counted)."""
+    kept = [float(v) for v in values if v is not None]
+    return {"mean": _json_float(np.mean(kept)) if kept else None, "std": _json_float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
+            "n": len(kept), "missing": len(values) - len(kept)}
+
+
+def summarise_arm(evaluations: Sequence[dict]) -> dict:
+    """One arm's figures over its seeds: mean and spread, pooled Wilson intervals, pooled curves."""
+    arm: dict[str, Any] = {}
+    for dataset in ("synthetic_test", "heldout_real"):
+        arm[dataset] = {}
+        for detector in COMPARE_SUMMARIES:
+            runs = [e[dataset][detector] for e in evaluations]
+            count = sum(r["completeness"]["overall"]["count"] for r in runs)
+            total = sum(r["completeness"]["overall"]["total"] for r in runs)
+            arm[dataset][detector] = {
+                "completeness": {**_spread([r["completeness"]["overall"]["value"] for r in runs]), "pooled": _ratio(count, total)},
+                "snr50": _spread([r["snr50"]["overall"] for r in runs]),
+                "purity": _spread([r["purity"]["value"] for r in runs]),
+                "false_detections_per_image": _spread([r["false_detections_per_image"]["value"] for r in runs]),
+                "bogus_pass_rate": _spread([r["bogus_pass_rate"]["overall"]["value"] for r in runs]),
+                "curve": _pooled_curve([e[dataset] for e in evaluations], detector),
+            }
+    arm["null"] = {k: _spread([e["null"][k] for e in evaluations]) for k in ("identical_detections", "noise_per_megapixel_max", "flux_per_megapixel_max", "seeing_per_megapixel_max", "sextractor_per_megapixel_max")}
+    return arm
+
+
+def plot_comparison(arms: dict, path: Path) -> Path:
+    """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
+    fig = Figure(figsize=(11, 4.2))
+    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
+    titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
+    for k, (dataset, title) in enumerate(titles.items()):
+        ax = fig.add_subplot(1, 2, k + 1)
+        first = next(iter(arms.values()))[dataset]
+        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-") for name, arm in arms.items()]
+        lines += [("matched filter", first["baseline"]["curve"], "grey", "--"), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":")]
+        for label, curve, colour, style in lines:
+            x = np.asarray(curve["centres"])
+            y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
+            shown = np.isfinite(y)
+            ax.plot(x[shown], y[shown], style, marker="o", ms=3, color=colour, label=label)
+            if style == "-":
+                ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("true SNR of the change (matched filter)")
+        ax.set_ylabel("completeness")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def _cell(spread: dict, *, pooled: dict | None = None) -> str:
+    """`mean ± std` (over seeds), with the pooled Wilson interval where there is one."""
+    text = _fmt(spread["mean"]) + (f" ± {_fmt(spread['std'])}" if spread["std"] is not None else "")
+    if pooled is not None:
+        low, high = pooled["interval"]
+        text += f" [{_fmt(low)}, {_fmt(high)}]"
+    return text + (f" ({spread['missing']} n/a)" if spread["missing"] else "")
+
+
+def comparison_markdown(report: dict) -> str:
+    """comparison.md: one table per test set and one for the null battery."""
+    arms = report["arms"]
+    lines = [f"# AstrID comparison ({report['kind']})", "", report["note"], "",
+             "Figures: mean ± standard deviation over seeds; completeness also carries the 95% Wilson interval of the counts pooled over seeds.", ""]
+    titles = {"synthetic_test": "Synthetic test stream", "heldout_real": "Injection-recovery on held-out real frames"}
+    metrics = (("completeness", "completeness"), ("snr50", "SNR at 50%"), ("purity", "purity"),
+               ("false_detections_per_image", "false detections / image"), ("bogus_pass_rate", "bogus pass rate"))
+    for dataset, title in titles.items():
+        lines += [f"## {title}", "", "| detector | seeds | " + " | ".join(m for _, m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+        rows = [(f"network: {name}", arm[dataset]["network"], len(report["runs"][name])) for name, arm in arms.items()]
+        first = next(iter(arms.values()))[dataset]
+        rows += [("matched filter (5 sigma)", first["baseline"], "-"), ("SExtractor (sep, 1.5 sigma, 5 px)", first["sextractor"], "-")]
+        for label, fig, seeds in rows:
+            cells = [_cell(fig[k], pooled=fig[k].get("pooled")) for k, _ in metrics]
+            lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("")
+    null_keys = (("identical_detections", "detections, identical pairs"), ("noise_per_megapixel_max", "noise pairs, worst / Mpx"),
+                 ("flux_per_megapixel_max", "flux-ratio pairs, worst / Mpx"), ("seeing_per_megapixel_max", "seeing pairs, worst / Mpx"),
+                 ("sextractor_per_megapixel_max", "SExtractor, worst / Mpx"))
+    lines += ["## Null battery (nothing changed)", "", "| arm | " + " | ".join(t for _, t in null_keys) + " |", "|---" * (len(null_keys) + 1) + "|"]
+    for name, arm in arms.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(arm["null"][k]) for k, _ in null_keys) + " |")
+    lines += ["", "![completeness per arm](comparison.png)", ""]
+    return "\n".join(lines)
+
+
+def _resolve_run(spec: str, *, tracking_uri: str, scratch: Path) -> tuple[str, Path]:
+    """`[label=]DIR` or `[label=]mlflow:RUN_ID` -> (label, best.pt); runs sharing a label are one arm's seeds."""
+    label, _, where = spec.rpartition("=")
+    if where.startswith("mlflow:"):
+        run_id = where[len("mlflow:"):]
+        try:
+            import mlflow
+
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.pt", tracking_uri=tracking_uri, dst_path=str(scratch / safe_filename(run_id)))
+        except Exception as exc:  # MlflowException, a missing run or artifact, a dead server: one line
+            msg = f"--runs {spec}: cannot fetch best.pt of MLflow run {run_id} ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+            raise AstridError(msg) from None
+        return label or run_id[:8], Path(local)
+    path = Path(where)
+    checkpoint = path / "best.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        msg = f"--runs {spec}: no best.pt in {path}"
+        raise AstridError(msg)
+    return label or checkpoint.parent.name, checkpoint
+
+
+def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tuple(COMPARE_ARMS), seeds: int = 3,
+                runs: Sequence[str] = (), train_fits_dir: str = "", heldout_fits_dir: str = "",
+                eval_samples: int = 50, eval_image_size: int = 64, overwrite: bool = False) -> dict:
+    """Train each arm with each seed (or take `runs`), evaluate all alike, write comparison.md/json/png.
+
+    Without `train_fits_dir`/`heldout_fits_dir`, the M13 frame astropy ships is split in halves
+    (`split_real_frame`): real tiles for training come from the left, injection-recovery on
+    the right.
+    """
+    if seeds < 1 or eval_samples < 1:
+        msg = f"seeds and eval-samples must be >= 1, got {seeds} and {eval_samples}"
+        raise ConfigError(msg)
+    check_image_size(eval_image_size)
+    unknown = [a for a in arms if a not in COMPARE_ARMS]
+    if unknown:
+        msg = f"unknown arm {unknown[0]!r}; choose from {', '.join(COMPARE_ARMS)}"
+        raise ConfigError(msg)
+    if bool(train_fits_dir) != bool(heldout_fits_dir):
+        msg = "give both --train-fits-dir and --heldout-fits-dir, or neither (then M13's halves are used)"
+        raise ConfigError(msg)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, kind="comparison", overwrite=overwrite, remove=COMPARISON_OUTPUTS)
+    device = resolve_device(base.device)
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    if train_fits_dir:
+        train_dir, heldout_dir = Path(train_fits_dir), Path(heldout_fits_dir)
+        note = f"Real training frames from {train_dir}; injection-recovery on the frames in {heldout_dir}."
+    else:
+        train_dir, heldout_dir = split_real_frame(M13_FITS, out / "real_frames")
+        note = ("Real frames: the M13 DSS cutout astropy ships, split in halves: training tiles from its left half, "
+                "injection-recovery on its right half (same plate and seeing, no shared pixel).")
+
+    # 1. The runs: each arm x seed trained here, or the given run directories / MLflow runs.
+    checkpoints: dict[str, list[Path]] = {}
+    if runs:
+        kind = "given runs"
+        for spec in runs:
+            label, path = _resolve_run(spec, tracking_uri=base.tracking_uri, scratch=out / "mlflow_runs")
+            checkpoints.setdefault(label, []).append(path)
+    else:
+        kind = f"{len(arms)} arms x {seeds} seeds, one configuration"
+        tiles = len(MASTRealDataset(1, image_size=base.image_size, source="fits", fits_dir=train_dir, fallback=False).tiles)
+        for arm in arms:
+            if arm == "real" and tiles < REAL_ONLY_MIN_TILES:
+                log.warning("real-only arm skipped: %d training tiles of %d px, fewer than %d", tiles, base.image_size, REAL_ONLY_MIN_TILES)
+                note += f" The real-only arm was skipped: {tiles} training tiles < {REAL_ONLY_MIN_TILES}."
+                continue
+            for k in range(seeds):
+                cfg = dataclasses.replace(base, **COMPARE_ARMS[arm], fits_dir=str(train_dir), seed=base.seed + k,
+                                          output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"), resume="", overwrite=False)
+                log.info("compare: training arm %s, seed %d", arm, cfg.seed)
+                StandaloneTrainer(cfg, given=[]).fit()
+                checkpoints.setdefault(arm, []).append(Path(cfg.output_dir) / "best.pt")
+
+    # 2. Every model on the same three sets.
+    evaluations: dict[str, list[dict]] = {}
+    for label, paths in checkpoints.items():
+        for path in paths:
+            payload = load_checkpoint(path)
+            model = place_model(model_from_checkpoint(payload, path=path), device)
+            threshold = payload.get("threshold") or 0.5
+            log.info("compare: evaluating %s (%s)", label, path)
+            evaluations.setdefault(label, []).append(compare_evaluation(model, threshold=threshold, heldout_dir=heldout_dir, samples=eval_samples, image_size=eval_image_size, device=device))
+
+    # 3. The report.
+    report = {
+        "kind": kind, "note": note, "configuration": dataclasses.asdict(base) if not runs else None,
+        "evaluation": {"samples": eval_samples, "image_size": eval_image_size, "seed": DEFAULT_EVAL_SEED, "heldout_dir": str(heldout_dir), "train_dir": str(train_dir)},
+        "runs": {label: [str(p) for p in paths] for label, paths in checkpoints.items()},
+        "arms": {label: summarise_arm(evals) for label, evals in evaluations.items()},
+        "per_run": evaluations,
+    }
+    plot_comparison(report["arms"], out / "comparison.png")
+    write_json(out / "comparison.json", report)
+    atomic_write(out / "comparison.md", lambda f: f.write(comparison_markdown(report).encode()))
+    print(comparison_markdown(report))
+    print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}")
+    return report
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -5708,6 +5957,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage", default="sqlite:///sweeps.db", help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study")
     sweep.add_argument("--study-name", default="astrid-baseline")
     sweep.add_argument("--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)")
+    compare = commands.add_parser("compare", help="synthetic vs real training: arms x seeds (or --runs), evaluated alike")
+    add_train_arguments(compare)
+    compare.add_argument("--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (--seed, --seed + 1, ...)")
+    compare.add_argument("--runs", nargs="+", default=[], help="compare these instead: [LABEL=]RUN_DIR or [LABEL=]mlflow:RUN_ID; one label, one arm")
+    compare.add_argument("--train-fits-dir", default="", help="real frames for training (default: the left half of M13)")
+    compare.add_argument("--heldout-fits-dir", default="", help="real frames kept out of training, for injection-recovery (default: M13's right half)")
+    compare.add_argument("--eval-samples", type=int, default=50, help="images per test set")
+    compare.add_argument("--eval-image-size", type=int, default=64)
     export = commands.add_parser("export", help="strip a checkpoint to shareable weights")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--output", required=True)
@@ -5785,6 +6043,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sweep":
         keys = ("trials", "storage", "study_name", "sweep_dir")
         return cli(lambda: run_sweep(config_from_args(args), space_path=args.space, **{k: getattr(args, k) for k in keys}), debug=args.debug)
+    if args.command == "compare":
+        keys = ("arms", "seeds", "runs", "train_fits_dir", "heldout_fits_dir", "eval_samples", "eval_image_size")
+        cfg = config_from_args(args)
+        return cli(lambda: run_compare(dataclasses.replace(cfg, output_dir=""), output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite),
+                                       **{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "predict":
         keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
