@@ -26,6 +26,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import re
 import shutil
@@ -5496,6 +5497,7 @@ def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Pat
         cfg = suggest_config(trial, space, base)
         cfg = dataclasses.replace(cfg, output_dir=str(sweep_dir / f"trial-{trial.number:04d}"), resume="")
         trial.set_user_attr("run_dir", cfg.output_dir)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
 
         def report(epoch: int, row: dict) -> None:
             value = row.get(SWEEP_OBJECTIVE)
