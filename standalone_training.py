@@ -5724,9 +5724,12 @@ def plot_comparison(arms: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _cell(spread: dict, *, pooled: dict | None = None) -> str:
-    """`mean ± std` (over seeds), with the pooled Wilson interval where there is one."""
-    text = _fmt(spread["mean"]) + (f" ± {_fmt(spread['std'])}" if spread["std"] is not None else "")
+def _cell(spread: dict, *, pooled: dict | None = None, seeds: bool = True) -> str:
+    """`mean ± std` (over seeds), with the pooled Wilson interval where there is one.
+
+    `seeds` False: a figure the seeds cannot change (a classical detector's): the mean alone.
+    """
+    text = _fmt(spread["mean"]) + (f" ± {_fmt(spread['std'])}" if seeds and spread["std"] is not None else "")
     if pooled is not None:
         low, high = pooled["interval"]
         text += f" [{_fmt(low)}, {_fmt(high)}]"
@@ -5745,9 +5748,10 @@ def comparison_markdown(report: dict) -> str:
         lines += [f"## {title}", "", "| detector | seeds | " + " | ".join(m for _, m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
         rows = [(f"network: {name}", arm[dataset]["network"], len(report["runs"][name])) for name, arm in arms.items()]
         first = next(iter(arms.values()))[dataset]
+        # The same images whatever the arm: the classical detectors' figures are one measurement.
         rows += [("matched filter (5 sigma)", first["baseline"], "-"), ("SExtractor (sep, 1.5 sigma, 5 px)", first["sextractor"], "-")]
         for label, fig, seeds in rows:
-            cells = [_cell(fig[k], pooled=fig[k].get("pooled")) for k, _ in metrics]
+            cells = [_cell(fig[k], pooled=fig[k].get("pooled"), seeds=seeds != "-") for k, _ in metrics]
             lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     null_keys = (("identical_detections", "detections, identical pairs"), ("noise_per_megapixel_max", "noise pairs, worst / Mpx"),
@@ -5755,7 +5759,7 @@ def comparison_markdown(report: dict) -> str:
                  ("sextractor_per_megapixel_max", "SExtractor, worst / Mpx"))
     lines += ["## Null battery (nothing changed)", "", "| arm | " + " | ".join(t for _, t in null_keys) + " |", "|---" * (len(null_keys) + 1) + "|"]
     for name, arm in arms.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(arm["null"][k]) for k, _ in null_keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(arm["null"][k], seeds=k != "sextractor_per_megapixel_max") for k, _ in null_keys) + " |")
     lines += ["", "![completeness per arm](comparison.png)", ""]
     return "\n".join(lines)
 
