@@ -3075,7 +3075,7 @@ def _json_float(value: float) -> float | None:
 
 
 CONFIDENCE = 0.95  # of every interval AstrID reports
-BOOTSTRAP_RESAMPLES = 200  # enough for a 95% interval's ends to settle to a few per cent of the SNR
+BOOTSTRAP_RESAMPLES = 200  # leaves 5 beyond each end of a 95% interval: coarse ends, cheap enough for every summary
 BOOTSTRAP_SEED = 20261128  # intervals repeat exactly; any seed works
 
 

@@ -187,11 +187,16 @@ def test_a_bad_space_is_one_line(tmp_path, capsys):
 
 def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys):
     trials = tiny_sweep / "trials"
-    args = ["compare", "--runs", f"a={trials / 'trial-0000'}", f"b={trials / 'trial-0001'}", "--eval-samples", "2", "--eval-image-size", "32",
-            "--device", "cpu", "--threads", "1", "--output-dir", str(tmp_path / "cmp")]
+    _, _, children = _children(tiny_sweep)
+    logged = children[0].info.run_id  # a trial's MLflow run: its best.pt artifact is fetched
+    args = ["compare", "--runs", f"a={trials / 'trial-0000'}", f"b={trials / 'trial-0001'}", f"b=mlflow:{logged}", "--eval-samples", "2",
+            "--eval-image-size", "32", "--device", "cpu", "--threads", "1", "--output-dir", str(tmp_path / "cmp"),
+            "--tracking-uri", f"sqlite:///{tiny_sweep / 'mlflow.db'}"]
     assert st.main(args) == 0
     report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert set(report["arms"]) == {"a", "b"}
+    assert set(report["arms"]) == {"a", "b"} and len(report["runs"]["b"]) == 2  # one label, one arm: its runs are its seeds
+    spread = report["arms"]["b"]["synthetic_test"]["network"]["completeness"]
+    assert spread["n"] + spread["missing"] == 2
     for arm in report["arms"].values():
         pooled = arm["heldout_real"]["network"]["completeness"]["pooled"]
         assert pooled["interval"] == pytest.approx(list(st.wilson_interval(pooled["count"], pooled["total"])), nan_ok=True)
@@ -201,3 +206,26 @@ def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys
     capsys.readouterr()
     assert st.main(args) == 2  # the output-directory rule: a comparison is never overwritten unasked
     assert "already holds a comparison" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_the_running_trial_and_a_rerun_continues_the_study(tmp_path):
+    import signal
+
+    (tmp_path / "space.json").write_text(json.dumps(SPACE))
+    args = _sweep_args(tmp_path, 1)
+    args[args.index("--epochs") + 1] = "30"
+    command = [sys.executable, str(HERE / "standalone_training.py"), *args, "--patience", "30", "--no-mlflow"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in worker.stderr:
+        if "epoch   1/30" in line:
+            worker.send_signal(signal.SIGINT)
+            break
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 130, err
+    study = _study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert (tmp_path / "trials" / "trial-0000" / "last.pt").is_file()
+    args[args.index("--epochs") + 1] = "1"
+    assert st.main([*args, "--no-mlflow"]) == 0
+    assert [t.state.name for t in _study(tmp_path).trials] == ["FAIL", "COMPLETE"]
