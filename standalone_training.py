@@ -26,6 +26,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import re
 import shutil
@@ -34,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -2977,6 +2978,54 @@ def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: f
     return find_components(np.abs(snr), threshold=threshold, valid=valid)
 
 
+SEP_THRESHOLD = 1.5  # sigma of the background RMS: SExtractor's DETECT_THRESH default
+SEP_MIN_AREA = 5  # px: SExtractor's DETECT_MINAREA default
+
+
+def sep_detections(difference: np.ndarray, *, threshold: float = SEP_THRESHOLD, min_area: int = SEP_MIN_AREA,
+                   valid: np.ndarray | None = None) -> list[dict]:
+    """SExtractor, as an astronomer would run it on a difference image, through `sep`.
+
+    The difference's background (sep's 64 px mesh, as SExtractor's BACK_SIZE default) is
+    subtracted, then objects of at least `min_area` pixels above `threshold` times the global
+    background RMS are extracted on both signs (a fading variable is a negative source).
+    Beside the matched filter, it is the baseline users know: it shows what a plain source
+    finder does with dipoles, cosmic rays and noise.
+
+    Parameters
+    ----------
+    difference : ndarray, shape (H, W)
+        Science minus reference; non-finite pixels are masked.
+    threshold, min_area
+        SExtractor's DETECT_THRESH (sigma) and DETECT_MINAREA (px).
+    valid : ndarray of bool, optional
+        Pixels where both epochs have data; others are masked.
+
+    Returns
+    -------
+    list of dict
+        ``x``, ``y`` (0-based pixel centroid), ``peak`` (|peak| in RMS units), ``area_px``, ``sign``:
+        the keys `match_objects` reads, like `find_components`.
+    """
+    import sep
+
+    data = np.ascontiguousarray(difference, dtype=np.float64)
+    mask = ~np.isfinite(data) if valid is None else ~(np.asarray(valid, dtype=bool) & np.isfinite(data))
+    data = np.where(mask, 0.0, data)
+    side = min(64, *data.shape)
+    background = sep.Background(data, mask=mask, bw=side, bh=side)
+    residual = data - background.back()
+    rms = background.globalrms
+    if not rms > 0:  # a blank difference (an identical pair): nothing can stand above zero noise
+        return []
+    detections = []
+    for sign in (1.0, -1.0):
+        objects = sep.extract(sign * residual, threshold, err=rms, mask=mask, minarea=min_area)
+        detections += [{"x": float(o["x"]), "y": float(o["y"]), "peak": float(o["peak"]) / rms,
+                        "area_px": int(o["npix"]), "sign": sign} for o in objects]
+    return detections
+
+
 def _check_edges(bins: Sequence[float]) -> np.ndarray:
     edges = np.asarray(bins, dtype=float)
     if edges.ndim != 1 or edges.size < 2 or np.any(edges <= 0) or np.any(np.diff(edges) <= 0):
@@ -3067,10 +3116,56 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+CONFIDENCE = 0.95  # of every interval AstrID reports
+BOOTSTRAP_RESAMPLES = 200  # leaves 5 beyond each end of a 95% interval: coarse ends, cheap enough for every summary
+BOOTSTRAP_SEED = 20261128  # intervals repeat exactly; any seed works
+
+
+def wilson_interval(count: int, total: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``count / total``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0/n and n/n,
+    which is where completeness bins of 20 objects sit. NaNs when ``total`` is 0.
+    """
+    if total <= 0:
+        return math.nan, math.nan
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(count), int(total)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def bootstrap_snr_at_completeness(snr: np.ndarray, recovered: np.ndarray, *, bins: Sequence[float], level: float,
+                                  rng: np.random.Generator, resamples: int = BOOTSTRAP_RESAMPLES,
+                                  confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile bootstrap interval of `snr_at_completeness`, resampling the objects.
+
+    A threshold crossing is not a proportion, so no binomial formula applies: the objects are
+    drawn with replacement, the curve and its crossing recomputed. Resamples that never reach
+    `level` count as +inf, so an interval whose top is None (JSON) says "possibly never".
+    """
+    snr, recovered = np.asarray(snr, dtype=float), np.asarray(recovered, dtype=bool)
+    if snr.size == 0:
+        return math.nan, math.nan
+    edges = _check_edges(bins)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    values = np.empty(resamples)
+    for b in range(resamples):
+        pick = rng.integers(0, snr.size, snr.size)
+        _, curve, _ = completeness_curve(snr[pick], recovered[pick], bins=edges)
+        crossing = snr_at_completeness(centres, curve, level)
+        values[b] = math.inf if math.isnan(crossing) else crossing
+    tail = (1 - confidence) / 2
+    # An order statistic, not an interpolation: interpolating towards +inf would give NaN.
+    low, high = np.quantile(values, [tail, 1 - tail], method="inverted_cdf")
+    return float(low), float(high)
+
+
 def _ratio(count: int, total: int) -> dict:
-    """A ratio with the counts it was computed from, so that small samples show."""
+    """A ratio with the counts it was computed from and its Wilson interval, so that small samples show."""
+    low, high = wilson_interval(count, total)
     return {"value": _json_float(count / total) if total else None,
-            "count": int(count), "total": int(total)}
+            "count": int(count), "total": int(total), "interval": [_json_float(low), _json_float(high)]}
 
 
 def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence[Sequence[dict]],
@@ -3092,10 +3187,12 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
         JSON-serialisable (plain floats and ints, None for undefined values). Every ratio is
         ``{"value", "count", "total"}``. Keys: ``n_images``, ``completeness`` (``overall``,
         ``by_type``), ``completeness_by_snr`` (``edges``, ``centres``, then ``overall`` and
-        ``by_type`` with ``completeness`` and ``counts`` lists), ``snr50`` and ``snr90``
-        (``overall``, ``by_type``), ``purity``, ``false_detections_per_image``
+        ``by_type`` with ``completeness``, ``counts`` and the Wilson band's ``low`` and ``high``
+        lists), ``snr50`` and ``snr90`` (``overall``, ``by_type``), ``snr50_interval`` (the
+        bootstrap's [low, high], None for "never reached"), ``purity``, ``false_detections_per_image``
         (``value``, ``n_false``, ``n_images``), ``bogus_pass_rate`` (``overall``, ``by_type``),
-        ``completeness_snr_ge_10`` (``point``, ``trail``). Every anomaly and bogus type is
+        ``completeness_snr_ge_10`` (``point``, ``trail``). Every ratio also carries its 95%
+        Wilson ``interval``. Every anomaly and bogus type is
         always present, so summaries of different runs share one schema.
     """
     if len(per_image_results) != len(truths):
@@ -3125,14 +3222,19 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
     # 2. Completeness, its SNR curve and its 50% and 90% points, for all and per type.
     groups = {"overall": np.ones(len(recovered), dtype=bool)}
     groups.update({t: anomaly_type == t for t in ANOMALY_TYPES})
-    completeness, curves, snr50, snr90 = {}, {}, {}, {}
+    completeness, curves, snr50, snr50_interval, snr90 = {}, {}, {}, {}, {}
     centres = np.sqrt(edges[:-1] * edges[1:])
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
     for name, sel in groups.items():
         completeness[name] = _ratio(np.count_nonzero(recovered[sel]), np.count_nonzero(sel))
         _, curve, counts = completeness_curve(anomaly_snr[sel], recovered[sel], bins=edges)
+        hits, _ = np.histogram(anomaly_snr[sel][recovered[sel]], bins=edges)
+        bands = [wilson_interval(h, n) for h, n in zip(hits, counts)]
         curves[name] = {"completeness": [_json_float(c) for c in curve],
-                        "counts": [int(n) for n in counts]}
+                        "counts": [int(n) for n in counts],
+                        "low": [_json_float(lo) for lo, _ in bands], "high": [_json_float(hi) for _, hi in bands]}
         snr50[name] = _json_float(snr_at_completeness(centres, curve, 0.5))
+        snr50_interval[name] = [_json_float(v) for v in bootstrap_snr_at_completeness(anomaly_snr[sel], recovered[sel], bins=edges, level=0.5, rng=rng)]
         snr90[name] = _json_float(snr_at_completeness(centres, curve, 0.9))
 
     def split(per_group: dict) -> dict:
@@ -3155,6 +3257,7 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
         "completeness_by_snr": {"edges": [float(e) for e in edges],
                                 "centres": [float(c) for c in centres], **split(curves)},
         "snr50": split(snr50),
+        "snr50_interval": split(snr50_interval),
         "snr90": split(snr90),
         "purity": _ratio(n_real, n_detections),
         "false_detections_per_image": {
@@ -3245,8 +3348,10 @@ def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list 
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
 
 
-def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike) -> Path:
+def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike, *, summary_sep: dict | None = None) -> Path:
     """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
+
+    Overall curves carry their 95% Wilson band.
 
     Parameters
     ----------
@@ -3254,6 +3359,8 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
         Outputs of `summarise_objects` for the network and the matched-filter baseline.
     path : str or Path
         Where to save the figure.
+    summary_sep : dict, optional
+        The SExtractor baseline's summary: its overall curve, dotted.
 
     Returns
     -------
@@ -3274,6 +3381,15 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
             shown = np.isfinite(y)
             ax.plot(centres[shown], y[shown], style, marker=marker, ms=3, color=colour,
                     lw=2.2 if name == "overall" else 1.2)
+            if name == "overall" and "low" in curve:
+                # Bins of 20 objects jump by 10 points: the 95% Wilson band says which jumps are noise.
+                low, high = (np.array([np.nan if v is None else v for v in curve[k]]) for k in ("low", "high"))
+                ax.fill_between(centres[shown], low[shown], high[shown], color=colour, alpha=0.12 if style == "-" else 0.06, lw=0)
+    if summary_sep is not None:
+        curve = summary_sep["completeness_by_snr"]
+        y = np.array([np.nan if c is None else c for c in curve["overall"]["completeness"]])
+        shown = np.isfinite(y)
+        ax.plot(np.asarray(curve["centres"])[shown], y[shown], ":", marker="^", ms=3, color="black", lw=1.6)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
@@ -3284,6 +3400,8 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
                     for n, c in colours.items()]
     style_handles = [Line2D([], [], color="grey", ls="-", marker="o", label="network"),
                      Line2D([], [], color="grey", ls="--", marker="s", label="matched filter")]
+    if summary_sep is not None:
+        style_handles.append(Line2D([], [], color="grey", ls=":", marker="^", label="SExtractor (sep), overall"))
     legend = ax.legend(handles=type_handles, loc="lower right", fontsize=8)
     ax.add_artist(legend)
     ax.legend(handles=style_handles, loc="center right", fontsize=8)
@@ -3450,13 +3568,15 @@ def evaluate_model(
     truths = [truth for _, truth, _ in items]
     probs = predict_probabilities(model, inputs, device=device)
 
-    net_results, base_results, examples = [], [], []
+    net_results, base_results, sep_results, examples = [], [], [], []
     for i, (_, _, raw) in enumerate(items):
         detections = detect_changes(probs[i], raw_significance(raw), threshold=threshold)
         net = match_objects(detections, truths[i])
         net_results.append(net)
         psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
-        base_results.append(match_objects(baseline_detections(raw.science.astype(np.float64) - raw.reference, psf=psf, threshold=baseline_sigma), truths[i]))
+        difference = raw.science.astype(np.float64) - raw.reference
+        base_results.append(match_objects(baseline_detections(difference, psf=psf, threshold=baseline_sigma), truths[i]))
+        sep_results.append(match_objects(sep_detections(difference), truths[i]))
         examples += _gallery_examples(inputs[i].numpy(), probs[i], truths[i], detections, net)
     result = {
         "n_images": n,
@@ -3466,10 +3586,12 @@ def evaluate_model(
         "network": summarise_objects(net_results, truths),
         "baseline": summarise_objects(base_results, truths),
         "baseline_rule": f"PSF matched filter on the raw difference, |SNR| >= {baseline_sigma:g}",
+        "sextractor": summarise_objects(sep_results, truths),
+        "sextractor_rule": f"sep (SExtractor) on the background-subtracted raw difference, {SEP_THRESHOLD:g} sigma, >= {SEP_MIN_AREA} px, both signs",
     }
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png")
+        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png", summary_sep=result["sextractor"])
         if masks.any():
             plot_precision_recall(masks.ravel() > 0.5, probs.ravel(), output_dir / "precision_recall.png")
         misses = [e for e in examples if e["kind"] == "miss"][:6]
@@ -3691,8 +3813,10 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
                 cases.append({**case, "refused": _one_line(exc)})
                 continue
             n = len(found.detections)
+            # SExtractor on the same flux-matched, PSF-matched difference: what a plain source finder reports here.
+            n_sep = len(sep_detections(scaled_difference(reference, science, found.statistics), valid=found.valid))
             cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
-                          "fitted_flux_ratio": found.scale["flux_ratio"]})
+                          "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.scale["flux_ratio"]})
         rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux", "seeing")}
         identical = [c for c in cases if c["kind"] == "identical"][0]
         reports.append(dict(
@@ -3700,6 +3824,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
             identical_detections=identical.get("detections"),
             noise_per_megapixel_max=max(rates["noise"], default=None), noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
             flux_per_megapixel_max=max(rates["flux"], default=None), seeing_per_megapixel_max=max(rates["seeing"], default=None),
+            sextractor_per_megapixel_max=max((c["sextractor_per_megapixel"] for c in cases if "sextractor_per_megapixel" in c), default=None),
             refused=sum("refused" in c for c in cases),
         ))
 
@@ -3711,7 +3836,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
         frames=len(reports), pairs=sum(len(r["cases"]) for r in reports), refused=sum(r["refused"] for r in reports),
         identical_detections=sum(r["identical_detections"] or 0 for r in reports),
         noise_per_megapixel_max=worst("noise_per_megapixel_max"), flux_per_megapixel_max=worst("flux_per_megapixel_max"),
-        seeing_per_megapixel_max=worst("seeing_per_megapixel_max"),
+        seeing_per_megapixel_max=worst("seeing_per_megapixel_max"), sextractor_per_megapixel_max=worst("sextractor_per_megapixel_max"),
         threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE,
     )
     return dict(summary=summary, frames=reports)
@@ -3871,10 +3996,12 @@ TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.j
                  "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
 PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "mask.fits", "overlay.png")
+COMPARISON_OUTPUTS = ("comparison.json", "comparison.md", "comparison.png")
 RUN_MARKERS = {  # the files that say "a previous run lives here"
     "training run": ("config.json", "last.pt", "best.pt", "metrics.json"),
     "evaluation": ("evaluation.json",),
     "prediction": PREDICTION_OUTPUTS,
+    "comparison": COMPARISON_OUTPUTS,
 }
 
 
@@ -3885,7 +4012,7 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
     ----------
     directory : pathlib.Path
         Where the command will write.
-    kind : {"training run", "evaluation", "prediction"}
+    kind : {"training run", "evaluation", "prediction", "comparison"}
         What the command writes (RUN_MARKERS).
     overwrite : bool
         The user passed --overwrite: the previous outputs are replaced, and the log says which.
@@ -4077,7 +4204,7 @@ class MlflowRun:
             log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
             self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
 
-    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "") -> None:
+    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "", parent_run_id: str = "") -> None:
         if not self.enabled:
             return
         self._check_server()
@@ -4107,7 +4234,7 @@ class MlflowRun:
                 if resume_run_id:
                     run = mlflow.start_run(run_id=resume_run_id)
                 else:
-                    run = mlflow.start_run(run_name=run_name)
+                    run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id or None)
                     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
                 self.run_id = run.info.run_id
                 mlflow.set_tags(tags)
@@ -4460,6 +4587,10 @@ class TrainingInterrupted(AstridError):
     """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
 
 
+class TrainingPruned(AstridError):
+    """An ``on_epoch_end`` hook stopped the run (a sweep's pruner): best.pt so far is kept."""
+
+
 class TrainingDiverged(AstridError):
     """The monitored metric was never finite: the NaN early stop ended the run with no model."""
 
@@ -4509,8 +4640,12 @@ class StandaloneTrainer:
     energy and writes files.
     """
 
-    def __init__(self, config: TrainConfig, *, given: Sequence[str] | None = None) -> None:
+    def __init__(self, config: TrainConfig, *, given: Sequence[str] | None = None,
+                 on_epoch_end: Callable[[int, dict], None] | None = None, parent_run_id: str = "") -> None:
         config.validate()
+        # A sweep watches each epoch's history row; raising TrainingPruned ends the run cleanly.
+        self.on_epoch_end = on_epoch_end
+        self.parent_run_id = parent_run_id  # MLflow: this run is a nested child of that one
         self.cfg = config
         # Flags typed on the command line (given_flags); None: every field that differs from the defaults.
         self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(TrainConfig(), f.name)}
@@ -4797,7 +4932,7 @@ class StandaloneTrainer:
             write_json(self.output_dir / "config.json", dataclasses.asdict(cfg))
         params = {**dataclasses.asdict(cfg), "parameters": n_params, "world_size": dist.world_size, "global_batch_size": cfg.batch_size * dist.world_size, "real_fraction": self.data_info["real_fraction"]}
         tags = {"data_source": self.data_info["data_source"], "device": str(self.device)}
-        self.tracker.start(run_name=self.output_dir.name, params=params, tags=tags, resume_run_id=resume.get("mlflow_run_id", "") if resume else "")
+        self.tracker.start(run_name=self.output_dir.name, params=params, tags=tags, resume_run_id=resume.get("mlflow_run_id", "") if resume else "", parent_run_id=self.parent_run_id)
         self.energy.start()
         previous_handlers = self._install_signal_handlers()
         status = "FAILED"
@@ -4805,8 +4940,10 @@ class StandaloneTrainer:
             metrics = self._loop(start_epoch, start_step, loss_sum, n_params)
             status = "FINISHED"
             return metrics
-        except (TrainingInterrupted, KeyboardInterrupt):
+        except (TrainingInterrupted, TrainingPruned, KeyboardInterrupt) as exc:
             status = "KILLED"
+            if isinstance(exc, TrainingPruned):
+                self.tracker.set_tags({"pruned": str(exc)})
             raise
         except TrackingError as exc:
             last = self.output_dir / "last.pt"
@@ -4876,6 +5013,8 @@ class StandaloneTrainer:
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if improved:
                 best_state = {k: v.detach().clone() for k, v in self._bare_model().state_dict().items()}
+            if self.on_epoch_end is not None and dist.is_main:
+                self.on_epoch_end(epoch + 1, row)
             if self.stopper.should_stop:
                 if dist.is_main:
                     log.info("early stopping: %s", self.stopper.stop_reason)
@@ -5005,6 +5144,18 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
+    """`value [low, high]`; an open top (None) is printed as inf."""
+    low, high = interval
+    low, high = _fmt(low), ("inf" if high is None and low is not None else _fmt(high))
+    return f"{_fmt(value)} [{low}, {high}]"
+
+
+def _fmt_ratio(ratio: dict) -> str:
+    """A `_ratio` with its Wilson interval."""
+    return _fmt_interval(ratio["value"], ratio.get("interval", (None, None)))
+
+
 def _progress(iterable: Any, **kwargs: Any) -> Any:
     """tqdm over batches, on stderr, quiet when not attached to a terminal."""
     from tqdm.auto import tqdm
@@ -5116,22 +5267,24 @@ def run_evaluation(
     if null_tests:
         result["null"] = null_battery(model, null_frames(fits_dir=fits_dir), threshold=threshold, device=dev)
     write_json(out / "evaluation.json", result)
-    net, base = result["network"], result["baseline"]
-    print(f"{'':28s}{'network':>12s}{'baseline':>12s}")
+    summaries = (result["network"], result["baseline"], result["sextractor"])
+    print(f"{'':26s}" + "".join(f"{h:>22s}" for h in ("network", "matched filter", "SExtractor (sep)")))
     rows = [
-        ("completeness", net["completeness"]["overall"]["value"], base["completeness"]["overall"]["value"]),
-        ("SNR at 50% completeness", net["snr50"]["overall"], base["snr50"]["overall"]),
-        ("purity", net["purity"]["value"], base["purity"]["value"]),
-        ("false detections / image", net["false_detections_per_image"]["value"], base["false_detections_per_image"]["value"]),
-        ("bogus pass rate", net["bogus_pass_rate"]["overall"]["value"], base["bogus_pass_rate"]["overall"]["value"]),
+        ("completeness", lambda s: _fmt_ratio(s["completeness"]["overall"])),
+        ("SNR at 50% completeness", lambda s: _fmt_interval(s["snr50"]["overall"], s["snr50_interval"]["overall"])),
+        ("purity", lambda s: _fmt_ratio(s["purity"])),
+        ("false detections / image", lambda s: _fmt(s["false_detections_per_image"]["value"])),
+        ("bogus pass rate", lambda s: _fmt_ratio(s["bogus_pass_rate"]["overall"])),
     ]
-    for name, a, b in rows:
-        print(f"{name:28s}{_fmt(a):>12s}{_fmt(b):>12s}")
+    for name, cell in rows:
+        print(f"{name:26s}" + "".join(f"{cell(s):>22s}" for s in summaries))
+    print("(in brackets: 95% intervals, Wilson for ratios, bootstrap for the SNR at 50%)")
     if null_tests:
         for frame in result["null"]["frames"]:
             print(f"null test, {frame['frame']}: {frame['identical_detections']} detections on the identical pair; "
                   f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio pairs <= {_fmt(frame['flux_per_megapixel_max'])}, "
-                  f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}; {frame['refused']} refused")
+                  f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}; {frame['refused']} refused; "
+                  f"SExtractor on the same differences: <= {_fmt(frame.get('sextractor_per_megapixel_max'))} per megapixel")
     print(f"evaluation: {out / 'evaluation.json'}")
     return result
 
@@ -5307,6 +5460,456 @@ def export_weights(checkpoint: str, output: str) -> Path:
 
 
 # ----------------------------------------------------------------------------
+# Experiments: sweeps of training configurations
+# ----------------------------------------------------------------------------
+
+DEFAULT_SWEEP_SPACE = Path(__file__).resolve().parent / "sweep_space.json"
+SWEEP_OBJECTIVE = "val_average_precision"  # maximised: unlike val_loss, it does not change scale with the loss weights
+SWEEP_KINDS = ("float", "int", "categorical")
+SWEEP_PARAMETERS = ("width", "lr", "batch_size", "bce_weight", "dice_weight", "image_size", "samples", "weight_decay", "real_fraction")
+
+
+def load_sweep_space(path: str | os.PathLike) -> dict[str, dict]:
+    """The search space: ``{name: {"type": float|int|categorical, ...}}`` from a JSON file.
+
+    Each entry names a TrainConfig field in SWEEP_PARAMETERS. ``float`` and ``int`` take
+    ``low``, ``high`` and optionally ``log``/``step``; ``categorical`` takes ``choices``. An
+    optional ``default`` is the first trial of a new study, so the baseline is always measured.
+    """
+    try:
+        space = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        msg = f"cannot read the sweep space {path} ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+        raise ConfigError(msg) from None
+    if not isinstance(space, dict) or not space:
+        msg = f"{path}: the sweep space must be a non-empty JSON object of parameters"
+        raise ConfigError(msg)
+    for name, spec in space.items():
+        if name not in SWEEP_PARAMETERS:
+            msg = f"{path}: {name!r} cannot be swept; choose from {', '.join(SWEEP_PARAMETERS)}"
+            raise ConfigError(msg)
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        needed = ("choices",) if kind == "categorical" else ("low", "high")
+        if kind not in SWEEP_KINDS or any(k not in spec for k in needed):
+            msg = f"{path}: {name} needs type (one of {', '.join(SWEEP_KINDS)}) and {' and '.join(needed)}"
+            raise ConfigError(msg)
+    return space
+
+
+def suggest_config(trial: Any, space: dict[str, dict], base: TrainConfig) -> TrainConfig:
+    """`base` with each swept field drawn by the trial (validated like a command line)."""
+    values = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "int":
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+        else:
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+    cfg = dataclasses.replace(base, **values)
+    cfg.validate()
+    return cfg
+
+
+def _mlflow_parent(cfg: TrainConfig, *, study: Any, sweep_dir: Path) -> str:
+    """The sweep's MLflow parent run: made once per study, its id kept in the study."""
+    if not cfg.mlflow:
+        return ""
+    parent = study.user_attrs.get("mlflow_parent_run_id", "")
+    if parent:
+        return parent
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    _quiet_loggers()
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg.tracking_uri))
+        run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}", tags={"astrid.sweep": study.study_name, "sweep_dir": str(sweep_dir)})
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Path, parent_run_id: str) -> Callable[[Any], float]:
+    """One Optuna trial: an ordinary training run in sweep_dir/trial-NNNN, pruned on SWEEP_OBJECTIVE."""
+    import optuna
+
+    def objective(trial: optuna.Trial) -> float:
+        cfg = suggest_config(trial, space, base)
+        cfg = dataclasses.replace(cfg, output_dir=str(sweep_dir / f"trial-{trial.number:04d}"), resume="")
+        trial.set_user_attr("run_dir", cfg.output_dir)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
+
+        def report(epoch: int, row: dict) -> None:
+            value = row.get(SWEEP_OBJECTIVE)
+            trial.report(float("nan") if value is None else float(value), epoch)
+            if trial.should_prune():
+                msg = f"pruned by Optuna after epoch {epoch} ({SWEEP_OBJECTIVE} {_fmt(value)})"
+                raise TrainingPruned(msg)
+
+        trainer = StandaloneTrainer(cfg, given=[], on_epoch_end=report, parent_run_id=parent_run_id)
+        try:
+            metrics = trainer.fit()
+        except TrainingPruned as exc:
+            log.info("trial %d: %s", trial.number, exc)
+            raise optuna.TrialPruned(str(exc)) from None
+        except TrainingInterrupted:
+            # Ctrl-C: this trial is recorded as failed and the sweep stops; rerunning continues the study.
+            raise KeyboardInterrupt from None
+        trial.set_user_attr("parameters", metrics["parameters"])
+        trial.set_user_attr("test", {k: v for k, v in metrics["test"].items() if not isinstance(v, dict)})
+        best = metrics["monitor"]["best"] if cfg.monitor == SWEEP_OBJECTIVE else max((h[SWEEP_OBJECTIVE] or 0.0) for h in trainer.history)
+        return float(best)
+
+    return objective
+
+
+def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
+    """Best configuration, top trials, parameter importances and Optuna's plots, in sweep_dir."""
+    import optuna
+
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    ranked = sorted(finished, key=lambda t: -t.value)
+    importances: dict[str, float] = {}
+    if len(finished) >= 2:
+        with contextlib.suppress(ValueError, RuntimeError):  # all trials alike: nothing to attribute
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    report = {
+        "study": study.study_name,
+        "objective": SWEEP_OBJECTIVE,
+        "trials": {"complete": len(finished), "pruned": len(pruned), "total": len(study.trials)},
+        "best": {"number": ranked[0].number, "value": ranked[0].value, "params": ranked[0].params, **ranked[0].user_attrs} if ranked else None,
+        "top": [{"number": t.number, "value": t.value, "params": t.params, **t.user_attrs} for t in ranked[:top]],
+        "importances": importances,
+    }
+    write_json(sweep_dir / "sweep.json", report)
+    plots = []
+    if finished:
+        from optuna.visualization import matplotlib as ov
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            figures = {"optimization_history.png": ov.plot_optimization_history}
+            if importances:
+                figures["param_importances.png"] = ov.plot_param_importances
+            for name, plot in figures.items():
+                ax = plot(study)
+                plots.append(_savefig(ax.figure, sweep_dir / name))
+    report["plots"] = [str(p) for p in plots]
+    return report
+
+
+def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, study_name: str, sweep_dir: str) -> dict:
+    """Run (or continue) an Optuna study of training configurations; see STANDALONE_TRAINING.md.
+
+    `trials` counts the finished (complete or pruned) trials the study should hold: rerunning
+    the command continues it, and several processes sharing `storage` share that count.
+    """
+    import optuna
+
+    if trials < 1:
+        msg = f"trials must be >= 1, got {trials}"
+        raise ConfigError(msg)
+    space = load_sweep_space(space_path)
+    base.validate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root = Path(sweep_dir or Path("sweeps") / safe_filename(study_name))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
+            # Seeded per process: two workers drawing the same first candidates would waste trials.
+            sampler=optuna.samplers.TPESampler(seed=base.seed + os.getpid()),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
+        )
+    except (ImportError, ValueError, RuntimeError) as exc:  # a bad URL, a missing driver, a locked or foreign database
+        msg = f"cannot open the Optuna study {study_name!r} in {storage} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+        raise AstridError(msg) from None
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=states))
+    if not study.trials:
+        defaults = {k: spec["default"] for k, spec in space.items() if "default" in spec}
+        if defaults:
+            study.enqueue_trial(defaults)
+    parent = _mlflow_parent(base, study=study, sweep_dir=root)
+    log.info("sweep %s in %s: %d of %d trials finished; trials in %s", study_name, storage, done, trials, root)
+    if done < trials:
+        objective = sweep_objective(space, base, sweep_dir=root, parent_run_id=parent)
+        stop = optuna.study.MaxTrialsCallback(trials, states=states)
+        # A trial that fails for any reason but the user's Ctrl-C is recorded and the sweep goes on.
+        study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=(TrainingDiverged, ConfigError, DataError))
+    report = sweep_report(study, sweep_dir=root)
+    if parent:
+        import mlflow
+
+        client = mlflow.MlflowClient(base.tracking_uri)
+        if report["best"]:
+            client.log_metric(parent, f"best_{SWEEP_OBJECTIVE}", report["best"]["value"])
+            client.log_dict(parent, report["best"]["params"], "best_params.json")
+        for path in (root / "sweep.json", *report["plots"]):
+            client.log_artifact(parent, str(path))
+        client.set_terminated(parent)  # a rerun or another worker may log to it again
+    print(f"{'trial':>6s} {SWEEP_OBJECTIVE:>22s}  parameters")
+    for row in report["top"]:
+        print(f"{row['number']:6d} {row['value']:22.4f}  {json.dumps(row['params'])}")
+    if report["importances"]:
+        print("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
+    print(f"sweep: {root / 'sweep.json'} ({report['trials']['complete']} complete, {report['trials']['pruned']} pruned)  |  MLflow parent run: {parent or 'none'}")
+    return report
+
+
+# ----------------------------------------------------------------------------
+# Experiments: synthetic versus real training (compare)
+# ----------------------------------------------------------------------------
+
+COMPARE_ARMS = {  # arm -> how its training data differs from the shared configuration
+    "synthetic": dict(data="synthetic"),
+    "mix": dict(data="mix"),  # --real-fraction of the samples from the training frames' tiles
+    "real": dict(data="fits"),  # real tiles only
+}
+REAL_ONLY_MIN_TILES = 12  # fewer distinct training tiles than this: a real-only arm would learn the tiles, not the task
+COMPARE_SUMMARIES = ("network", "baseline", "sextractor")  # the network and the two classical detectors on the same images
+
+
+def split_real_frame(path: str | os.PathLike, out: Path) -> tuple[Path, Path]:
+    """Write the left half of a real frame to out/train/ and the right half to out/heldout/.
+
+    One real frame is all that ships offline (M13): its two halves share survey, plate and
+    seeing but no pixel, so a model trained on one half meets the other as new sky.
+    """
+    data, header, _ = read_fits_image(path)
+    half = data.shape[1] // 2
+    dirs = (out / "train", out / "heldout")
+    for directory, part in zip(dirs, (data[:, :half], data[:, half:])):
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / f"{Path(path).name.split('.')[0]}.fits", lambda f, part=part: fits.PrimaryHDU(part.astype(np.float32)).writeto(f))
+    return dirs
+
+
+def compare_evaluation(model: nn.Module, *, threshold: float, heldout_dir: Path, samples: int, image_size: int, device: torch.device) -> dict:
+    """The three sets every arm meets: the synthetic test stream, injections into held-out real frames, the null battery."""
+    synthetic = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=DEFAULT_EVAL_SEED, stream="test")
+    real = MASTRealDataset(samples, image_size=image_size, seed=DEFAULT_EVAL_SEED, stream="test", source="fits", fits_dir=heldout_dir, fallback=False)
+    return {
+        "synthetic_test": evaluate_model(model, synthetic, threshold=threshold, device=device),
+        "heldout_real": evaluate_model(model, real, threshold=threshold, device=device),
+        "null": null_battery(model, null_frames(synthetic=1, image_size=128), threshold=threshold, device=device)["summary"],
+    }
+
+
+def _pooled_curve(evaluations: Sequence[dict], detector: str) -> dict:
+    """Completeness per SNR bin with the counts of all seeds pooled, and its Wilson band."""
+    curves = [e[detector]["completeness_by_snr"] for e in evaluations]
+    counts = np.sum([c["overall"]["counts"] for c in curves], axis=0)
+    hits = np.sum([[round((v or 0.0) * n) for v, n in zip(c["overall"]["completeness"], c["overall"]["counts"])] for c in curves], axis=0)
+    bands = [wilson_interval(h, n) for h, n in zip(hits, counts)]
+    return {"centres": curves[0]["centres"], "completeness": [_json_float(h / n) if n else None for h, n in zip(hits, counts)],
+            "low": [_json_float(lo) for lo, _ in bands], "high": [_json_float(hi) for _, hi in bands], "counts": [int(n) for n in counts]}
+
+
+def _spread(values: Sequence[float | None]) -> dict:
+    """Mean and standard deviation over seeds (None values are left out and counted)."""
+    kept = [float(v) for v in values if v is not None]
+    return {"mean": _json_float(np.mean(kept)) if kept else None, "std": _json_float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
+            "n": len(kept), "missing": len(values) - len(kept)}
+
+
+def summarise_arm(evaluations: Sequence[dict]) -> dict:
+    """One arm's figures over its seeds: mean and spread, pooled Wilson intervals, pooled curves."""
+    arm: dict[str, Any] = {}
+    for dataset in ("synthetic_test", "heldout_real"):
+        arm[dataset] = {}
+        for detector in COMPARE_SUMMARIES:
+            runs = [e[dataset][detector] for e in evaluations]
+            count = sum(r["completeness"]["overall"]["count"] for r in runs)
+            total = sum(r["completeness"]["overall"]["total"] for r in runs)
+            arm[dataset][detector] = {
+                "completeness": {**_spread([r["completeness"]["overall"]["value"] for r in runs]), "pooled": _ratio(count, total)},
+                "snr50": _spread([r["snr50"]["overall"] for r in runs]),
+                "purity": _spread([r["purity"]["value"] for r in runs]),
+                "false_detections_per_image": _spread([r["false_detections_per_image"]["value"] for r in runs]),
+                "bogus_pass_rate": _spread([r["bogus_pass_rate"]["overall"]["value"] for r in runs]),
+                "curve": _pooled_curve([e[dataset] for e in evaluations], detector),
+            }
+    arm["null"] = {k: _spread([e["null"][k] for e in evaluations]) for k in ("identical_detections", "noise_per_megapixel_max", "flux_per_megapixel_max", "seeing_per_megapixel_max", "sextractor_per_megapixel_max")}
+    return arm
+
+
+def plot_comparison(arms: dict, path: Path) -> Path:
+    """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
+    fig = Figure(figsize=(11, 4.2))
+    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
+    titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
+    for k, (dataset, title) in enumerate(titles.items()):
+        ax = fig.add_subplot(1, 2, k + 1)
+        first = next(iter(arms.values()))[dataset]
+        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-") for name, arm in arms.items()]
+        lines += [("matched filter", first["baseline"]["curve"], "grey", "--"), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":")]
+        for label, curve, colour, style in lines:
+            x = np.asarray(curve["centres"])
+            y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
+            shown = np.isfinite(y)
+            ax.plot(x[shown], y[shown], style, marker="o", ms=3, color=colour, label=label)
+            if style == "-":
+                ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("true SNR of the change (matched filter)")
+        ax.set_ylabel("completeness")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def _cell(spread: dict, *, pooled: dict | None = None, seeds: bool = True) -> str:
+    """`mean ± std` (over seeds), with the pooled Wilson interval where there is one.
+
+    `seeds` False: a figure the seeds cannot change (a classical detector's): the mean alone.
+    """
+    text = _fmt(spread["mean"]) + (f" ± {_fmt(spread['std'])}" if seeds and spread["std"] is not None else "")
+    if pooled is not None:
+        low, high = pooled["interval"]
+        text += f" [{_fmt(low)}, {_fmt(high)}]"
+    return text + (f" ({spread['missing']} n/a)" if spread["missing"] else "")
+
+
+def comparison_markdown(report: dict) -> str:
+    """comparison.md: one table per test set and one for the null battery."""
+    arms = report["arms"]
+    lines = [f"# AstrID comparison ({report['kind']})", "", report["note"], "",
+             "Figures: mean ± standard deviation over seeds; completeness also carries the 95% Wilson interval of the counts pooled over seeds.", ""]
+    titles = {"synthetic_test": "Synthetic test stream", "heldout_real": "Injection-recovery on held-out real frames"}
+    metrics = (("completeness", "completeness"), ("snr50", "SNR at 50%"), ("purity", "purity"),
+               ("false_detections_per_image", "false detections / image"), ("bogus_pass_rate", "bogus pass rate"))
+    for dataset, title in titles.items():
+        lines += [f"## {title}", "", "| detector | seeds | " + " | ".join(m for _, m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+        rows = [(f"network: {name}", arm[dataset]["network"], len(report["runs"][name])) for name, arm in arms.items()]
+        first = next(iter(arms.values()))[dataset]
+        # The same images whatever the arm: the classical detectors' figures are one measurement.
+        rows += [("matched filter (5 sigma)", first["baseline"], "-"), ("SExtractor (sep, 1.5 sigma, 5 px)", first["sextractor"], "-")]
+        for label, fig, seeds in rows:
+            cells = [_cell(fig[k], pooled=fig[k].get("pooled"), seeds=seeds != "-") for k, _ in metrics]
+            lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("")
+    null_keys = (("identical_detections", "detections, identical pairs"), ("noise_per_megapixel_max", "noise pairs, worst / Mpx"),
+                 ("flux_per_megapixel_max", "flux-ratio pairs, worst / Mpx"), ("seeing_per_megapixel_max", "seeing pairs, worst / Mpx"),
+                 ("sextractor_per_megapixel_max", "SExtractor, worst / Mpx"))
+    lines += ["## Null battery (nothing changed)", "", "| arm | " + " | ".join(t for _, t in null_keys) + " |", "|---" * (len(null_keys) + 1) + "|"]
+    for name, arm in arms.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(arm["null"][k], seeds=k != "sextractor_per_megapixel_max") for k, _ in null_keys) + " |")
+    lines += ["", "![completeness per arm](comparison.png)", ""]
+    return "\n".join(lines)
+
+
+def _resolve_run(spec: str, *, tracking_uri: str, scratch: Path) -> tuple[str, Path]:
+    """`[label=]DIR` or `[label=]mlflow:RUN_ID` -> (label, best.pt); runs sharing a label are one arm's seeds."""
+    label, _, where = spec.rpartition("=")
+    if where.startswith("mlflow:"):
+        run_id = where[len("mlflow:"):]
+        try:
+            import mlflow
+
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.pt", tracking_uri=tracking_uri, dst_path=str(scratch / safe_filename(run_id)))
+        except Exception as exc:  # MlflowException, a missing run or artifact, a dead server: one line
+            msg = f"--runs {spec}: cannot fetch best.pt of MLflow run {run_id} ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+            raise AstridError(msg) from None
+        return label or run_id[:8], Path(local)
+    path = Path(where)
+    checkpoint = path / "best.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        msg = f"--runs {spec}: no best.pt in {path}"
+        raise AstridError(msg)
+    return label or checkpoint.parent.name, checkpoint
+
+
+def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tuple(COMPARE_ARMS), seeds: int = 3,
+                runs: Sequence[str] = (), train_fits_dir: str = "", heldout_fits_dir: str = "",
+                eval_samples: int = 50, eval_image_size: int = 64, overwrite: bool = False) -> dict:
+    """Train each arm with each seed (or take `runs`), evaluate all alike, write comparison.md/json/png.
+
+    Without `train_fits_dir`/`heldout_fits_dir`, the M13 frame astropy ships is split in halves
+    (`split_real_frame`): real tiles for training come from the left, injection-recovery on
+    the right.
+    """
+    if seeds < 1 or eval_samples < 1:
+        msg = f"seeds and eval-samples must be >= 1, got {seeds} and {eval_samples}"
+        raise ConfigError(msg)
+    check_image_size(eval_image_size)
+    unknown = [a for a in arms if a not in COMPARE_ARMS]
+    if unknown:
+        msg = f"unknown arm {unknown[0]!r}; choose from {', '.join(COMPARE_ARMS)}"
+        raise ConfigError(msg)
+    if bool(train_fits_dir) != bool(heldout_fits_dir):
+        msg = "give both --train-fits-dir and --heldout-fits-dir, or neither (then M13's halves are used)"
+        raise ConfigError(msg)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, kind="comparison", overwrite=overwrite, remove=COMPARISON_OUTPUTS)
+    device = resolve_device(base.device)
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    if train_fits_dir:
+        train_dir, heldout_dir = Path(train_fits_dir), Path(heldout_fits_dir)
+        note = f"Real training frames from {train_dir}; injection-recovery on the frames in {heldout_dir}."
+    else:
+        train_dir, heldout_dir = split_real_frame(M13_FITS, out / "real_frames")
+        note = ("Real frames: the M13 DSS cutout astropy ships, split in halves: training tiles from its left half, "
+                "injection-recovery on its right half (same plate and seeing, no shared pixel).")
+
+    # 1. The runs: each arm x seed trained here, or the given run directories / MLflow runs.
+    checkpoints: dict[str, list[Path]] = {}
+    if runs:
+        kind = "given runs"
+        for spec in runs:
+            label, path = _resolve_run(spec, tracking_uri=base.tracking_uri, scratch=out / "mlflow_runs")
+            checkpoints.setdefault(label, []).append(path)
+    else:
+        kind = f"{len(arms)} arms x {seeds} seeds, one configuration"
+        tiles = len(MASTRealDataset(1, image_size=base.image_size, source="fits", fits_dir=train_dir, fallback=False).tiles)
+        for arm in arms:
+            if arm == "real" and tiles < REAL_ONLY_MIN_TILES:
+                log.warning("real-only arm skipped: %d training tiles of %d px, fewer than %d", tiles, base.image_size, REAL_ONLY_MIN_TILES)
+                note += f" The real-only arm was skipped: {tiles} training tiles < {REAL_ONLY_MIN_TILES}."
+                continue
+            for k in range(seeds):
+                cfg = dataclasses.replace(base, **COMPARE_ARMS[arm], fits_dir=str(train_dir), seed=base.seed + k,
+                                          output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"), resume="", overwrite=False)
+                log.info("compare: training arm %s, seed %d", arm, cfg.seed)
+                StandaloneTrainer(cfg, given=[]).fit()
+                checkpoints.setdefault(arm, []).append(Path(cfg.output_dir) / "best.pt")
+
+    # 2. Every model on the same three sets.
+    evaluations: dict[str, list[dict]] = {}
+    for label, paths in checkpoints.items():
+        for path in paths:
+            payload = load_checkpoint(path)
+            model = place_model(model_from_checkpoint(payload, path=path), device)
+            threshold = payload.get("threshold") or 0.5
+            log.info("compare: evaluating %s (%s)", label, path)
+            evaluations.setdefault(label, []).append(compare_evaluation(model, threshold=threshold, heldout_dir=heldout_dir, samples=eval_samples, image_size=eval_image_size, device=device))
+
+    # 3. The report.
+    report = {
+        "kind": kind, "note": note, "configuration": dataclasses.asdict(base) if not runs else None,
+        "evaluation": {"samples": eval_samples, "image_size": eval_image_size, "seed": DEFAULT_EVAL_SEED, "heldout_dir": str(heldout_dir), "train_dir": str(train_dir)},
+        "runs": {label: [str(p) for p in paths] for label, paths in checkpoints.items()},
+        "arms": {label: summarise_arm(evals) for label, evals in evaluations.items()},
+        "per_run": evaluations,
+    }
+    plot_comparison(report["arms"], out / "comparison.png")
+    write_json(out / "comparison.json", report)
+    atomic_write(out / "comparison.md", lambda f: f.write(comparison_markdown(report).encode()))
+    print(comparison_markdown(report))
+    print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}")
+    return report
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -5396,6 +5999,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: fitted on the pair's stars)")
+    sweep = commands.add_parser("sweep", help="search training configurations with Optuna (TPE, pruning, MLflow)")
+    add_train_arguments(sweep)
+    sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space (default: sweep_space.json)")
+    sweep.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)")
+    sweep.add_argument("--storage", default="sqlite:///sweeps.db", help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study")
+    sweep.add_argument("--study-name", default="astrid-baseline")
+    sweep.add_argument("--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)")
+    compare = commands.add_parser("compare", help="synthetic vs real training: arms x seeds (or --runs), evaluated alike")
+    add_train_arguments(compare)
+    compare.add_argument("--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (--seed, --seed + 1, ...)")
+    compare.add_argument("--runs", nargs="+", default=[], help="compare these instead: [LABEL=]RUN_DIR or [LABEL=]mlflow:RUN_ID; one label, one arm")
+    compare.add_argument("--train-fits-dir", default="", help="real frames for training (default: the left half of M13)")
+    compare.add_argument("--heldout-fits-dir", default="", help="real frames kept out of training, for injection-recovery (default: M13's right half)")
+    compare.add_argument("--eval-samples", type=int, default=50, help="images per test set")
+    compare.add_argument("--eval-image-size", type=int, default=64)
     export = commands.add_parser("export", help="strip a checkpoint to shareable weights")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--output", required=True)
@@ -5470,6 +6089,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(debug=args.debug)
     if args.command == "train":
         return cli(lambda: run_training(config_from_args(args), given=given_flags(args)), debug=args.debug)
+    if args.command == "sweep":
+        keys = ("trials", "storage", "study_name", "sweep_dir")
+        return cli(lambda: run_sweep(config_from_args(args), space_path=args.space, **{k: getattr(args, k) for k in keys}), debug=args.debug)
+    if args.command == "compare":
+        keys = ("arms", "seeds", "runs", "train_fits_dir", "heldout_fits_dir", "eval_samples", "eval_image_size")
+        cfg = config_from_args(args)
+        return cli(lambda: run_compare(dataclasses.replace(cfg, output_dir=""), output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite),
+                                       **{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "predict":
         keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)

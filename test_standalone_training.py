@@ -1082,7 +1082,7 @@ def hand_made_survey():
 
 
 def ratio(count, total):
-    return {"value": count / total, "count": count, "total": total}
+    return {"value": count / total, "count": count, "total": total, "interval": list(st.wilson_interval(count, total))}
 
 
 def test_summarise_objects_values():
@@ -1115,7 +1115,7 @@ def test_summarise_objects_values():
 
 
 SUMMARY_KEYS = {
-    "n_images", "completeness", "completeness_by_snr", "snr50", "snr90", "purity",
+    "n_images", "completeness", "completeness_by_snr", "snr50", "snr50_interval", "snr90", "purity",
     "false_detections_per_image", "bogus_pass_rate", "completeness_snr_ge_10"}
 
 
