@@ -3455,10 +3455,10 @@ def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[dict], d
 # ----------------------------------------------------------------------------
 
 PREDICT_TILE = 1536  # px, the largest network window (a multiple of 16): at most ~1 GB of activations (410 B per px at width 16)
-# The U-Net's receptive field reaches 127 px from a pixel (five 3x3 convolutions and a pool
-# per level, four levels down and up), and the trained model uses most of it: 99.97% of the
-# gradient of a pixel's output lies within 96 px of it, 87% within 32 px
-# (benchmarks/bench_predict.py --receptive-field). Windows that keep 96 px of context give
+# The U-Net's receptive field reaches 130 px from a pixel (260 px across: the 3x3
+# convolutions, pools and upsamplings of four levels down and up, the deepest at 16 px per
+# step), and the trained model uses most of it: 99.97% of the gradient of a pixel's output
+# lies within 96 px of it, 87% within 32 px (benchmarks/bench_predict.py --receptive-field). Windows that keep 96 px of context give
 # the same map as one pass over the whole image to 2e-4 in probability; with the former
 # 32 px, seams moved probabilities by up to 0.999 on a 2048 px star field.
 PREDICT_MARGIN = 96
@@ -5167,8 +5167,8 @@ def detection_table(rows: Sequence[dict], *, record: dict):
     table["significance"] = np.array([r["significance"] for r in rows], dtype=np.float64)
     table["area_px"] = np.array([r["area_px"] for r in rows], dtype=np.int64) * u.pix**2
     table["type"] = np.array([r["type"] for r in rows], dtype=str) if rows else np.array([], dtype="U7")
-    table["x"].description = "0-based column of the change's peak"
-    table["y"].description = "0-based row of the change's peak"
+    table["x"].description = "0-based pixel centroid, column"
+    table["y"].description = "0-based pixel centroid, row"
     table["score"].description = "peak network probability"
     table["significance"].description = "peak matched-filter SNR of the scaled difference"
     return table

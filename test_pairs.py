@@ -194,3 +194,13 @@ def test_a_pair_list_without_its_columns_is_refused_in_one_line(tmp_path):
     result = run_cli("predict", "--pairs", "pairs.csv", "--output-dir", "out", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "needs the columns science, reference" in result.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--pairs", "pairs.csv", "--science", "a.fits"], "give exactly one of --science FITS (with --reference) or --pairs CSV"),
+    (["--science", "a.fits", "--reference", "b.fits", "--shard", "0/2"], "--shard splits a --pairs list"),
+])
+def test_conflicting_predict_flags_are_refused_in_one_line(tmp_path, args, says):
+    result = run_cli("predict", *args, "--output-dir", "out", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr
+    assert not (tmp_path / "out").exists()
