@@ -33,8 +33,6 @@ import standalone_training as st
 from standalone_training import (
     DEFAULT_WEIGHTS,
     POINT_TYPES,
-    PREDICT_MARGIN,
-    PREDICT_TILE,
     PSF,
     SyntheticAstronomicalDataset,
     match_objects,
@@ -395,12 +393,11 @@ def test_odd_sizes_find_an_asymmetric_source_where_it_is(tmp_path, shape):
 def large_run(tmp_path_factory):
     """A 2048 px square frame: noise and bright point sources, several on window seams."""
     root = tmp_path_factory.mktemp("large")
-    core = PREDICT_TILE - 2 * PREDICT_MARGIN  # windows keep this many px each: seams every `core` px
+    seam = st._windows(2048)[1][1][0]  # where the second window's core begins
     sources = [
-        (core, 700.4),  # on a vertical seam
-        (1000.3, core),  # on a horizontal seam
-        (2 * core, 2 * core),  # on a corner where four windows meet
-        (8 * core - 0.5, 8 * core + 0.5),  # straddling a corner between pixels
+        (seam, 700.4),  # on a vertical seam
+        (1000.3, seam),  # on a horizontal seam
+        (seam - 0.5, seam + 0.5),  # on the corner where four windows meet, straddling pixels
         (1500.7, 1536.2),
         (300.2, 1650.6),
         (1790.0, 100.0),
@@ -414,7 +411,7 @@ def large_run(tmp_path_factory):
 def test_large_frame_finds_sources_across_window_seams(large_run):
     """Each source, seams included, is one detection within 2 px: a seam neither hides nor splits it."""
     sources, rows, _ = large_run
-    assert PREDICT_TILE - 2 * PREDICT_MARGIN < 2048  # the frame really is tiled
+    assert len(st._windows(2048)[1]) > 1  # the frame really is tiled
     for x, y in sources:
         distance, row = nearest(rows, x, y)
         assert distance <= 2.0, f"source at ({x}, {y}): nearest detection {row}"
