@@ -1945,6 +1945,9 @@ def _psf_candidates(tile, *, default, threshold, max_stars):
     return img, background, box, candidates
 
 
+MIN_STAR_FWHM = 1.0  # px: anything sharper is a cosmic ray or a hot pixel, not a star's PSF
+
+
 def _fit_fwhm(img, y, x, box, background):
     """FWHM in pixels of one star's pixel-integrated Gaussian fit, or None if it fails."""
     stamp = img[y - box:y + box + 1, x - box:x + box + 1]
@@ -1963,7 +1966,9 @@ def _fit_fwhm(img, y, x, box, background):
     sigma = fit.x[3]
     if not fit.success or sigma >= 0.95 * box:  # pinned at the bound: not a point source
         return None
-    return float(2.0 * np.sqrt(2.0 * np.log(2.0)) * sigma)
+    fwhm = float(2.0 * np.sqrt(2.0 * np.log(2.0)) * sigma)
+    return fwhm if fwhm >= MIN_STAR_FWHM else None
+
 
 
 # ----------------------------------------------------------------------------
