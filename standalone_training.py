@@ -3353,6 +3353,16 @@ def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list 
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
 
 
+def _completeness_axes(ax: Any) -> None:
+    """Completeness against SNR: log SNR axis over the injected 3-100, the 50% line, labels."""
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true SNR of the change (matched filter)")
+    ax.set_ylabel("completeness")
+
+
 def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike, *, summary_sep: dict | None = None) -> Path:
     """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
 
@@ -3395,12 +3405,7 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
         y = np.array([np.nan if c is None else c for c in curve["overall"]["completeness"]])
         shown = np.isfinite(y)
         ax.plot(np.asarray(curve["centres"])[shown], y[shown], ":", marker="^", ms=3, color="black", lw=1.6)
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("true SNR of the change (matched filter)")
-    ax.set_ylabel("completeness")
+    _completeness_axes(ax)
     type_handles = [Line2D([], [], color=c, lw=2, label=n.replace("_", " "))
                     for n, c in colours.items()]
     style_handles = [Line2D([], [], color="grey", ls="-", marker="o", label="network"),
@@ -6009,12 +6014,7 @@ def plot_comparison(arms: dict, path: Path) -> Path:
             ax.plot(x[shown], y[shown], style, marker="o", ms=3, color=colour, label=label)
             if style == "-":
                 ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
-        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("true SNR of the change (matched filter)")
-        ax.set_ylabel("completeness")
+        _completeness_axes(ax)
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")

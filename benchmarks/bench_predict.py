@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import standalone_training as st  # noqa: E402
-from bench_training import cpu_model, peak_rss_mb  # noqa: E402
+from bench_training import machine, peak_rss_mb  # noqa: E402
 from null_tests_before import load_module  # noqa: E402
 
 STAGES = {  # stage -> the module functions whose time it is
@@ -273,12 +271,7 @@ def benchmark(*, sizes: list[int], old_module: Path | None, device: str, repeats
         "device": str(dev),
         "autocast": "none (fp32)" if dev.type != "cuda" else "bf16/fp16 autocast",
         "threads": torch.get_num_threads(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **machine(),
     }
 
 

@@ -246,6 +246,18 @@ def conv_gflop_per_s(device: torch.device) -> dict:
     return median_rate(chunk, chunks=MATMUL_REPEATS, device=device)
 
 
+def machine() -> dict:
+    """Where and when a benchmark ran: threads, cores, versions, CPU model, UTC date."""
+    return {
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, or platform's guess elsewhere."""
     with contextlib.suppress(OSError):
@@ -324,12 +336,7 @@ def benchmark(*, image_size: int, batch_size: int, device: str, steps: int, warm
         "device": str(trainer.device),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **machine(),
     }
 
 
