@@ -3715,18 +3715,25 @@ class PairDetections(NamedTuple):
     psf_science: PsfEstimate
 
 
-def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None) -> PairDetections:
+def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None,
+                 seeing: tuple[float, float] | None = None) -> PairDetections:
     """Run AstrID on one registered pair of any size: what `predict` and the null tests share.
 
-    1. Each epoch's seeing, measured on the same stars: the sharper epoch is blurred to the
-       other's (when either cannot be measured, neither is), and the matched filter uses the
-       worse FWHM.
+    1. Each epoch's seeing (`seeing`, reference and science FWHM in px, when known; else
+       measured on the same stars): the sharper epoch is blurred to the other's (when either
+       cannot be measured, neither is), and the matched filter uses the worse FWHM.
     2. One photometric scale: the flux ratio is fitted on the static stars unless given
        (:func:`fit_flux_scale` refuses a pair it cannot fit, in one line).
     3. The network's probabilities through windows, and the difference's significance.
     4. :func:`detect_changes`, away from pixels where either epoch has no data.
     """
-    psf_reference, psf_science = measure_seeing(reference, science)
+    if seeing is None:
+        psf_reference, psf_science = measure_seeing(reference, science)
+    else:
+        if not all(math.isfinite(f) and f > 0 for f in seeing):
+            msg = f"--seeing needs two positive FWHMs in px, got {seeing}"
+            raise ConfigError(msg)
+        psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
     worse = max(psf_reference.fwhm, psf_science.fwhm)
     if flux_ratio is None:
         fit = fit_flux_scale(reference, science, aperture=max(5, math.ceil(3.0 * worse)))
@@ -5513,7 +5520,7 @@ def load_predictor(*, checkpoint: str | None, threshold: float | None, device: s
 
 
 def predict_pair(predictor: Predictor, reference: np.ndarray, science: np.ndarray, *, wcs: Any, out: Path, inputs: dict,
-                 flux_ratio: float | None = None) -> list[dict]:
+                 flux_ratio: float | None = None, seeing: tuple[float, float] | None = None) -> list[dict]:
     """Find the changes of one pair and write its outputs (PREDICTION_OUTPUTS) into `out`, as one set.
 
     `inputs` (science and reference as the user named them) goes into detections.json and
@@ -5521,13 +5528,13 @@ def predict_pair(predictor: Predictor, reference: np.ndarray, science: np.ndarra
     so one pair gives the same detections either way.
     """
     p = predictor
-    found = find_changes(p.model, reference, science, threshold=p.threshold, device=p.device, flux_ratio=flux_ratio)
+    found = find_changes(p.model, reference, science, threshold=p.threshold, device=p.device, flux_ratio=flux_ratio, seeing=seeing)
     rows = detection_catalog(found.detections, wcs=wcs)
     record = dict(
         **inputs, checkpoint=str(p.checkpoint),
         threshold=p.threshold, significance_gate=SIGNIFICANCE_GATE, **found.scale, offset=found.statistics.offset,
         sigma_difference=found.statistics.sigma_difference, fwhm_reference=found.psf_reference.fwhm, fwhm_science=found.psf_science.fwhm,
-        seeing_measured=found.psf_reference.measured and found.psf_science.measured,
+        seeing_measured=found.psf_reference.measured and found.psf_science.measured, seeing_source="measured" if seeing is None else "given",
         blur_reference=found.statistics.blur_reference, blur_science=found.statistics.blur_science,
         valid_fraction=float(found.valid.mean()), n_detections=len(rows),
     )
@@ -5556,6 +5563,7 @@ def run_prediction(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     flux_ratio: float | None = None,
+    seeing: Sequence[float] | None = None,
     overwrite: bool = False,
 ) -> list[dict]:
     """Find what changed in a (reference, science) FITS pair.
@@ -5575,7 +5583,7 @@ def run_prediction(
     predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
     # 3. The changes, and how the pair was put on one scale.
     inputs = dict(science=str(science), reference=str(reference or f"survey: {reference_survey}"))
-    rows = predict_pair(predictor, ref, sci, wcs=wcs, out=out, inputs=inputs, flux_ratio=flux_ratio)
+    rows = predict_pair(predictor, ref, sci, wcs=wcs, out=out, inputs=inputs, flux_ratio=flux_ratio, seeing=tuple(seeing) if seeing else None)
     record = json.loads((out / "detections.json").read_text())
     print(f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} ({record['flux_ratio_source']}) -> {out / 'detections.csv'} (also detections.json, .ecsv, .reg, mask.fits, overlay.png)")
     return rows
@@ -6256,6 +6264,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: fitted on the pair's stars)")
+    predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help="each epoch's FWHM in px, when known (default: measured on the pair's stars)")
     sweep = commands.add_parser("sweep", help="search training configurations with Optuna (TPE, pruning, MLflow)")
     add_train_arguments(sweep)
     sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space (default: sweep_space.json)")
@@ -6364,11 +6373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pairs:
             if args.reference or args.reference_survey:
                 return cli(lambda: _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey"), debug=args.debug)
+            if args.seeing:
+                return cli(lambda: _refuse("--pairs: --seeing is one pair's; the list's pairs have their seeing measured"), debug=args.debug)
             keys = ("pairs", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "shard", "flux_ratio", "overwrite")
             return cli(lambda: run_pairs(**{k: getattr(args, k) for k in keys}), debug=args.debug)
         if args.shard:
             return cli(lambda: _refuse("--shard splits a --pairs list"), debug=args.debug)
-        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "overwrite")
+        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "seeing", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "export":
         return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)

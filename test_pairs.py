@@ -159,7 +159,9 @@ def test_the_detections_of_a_listed_pair_are_those_of_single_pair_predict(first_
         listed = st.path_inside(out, name)
         assert (single / "detections.csv").read_text() == (listed / "detections.csv").read_text()
         assert (single / "detections.reg").read_text() == (listed / "detections.reg").read_text()
-        np.testing.assert_array_equal(fits.getdata(single / "mask.fits"), fits.getdata(listed / "mask.fits"))
+        # The catalogues are identical; the probability maps agree to float32 rounding (1e-7),
+        # which depends on how many torch threads summed each convolution in that process.
+        np.testing.assert_allclose(fits.getdata(single / "mask.fits"), fits.getdata(listed / "mask.fits"), rtol=0, atol=1e-6)
     capsys.readouterr()
 
 
