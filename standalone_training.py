@@ -4257,10 +4257,12 @@ class MlflowRun:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read at import: no calls home
         # A remote server that dies or hangs mid-run should fail a logging call within
-        # about --timeout x 3 seconds, not hang it for MLflow's default of minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(self.cfg.timeout))))
+        # about --timeout x 3 seconds, not hang it for MLflow's default of minutes. Set, not
+        # defaulted: an earlier run in this process (a sweep's trials) leaves its own --timeout
+        # here, and every process started from this one inherits it.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(self.cfg.timeout)))
 
         def begin() -> None:
             import mlflow
@@ -4274,7 +4276,13 @@ class MlflowRun:
             # ("table ... already exists") and both create the experiment: one at a time.
             with _sqlite_init_lock(self.cfg.tracking_uri, timeout=120.0):
                 if mlflow.get_experiment_by_name(self.cfg.experiment) is None:
-                    mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
+                    try:
+                        mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
+                    except mlflow.exceptions.MlflowException as exc:
+                        # A tracking server has no lock of ours: a run started beside this one
+                        # may have created the experiment in between, which is as good.
+                        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                            raise
                 mlflow.set_experiment(self.cfg.experiment)
                 if resume_run_id:
                     run = mlflow.start_run(run_id=resume_run_id)
