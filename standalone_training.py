@@ -2772,7 +2772,7 @@ def find_components(score_map: np.ndarray, *, threshold: float,
 
 
 def detect_changes(prob: np.ndarray, significance: np.ndarray, *, threshold: float,
-                   valid: np.ndarray | None = None, gate: float = SIGNIFICANCE_GATE) -> list[dict]:
+                   valid: np.ndarray | None = None, gate: float | None = None) -> list[dict]:
     """What AstrID reports: the network's components that the difference image supports.
 
     A component of ``prob >= threshold`` counts only where the matched-filtered difference
@@ -2782,6 +2782,7 @@ def detect_changes(prob: np.ndarray, significance: np.ndarray, *, threshold: flo
     difference too, and it stays silent on them. One function serves evaluation, threshold
     choice, the null tests and ``predict``.
     """
+    gate = SIGNIFICANCE_GATE if gate is None else gate  # read at call time: one constant for every caller
     components = find_components(prob, threshold=threshold, valid=valid, significance=significance)
     return [c for c in components if c["significance"] >= gate]
 

@@ -42,9 +42,7 @@ def main() -> None:
     significances = [st.raw_significance(test.raw(i)) for i in range(len(test))]
     frames = st.null_frames()
     for gate in args.gates:
-        # detect_changes' default gate is what choose_threshold and the null battery use.
-        st.detect_changes.__kwdefaults__["gate"] = gate
-        st.SIGNIFICANCE_GATE = gate
+        st.SIGNIFICANCE_GATE = gate  # what detect_changes, choose_threshold and the null battery read
         threshold, _ = st.choose_threshold(list(val_probs), val_truths, significances=val_significances)
         results = [st.match_objects(st.detect_changes(p, s, threshold=threshold), t) for p, s, t in zip(probs, significances, truths)]
         summary = st.summarise_objects(results, truths)
