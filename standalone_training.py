@@ -56,11 +56,10 @@ from scipy import ndimage, optimize, special, signal as sp_signal
 
 log = logging.getLogger("astrid")
 
-ANOMALY_TYPES = ("transient", "variable_star", "supernova", "asteroid")
-BOGUS_TYPES = ("cosmic_ray", "hot_pixel", "dipole")
-POINT_TYPES = ("transient", "variable_star", "supernova")
-TRAIL_TYPES = ("asteroid",)
 
+# ----------------------------------------------------------------------------
+# Utilities: errors, files, JSON, safe paths, robust statistics
+# ----------------------------------------------------------------------------
 
 class AstridError(Exception):
     """A refusal the user can act on: printed as one line, never as a traceback."""
@@ -82,11 +81,239 @@ def _one_line(exc: BaseException, *, limit: int = 200) -> str:
     """Exception text squeezed onto one bounded line, for logs and user messages."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | os.PathLike, write: Any, *, staged: list | None = None) -> Path:
+    """Write through a temporary file in the same directory, then os.replace it into place.
+
+    A crash or a full disk at any moment leaves the previous file intact. `write` is
+    called with a binary file object. The temporary file is created anew (O_EXCL) and
+    renamed over `path`, so a symlink planted at `path` is replaced, never followed:
+    nothing outside the directory is written. With `staged` (from :func:`output_set`),
+    the temporary file is kept and ``(tmp, path)`` appended, to be swapped in with others.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are for sharing
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def output_set():
+    """Files written inside (``atomic_write(..., staged=s)``) replace their old versions together, or none do.
+
+    Every file is first written in full beside its destination; only then are they renamed
+    into place. A failure while writing any of them leaves every previous file untouched.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        yield staged
+        # A directory in the way is the one rename that can fail here: find it before any swap.
+        blocked = [str(path) for _, path in staged if path.is_dir() and not path.is_symlink()]
+        if blocked:
+            msg = f"cannot write {blocked[0]}: a directory is in the way"
+            raise AstridError(msg)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # gone already once it was renamed into place
+STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's names (mkstemp's 8 characters)
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Delete what atomic_write leaves when killed mid-write; call only where no write is in progress."""
+    removed = []
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if STALE_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path.name)
+    return removed
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    msg = f"not JSON serialisable: {type(value).__name__}"
+    raise TypeError(msg)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: non-finite floats become null, recursively."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_float(value: float) -> float | None:
+    """A float for JSON, with NaN and infinities as None."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def write_json(path: str | os.PathLike, data: Any, *, staged: list | None = None) -> Path:
+    """Atomically write sorted, indented, strict JSON (`staged` as in :func:`atomic_write`)."""
+    text = json.dumps(_finite_or_none(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    return atomic_write(path, lambda f: f.write(text.encode() + b"\n"), staged=staged)
+
+
+def _read_json(path, *, default):
+    """Parsed JSON file, or ``default`` when absent, unreadable or of another type (e.g. null for a mapping; logged)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, _one_line(exc))
+        return default
+    if not isinstance(data, type(default)):
+        log.warning("ignoring %s: it holds a %s, not a %s", path, type(data).__name__, type(default).__name__)
+        return default
+    return data
+
+
+def _sha256(path):
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_filename(name, *, max_length=80):
+    """
+    File name slug for user text that cannot leave its directory.
+
+    Parameters
+    ----------
+    name : str
+        Any text, e.g. a target name typed by a user.
+    max_length : int
+        Upper bound on the result's length, hash included.
+
+    Returns
+    -------
+    str
+        Letters, digits, ``-``, ``_`` and ``.`` only, never starting with ``.``, followed by
+        ``-`` and 10 hex digits of the name's SHA-256 so that names that slug alike never collide.
+    """
+    digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")
+    slug = slug[: max(1, max_length - len(digest) - 1)] or "unnamed"
+    return f"{slug}-{digest}"
+
+
+def path_inside(directory, name, *, suffix=""):
+    """
+    Path of ``safe_filename(name) + suffix`` inside ``directory``, checked not to escape it.
+
+    Parameters
+    ----------
+    directory : str or path-like
+        Containing directory.
+    name : str
+        Untrusted text; it is slugged first.
+    suffix : str
+        Trusted extension such as ".fits".
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    root = Path(directory).resolve()
+    path = (root / (safe_filename(name) + suffix)).resolve()
+    if path.parent != root:
+        msg = f"refusing path outside {root}: {name!r}"
+        raise DataError(msg)
+    return path
+MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian per unit median absolute deviation
+
+
+def robust_sigma(values: np.ndarray) -> float:
+    """Gaussian-equivalent noise, 1.4826 x median absolute deviation, ignoring NaN (NaN if none)."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return float("nan")
+    return MAD_TO_SIGMA * float(np.median(np.abs(finite - np.median(finite))))
+
+
+def robust_background(image: np.ndarray) -> tuple[float, float]:
+    """Median background and robust noise (1.4826 MAD) of the finite pixels."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        msg = "image has no finite pixels"
+        raise DataError(msg)
+    median = float(np.median(finite))
+    sigma = robust_sigma(finite)
+    if not sigma > 0:
+        # A flat or mostly constant frame: fall back to the standard deviation.
+        sigma = float(np.std(finite))
+    if not sigma > 0:
+        msg = "image is constant: its noise cannot be measured"
+        raise DataError(msg)
+    return median, sigma
+
+
+def _progress(iterable: Any, **kwargs: Any) -> Any:
+    """tqdm over batches, on stderr, quiet when not attached to a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
+    """`value [low, high]`; an open top (None) is printed as inf."""
+    low, high = interval
+    low, high = _fmt(low), ("inf" if high is None and low is not None else _fmt(high))
+    return f"{_fmt(value)} [{low}, {high}]"
+
+
+def _fmt_ratio(ratio: dict) -> str:
+    """A `_ratio` with its Wilson interval."""
+    return _fmt_interval(ratio["value"], ratio.get("interval", (None, None)))
 
 
 # ----------------------------------------------------------------------------
-# Configuration
+# Configuration: what is simulated, how a run trains, and the limits every input is checked against
 # ----------------------------------------------------------------------------
+
+ANOMALY_TYPES = ("transient", "variable_star", "supernova", "asteroid")
+BOGUS_TYPES = ("cosmic_ray", "hot_pixel", "dipole")
+POINT_TYPES = ("transient", "variable_star", "supernova")
+TRAIL_TYPES = ("asteroid",)
 
 
 @dataclass(frozen=True)
@@ -148,11 +375,63 @@ TRAINING_SKY = SkyConfig(
     quiet_fraction=0.07,
     plain_fraction=0.4,
 )
-
+DEFAULT_TIMEOUT = 30.0  # s, per socket operation
+MAX_TIMEOUT = 60.0  # s; a service slower than this is treated as down
+DEFAULT_RETRIES = 2  # extra attempts after the first
+DEFAULT_BACKOFF = 1.0  # s, doubled after each failed attempt
 DEFAULT_SURVEYS = ("DSS2 Red", "DSS2 Blue")  # SkyView; any of SURVEYS or a HiPS id works
 DEFAULT_NULL_SEED = 20261127  # null-test frames and their noise; any seed works
+
+
 # A real DSS cutout of M13 with its SkyView header, shipped inside astropy: real pixels offline.
 M13_FITS = Path(astropy.__file__).parent / "io" / "fits" / "hdu" / "compressed" / "tests" / "data" / "m13.fits"
+PIXEL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "mcc")
+
+
+def check_image_size(size: int) -> None:
+    """The U-Net halves the image four times, so sizes are multiples of 16 (and >= 32)."""
+    if size < 32 or size % 16:
+        msg = f"image-size must be a multiple of 16 and >= 32, got {size}"
+        raise ConfigError(msg)
+
+
+def check_threshold(value: float) -> None:
+    """An operating threshold is a probability: (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        msg = f"threshold must lie in (0, 1], got {value!r}"
+        raise ConfigError(msg)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """More torch threads than cores only makes them wait for each other (7.6x slower measured at 999)."""
+    cores = usable_cores()
+    if threads > cores:
+        msg = f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
+        raise ConfigError(msg)
+
+
+def check_country(code: str) -> None:
+    """Refuse a country CodeCarbon has no carbon intensity for: it would silently use the world average."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("codecarbon")
+    if spec is None or not spec.submodule_search_locations:
+        return  # no CodeCarbon: the energy meter says so itself
+    table = Path(list(spec.submodule_search_locations)[0]) / "data" / "private_infra" / "global_energy_mix.json"
+    try:
+        known = json.loads(table.read_text())
+    except (OSError, ValueError):
+        return  # another CodeCarbon layout: it judges the code itself
+    if code not in known:
+        msg = f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
+        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -253,52 +532,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def check_image_size(size: int) -> None:
-    """The U-Net halves the image four times, so sizes are multiples of 16 (and >= 32)."""
-    if size < 32 or size % 16:
-        msg = f"image-size must be a multiple of 16 and >= 32, got {size}"
-        raise ConfigError(msg)
-
-
-def check_threshold(value: float) -> None:
-    """An operating threshold is a probability: (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        msg = f"threshold must lie in (0, 1], got {value!r}"
-        raise ConfigError(msg)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
-    with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def check_threads(threads: int) -> None:
-    """More torch threads than cores only makes them wait for each other (7.6x slower measured at 999)."""
-    cores = usable_cores()
-    if threads > cores:
-        msg = f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
-        raise ConfigError(msg)
-
-
-def check_country(code: str) -> None:
-    """Refuse a country CodeCarbon has no carbon intensity for: it would silently use the world average."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("codecarbon")
-    if spec is None or not spec.submodule_search_locations:
-        return  # no CodeCarbon: the energy meter says so itself
-    table = Path(list(spec.submodule_search_locations)[0]) / "data" / "private_infra" / "global_energy_mix.json"
-    try:
-        known = json.loads(table.read_text())
-    except (OSError, ValueError):
-        return  # another CodeCarbon layout: it judges the code itself
-    if code not in known:
-        msg = f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
-        raise ConfigError(msg)
-
-
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch together."""
     random.seed(seed)
@@ -324,9 +557,8 @@ def restore_rng(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Sky simulation: PSFs, sources, noise (SCIENCE.md, sections 2-3)
+# Sky simulation: PSFs, sources, noise, changes and bogus (docs/science.md, sections 2-3)
 # ----------------------------------------------------------------------------
-
 
 def psf_oversampling(fwhm: float) -> int:
     """Sub-pixels per pixel side for integrating a PSF over its pixels.
@@ -337,7 +569,6 @@ def psf_oversampling(fwhm: float) -> int:
     return max(2, math.ceil(6.0 / fwhm))
 
 
-
 def moffat_alpha(fwhm: float, beta: float) -> float:
     """Moffat core width alpha for a given FWHM: FWHM = 2 alpha sqrt(2^(1/beta) - 1)."""
     return fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
@@ -346,6 +577,19 @@ def moffat_alpha(fwhm: float, beta: float) -> float:
 def psf_radius(fwhm: float) -> int:
     """Stamp half-size in px: 3 FWHM holds > 98% of a beta >= 2.5 Moffat's flux."""
     return int(math.ceil(3.0 * fwhm)) + 1
+
+
+def bin_subpixels(image: np.ndarray, factor: int) -> np.ndarray:
+    """Sum `factor` x `factor` blocks of the last two axes: an oversampled image back to pixels.
+
+    Rows first, by adding whole rows (contiguous, vectorised), then runs of columns with
+    `np.add.reduceat`: about three times faster than one strided reshape-and-sum over
+    both axes, and no BLAS threads (a matrix product with a block-of-ones matrix is as
+    fast, but wakes OpenBLAS's threads, which then compete with training for the cores).
+    """
+    *lead, height, width = image.shape
+    rows = image.reshape(*lead, height // factor, factor, width).sum(axis=-2)
+    return np.add.reduceat(rows, np.arange(0, width, factor), axis=-1)
 
 
 def moffat_stamps(dx: np.ndarray, dy: np.ndarray, *, fwhm: float, beta: float, radius: int) -> np.ndarray:
@@ -378,19 +622,6 @@ def moffat_stamps(dx: np.ndarray, dy: np.ndarray, *, fwhm: float, beta: float, r
     return binned / binned.sum(axis=(1, 2), keepdims=True)
 
 
-def bin_subpixels(image: np.ndarray, factor: int) -> np.ndarray:
-    """Sum `factor` x `factor` blocks of the last two axes: an oversampled image back to pixels.
-
-    Rows first, by adding whole rows (contiguous, vectorised), then runs of columns with
-    `np.add.reduceat`: about three times faster than one strided reshape-and-sum over
-    both axes, and no BLAS threads (a matrix product with a block-of-ones matrix is as
-    fast, but wakes OpenBLAS's threads, which then compete with training for the cores).
-    """
-    *lead, height, width = image.shape
-    rows = image.reshape(*lead, height // factor, factor, width).sum(axis=-2)
-    return np.add.reduceat(rows, np.arange(0, width, factor), axis=-1)
-
-
 # Moffat beta assumed where only a FWHM is known (real tiles, the baseline's filter): mid-range
 # of the 2.5-4.8 seen in practice; a pipeline measures the FWHM, rarely the wings.
 ASSUMED_MOFFAT_BETA = 3.5
@@ -415,17 +646,6 @@ class PSF:
         return stamp
 
 
-def render_points(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: PSF) -> np.ndarray:
-    """Image of point sources at (x, y) (x = column, 0-based) with the given fluxes.
-
-    Each source is stamped locally; sources off the frame contribute only what falls on it.
-    """
-    image = np.zeros(shape)
-    box, where = render_points_box(shape, x, y, flux, psf)
-    image[where] = box
-    return image
-
-
 def render_points_box(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: PSF) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Like :func:`render_points`, but only the part of the frame the sources touch.
 
@@ -447,6 +667,17 @@ def render_points_box(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux
     rows = slice(max(y0, 0), min(y0 + box.shape[0], shape[0]))
     cols = slice(max(x0, 0), min(x0 + box.shape[1], shape[1]))
     return box[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0], (rows, cols)
+
+
+def render_points(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: PSF) -> np.ndarray:
+    """Image of point sources at (x, y) (x = column, 0-based) with the given fluxes.
+
+    Each source is stamped locally; sources off the frame contribute only what falls on it.
+    """
+    image = np.zeros(shape)
+    box, where = render_points_box(shape, x, y, flux, psf)
+    image[where] = box
+    return image
 
 
 def trail_points(x1: float, y1: float, x2: float, y2: float, *, step: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -515,6 +746,35 @@ def flux_for_snr(snr: float, profile: np.ndarray, base_variance: np.ndarray, *, 
     return float(flux)
 
 
+def _segments(items: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """End points (n, 2) and (n, 2) in (x, y); a point is a segment of zero length."""
+    starts = np.zeros((len(items), 2))
+    ends = np.zeros((len(items), 2))
+    for i, item in enumerate(items):
+        has_ends = all(k in item for k in ("x1", "y1", "x2", "y2"))
+        if item["type"] in TRAIL_TYPES and not has_ends:
+            msg = f"a {item['type']} needs trail end points x1, y1, x2, y2"
+            raise ValueError(msg)
+        if has_ends:
+            starts[i] = item["x1"], item["y1"]
+            ends[i] = item["x2"], item["y2"]
+        else:
+            starts[i] = ends[i] = item["x"], item["y"]
+    return starts, ends
+
+
+def _distance_to_segments(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Distances (n_points, n_segments) from points to segments, by broadcasting."""
+    d = ends - starts
+    length2 = np.sum(d**2, axis=1)
+    rel = points[:, None, :] - starts[None, :, :]
+    # Zero-length segments (point objects) take t = 0, i.e. the plain point distance.
+    t = np.divide(np.sum(rel * d[None], axis=2), length2[None], out=np.zeros(rel.shape[:2]),
+                  where=length2[None] > 0)
+    closest = starts[None] + np.clip(t, 0.0, 1.0)[..., None] * d[None]
+    return np.linalg.norm(points[:, None, :] - closest, axis=2)
+
+
 def anomaly_mask(shape: tuple[int, int], truth: Sequence[dict], fwhm_science: float) -> np.ndarray:
     """The label: discs of radius max(1.5 px, FWHM) on point anomalies, FWHM bands on trails.
 
@@ -558,101 +818,6 @@ class SkySample(NamedTuple):
     psf_science: PSF
 
 
-def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -> SkySample:
-    """Simulate one registered (reference, science) pair with labelled anomalies and bogus.
-
-    Steps: draw the two epochs' seeing and sky; lay out the static scene (stars,
-    Sersic galaxies); inject anomalies at SNRs drawn log-uniformly; draw Poisson and
-    read noise (the reference is a coadd); add bogus; label the anomalies.
-    """
-    shape = (image_size, image_size)
-    area = image_size * image_size / 64.0**2  # rates are quoted per 64x64 field
-
-    # 1. The two epochs: the reference is usually sharper and deeper.
-    fwhm_ref = rng.uniform(*sky.fwhm_reference)
-    psf_ref = PSF(fwhm_ref, rng.uniform(*sky.moffat_beta))
-    psf_sci = PSF(fwhm_ref * rng.uniform(*sky.seeing_ratio), rng.uniform(*sky.moffat_beta))
-    sky_level = _log_uniform(rng, *sky.sky_level)
-    n_ref = sky.reference_exposures
-    shift = rng.uniform(-sky.registration_error, sky.registration_error, 2)  # science vs reference
-    # Randomised skies draw their extra choices here, only when asked: the default sky's
-    # random stream, and so its samples, stay exactly as documented.
-    style = _draw_style(rng, sky)
-    if style["reference_depth"] is not None:
-        n_ref = style["reference_depth"]
-
-    # 2. Static scene: stars (power-law fluxes) and galaxies, seen through each epoch's PSF.
-    margin = 4
-    n_stars = rng.poisson(_log_uniform(rng, *sky.star_density) * (image_size + 2 * margin) ** 2)
-    sx = rng.uniform(-margin, image_size + margin, n_stars)
-    sy = rng.uniform(-margin, image_size + margin, n_stars)
-    sflux = _power_law(rng, *sky.star_flux, sky.star_flux_slope, n_stars)
-    n_gal = rng.poisson(rng.uniform(*sky.galaxy_density) * image_size**2)
-    counts = _draw_anomaly_counts(rng, sky, area)
-    n_gal = max(n_gal, int(counts["supernova"] > 0))  # a supernova needs a host
-    galaxies = [
-        dict(
-            x=rng.uniform(0, image_size),
-            y=rng.uniform(0, image_size),
-            flux=_log_uniform(rng, *sky.galaxy_flux),
-            half_light_radius=rng.uniform(*sky.galaxy_half_light_radius),
-            n=rng.uniform(1.0, 4.0),  # exponential disc to de Vaucouleurs
-            axis_ratio=rng.uniform(0.4, 1.0),
-            angle=rng.uniform(0, math.pi),
-        )
-        for _ in range(n_gal)
-    ]
-
-    def static_scene(psf: PSF, offset: np.ndarray) -> np.ndarray:
-        galaxy_light = convolve_psf(sersic_image(shape, galaxies, offset=offset), psf) if galaxies else 0.0
-        return render_points(shape, sx + offset[0], sy + offset[1], sflux, psf) + galaxy_light
-
-    static_ref = static_scene(psf_ref, np.zeros(2))
-    static_sci = static_scene(psf_sci, shift)
-
-    # Expected counts and the true variance of each epoch and of their difference.
-    model_ref = sky_level + static_ref
-    model_sci = sky_level + static_sci
-    if style["nebulosity"] is not None:
-        nebula = style["nebulosity"] * sky_level * _smooth_field(rng, shape, scale=rng.uniform(4.0, 30.0))
-        model_ref, model_sci = model_ref + nebula, model_sci + nebula
-    var_ref = (model_ref + sky.read_noise**2) / n_ref  # mean of n_ref exposures
-    base_variance = var_ref + model_sci + sky.read_noise**2
-
-    # 3. Anomalies: flux changes set by their matched-filter SNR in the difference image.
-    # A saturated star's change is clipped away: only stars with room to double can vary.
-    if style["null"]:
-        counts = dict.fromkeys(ANOMALY_TYPES, 0)
-    unsaturated = sflux * psf_ref.stamp.max() < sky.saturation / 4
-    model_sci, base_variance, truth = inject_anomalies(
-        rng, counts=counts, stars=(sx[unsaturated], sy[unsaturated], sflux[unsaturated]), galaxies=galaxies, shift=shift, psf=psf_sci,
-        science=model_sci, variance=base_variance, sky=sky,
-    )
-
-    # 4. Noise: Poisson on sky + sources, Gaussian read noise; the reference is a coadd.
-    reference, science = observe(rng, model_ref, model_sci, sky, reference_exposures=n_ref)
-    if style["correlated_noise"] is not None:
-        reference = _correlate_noise(reference, model_ref, style["correlated_noise"])
-        science = _correlate_noise(science, model_sci, style["correlated_noise"])
-
-    # 5. Bogus: what went wrong in the camera or the subtraction; never labelled.
-    if not style["null"]:
-        truth += _add_detector_bogus(rng, science, reference, base_variance, sky, area)
-    truth += _static_residuals(static_sci - static_ref, base_variance, sx, sy, sflux, galaxies, shift, psf_ref, truth)
-    np.minimum(science, sky.saturation, out=science)
-    np.minimum(reference, sky.saturation, out=reference)
-    if style["plate"] is not None:
-        reference, science = (_photographic(epoch, style["plate"], sky.saturation) for epoch in (reference, science))
-    if style["null"] == "identical":
-        science = reference.copy()
-        truth = [o for o in truth if o["type"] != "dipole"]  # nothing differs, so nothing is left over
-
-    mask = anomaly_mask(shape, truth, psf_sci.fwhm)
-    return SkySample(
-        reference.astype(np.float32), science.astype(np.float32), base_variance.astype(np.float32), mask, truth, psf_ref, psf_sci
-    )
-
-
 def observe(rng: np.random.Generator, model_reference: np.ndarray, model_science: np.ndarray, sky: SkyConfig, *, reference_exposures: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Noisy (reference, science) from their expected counts in e-.
 
@@ -665,58 +830,6 @@ def observe(rng: np.random.Generator, model_reference: np.ndarray, model_science
     science = rng.poisson(np.maximum(model_science, 0)) + rng.normal(0, sky.read_noise, model_science.shape)
     reference = rng.poisson(np.maximum(model_reference, 0) * n_ref) + rng.normal(0, sky.read_noise * math.sqrt(n_ref), model_reference.shape)
     return reference / n_ref, science
-
-
-def inject_anomalies(
-    rng: np.random.Generator,
-    *,
-    counts: dict[str, int],
-    stars: tuple[np.ndarray, np.ndarray, np.ndarray],
-    galaxies: Sequence[dict],
-    shift: Sequence[float],
-    psf: PSF,
-    science: np.ndarray,
-    variance: np.ndarray,
-    sky: SkyConfig,
-    shot_noise: bool = True,
-) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Add anomalies to a science image, each at an SNR drawn log-uniformly from the sky's range.
-
-    Serves simulated skies (science = noise-free model in e-) and real tiles (science =
-    real pixels, variance from their measured noise). `stars` (x, y, flux in the
-    reference frame) are the candidates for variable stars, `galaxies` the hosts of
-    supernovae. With `shot_noise`, each injection adds its own Poisson variance (pixels in
-    e-); in arbitrary units it cannot, and the variance stays the measured one.
-
-    Returns the new science image, the new variance and the truth entries, whose ``snr``
-    is measured with the final variance: later injections add shot noise to earlier ones.
-    """
-    shape = science.shape
-    science, variance = np.array(science, dtype=np.float64), np.array(variance, dtype=np.float64)  # copies: added to in place
-    sx, sy, sflux = stars
-    inside = (sx >= 2) & (sx < shape[1] - 2) & (sy >= 2) & (sy < shape[0] - 2)
-    variable_candidates = list(rng.permutation(np.flatnonzero(inside)))
-    hosts_left = [galaxies[k] for k in rng.permutation(len(galaxies))]
-    truth, profiles = [], []
-    for kind in ANOMALY_TYPES:
-        for _ in range(counts[kind]):
-            snr = float(_log_uniform(rng, *sky.snr_range))
-            obj = _place_anomaly(rng, kind, shape[0], shift, sx, sy, sflux, galaxies, variable_candidates, hosts_left, sky)
-            if obj is None:
-                continue
-            profile, where = _anomaly_profile(obj, shape, psf)
-            flux = flux_for_snr(snr, profile, variance[where], sign=obj.pop("sign", 1.0), shot_noise=shot_noise)
-            if kind == "variable_star" and flux < -0.95 * obj["reference_flux"]:
-                flux = flux_for_snr(snr, profile, variance[where], shot_noise=shot_noise)  # too faint to fade that much: it brightens
-            science[where] += flux * profile
-            if shot_noise:
-                variance[where] += flux * profile
-            obj.update(snr=snr, flux=flux)
-            truth.append(obj)
-            profiles.append((profile, where))
-    for obj, (profile, where) in zip(truth, profiles):
-        obj["snr"] = matched_filter_snr(obj["flux"], profile, variance[where])
-    return science, variance, truth
 
 
 def _draw_style(rng: np.random.Generator, sky: SkyConfig) -> dict:
@@ -823,6 +936,58 @@ def _anomaly_profile(obj: dict, shape: tuple[int, int], psf: PSF) -> tuple[np.nd
     return render_points_box(shape, [obj["x"]], [obj["y"]], [1.0], psf)
 
 
+def inject_anomalies(
+    rng: np.random.Generator,
+    *,
+    counts: dict[str, int],
+    stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+    galaxies: Sequence[dict],
+    shift: Sequence[float],
+    psf: PSF,
+    science: np.ndarray,
+    variance: np.ndarray,
+    sky: SkyConfig,
+    shot_noise: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Add anomalies to a science image, each at an SNR drawn log-uniformly from the sky's range.
+
+    Serves simulated skies (science = noise-free model in e-) and real tiles (science =
+    real pixels, variance from their measured noise). `stars` (x, y, flux in the
+    reference frame) are the candidates for variable stars, `galaxies` the hosts of
+    supernovae. With `shot_noise`, each injection adds its own Poisson variance (pixels in
+    e-); in arbitrary units it cannot, and the variance stays the measured one.
+
+    Returns the new science image, the new variance and the truth entries, whose ``snr``
+    is measured with the final variance: later injections add shot noise to earlier ones.
+    """
+    shape = science.shape
+    science, variance = np.array(science, dtype=np.float64), np.array(variance, dtype=np.float64)  # copies: added to in place
+    sx, sy, sflux = stars
+    inside = (sx >= 2) & (sx < shape[1] - 2) & (sy >= 2) & (sy < shape[0] - 2)
+    variable_candidates = list(rng.permutation(np.flatnonzero(inside)))
+    hosts_left = [galaxies[k] for k in rng.permutation(len(galaxies))]
+    truth, profiles = [], []
+    for kind in ANOMALY_TYPES:
+        for _ in range(counts[kind]):
+            snr = float(_log_uniform(rng, *sky.snr_range))
+            obj = _place_anomaly(rng, kind, shape[0], shift, sx, sy, sflux, galaxies, variable_candidates, hosts_left, sky)
+            if obj is None:
+                continue
+            profile, where = _anomaly_profile(obj, shape, psf)
+            flux = flux_for_snr(snr, profile, variance[where], sign=obj.pop("sign", 1.0), shot_noise=shot_noise)
+            if kind == "variable_star" and flux < -0.95 * obj["reference_flux"]:
+                flux = flux_for_snr(snr, profile, variance[where], shot_noise=shot_noise)  # too faint to fade that much: it brightens
+            science[where] += flux * profile
+            if shot_noise:
+                variance[where] += flux * profile
+            obj.update(snr=snr, flux=flux)
+            truth.append(obj)
+            profiles.append((profile, where))
+    for obj, (profile, where) in zip(truth, profiles):
+        obj["snr"] = matched_filter_snr(obj["flux"], profile, variance[where])
+    return science, variance, truth
+
+
 def _add_detector_bogus(rng, science, reference, variance, sky, area) -> list[dict]:
     """Cosmic rays (1-3 px, one epoch) and hot pixels / bad columns, added in place."""
     shape = science.shape
@@ -889,38 +1054,329 @@ def _static_residuals(residual, variance, sx, sy, sflux, galaxies, shift, psf_re
     return [dict(type="dipole", x=float(x[k]), y=float(y[k]), snr=float(snr[k]), source="star" if is_star[k] else "galaxy") for k in listed]
 
 
+def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -> SkySample:
+    """Simulate one registered (reference, science) pair with labelled anomalies and bogus.
+
+    Steps: draw the two epochs' seeing and sky; lay out the static scene (stars,
+    Sersic galaxies); inject anomalies at SNRs drawn log-uniformly; draw Poisson and
+    read noise (the reference is a coadd); add bogus; label the anomalies.
+    """
+    shape = (image_size, image_size)
+    area = image_size * image_size / 64.0**2  # rates are quoted per 64x64 field
+
+    # 1. The two epochs: the reference is usually sharper and deeper.
+    fwhm_ref = rng.uniform(*sky.fwhm_reference)
+    psf_ref = PSF(fwhm_ref, rng.uniform(*sky.moffat_beta))
+    psf_sci = PSF(fwhm_ref * rng.uniform(*sky.seeing_ratio), rng.uniform(*sky.moffat_beta))
+    sky_level = _log_uniform(rng, *sky.sky_level)
+    n_ref = sky.reference_exposures
+    shift = rng.uniform(-sky.registration_error, sky.registration_error, 2)  # science vs reference
+    # Randomised skies draw their extra choices here, only when asked: the default sky's
+    # random stream, and so its samples, stay exactly as documented.
+    style = _draw_style(rng, sky)
+    if style["reference_depth"] is not None:
+        n_ref = style["reference_depth"]
+
+    # 2. Static scene: stars (power-law fluxes) and galaxies, seen through each epoch's PSF.
+    margin = 4
+    n_stars = rng.poisson(_log_uniform(rng, *sky.star_density) * (image_size + 2 * margin) ** 2)
+    sx = rng.uniform(-margin, image_size + margin, n_stars)
+    sy = rng.uniform(-margin, image_size + margin, n_stars)
+    sflux = _power_law(rng, *sky.star_flux, sky.star_flux_slope, n_stars)
+    n_gal = rng.poisson(rng.uniform(*sky.galaxy_density) * image_size**2)
+    counts = _draw_anomaly_counts(rng, sky, area)
+    n_gal = max(n_gal, int(counts["supernova"] > 0))  # a supernova needs a host
+    galaxies = [
+        dict(
+            x=rng.uniform(0, image_size),
+            y=rng.uniform(0, image_size),
+            flux=_log_uniform(rng, *sky.galaxy_flux),
+            half_light_radius=rng.uniform(*sky.galaxy_half_light_radius),
+            n=rng.uniform(1.0, 4.0),  # exponential disc to de Vaucouleurs
+            axis_ratio=rng.uniform(0.4, 1.0),
+            angle=rng.uniform(0, math.pi),
+        )
+        for _ in range(n_gal)
+    ]
+
+    def static_scene(psf: PSF, offset: np.ndarray) -> np.ndarray:
+        galaxy_light = convolve_psf(sersic_image(shape, galaxies, offset=offset), psf) if galaxies else 0.0
+        return render_points(shape, sx + offset[0], sy + offset[1], sflux, psf) + galaxy_light
+
+    static_ref = static_scene(psf_ref, np.zeros(2))
+    static_sci = static_scene(psf_sci, shift)
+
+    # Expected counts and the true variance of each epoch and of their difference.
+    model_ref = sky_level + static_ref
+    model_sci = sky_level + static_sci
+    if style["nebulosity"] is not None:
+        nebula = style["nebulosity"] * sky_level * _smooth_field(rng, shape, scale=rng.uniform(4.0, 30.0))
+        model_ref, model_sci = model_ref + nebula, model_sci + nebula
+    var_ref = (model_ref + sky.read_noise**2) / n_ref  # mean of n_ref exposures
+    base_variance = var_ref + model_sci + sky.read_noise**2
+
+    # 3. Anomalies: flux changes set by their matched-filter SNR in the difference image.
+    # A saturated star's change is clipped away: only stars with room to double can vary.
+    if style["null"]:
+        counts = dict.fromkeys(ANOMALY_TYPES, 0)
+    unsaturated = sflux * psf_ref.stamp.max() < sky.saturation / 4
+    model_sci, base_variance, truth = inject_anomalies(
+        rng, counts=counts, stars=(sx[unsaturated], sy[unsaturated], sflux[unsaturated]), galaxies=galaxies, shift=shift, psf=psf_sci,
+        science=model_sci, variance=base_variance, sky=sky,
+    )
+
+    # 4. Noise: Poisson on sky + sources, Gaussian read noise; the reference is a coadd.
+    reference, science = observe(rng, model_ref, model_sci, sky, reference_exposures=n_ref)
+    if style["correlated_noise"] is not None:
+        reference = _correlate_noise(reference, model_ref, style["correlated_noise"])
+        science = _correlate_noise(science, model_sci, style["correlated_noise"])
+
+    # 5. Bogus: what went wrong in the camera or the subtraction; never labelled.
+    if not style["null"]:
+        truth += _add_detector_bogus(rng, science, reference, base_variance, sky, area)
+    truth += _static_residuals(static_sci - static_ref, base_variance, sx, sy, sflux, galaxies, shift, psf_ref, truth)
+    np.minimum(science, sky.saturation, out=science)
+    np.minimum(reference, sky.saturation, out=reference)
+    if style["plate"] is not None:
+        reference, science = (_photographic(epoch, style["plate"], sky.saturation) for epoch in (reference, science))
+    if style["null"] == "identical":
+        science = reference.copy()
+        truth = [o for o in truth if o["type"] != "dipole"]  # nothing differs, so nothing is left over
+
+    mask = anomaly_mask(shape, truth, psf_sci.fwhm)
+    return SkySample(
+        reference.astype(np.float32), science.astype(np.float32), base_variance.astype(np.float32), mask, truth, psf_ref, psf_sci
+    )
+
+
 # ----------------------------------------------------------------------------
-# Normalisation: one function for training, evaluation and prediction (SCIENCE.md, sec. 4)
+# Normalisation: the seeing, the photometric scale and one function for training, evaluation and prediction (docs/science.md, section 4)
 # ----------------------------------------------------------------------------
 
-MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian per unit median absolute deviation
+
+# --- PSF width and the seeing of a pair, measured on the stars
+
+class PsfEstimate(NamedTuple):
+    """PSF width of a tile and whether it was measured or is the default."""
+
+    fwhm: float  # px
+    measured: bool
+    n_stars: int  # stars whose fits entered the median
 
 
-def robust_sigma(values: np.ndarray) -> float:
-    """Gaussian-equivalent noise, 1.4826 x median absolute deviation, ignoring NaN (NaN if none)."""
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        return float("nan")
-    return MAD_TO_SIGMA * float(np.median(np.abs(finite - np.median(finite))))
+def _pixel_gaussian(shape, amplitude, x0, y0, sigma, background):
+    """Circular Gaussian integrated over each pixel (flux = amplitude), plus a constant."""
+    def edges(n, centre):
+        e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
+        return 0.5 * np.diff(special.erf(e))
+
+    return amplitude * np.outer(edges(shape[0], y0), edges(shape[1], x0)) + background
+MIN_STAR_FWHM = 1.0  # px: anything sharper is a cosmic ray or a hot pixel, not a star's PSF
 
 
-def robust_background(image: np.ndarray) -> tuple[float, float]:
-    """Median background and robust noise (1.4826 MAD) of the finite pixels."""
-    finite = image[np.isfinite(image)]
-    if finite.size == 0:
-        msg = "image has no finite pixels"
+def _psf_candidates(tile, *, default, threshold, max_stars):
+    """The brightest isolated, unsaturated peaks of a tile, for PSF fits.
+
+    Returns the tile with NaN filled by its median, that median, the stamp half-size, and
+    the (row, column) of each candidate (none when the tile's noise cannot be measured).
+    """
+    img = np.asarray(tile, dtype=np.float64)
+    background = np.nanmedian(img) if np.isfinite(img).any() else 0.0
+    sigma = robust_sigma(img)
+    img = np.where(np.isfinite(img), img, background)
+    box = max(4, int(np.ceil(2.0 * default)))  # stamp half-size: covers the core and wings
+    if not (np.isfinite(sigma) and sigma > 0):
+        return img, background, box, []
+    maxima = (img == ndimage.maximum_filter(img, size=3)) & (img > background + 5 * sigma)
+    ys, xs = np.nonzero(maxima)
+    heights = img[ys, xs] - background
+    top = np.nanmax(img)
+    candidates = []
+    for i in np.argsort(heights)[::-1]:
+        y, x, height = ys[i], xs[i], heights[i]
+        if height < threshold * sigma or len(candidates) >= max_stars:
+            break
+        if not (box <= y < img.shape[0] - box and box <= x < img.shape[1] - box):
+            continue
+        near = (np.abs(ys - y) <= 2 * box) & (np.abs(xs - x) <= 2 * box)
+        if near.sum() > 1:
+            continue
+        ring = img[y - 1:y + 2, x - 1:x + 2] - background
+        if img[y, x] >= top or np.sum(ring >= 0.98 * height) > 3:  # the peak counts once
+            continue
+        candidates.append((y, x))
+    return img, background, box, candidates
+
+
+def _fit_fwhm(img, y, x, box, background):
+    """FWHM in pixels of one star's pixel-integrated Gaussian fit, or None if it fails."""
+    stamp = img[y - box:y + box + 1, x - box:x + box + 1]
+    shape = stamp.shape
+
+    def residual(p):
+        return (_pixel_gaussian(shape, *p) - stamp).ravel()
+
+    amplitude = (stamp.max() - background) * 2 * np.pi
+    start = [amplitude, box, box, 1.0, background]
+    bounds = ([0, box - 2, box - 2, 0.2, -np.inf], [np.inf, box + 2, box + 2, box, np.inf])
+    try:
+        fit = optimize.least_squares(residual, start, bounds=bounds)
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    sigma = fit.x[3]
+    if not fit.success or sigma >= 0.95 * box:  # pinned at the bound: not a point source
+        return None
+    fwhm = float(2.0 * np.sqrt(2.0 * np.log(2.0)) * sigma)
+    return fwhm if fwhm >= MIN_STAR_FWHM else None
+
+
+def measure_psf_fwhm(tile, *, default=2.5, threshold=20.0, min_stars=3, max_stars=25):
+    """
+    FWHM of the PSF from the brightest isolated, unsaturated stars of a tile.
+
+    Parameters
+    ----------
+    tile : numpy.ndarray
+        2-D pixels; NaN allowed.
+    default : float
+        FWHM in pixels returned when too few stars can be measured.
+    threshold : float
+        Peak height above background, in robust sigmas, for a star to be used.
+    min_stars : int
+        Fewer measured stars than this give the default.
+    max_stars : int
+        Only the brightest this many usable stars are fitted.
+
+    Returns
+    -------
+    PsfEstimate
+        Median FWHM of pixel-integrated Gaussian fits, or ``default`` with ``measured=False``.
+
+    Notes
+    -----
+    A star is refused when it is within one stamp of the edge, has a brighter-than-5-sigma
+    peak within two stamps, or is flat-topped (three neighbours within 2% of the peak, or the
+    peak at the tile's maximum), since clipped cores widen the fit.
+    """
+    img, background, box, candidates = _psf_candidates(tile, default=default, threshold=threshold, max_stars=max_stars)
+    fwhms = [f for f in (_fit_fwhm(img, y, x, box, background) for y, x in candidates)
+             if f is not None]
+    if len(fwhms) < min_stars:
+        log.debug("PSF: %d usable stars, using default FWHM %.2f px", len(fwhms), default)
+        return PsfEstimate(float(default), False, len(fwhms))
+    return PsfEstimate(float(np.median(fwhms)), True, len(fwhms))
+
+
+def measure_seeing(reference, science, *, default=2.5, threshold=20.0, min_stars=3, max_stars=25):
+    """
+    Both epochs' PSF FWHM, measured on the same stars.
+
+    The reference's usable stars (as in `measure_psf_fwhm`) are fitted in both epochs. The
+    reference FWHM is the median of its fits; the science FWHM is that times the median of
+    the per-star ratios. Measured star by star, the seeing *ratio* does not depend on which
+    objects entered the sample: two medians over separately chosen samples jumped by 45% on
+    one simulated field when noise let two galaxies in, which blurred a pair that needed no
+    blurring and left a ring around every bright star.
+
+    Returns
+    -------
+    (PsfEstimate, PsfEstimate)
+        Reference and science; both ``measured=False`` (and the default FWHM) when fewer than
+        `min_stars` stars could be fitted in both epochs.
+    """
+    img, background, box, candidates = _psf_candidates(reference, default=default, threshold=threshold, max_stars=max_stars)
+    other = np.asarray(science, dtype=np.float64)
+    other_background = np.nanmedian(other) if np.isfinite(other).any() else 0.0
+    other = np.where(np.isfinite(other), other, other_background)
+    pairs = [(a, b) for a, b in ((_fit_fwhm(img, y, x, box, background), _fit_fwhm(other, y, x, box, other_background)) for y, x in candidates)
+             if a is not None and b is not None]
+    if len(pairs) < min_stars:
+        fallback = PsfEstimate(float(default), False, len(pairs))
+        return fallback, fallback
+    fwhm_reference = float(np.median([a for a, _ in pairs]))
+    ratio = float(np.median([b / a for a, b in pairs]))
+    return PsfEstimate(fwhm_reference, True, len(pairs)), PsfEstimate(fwhm_reference * ratio, True, len(pairs))
+
+
+# --- Photometric scale: science ~ a x reference + b, fitted on the static stars
+
+class FluxScale(NamedTuple):
+    """The fitted flux ratio of two epochs: science ~ ratio x reference + offset."""
+
+    ratio: float
+    n_stars: int  # static stars that entered the fit
+    agreeing: float  # fraction of them that agree with the fitted relation
+FLUX_FIT_MIN_STARS = 10  # fewer static stars cannot pin the ratio down, nor vote out the stars that varied
+FLUX_FIT_MAX_STARS = 500  # the brightest this many: they hold the information, and Theil-Sen is O(n^2)
+FLUX_FIT_SYSTEMATIC = 0.05  # relative scatter allowed beyond the noise: seeing, crowding, colour
+
+
+def fit_flux_scale(reference: np.ndarray, science: np.ndarray, *, aperture: int | None = None, detection_sigma: float = 10.0) -> FluxScale:
+    """Fit the flux ratio science / reference on the static stars of a registered pair.
+
+    Survey pipelines fit this relation before differencing (the flux ratio of hotpants and
+    of ZOGY): two epochs differ in exposure time, transparency and zero point, and without
+    it every static star leaves a residual of (ratio - 1) times its flux.
+
+    Stars are the reference's local maxima brighter than `detection_sigma` robust sigmas, away
+    from the edges, from missing pixels and from the brightest pixel value of either epoch
+    (saturated cores keep their level whatever the exposure). Each star's light is summed over
+    a (2 `aperture` + 1) px box in each epoch; by default `aperture` is 3 FWHM of the
+    blurrier epoch (each measured on its stars), at least 5 px. A box that wide holds over 97%
+    of a star's flux in both epochs even for the broad wings of a beta 2.5 Moffat, so a
+    seeing difference moves the ratio by 2% at most (a narrower box lost 7%). The box sums
+    obey S = ratio x R + (box area) x offset, and the ratio is their Theil-Sen slope: the
+    intercept absorbs any difference of background (a median background is pulled by stars
+    and noise differently in each epoch), and the median of pairwise slopes ignores the
+    minority of stars that did change.
+
+    Raises
+    ------
+    DataError
+        Fewer than FLUX_FIT_MIN_STARS usable stars, a non-positive ratio, or fewer than half of
+        the stars agreeing with the fit within their noise and FLUX_FIT_SYSTEMATIC: the
+        epochs do not look like one field on two photometric scales.
+    """
+    from scipy.stats import theilslopes
+
+    reference = np.asarray(reference, dtype=np.float64)
+    science = np.asarray(science, dtype=np.float64)
+    valid = np.isfinite(reference) & np.isfinite(science)
+    if not valid.any():
+        msg = "cannot fit the flux ratio between the epochs: they share no finite pixel"
         raise DataError(msg)
-    median = float(np.median(finite))
-    sigma = robust_sigma(finite)
-    if not sigma > 0:
-        # A flat or mostly constant frame: fall back to the standard deviation.
-        sigma = float(np.std(finite))
-    if not sigma > 0:
-        msg = "image is constant: its noise cannot be measured"
+    bg_r, sig_r = robust_background(reference[valid])
+    bg_s, sig_s = robust_background(science[valid])
+    ref = np.where(valid, reference, bg_r)
+    sci = np.where(valid, science, bg_s)
+    top_r, top_s = float(reference[valid].max()), float(science[valid].max())
+    if aperture is None:
+        aperture = max(5, math.ceil(3.0 * max(measure_psf_fwhm(ref).fwhm, measure_psf_fwhm(sci).fwhm)))
+    box = 2 * aperture + 1
+    smooth = ndimage.uniform_filter(ref, 3)
+    peaks = (smooth == ndimage.maximum_filter(smooth, size=box)) & (ref > bg_r + detection_sigma * sig_r)
+    # A usable star: its whole box has data and no pixel at either epoch's brightest value.
+    usable = valid & (reference < top_r) & (science < top_s)
+    clean = ndimage.minimum_filter(usable.astype(np.uint8), size=box, mode="constant", cval=0).astype(bool)
+    ys, xs = np.nonzero(peaks & clean)
+    sums_r = ndimage.uniform_filter(ref - bg_r, box)[ys, xs] * box**2
+    sums_s = ndimage.uniform_filter(sci - bg_s, box)[ys, xs] * box**2
+    brightest = np.argsort(sums_r)[::-1][:FLUX_FIT_MAX_STARS]
+    sums_r, sums_s = sums_r[brightest], sums_s[brightest]
+    advice = "give --flux-ratio (1 if the epochs share one photometric scale)"
+    if sums_r.size < FLUX_FIT_MIN_STARS:
+        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} static stars above {detection_sigma:g} sigma, need {FLUX_FIT_MIN_STARS}; {advice}"
         raise DataError(msg)
-    return median, sigma
+    ratio, intercept = (float(v) for v in theilslopes(sums_s, sums_r)[:2])
+    noise = np.sqrt(box**2 * (sig_s**2 + ratio**2 * sig_r**2) + (FLUX_FIT_SYSTEMATIC * ratio * sums_r) ** 2)
+    agreeing = float(np.mean(np.abs(sums_s - ratio * sums_r - intercept) <= 3 * noise))
+    if not (ratio > 0 and agreeing >= 0.5):
+        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} stars give a ratio of {ratio:.3g}, but only {agreeing:.0%} of them agree with it; {advice}"
+        raise DataError(msg)
+    return FluxScale(ratio, int(sums_r.size), agreeing)
 
+
+# --- One normalisation
 
 class PairStatistics(NamedTuple):
     """How a pair is put on one scale: each epoch's background and noise, and their difference's.
@@ -940,8 +1396,6 @@ class PairStatistics(NamedTuple):
     sigma_difference: float  # robust noise of the scaled difference, measured on itself
     blur_reference: float = 0.0  # px, Gaussian sigma that brings the reference to the science seeing
     blur_science: float = 0.0  # px, likewise the science to the reference seeing (one of the two is 0)
-
-
 SEEING_TOLERANCE = 1.05  # FWHMs closer than this ratio are one seeing: measuring them is no more precise
 
 
@@ -1062,19 +1516,88 @@ def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: Pa
     return channels
 
 
+# --- The significance of what changed
+
+# A change must be this significant in the matched-filtered difference to be reported, however
+# sure the network is: candidates come from the difference, the network only vetoes them.
+# In white noise a 5 sigma threshold makes about 0.2 false peaks per megapixel.
+SIGNIFICANCE_GATE = 5.0
+
+
+def correlate_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """Cross-correlation of an image with a PSF stamp of odd sides (non-finite pixels count as 0)."""
+    clean = np.where(np.isfinite(image), image, 0.0)
+    return sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")  # correlation = convolution with the flipped kernel
+
+
+def difference_significance(reference: np.ndarray, science: np.ndarray, statistics: PairStatistics, *, fwhm: float) -> np.ndarray:
+    """Matched-filter SNR map of the scaled difference, in units of its own measured noise.
+
+    The difference is correlated with the unit-sum Moffat PSF of the given FWHM (beta
+    ASSUMED_MOFFAT_BETA) and divided by the robust noise (1.4826 MAD) of the *filtered* map
+    itself. Measured there, the noise includes whatever correlation the pixels have
+    (resampled or interlaced frames), which a per-pixel sigma would miss, overstating every
+    peak. A difference with no noise of its own (a frame minus a copy of itself) is held to
+    the pair's noise floor, DIFFERENCE_NOISE_FLOOR of the epochs' noise. Pixels where either
+    epoch has no data carry no signal; near the image's edges the filter is zero-padded, so
+    no significance is made up there either.
+    """
+    psf = PSF(fwhm, ASSUMED_MOFFAT_BETA).stamp
+    difference = scaled_difference(reference, science, statistics)
+    filtered = correlate_psf(difference, psf)
+    finite = np.isfinite(difference)
+    s = statistics
+    floor = DIFFERENCE_NOISE_FLOOR * math.hypot(s.sigma_science, s.flux_ratio * s.sigma_reference) * math.sqrt(float(np.sum(psf**2)))
+    noise = max(robust_sigma(filtered[finite]) if finite.any() else 0.0, floor)
+    return filtered / noise
+
+
 # ----------------------------------------------------------------------------
-# Real sky: FITS files, survey cutouts and their cache (SCIENCE.md, section 6)
+# Real sky: FITS files, survey cutouts and their cache (docs/science.md, section 6)
 # ----------------------------------------------------------------------------
 
-DEFAULT_TIMEOUT = 30.0  # s, per socket operation
-MAX_TIMEOUT = 60.0  # s; a service slower than this is treated as down
-DEFAULT_RETRIES = 2  # extra attempts after the first
-DEFAULT_BACKOFF = 1.0  # s, doubled after each failed attempt
 DEFAULT_PIXELS = 300  # px, SkyView's own default cutout size
 MANIFEST = "manifest.json"
 NAME_CACHE = "names.json"
 
+
 # --- Reading FITS images
+
+def _first_image(hdul):
+    """First image HDU (plain or compressed) whose header declares pixels, or None; no pixel is read."""
+    for hdu in hdul:
+        is_image = isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
+        if is_image and hdu.shape and math.prod(hdu.shape) > 0:
+            return hdu
+    return None
+
+
+def _check_declared_size(path, hdu, *, max_pixels):
+    """Refuse, from the header alone, an image above the pixel budget or longer than the file."""
+    shape = tuple(int(n) for n in hdu.shape)
+    pixels = math.prod(shape)
+    size = f"{shape[-1]}x{shape[-2]}" if len(shape) >= 2 else f"{pixels}"
+    if max_pixels is not None and pixels > max_pixels:
+        msg = f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
+        raise DataError(msg)
+    if not isinstance(hdu, fits.CompImageHDU):  # a compressed image's size on disk is not its pixel count
+        declared = pixels * abs(int(hdu.header.get("BITPIX", 8))) // 8
+        available = Path(path).stat().st_size - hdu.fileinfo()["datLoc"]
+        if declared > available:
+            msg = f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file holds {max(available, 0)})"
+            raise DataError(msg)
+
+
+def _celestial_wcs(header):
+    """Celestial part of the header's WCS, or None when there is none usable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            wcs = WCS(header)
+    except Exception as exc:  # astropy raises a zoo of types for broken WCS keywords
+        log.debug("no usable WCS: %s", _one_line(exc))
+        return None
+    return wcs.celestial if wcs.has_celestial else None
 
 
 def read_fits_image(path, *, max_pixels=None):
@@ -1145,290 +1668,7 @@ def read_fits_image(path, *, max_pixels=None):
     return data, header, _celestial_wcs(header)
 
 
-def _first_image(hdul):
-    """First image HDU (plain or compressed) whose header declares pixels, or None; no pixel is read."""
-    for hdu in hdul:
-        is_image = isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
-        if is_image and hdu.shape and math.prod(hdu.shape) > 0:
-            return hdu
-    return None
-
-
-def _check_declared_size(path, hdu, *, max_pixels):
-    """Refuse, from the header alone, an image above the pixel budget or longer than the file."""
-    shape = tuple(int(n) for n in hdu.shape)
-    pixels = math.prod(shape)
-    size = f"{shape[-1]}x{shape[-2]}" if len(shape) >= 2 else f"{pixels}"
-    if max_pixels is not None and pixels > max_pixels:
-        msg = f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
-        raise DataError(msg)
-    if not isinstance(hdu, fits.CompImageHDU):  # a compressed image's size on disk is not its pixel count
-        declared = pixels * abs(int(hdu.header.get("BITPIX", 8))) // 8
-        available = Path(path).stat().st_size - hdu.fileinfo()["datLoc"]
-        if declared > available:
-            msg = f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file holds {max(available, 0)})"
-            raise DataError(msg)
-
-
-def _celestial_wcs(header):
-    """Celestial part of the header's WCS, or None when there is none usable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
-            wcs = WCS(header)
-    except Exception as exc:  # astropy raises a zoo of types for broken WCS keywords
-        log.debug("no usable WCS: %s", _one_line(exc))
-        return None
-    return wcs.celestial if wcs.has_celestial else None
-
-
-# --- Safe paths
-
-
-def safe_filename(name, *, max_length=80):
-    """
-    File name slug for user text that cannot leave its directory.
-
-    Parameters
-    ----------
-    name : str
-        Any text, e.g. a target name typed by a user.
-    max_length : int
-        Upper bound on the result's length, hash included.
-
-    Returns
-    -------
-    str
-        Letters, digits, ``-``, ``_`` and ``.`` only, never starting with ``.``, followed by
-        ``-`` and 10 hex digits of the name's SHA-256 so that names that slug alike never collide.
-    """
-    digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")
-    slug = slug[: max(1, max_length - len(digest) - 1)] or "unnamed"
-    return f"{slug}-{digest}"
-
-
-def path_inside(directory, name, *, suffix=""):
-    """
-    Path of ``safe_filename(name) + suffix`` inside ``directory``, checked not to escape it.
-
-    Parameters
-    ----------
-    directory : str or path-like
-        Containing directory.
-    name : str
-        Untrusted text; it is slugged first.
-    suffix : str
-        Trusted extension such as ".fits".
-
-    Returns
-    -------
-    pathlib.Path
-    """
-    root = Path(directory).resolve()
-    path = (root / (safe_filename(name) + suffix)).resolve()
-    if path.parent != root:
-        msg = f"refusing path outside {root}: {name!r}"
-        raise DataError(msg)
-    return path
-
-
-# --- Targets
-
-# ICRS, degrees, from SIMBAD; hard-coded so that the defaults never need a name resolver.
-DEFAULT_TARGETS = {
-    "Crab Nebula": (83.63308, 22.01450),  # M1
-    "Orion Nebula": (83.82208, -5.39111),  # M42
-    "Sombrero Galaxy": (189.99763, -11.62305),  # M104
-    "M13": (250.42346, 36.46132),
-    "M31": (10.68471, 41.26875),
-    "M51": (202.46958, 47.19526),
-    "Pleiades": (56.75000, 24.11667),  # M45, cluster centre
-    # Empty fields for clean static sky, far from the Galactic plane:
-    "NGP field": (192.85948, 27.12825),  # the North Galactic Pole itself, b = +90
-    "SGP field": (12.85948, -27.12825),  # the South Galactic Pole, b = -90
-    "Lockman Hole": (161.25000, 58.00000),  # lowest HI column on the sky, b ~ +53
-}
-_TARGET_ALIASES = {"m1": "Crab Nebula", "m42": "Orion Nebula", "m104": "Sombrero Galaxy",
-                   "m45": "Pleiades"}
-
-
-def _name_key(name):
-    """Case- and spacing-blind key for target names."""
-    return " ".join(name.lower().split())
-
-
-def _known_target(name):
-    """Canonical default-target name for ``name`` (or an alias of it), or None."""
-    key = _name_key(name)
-    for canonical in DEFAULT_TARGETS:
-        if _name_key(canonical) == key:
-            return canonical
-    return _TARGET_ALIASES.get(key.replace(" ", ""))
-
-
-def _parse_coordinates(text):
-    """SkyCoord from "RA DEC" in degrees or sexagesimal, or None if text is not coordinates."""
-    parts = text.replace(",", " ").split()
-    try:
-        ra, dec = (float(p) for p in parts)
-    except ValueError:
-        ra = dec = None
-    if ra is not None and not 0.0 <= ra < 360.0:
-        msg = f"bad coordinates {text!r}: RA must be in [0, 360) degrees"
-        raise DataError(msg)
-    try:
-        if ra is not None:
-            coord = SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
-        elif re.fullmatch(r"[+-]?\d[0-9+\-.:hmsd'\"°]*\s+[+-]?\d[0-9.:dms'\"°]*", text):
-            coord = SkyCoord(text, unit=(u.hourangle, u.deg), frame="icrs")
-        else:
-            return None
-    except ValueError as exc:
-        msg = f"bad coordinates {text!r}: {_one_line(exc)}"
-        raise DataError(msg) from None
-    return coord
-
-
-def resolve_target(name_or_coords, *, cache_dir, timeout=DEFAULT_TIMEOUT):
-    """
-    ICRS position of a target given as coordinates, a default target or any resolvable name.
-
-    Parameters
-    ----------
-    name_or_coords : str
-        "RA DEC" in degrees ("250.42 36.46") or sexagesimal ("16:41:41.6 +36:27:41"), a key of
-        `DEFAULT_TARGETS` (or M1/M42/M45/M104), or a name for the Sesame resolver.
-    cache_dir : str or path-like
-        Resolved names are kept in ``names.json`` here, so each name is looked up once.
-    timeout : float
-        Seconds allowed for the Sesame query.
-
-    Returns
-    -------
-    astropy.coordinates.SkyCoord
-    """
-    text = str(name_or_coords).strip()
-    if not text or "\x00" in text:
-        msg = f"empty or invalid target {name_or_coords!r}"
-        raise DataError(msg)
-    coord = _parse_coordinates(text)
-    if coord is not None:
-        return coord
-    known = _known_target(text)
-    if known is not None:
-        ra, dec = DEFAULT_TARGETS[known]
-        return SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
-    cache_path = Path(cache_dir) / NAME_CACHE
-    names = _read_json(cache_path, default={})
-    if _name_key(text) in names:
-        ra, dec = names[_name_key(text)]
-        return SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
-    coord = _sesame(text, timeout=_checked_timeout(timeout))
-    names[_name_key(text)] = [coord.ra.deg, coord.dec.deg]
-    write_json(cache_path, names)
-    log.info("resolved %r to %.5f %+.5f (cached in %s)", text, coord.ra.deg, coord.dec.deg,
-             cache_path)
-    return coord
-
-
-def _sesame(name, *, timeout):
-    """One Sesame look-up under a socket timeout; unknown names are DataError."""
-    from astropy.coordinates.name_resolve import NameResolveError
-    from astropy.utils.data import conf as data_conf
-
-    try:
-        with data_conf.set_temp("remote_timeout", timeout):
-            return SkyCoord.from_name(name, frame="icrs")
-    except NameResolveError as exc:
-        # astropy words an unreachable Sesame this way; anything else is an unknown name.
-        if "queries failed" in str(exc):
-            msg = f"name resolver unreachable for {name!r}: {_one_line(exc)}"
-            raise NetworkError(msg) from None
-        msg = f"unknown target {name!r}: give coordinates as 'RA DEC' in degrees"
-        raise DataError(msg) from None
-
-
-# --- The FITS cache
-
-
-def _read_json(path, *, default):
-    """Parsed JSON file, or ``default`` when absent, unreadable or of another type (e.g. null for a mapping; logged)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return default
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, _one_line(exc))
-        return default
-    if not isinstance(data, type(default)):
-        log.warning("ignoring %s: it holds a %s, not a %s", path, type(data).__name__, type(default).__name__)
-        return default
-    return data
-
-
-def _sha256(path):
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclasses.dataclass
-class Frame:
-    """A real cutout ready for tiling: pixels, WCS and where they came from."""
-
-    data: np.ndarray  # 2-D float64, NaN where the survey has no data
-    wcs: object  # astropy.wcs.WCS (celestial) or None
-    target: str
-    survey: str
-    path: Path  # cached FITS file
-    ra: float  # deg, ICRS, requested centre
-    dec: float  # deg
-    pixel_scale: float  # arcsec/px from the WCS, NaN without one
-    header: fits.Header = dataclasses.field(repr=False, default=None)
-
-
-@dataclasses.dataclass
-class FetchFailure:
-    """Why one (target, survey) pair produced no frame."""
-
-    target: str
-    survey: str
-    reason: str
-
-
-def _cache_path(cache_dir, target, survey, pixels):
-    """Cache file of one cutout; every part is user text, so the name goes through the slug."""
-    return path_inside(cache_dir, f"{target}_{survey}_{pixels}px", suffix=".fits")
-
-
-def _frame_from_file(path, *, target, survey, coord):
-    """Frame read from a verified cache file."""
-    data, header, wcs = read_fits_image(path)
-    scale = float("nan")
-    if wcs is not None:
-        scale = float(np.mean(u.Quantity(wcs.proj_plane_pixel_scales()).to_value(u.arcsec)))
-    return Frame(data=data, wcs=wcs, target=target, survey=survey, path=path,
-                 ra=coord.ra.deg, dec=coord.dec.deg, pixel_scale=scale, header=header)
-
-
-def _is_cached(path, manifest):
-    """Whether ``path`` is in the manifest with matching bytes; a mismatching file is removed."""
-    entry = manifest.get(path.name)
-    if not isinstance(entry, dict) or not path.is_file():
-        return False
-    if _sha256(path) != entry.get("sha256"):
-        log.warning("cache entry %s fails its checksum; discarding it", path.name)
-        path.unlink()
-        return False
-    return True
-
-
 # --- Network discipline
-
 
 def _checked_timeout(timeout):
     """Timeout in seconds, refused unless 0 < timeout <= MAX_TIMEOUT."""
@@ -1487,6 +1727,177 @@ def _download(session, url, dest, *, timeout, max_bytes=2**30):
                 msg = f"{url}: response larger than {max_bytes} bytes"
                 raise DataError(msg)
             dest.write(chunk)
+
+
+# --- Targets
+
+# ICRS, degrees, from SIMBAD; hard-coded so that the defaults never need a name resolver.
+DEFAULT_TARGETS = {
+    "Crab Nebula": (83.63308, 22.01450),  # M1
+    "Orion Nebula": (83.82208, -5.39111),  # M42
+    "Sombrero Galaxy": (189.99763, -11.62305),  # M104
+    "M13": (250.42346, 36.46132),
+    "M31": (10.68471, 41.26875),
+    "M51": (202.46958, 47.19526),
+    "Pleiades": (56.75000, 24.11667),  # M45, cluster centre
+    # Empty fields for clean static sky, far from the Galactic plane:
+    "NGP field": (192.85948, 27.12825),  # the North Galactic Pole itself, b = +90
+    "SGP field": (12.85948, -27.12825),  # the South Galactic Pole, b = -90
+    "Lockman Hole": (161.25000, 58.00000),  # lowest HI column on the sky, b ~ +53
+}
+
+
+_TARGET_ALIASES = {"m1": "Crab Nebula", "m42": "Orion Nebula", "m104": "Sombrero Galaxy",
+                   "m45": "Pleiades"}
+
+
+def _name_key(name):
+    """Case- and spacing-blind key for target names."""
+    return " ".join(name.lower().split())
+
+
+def _known_target(name):
+    """Canonical default-target name for ``name`` (or an alias of it), or None."""
+    key = _name_key(name)
+    for canonical in DEFAULT_TARGETS:
+        if _name_key(canonical) == key:
+            return canonical
+    return _TARGET_ALIASES.get(key.replace(" ", ""))
+
+
+def _parse_coordinates(text):
+    """SkyCoord from "RA DEC" in degrees or sexagesimal, or None if text is not coordinates."""
+    parts = text.replace(",", " ").split()
+    try:
+        ra, dec = (float(p) for p in parts)
+    except ValueError:
+        ra = dec = None
+    if ra is not None and not 0.0 <= ra < 360.0:
+        msg = f"bad coordinates {text!r}: RA must be in [0, 360) degrees"
+        raise DataError(msg)
+    try:
+        if ra is not None:
+            coord = SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
+        elif re.fullmatch(r"[+-]?\d[0-9+\-.:hmsd'\"°]*\s+[+-]?\d[0-9.:dms'\"°]*", text):
+            coord = SkyCoord(text, unit=(u.hourangle, u.deg), frame="icrs")
+        else:
+            return None
+    except ValueError as exc:
+        msg = f"bad coordinates {text!r}: {_one_line(exc)}"
+        raise DataError(msg) from None
+    return coord
+
+
+def _sesame(name, *, timeout):
+    """One Sesame look-up under a socket timeout; unknown names are DataError."""
+    from astropy.coordinates.name_resolve import NameResolveError
+    from astropy.utils.data import conf as data_conf
+
+    try:
+        with data_conf.set_temp("remote_timeout", timeout):
+            return SkyCoord.from_name(name, frame="icrs")
+    except NameResolveError as exc:
+        # astropy words an unreachable Sesame this way; anything else is an unknown name.
+        if "queries failed" in str(exc):
+            msg = f"name resolver unreachable for {name!r}: {_one_line(exc)}"
+            raise NetworkError(msg) from None
+        msg = f"unknown target {name!r}: give coordinates as 'RA DEC' in degrees"
+        raise DataError(msg) from None
+
+
+def resolve_target(name_or_coords, *, cache_dir, timeout=DEFAULT_TIMEOUT):
+    """
+    ICRS position of a target given as coordinates, a default target or any resolvable name.
+
+    Parameters
+    ----------
+    name_or_coords : str
+        "RA DEC" in degrees ("250.42 36.46") or sexagesimal ("16:41:41.6 +36:27:41"), a key of
+        `DEFAULT_TARGETS` (or M1/M42/M45/M104), or a name for the Sesame resolver.
+    cache_dir : str or path-like
+        Resolved names are kept in ``names.json`` here, so each name is looked up once.
+    timeout : float
+        Seconds allowed for the Sesame query.
+
+    Returns
+    -------
+    astropy.coordinates.SkyCoord
+    """
+    text = str(name_or_coords).strip()
+    if not text or "\x00" in text:
+        msg = f"empty or invalid target {name_or_coords!r}"
+        raise DataError(msg)
+    coord = _parse_coordinates(text)
+    if coord is not None:
+        return coord
+    known = _known_target(text)
+    if known is not None:
+        ra, dec = DEFAULT_TARGETS[known]
+        return SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
+    cache_path = Path(cache_dir) / NAME_CACHE
+    names = _read_json(cache_path, default={})
+    if _name_key(text) in names:
+        ra, dec = names[_name_key(text)]
+        return SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
+    coord = _sesame(text, timeout=_checked_timeout(timeout))
+    names[_name_key(text)] = [coord.ra.deg, coord.dec.deg]
+    write_json(cache_path, names)
+    log.info("resolved %r to %.5f %+.5f (cached in %s)", text, coord.ra.deg, coord.dec.deg,
+             cache_path)
+    return coord
+
+
+# --- The FITS cache
+
+@dataclasses.dataclass
+class Frame:
+    """A real cutout ready for tiling: pixels, WCS and where they came from."""
+
+    data: np.ndarray  # 2-D float64, NaN where the survey has no data
+    wcs: object  # astropy.wcs.WCS (celestial) or None
+    target: str
+    survey: str
+    path: Path  # cached FITS file
+    ra: float  # deg, ICRS, requested centre
+    dec: float  # deg
+    pixel_scale: float  # arcsec/px from the WCS, NaN without one
+    header: fits.Header = dataclasses.field(repr=False, default=None)
+
+
+@dataclasses.dataclass
+class FetchFailure:
+    """Why one (target, survey) pair produced no frame."""
+
+    target: str
+    survey: str
+    reason: str
+
+
+def _cache_path(cache_dir, target, survey, pixels):
+    """Cache file of one cutout; every part is user text, so the name goes through the slug."""
+    return path_inside(cache_dir, f"{target}_{survey}_{pixels}px", suffix=".fits")
+
+
+def _frame_from_file(path, *, target, survey, coord):
+    """Frame read from a verified cache file."""
+    data, header, wcs = read_fits_image(path)
+    scale = float("nan")
+    if wcs is not None:
+        scale = float(np.mean(u.Quantity(wcs.proj_plane_pixel_scales()).to_value(u.arcsec)))
+    return Frame(data=data, wcs=wcs, target=target, survey=survey, path=path,
+                 ra=coord.ra.deg, dec=coord.dec.deg, pixel_scale=scale, header=header)
+
+
+def _is_cached(path, manifest):
+    """Whether ``path`` is in the manifest with matching bytes; a mismatching file is removed."""
+    entry = manifest.get(path.name)
+    if not isinstance(entry, dict) or not path.is_file():
+        return False
+    if _sha256(path) != entry.get("sha256"):
+        log.warning("cache entry %s fails its checksum; discarding it", path.name)
+        path.unlink()
+        return False
+    return True
 
 
 # --- Services: each writes one FITS file into an open file and returns its source URL
@@ -1611,6 +2022,14 @@ FETCHERS = {"skyview": _fetch_skyview, "hips2fits": _fetch_hips, "tesscut": _fet
 
 # --- Fetching with retries into the cache
 
+def _check_download(path, url):
+    """Refuse a downloaded file that is not a usable image, before it enters the cache."""
+    try:
+        read_fits_image(path)
+    except DataError as exc:
+        msg = str(exc).replace(str(path), f"download from {url}")
+        raise DataError(msg) from None
+
 
 def _fetch_into_cache(coord, survey, path, *, timeout, retries, backoff, pixels, label):
     """
@@ -1655,13 +2074,13 @@ def _fetch_into_cache(coord, survey, path, *, timeout, retries, backoff, pixels,
     raise AssertionError("unreachable")
 
 
-def _check_download(path, url):
-    """Refuse a downloaded file that is not a usable image, before it enters the cache."""
-    try:
-        read_fits_image(path)
-    except DataError as exc:
-        msg = str(exc).replace(str(path), f"download from {url}")
-        raise DataError(msg) from None
+def _manifest_entry(path, *, target, survey, coord, url, pixels):
+    """Provenance record of one cached file."""
+    service = survey_service(survey)[0]
+    return {"target": str(target), "survey": survey, "ra": coord.ra.deg, "dec": coord.dec.deg,
+            "service": service, "url": url, "pixels": int(pixels), "sha256": _sha256(path),
+            "retrieved": _dt.datetime.now(_dt.timezone.utc).isoformat(
+                timespec="seconds")}
 
 
 def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
@@ -1739,15 +2158,6 @@ def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retrie
     return frames, failures
 
 
-def _manifest_entry(path, *, target, survey, coord, url, pixels):
-    """Provenance record of one cached file."""
-    service = survey_service(survey)[0]
-    return {"target": str(target), "survey": survey, "ra": coord.ra.deg, "dec": coord.dec.deg,
-            "service": service, "url": url, "pixels": int(pixels), "sha256": _sha256(path),
-            "retrieved": _dt.datetime.now(_dt.timezone.utc).isoformat(
-                timespec="seconds")}
-
-
 def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
              pixels=DEFAULT_PIXELS, backoff=DEFAULT_BACKOFF):
     """
@@ -1773,7 +2183,6 @@ def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DE
 
 
 # --- Tiling and measurement of real frames
-
 
 class Tile(NamedTuple):
     """A tile's corner, its NaN-filled pixels and where they were real."""
@@ -1824,268 +2233,6 @@ def tile_frame(data, *, tile_size, max_bad_fraction=0.25, max_saturated_fraction
                 continue
             tiles.append(Tile(y0, x0, np.where(valid, tile, np.median(tile[valid])), valid))
     return tiles
-
-
-class PsfEstimate(NamedTuple):
-    """PSF width of a tile and whether it was measured or is the default."""
-
-    fwhm: float  # px
-    measured: bool
-    n_stars: int  # stars whose fits entered the median
-
-
-def _pixel_gaussian(shape, amplitude, x0, y0, sigma, background):
-    """Circular Gaussian integrated over each pixel (flux = amplitude), plus a constant."""
-    def edges(n, centre):
-        e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
-        return 0.5 * np.diff(special.erf(e))
-
-    return amplitude * np.outer(edges(shape[0], y0), edges(shape[1], x0)) + background
-
-
-def measure_psf_fwhm(tile, *, default=2.5, threshold=20.0, min_stars=3, max_stars=25):
-    """
-    FWHM of the PSF from the brightest isolated, unsaturated stars of a tile.
-
-    Parameters
-    ----------
-    tile : numpy.ndarray
-        2-D pixels; NaN allowed.
-    default : float
-        FWHM in pixels returned when too few stars can be measured.
-    threshold : float
-        Peak height above background, in robust sigmas, for a star to be used.
-    min_stars : int
-        Fewer measured stars than this give the default.
-    max_stars : int
-        Only the brightest this many usable stars are fitted.
-
-    Returns
-    -------
-    PsfEstimate
-        Median FWHM of pixel-integrated Gaussian fits, or ``default`` with ``measured=False``.
-
-    Notes
-    -----
-    A star is refused when it is within one stamp of the edge, has a brighter-than-5-sigma
-    peak within two stamps, or is flat-topped (three neighbours within 2% of the peak, or the
-    peak at the tile's maximum), since clipped cores widen the fit.
-    """
-    img, background, box, candidates = _psf_candidates(tile, default=default, threshold=threshold, max_stars=max_stars)
-    fwhms = [f for f in (_fit_fwhm(img, y, x, box, background) for y, x in candidates)
-             if f is not None]
-    if len(fwhms) < min_stars:
-        log.debug("PSF: %d usable stars, using default FWHM %.2f px", len(fwhms), default)
-        return PsfEstimate(float(default), False, len(fwhms))
-    return PsfEstimate(float(np.median(fwhms)), True, len(fwhms))
-
-
-def measure_seeing(reference, science, *, default=2.5, threshold=20.0, min_stars=3, max_stars=25):
-    """
-    Both epochs' PSF FWHM, measured on the same stars.
-
-    The reference's usable stars (as in `measure_psf_fwhm`) are fitted in both epochs. The
-    reference FWHM is the median of its fits; the science FWHM is that times the median of
-    the per-star ratios. Measured star by star, the seeing *ratio* does not depend on which
-    objects entered the sample: two medians over separately chosen samples jumped by 45% on
-    one simulated field when noise let two galaxies in, which blurred a pair that needed no
-    blurring and left a ring around every bright star.
-
-    Returns
-    -------
-    (PsfEstimate, PsfEstimate)
-        Reference and science; both ``measured=False`` (and the default FWHM) when fewer than
-        `min_stars` stars could be fitted in both epochs.
-    """
-    img, background, box, candidates = _psf_candidates(reference, default=default, threshold=threshold, max_stars=max_stars)
-    other = np.asarray(science, dtype=np.float64)
-    other_background = np.nanmedian(other) if np.isfinite(other).any() else 0.0
-    other = np.where(np.isfinite(other), other, other_background)
-    pairs = [(a, b) for a, b in ((_fit_fwhm(img, y, x, box, background), _fit_fwhm(other, y, x, box, other_background)) for y, x in candidates)
-             if a is not None and b is not None]
-    if len(pairs) < min_stars:
-        fallback = PsfEstimate(float(default), False, len(pairs))
-        return fallback, fallback
-    fwhm_reference = float(np.median([a for a, _ in pairs]))
-    ratio = float(np.median([b / a for a, b in pairs]))
-    return PsfEstimate(fwhm_reference, True, len(pairs)), PsfEstimate(fwhm_reference * ratio, True, len(pairs))
-
-
-def _psf_candidates(tile, *, default, threshold, max_stars):
-    """The brightest isolated, unsaturated peaks of a tile, for PSF fits.
-
-    Returns the tile with NaN filled by its median, that median, the stamp half-size, and
-    the (row, column) of each candidate (none when the tile's noise cannot be measured).
-    """
-    img = np.asarray(tile, dtype=np.float64)
-    background = np.nanmedian(img) if np.isfinite(img).any() else 0.0
-    sigma = robust_sigma(img)
-    img = np.where(np.isfinite(img), img, background)
-    box = max(4, int(np.ceil(2.0 * default)))  # stamp half-size: covers the core and wings
-    if not (np.isfinite(sigma) and sigma > 0):
-        return img, background, box, []
-    maxima = (img == ndimage.maximum_filter(img, size=3)) & (img > background + 5 * sigma)
-    ys, xs = np.nonzero(maxima)
-    heights = img[ys, xs] - background
-    top = np.nanmax(img)
-    candidates = []
-    for i in np.argsort(heights)[::-1]:
-        y, x, height = ys[i], xs[i], heights[i]
-        if height < threshold * sigma or len(candidates) >= max_stars:
-            break
-        if not (box <= y < img.shape[0] - box and box <= x < img.shape[1] - box):
-            continue
-        near = (np.abs(ys - y) <= 2 * box) & (np.abs(xs - x) <= 2 * box)
-        if near.sum() > 1:
-            continue
-        ring = img[y - 1:y + 2, x - 1:x + 2] - background
-        if img[y, x] >= top or np.sum(ring >= 0.98 * height) > 3:  # the peak counts once
-            continue
-        candidates.append((y, x))
-    return img, background, box, candidates
-
-
-MIN_STAR_FWHM = 1.0  # px: anything sharper is a cosmic ray or a hot pixel, not a star's PSF
-
-
-def _fit_fwhm(img, y, x, box, background):
-    """FWHM in pixels of one star's pixel-integrated Gaussian fit, or None if it fails."""
-    stamp = img[y - box:y + box + 1, x - box:x + box + 1]
-    shape = stamp.shape
-
-    def residual(p):
-        return (_pixel_gaussian(shape, *p) - stamp).ravel()
-
-    amplitude = (stamp.max() - background) * 2 * np.pi
-    start = [amplitude, box, box, 1.0, background]
-    bounds = ([0, box - 2, box - 2, 0.2, -np.inf], [np.inf, box + 2, box + 2, box, np.inf])
-    try:
-        fit = optimize.least_squares(residual, start, bounds=bounds)
-    except (ValueError, np.linalg.LinAlgError):
-        return None
-    sigma = fit.x[3]
-    if not fit.success or sigma >= 0.95 * box:  # pinned at the bound: not a point source
-        return None
-    fwhm = float(2.0 * np.sqrt(2.0 * np.log(2.0)) * sigma)
-    return fwhm if fwhm >= MIN_STAR_FWHM else None
-
-
-
-# ----------------------------------------------------------------------------
-# Photometric scale of a pair, and the significance of what changed
-# ----------------------------------------------------------------------------
-
-
-class FluxScale(NamedTuple):
-    """The fitted flux ratio of two epochs: science ~ ratio x reference + offset."""
-
-    ratio: float
-    n_stars: int  # static stars that entered the fit
-    agreeing: float  # fraction of them that agree with the fitted relation
-
-
-FLUX_FIT_MIN_STARS = 10  # fewer static stars cannot pin the ratio down, nor vote out the stars that varied
-FLUX_FIT_MAX_STARS = 500  # the brightest this many: they hold the information, and Theil-Sen is O(n^2)
-FLUX_FIT_SYSTEMATIC = 0.05  # relative scatter allowed beyond the noise: seeing, crowding, colour
-
-
-def fit_flux_scale(reference: np.ndarray, science: np.ndarray, *, aperture: int | None = None, detection_sigma: float = 10.0) -> FluxScale:
-    """Fit the flux ratio science / reference on the static stars of a registered pair.
-
-    Survey pipelines fit this relation before differencing (the flux ratio of hotpants and
-    of ZOGY): two epochs differ in exposure time, transparency and zero point, and without
-    it every static star leaves a residual of (ratio - 1) times its flux.
-
-    Stars are the reference's local maxima brighter than `detection_sigma` robust sigmas, away
-    from the edges, from missing pixels and from the brightest pixel value of either epoch
-    (saturated cores keep their level whatever the exposure). Each star's light is summed over
-    a (2 `aperture` + 1) px box in each epoch; by default `aperture` is 3 FWHM of the
-    blurrier epoch (each measured on its stars), at least 5 px. A box that wide holds over 97%
-    of a star's flux in both epochs even for the broad wings of a beta 2.5 Moffat, so a
-    seeing difference moves the ratio by 2% at most (a narrower box lost 7%). The box sums
-    obey S = ratio x R + (box area) x offset, and the ratio is their Theil-Sen slope: the
-    intercept absorbs any difference of background (a median background is pulled by stars
-    and noise differently in each epoch), and the median of pairwise slopes ignores the
-    minority of stars that did change.
-
-    Raises
-    ------
-    DataError
-        Fewer than FLUX_FIT_MIN_STARS usable stars, a non-positive ratio, or fewer than half of
-        the stars agreeing with the fit within their noise and FLUX_FIT_SYSTEMATIC: the
-        epochs do not look like one field on two photometric scales.
-    """
-    from scipy.stats import theilslopes
-
-    reference = np.asarray(reference, dtype=np.float64)
-    science = np.asarray(science, dtype=np.float64)
-    valid = np.isfinite(reference) & np.isfinite(science)
-    if not valid.any():
-        msg = "cannot fit the flux ratio between the epochs: they share no finite pixel"
-        raise DataError(msg)
-    bg_r, sig_r = robust_background(reference[valid])
-    bg_s, sig_s = robust_background(science[valid])
-    ref = np.where(valid, reference, bg_r)
-    sci = np.where(valid, science, bg_s)
-    top_r, top_s = float(reference[valid].max()), float(science[valid].max())
-    if aperture is None:
-        aperture = max(5, math.ceil(3.0 * max(measure_psf_fwhm(ref).fwhm, measure_psf_fwhm(sci).fwhm)))
-    box = 2 * aperture + 1
-    smooth = ndimage.uniform_filter(ref, 3)
-    peaks = (smooth == ndimage.maximum_filter(smooth, size=box)) & (ref > bg_r + detection_sigma * sig_r)
-    # A usable star: its whole box has data and no pixel at either epoch's brightest value.
-    usable = valid & (reference < top_r) & (science < top_s)
-    clean = ndimage.minimum_filter(usable.astype(np.uint8), size=box, mode="constant", cval=0).astype(bool)
-    ys, xs = np.nonzero(peaks & clean)
-    sums_r = ndimage.uniform_filter(ref - bg_r, box)[ys, xs] * box**2
-    sums_s = ndimage.uniform_filter(sci - bg_s, box)[ys, xs] * box**2
-    brightest = np.argsort(sums_r)[::-1][:FLUX_FIT_MAX_STARS]
-    sums_r, sums_s = sums_r[brightest], sums_s[brightest]
-    advice = "give --flux-ratio (1 if the epochs share one photometric scale)"
-    if sums_r.size < FLUX_FIT_MIN_STARS:
-        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} static stars above {detection_sigma:g} sigma, need {FLUX_FIT_MIN_STARS}; {advice}"
-        raise DataError(msg)
-    ratio, intercept = (float(v) for v in theilslopes(sums_s, sums_r)[:2])
-    noise = np.sqrt(box**2 * (sig_s**2 + ratio**2 * sig_r**2) + (FLUX_FIT_SYSTEMATIC * ratio * sums_r) ** 2)
-    agreeing = float(np.mean(np.abs(sums_s - ratio * sums_r - intercept) <= 3 * noise))
-    if not (ratio > 0 and agreeing >= 0.5):
-        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} stars give a ratio of {ratio:.3g}, but only {agreeing:.0%} of them agree with it; {advice}"
-        raise DataError(msg)
-    return FluxScale(ratio, int(sums_r.size), agreeing)
-
-
-# A change must be this significant in the matched-filtered difference to be reported, however
-# sure the network is: candidates come from the difference, the network only vetoes them.
-# In white noise a 5 sigma threshold makes about 0.2 false peaks per megapixel.
-SIGNIFICANCE_GATE = 5.0
-
-
-def correlate_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
-    """Cross-correlation of an image with a PSF stamp of odd sides (non-finite pixels count as 0)."""
-    clean = np.where(np.isfinite(image), image, 0.0)
-    return sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")  # correlation = convolution with the flipped kernel
-
-
-def difference_significance(reference: np.ndarray, science: np.ndarray, statistics: PairStatistics, *, fwhm: float) -> np.ndarray:
-    """Matched-filter SNR map of the scaled difference, in units of its own measured noise.
-
-    The difference is correlated with the unit-sum Moffat PSF of the given FWHM (beta
-    ASSUMED_MOFFAT_BETA) and divided by the robust noise (1.4826 MAD) of the *filtered* map
-    itself. Measured there, the noise includes whatever correlation the pixels have
-    (resampled or interlaced frames), which a per-pixel sigma would miss, overstating every
-    peak. A difference with no noise of its own (a frame minus a copy of itself) is held to
-    the pair's noise floor, DIFFERENCE_NOISE_FLOOR of the epochs' noise. Pixels where either
-    epoch has no data carry no signal; near the image's edges the filter is zero-padded, so
-    no significance is made up there either.
-    """
-    psf = PSF(fwhm, ASSUMED_MOFFAT_BETA).stamp
-    difference = scaled_difference(reference, science, statistics)
-    filtered = correlate_psf(difference, psf)
-    finite = np.isfinite(difference)
-    s = statistics
-    floor = DIFFERENCE_NOISE_FLOOR * math.hypot(s.sigma_science, s.flux_ratio * s.sigma_reference) * math.sqrt(float(np.sum(psf**2)))
-    noise = max(robust_sigma(filtered[finite]) if finite.any() else 0.0, floor)
-    return filtered / noise
 
 
 # ----------------------------------------------------------------------------
@@ -2212,8 +2359,6 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
 def default_cache_dir() -> Path:
     """~/.cache/astrid, or $XDG_CACHE_HOME/astrid."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "astrid"
-
-
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz")
 
 
@@ -2408,95 +2553,46 @@ class MixedDataset(torch.utils.data.Dataset):
         return {**record, "data_source": f"mix: synthetic + {label}", "real_fraction": real / len(self), "real_samples": real, "synthetic_samples": len(self) - real}
 
 
-# ----------------------------------------------------------------------------
-# Pictures of the sky
-# ----------------------------------------------------------------------------
+class Subset(torch.utils.data.Subset):
+    """torch's Subset that also forwards the sample contract's truth() and raw()."""
 
-TYPE_COLOURS = {
-    "transient": "tab:red",
-    "variable_star": "tab:orange",
-    "supernova": "tab:purple",
-    "asteroid": "tab:cyan",
-    "cosmic_ray": "hotpink",
-    "hot_pixel": "yellow",
-    "dipole": "lime",
-}
+    def truth(self, i: int) -> list[dict]:
+        return self.dataset.truth(int(self.indices[i]))
+
+    def raw(self, i: int) -> RawPair:
+        return self.dataset.raw(int(self.indices[i]))
 
 
-def _pyplot():
-    """matplotlib with the file-only backend: galleries work on headless machines."""
-    import matplotlib
+def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
+    """Train, validation and test sets plus a record of where the samples came from.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _mark_truth(ax, truth: Sequence[dict]) -> None:
-    """Anomalies as coloured circles (trails as lines), bogus as crosses."""
-    for obj in truth:
-        colour = TYPE_COLOURS[obj["type"]]
-        if obj["type"] == "asteroid":
-            ax.plot([obj["x1"], obj["x2"]], [obj["y1"], obj["y2"]], color=colour, lw=1.0, alpha=0.8)
-        elif obj["type"] in ANOMALY_TYPES:
-            ax.scatter(obj["x"], obj["y"], s=90, facecolors="none", edgecolors=colour, linewidths=1.2)
-        else:
-            ax.scatter(obj["x"], obj["y"], s=30, marker="x", color=colour, linewidths=1.0)
-
-
-def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> Path:
-    """A PNG grid, one row per sample: reference, science, difference, truth mask[, prediction].
-
-    Each row is a dict with ``inputs`` (3, H, W), ``mask`` (H, W), ``truth`` and optionally
-    ``prediction`` (H, W) probabilities and a ``label``.
+    Train and validation split one pool by a seeded permutation; the test set comes from
+    an independent seed stream, so it never overlaps either.
     """
-    plt = _pyplot()
-    with_prediction = any("prediction" in r for r in rows)
-    columns = ["reference", "science", "difference", "truth mask"] + (["prediction"] if with_prediction else [])
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.3 * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        panels = [row["inputs"][0], row["inputs"][1], row["inputs"][2], row["mask"]] + ([row.get("prediction", np.zeros_like(row["mask"]))] if with_prediction else [])
-        for c, (ax, image) in enumerate(zip(axes[r], panels)):
-            if c < 3:
-                lim = 3.0 if c == 2 else None
-                ax.imshow(image, cmap="gray" if c < 2 else "coolwarm", origin="lower", vmin=-lim if lim else None, vmax=lim)
-            else:
-                ax.imshow(image, cmap="magma", origin="lower", vmin=0, vmax=1)
-            if c in (1, 2, 3):
-                _mark_truth(ax, row["truth"])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlim(-0.5, image.shape[1] - 0.5)
-            ax.set_ylim(-0.5, image.shape[0] - 0.5)
-            if r == 0:
-                ax.set_title(columns[c], fontsize=9)
-        axes[r][0].set_ylabel(row.get("label", f"sample {r}"), fontsize=8)
-    handles = [plt.Line2D([], [], color=colour, marker="o" if t in ANOMALY_TYPES else "x", ls="", label=t.replace("_", " ")) for t, colour in TYPE_COLOURS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.97 if title else 1))
-    path = _save(fig, path, dpi=110, bbox_inches=None)
-    plt.close(fig)
-    return path
-
-
-def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLike, *, count: int = 8, title: str = "AstrID synthetic sky") -> Path:
-    """Gallery of the first `count` samples of a dataset, with their truth markers."""
-    rows = []
-    for i in range(min(count, len(dataset))):
-        inputs, mask = dataset[i]
-        truth = dataset.truth(i)
-        kinds = sorted({o["type"] for o in truth if o["type"] in ANOMALY_TYPES})
-        rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=truth, label=", ".join(k.replace("_", " ") for k in kinds) or "no anomaly"))
-    return save_sample_gallery(rows, path, title=f"{title}: circles = anomalies, crosses = bogus")
+    snr = (cfg.snr_min, cfg.snr_max)
+    training_sky = dataclasses.replace(TRAINING_SKY, plain_fraction=cfg.plain_fraction) if cfg.domain_randomisation else SkyConfig()
+    synthetic = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr, sky=training_sky)
+    if cfg.data == "synthetic":
+        pool = synthetic
+        info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
+    else:
+        source = cfg.data if cfg.data != "mix" else ("fits" if cfg.fits_dir else "mast")
+        pool = MASTRealDataset(
+            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=source, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
+            cache_dir=cfg.cache_dir, timeout=cfg.timeout, retries=cfg.retries, fallback=cfg.fallback, snr_range=snr,
+        )
+        if cfg.data == "mix":
+            pool = MixedDataset(synthetic, pool, real_fraction=cfg.real_fraction, seed=cfg.seed)
+        info = pool.provenance()
+    test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
+    order = np.random.default_rng(cfg.seed).permutation(len(pool))
+    n_val = max(1, round(len(pool) * cfg.val_fraction))
+    return Subset(pool, order[n_val:]), Subset(pool, order[:n_val]), test, info
 
 
 # ----------------------------------------------------------------------------
 # Model: a U-Net over (reference, science, difference)
 # ----------------------------------------------------------------------------
-
 
 def _norm(channels: int) -> nn.BatchNorm2d:
     # BatchNorm, whose inference statistics are fixed: a per-image norm (GroupNorm) rescales
@@ -2642,9 +2738,8 @@ def training_memory(cfg: TrainConfig) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------
-# Loss and pixel metrics
+# Loss
 # ----------------------------------------------------------------------------
-
 
 class CombinedLoss(nn.Module):
     """Weighted BCE + soft Dice, both computed from logits.
@@ -2672,8 +2767,9 @@ class CombinedLoss(nn.Module):
         return self.bce_weight * bce + self.dice_weight * self.dice_loss(logits, target)
 
 
-PIXEL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "mcc")
-
+# ----------------------------------------------------------------------------
+# Metrics and object matching: pixels, components, completeness, the classical baselines (docs/science.md, section 5)
+# ----------------------------------------------------------------------------
 
 def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0.5) -> dict[str, float | None]:
     """Pixel-level metrics from scikit-learn; None where undefined (no positives, or non-finite scores).
@@ -2703,14 +2799,11 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
     return {k: (None if v is None else float(v)) for k, v in result.items()}
 
 
-# ----------------------------------------------------------------------------
-# Object-level evaluation: components, matching, completeness, the matched-filter baseline
-# ----------------------------------------------------------------------------
-
 # Roughly log-spaced, because injected SNRs are drawn log-uniformly over 3-100 (SCIENCE.md
 # section 3) and each bin should fill; finer near 5, where the matched filter's 50% point lies
 # by construction (section 5).
 DEFAULT_SNR_EDGES = (3, 4, 5, 6, 7, 8, 10, 13, 16, 20, 30, 50, 100)
+
 
 def find_components(score_map: np.ndarray, *, threshold: float,
                     valid: np.ndarray | None = None,
@@ -2771,22 +2864,6 @@ def find_components(score_map: np.ndarray, *, threshold: float,
     return components
 
 
-def detect_changes(prob: np.ndarray, significance: np.ndarray, *, threshold: float,
-                   valid: np.ndarray | None = None, gate: float | None = None) -> list[dict]:
-    """What AstrID reports: the network's components that the difference image supports.
-
-    A component of ``prob >= threshold`` counts only where the matched-filtered difference
-    reaches ``|SNR| >= gate`` on it (or within 1 px): a detection with no significant signal
-    in the difference cannot be a change, however the epochs look. The network's part is
-    the veto: cosmic rays, hot pixels and subtraction residuals are significant in the
-    difference too, and it stays silent on them. One function serves evaluation, threshold
-    choice, the null tests and ``predict``.
-    """
-    gate = SIGNIFICANCE_GATE if gate is None else gate  # read at call time: one constant for every caller
-    components = find_components(prob, threshold=threshold, valid=valid, significance=significance)
-    return [c for c in components if c["significance"] >= gate]
-
-
 @dataclass(frozen=True, eq=False)
 class MatchResult:
     """Outcome of matching one image's detections to its truth table.
@@ -2828,35 +2905,6 @@ def _split_truth(truth: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
             msg = f"truth item {i} has unknown type {kind!r}"
             raise ValueError(msg)
     return np.array(anomaly_index, dtype=int), np.array(bogus_index, dtype=int)
-
-
-def _segments(items: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """End points (n, 2) and (n, 2) in (x, y); a point is a segment of zero length."""
-    starts = np.zeros((len(items), 2))
-    ends = np.zeros((len(items), 2))
-    for i, item in enumerate(items):
-        has_ends = all(k in item for k in ("x1", "y1", "x2", "y2"))
-        if item["type"] in TRAIL_TYPES and not has_ends:
-            msg = f"a {item['type']} needs trail end points x1, y1, x2, y2"
-            raise ValueError(msg)
-        if has_ends:
-            starts[i] = item["x1"], item["y1"]
-            ends[i] = item["x2"], item["y2"]
-        else:
-            starts[i] = ends[i] = item["x"], item["y"]
-    return starts, ends
-
-
-def _distance_to_segments(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Distances (n_points, n_segments) from points to segments, by broadcasting."""
-    d = ends - starts
-    length2 = np.sum(d**2, axis=1)
-    rel = points[:, None, :] - starts[None, :, :]
-    # Zero-length segments (point objects) take t = 0, i.e. the plain point distance.
-    t = np.divide(np.sum(rel * d[None], axis=2), length2[None], out=np.zeros(rel.shape[:2]),
-                  where=length2[None] > 0)
-    closest = starts[None] + np.clip(t, 0.0, 1.0)[..., None] * d[None]
-    return np.linalg.norm(points[:, None, :] - closest, axis=2)
 
 
 def match_objects(detections: Sequence[dict], truth: Sequence[dict], *,
@@ -2982,8 +3030,6 @@ def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: f
     """
     snr = matched_filter_snr_map(difference, psf=psf, sigma=sigma)
     return find_components(np.abs(snr), threshold=threshold, valid=valid)
-
-
 SEP_THRESHOLD = 1.5  # sigma of the background RMS: SExtractor's DETECT_THRESH default
 SEP_MIN_AREA = 5  # px: SExtractor's DETECT_MINAREA default
 
@@ -3114,14 +3160,6 @@ def snr_at_completeness(bin_centres: Sequence[float], completeness: Sequence[flo
     c0, c1 = completeness[i - 1], completeness[i]
     log0, log1 = np.log(centres[i - 1]), np.log(centres[i])
     return float(np.exp(log0 + (level - c0) / (c1 - c0) * (log1 - log0)))
-
-
-def _json_float(value: float) -> float | None:
-    """A float for JSON, with NaN and infinities as None."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 CONFIDENCE = 0.95  # of every interval AstrID reports
 BOOTSTRAP_RESAMPLES = 200  # leaves 5 beyond each end of a 95% interval: coarse ends, cheap enough for every summary
 BOOTSTRAP_SEED = 20261128  # intervals repeat exactly; any seed works
@@ -3274,624 +3312,9 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
     }
 
 
-def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[dict]], *,
-                     significances: Sequence[np.ndarray] | None = None,
-                     thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
-                     radius: float = 3.0) -> tuple[float, list[dict]]:
-    """Probability threshold with the best object-level F1 on a validation set.
-
-    F1 is the harmonic mean of completeness and purity, both pooled over all images (not
-    averaged per image, so that images with few objects do not dominate). With no detections
-    purity is undefined and F1 is taken as 0. Ties go to the higher threshold: fewer false
-    detections for the same score.
-
-    Parameters
-    ----------
-    prob_maps : sequence of ndarray, shape (H, W)
-        Network probability maps.
-    truths : list of list of dict
-        Their truth tables.
-    significances : sequence of ndarray, shape (H, W), optional
-        The difference's significance maps: detections then go through `detect_changes`, as
-        everywhere else; without them, the plain components of the maps count.
-    thresholds : array_like
-        Candidate thresholds, each in (0, 1].
-    radius : float
-        Matching radius in pixels, as in `match_objects`.
-
-    Returns
-    -------
-    best_threshold : float
-    table : list of dict
-        One row per threshold, ascending: ``threshold``, ``completeness``, ``purity``, ``f1``,
-        ``n_recovered``, ``n_anomalies``, ``n_real``, ``n_detections``,
-        ``false_detections_per_image``.
-    """
-    if len(prob_maps) != len(truths) or len(truths) == 0:
-        msg = f"need equally many (>0) maps and truth tables, got {len(prob_maps)}, {len(truths)}"
-        raise ValueError(msg)
-    thresholds = np.unique(np.asarray(thresholds, dtype=float))
-    if thresholds.size == 0 or thresholds[0] <= 0 or thresholds[-1] > 1:
-        msg = f"thresholds must be non-empty and within (0, 1], got {thresholds}"
-        raise ValueError(msg)
-    if significances is not None and len(significances) != len(prob_maps):
-        msg = f"{len(significances)} significance maps for {len(prob_maps)} probability maps"
-        raise ValueError(msg)
-
-    def detections(i: int, threshold: float) -> list[dict]:
-        if significances is None:
-            return find_components(prob_maps[i], threshold=threshold)
-        return detect_changes(prob_maps[i], significances[i], threshold=threshold)
-
-    table = []
-    for threshold in thresholds:
-        results = [match_objects(detections(i, threshold), t, radius=radius)
-                   for i, t in enumerate(truths)]
-        n_recovered = sum(int(np.count_nonzero(r.recovered)) for r in results)
-        n_anomalies = sum(len(r.recovered) for r in results)
-        n_real = sum(int(np.count_nonzero(r.real)) for r in results)
-        n_detections = sum(len(r.real) for r in results)
-        completeness = n_recovered / n_anomalies if n_anomalies else math.nan
-        purity = n_real / n_detections if n_detections else math.nan
-        f1 = (2 * completeness * purity / (completeness + purity)
-              if completeness + purity > 0 else 0.0)  # NaN > 0 is False: no detections -> 0
-        table.append({
-            "threshold": float(threshold), "completeness": _json_float(completeness),
-            "purity": _json_float(purity), "f1": float(f1), "n_recovered": n_recovered,
-            "n_anomalies": n_anomalies, "n_real": n_real, "n_detections": n_detections,
-            "false_detections_per_image": (n_detections - n_real) / len(truths),
-        })
-    # Ascending order plus ">=" hands ties to the higher threshold.
-    best = table[0]
-    for row in table[1:]:
-        if row["f1"] >= best["f1"]:
-            best = row
-    return best["threshold"], table
-
-
-def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list | None = None, **kwargs: Any) -> Path:
-    """Write a figure as PNG through atomic_write: a symlink at `path` is replaced, never followed."""
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
-
-
-def _completeness_axes(ax: Any) -> None:
-    """Completeness against SNR: log SNR axis over the injected 3-100, the 50% line, labels."""
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("true SNR of the change (matched filter)")
-    ax.set_ylabel("completeness")
-
-
-def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike, *, summary_sep: dict | None = None) -> Path:
-    """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
-
-    Overall curves carry their 95% Wilson band.
-
-    Parameters
-    ----------
-    summary_net, summary_base : dict
-        Outputs of `summarise_objects` for the network and the matched-filter baseline.
-    path : str or Path
-        Where to save the figure.
-    summary_sep : dict, optional
-        The SExtractor baseline's summary: its overall curve, dotted.
-
-    Returns
-    -------
-    Path
-        The saved path.
-    """
-    # Figure, not pyplot: no global backend or state, so this is safe in workers and tests.
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    colours = {"overall": "black", **{t: TYPE_COLOURS[t] for t in ANOMALY_TYPES}}
-    for summary, style, marker in ((summary_net, "-", "o"), (summary_base, "--", "s")):
-        curves = summary["completeness_by_snr"]
-        centres = np.asarray(curves["centres"])
-        for name, colour in colours.items():
-            curve = curves["overall"] if name == "overall" else curves["by_type"][name]
-            y = np.array([np.nan if c is None else c for c in curve["completeness"]])
-            # Empty bins are skipped, not drawn as gaps, so sparse types still read as curves.
-            shown = np.isfinite(y)
-            ax.plot(centres[shown], y[shown], style, marker=marker, ms=3, color=colour,
-                    lw=2.2 if name == "overall" else 1.2)
-            if name == "overall" and "low" in curve:
-                # Bins of 20 objects jump by 10 points: the 95% Wilson band says which jumps are noise.
-                low, high = (np.array([np.nan if v is None else v for v in curve[k]]) for k in ("low", "high"))
-                ax.fill_between(centres[shown], low[shown], high[shown], color=colour, alpha=0.12 if style == "-" else 0.06, lw=0)
-    if summary_sep is not None:
-        curve = summary_sep["completeness_by_snr"]
-        y = np.array([np.nan if c is None else c for c in curve["overall"]["completeness"]])
-        shown = np.isfinite(y)
-        ax.plot(np.asarray(curve["centres"])[shown], y[shown], ":", marker="^", ms=3, color="black", lw=1.6)
-    _completeness_axes(ax)
-    type_handles = [Line2D([], [], color=c, lw=2, label=n.replace("_", " "))
-                    for n, c in colours.items()]
-    style_handles = [Line2D([], [], color="grey", ls="-", marker="o", label="network"),
-                     Line2D([], [], color="grey", ls="--", marker="s", label="matched filter")]
-    if summary_sep is not None:
-        style_handles.append(Line2D([], [], color="grey", ls=":", marker="^", label="SExtractor (sep), overall"))
-    legend = ax.legend(handles=type_handles, loc="lower right", fontsize=8)
-    ax.add_artist(legend)
-    ax.legend(handles=style_handles, loc="center right", fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | os.PathLike, *,
-                          label: str = "network") -> Path:
-    """Pixel-level precision-recall curve with its average precision (AUCPR) in the legend.
-
-    Parameters
-    ----------
-    y_true : array_like of bool
-        Truth masks, any shape (flattened).
-    y_score : array_like of float
-        Probability maps of the same shape.
-    path : str or Path
-        Where to save the figure.
-    label : str
-        Legend name of the curve.
-
-    Returns
-    -------
-    Path
-        The saved path.
-    """
-    y_true = np.asarray(y_true, dtype=bool).ravel()
-    y_score = np.asarray(y_score, dtype=float).ravel()
-    if y_true.shape != y_score.shape:
-        msg = f"y_true and y_score differ in size: {y_true.size} vs {y_score.size}"
-        raise ValueError(msg)
-    if not y_true.any():
-        msg = "y_true has no positive pixel: precision and AP are undefined"
-        raise ValueError(msg)
-    from sklearn.metrics import average_precision_score, precision_recall_curve  # ~0.8 s to import: not at start-up
-
-    precision, recall, _ = precision_recall_curve(y_true, y_score)
-    ap = average_precision_score(y_true, y_score)
-    fig = Figure(figsize=(5, 4.5))
-    ax = fig.add_subplot()
-    ax.step(recall, precision, where="post", label=f"{label} (AP = {ap:.3f})")
-    # A random scorer's precision is the positive fraction: the floor that AP is judged against.
-    ax.axhline(y_true.mean(), color="grey", ls=":", label=f"no skill ({y_true.mean():.4f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall (pixel)")
-    ax.set_ylabel("precision (pixel)")
-    ax.legend(loc="lower left", fontsize=8)
-    ax.grid(True, alpha=0.3)
-    return _save(fig, path)
-
-
-def _cutout(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
-    """Square stamp of side 2 half + 1 centred on (x, y), NaN-padded beyond the image."""
-    padded = np.pad(np.asarray(image, dtype=float), half, constant_values=np.nan)
-    row, col = int(round(y)) + half, int(round(x)) + half
-    return padded[row - half:row + half + 1, col - half:col + half + 1]
-
-
-def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
-                        half_size: int = 16, radius: float = 3.0) -> Path:
-    """Grid of examples, one per row: reference, science, difference, probability.
-
-    Parameters
-    ----------
-    examples : list of dict
-        Each with ``inputs`` (array (3, H, W): reference, science, difference), ``probability``
-        (H, W), ``x``, ``y`` (pixel position of the object) and ``label`` (e.g.
-        ``"missed transient SNR 7.2"`` or ``"false detection p=0.81"``).
-    path : str or Path
-        Where to save the figure.
-    half_size : int
-        Stamps are 2 half_size + 1 pixels wide, centred on the object.
-    radius : float
-        Radius of the circle drawn at the object: the matching radius, so the reader sees
-        where a detection would have had to be.
-
-    Returns
-    -------
-    Path
-        The saved path.
-    """
-    if len(examples) == 0:
-        msg = "no examples to plot"
-        raise ValueError(msg)
-    titles = ("reference", "science", "difference", "probability")
-    fig = Figure(figsize=(8, 2.1 * len(examples)))
-    axes = fig.subplots(len(examples), 4, squeeze=False)
-    for row, example in zip(axes, examples):
-        inputs = np.asarray(example["inputs"], dtype=float)
-        if inputs.ndim != 3 or inputs.shape[0] != 3:
-            msg = f"inputs must be (3, H, W) reference, science, difference; got {inputs.shape}"
-            raise ValueError(msg)
-        x, y = example["x"], example["y"]
-        stamps = [_cutout(im, x, y, half_size) for im in (*inputs, example["probability"])]
-        for col, (ax, stamp) in enumerate(zip(row, stamps)):
-            finite = stamp[np.isfinite(stamp)]
-            if col < 2:
-                # Percentile limits per stamp: stars span orders of magnitude, a change does not.
-                lo, hi = np.percentile(finite, [1, 99.5]) if finite.size else (0, 1)
-                kwargs = {"cmap": "gray", "vmin": lo, "vmax": hi}
-            elif col == 2:
-                # Symmetric limits so that a fading source reads as clearly as a brightening one.
-                lim = np.percentile(np.abs(finite), 99.5) if finite.size else 1
-                kwargs = {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim}
-            else:
-                kwargs = {"cmap": "viridis", "vmin": 0, "vmax": 1}
-            ax.imshow(stamp, origin="lower", interpolation="nearest", **kwargs)
-            ax.add_patch(Circle((half_size, half_size), radius, fill=False, ec="yellow", lw=1))
-            ax.set_xticks([])
-            ax.set_yticks([])
-        row[0].set_ylabel(example["label"], fontsize=9)
-    for ax, title in zip(axes[0], titles):
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-
-@torch.no_grad()
-def raw_significance(raw: RawPair) -> np.ndarray:
-    """The difference's significance map of a dataset's raw pair (one photometric scale, known FWHM)."""
-    statistics = pair_statistics(raw.reference, raw.science, fwhm_reference=raw.fwhm_reference, fwhm_science=raw.fwhm_science)
-    return difference_significance(raw.reference, raw.science, statistics, fwhm=max(raw.fwhm_reference, raw.fwhm_science))
-
-
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, batch_size: int = 16) -> np.ndarray:
-    """Probability maps (N, H, W) float32 for normalised inputs (N, 3, H, W)."""
-    model.eval()
-    out = []
-    ctx, _ = autocast_context(device)
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start : start + batch_size].to(device, non_blocking=True)
-        with ctx:
-            logits = model(batch)
-        out.append(F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0,) + tuple(inputs.shape[2:]), np.float32)
-
-
-def evaluate_model(
-    model: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    *,
-    threshold: float,
-    device: torch.device,
-    output_dir: Path | None = None,
-    baseline_sigma: float = 5.0,
-) -> dict:
-    """Pixel- and object-level evaluation of a model beside the matched-filter baseline.
-
-    The dataset follows the sample contract (``ds[i]``, ``ds.truth(i)``, ``ds.raw(i)``).
-    The baseline correlates each raw difference with a Moffat PSF of the science FWHM
-    (beta ASSUMED_MOFFAT_BETA), thresholds |SNR|
-    at `baseline_sigma` and is matched by the same function as the network. With
-    `output_dir`, writes the completeness, precision-recall and object-gallery plots there.
-    """
-    n = len(dataset)
-    # Each sample's tensors, truth and raw pair in turn: the dataset renders it once.
-    items = [(dataset[i], dataset.truth(i), dataset.raw(i)) for i in range(n)]
-    inputs = torch.stack([x for (x, _), _, _ in items])
-    masks = torch.stack([m for (_, m), _, _ in items])[:, 0].numpy()
-    truths = [truth for _, truth, _ in items]
-    probs = predict_probabilities(model, inputs, device=device)
-
-    net_results, base_results, sep_results, examples = [], [], [], []
-    for i, (_, _, raw) in enumerate(items):
-        detections = detect_changes(probs[i], raw_significance(raw), threshold=threshold)
-        net = match_objects(detections, truths[i])
-        net_results.append(net)
-        psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
-        difference = raw.science.astype(np.float64) - raw.reference
-        base_results.append(match_objects(baseline_detections(difference, psf=psf, threshold=baseline_sigma), truths[i]))
-        sep_results.append(match_objects(sep_detections(difference), truths[i]))
-        examples += _gallery_examples(inputs[i].numpy(), probs[i], truths[i], detections, net)
-    result = {
-        "n_images": n,
-        "image_size": int(inputs.shape[-1]),
-        "threshold": float(threshold),
-        "pixel": pixel_metrics(probs, masks, threshold=threshold),
-        "network": summarise_objects(net_results, truths),
-        "baseline": summarise_objects(base_results, truths),
-        "baseline_rule": f"PSF matched filter on the raw difference, |SNR| >= {baseline_sigma:g}",
-        "sextractor": summarise_objects(sep_results, truths),
-        "sextractor_rule": f"sep (SExtractor) on the background-subtracted raw difference, {SEP_THRESHOLD:g} sigma, >= {SEP_MIN_AREA} px, both signs",
-    }
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png", summary_sep=result["sextractor"])
-        if masks.any():
-            plot_precision_recall(masks.ravel() > 0.5, probs.ravel(), output_dir / "precision_recall.png")
-        misses = [e for e in examples if e["kind"] == "miss"][:6]
-        false = sorted((e for e in examples if e["kind"] == "false"), key=lambda e: -e["score"])[:6]
-        if misses or false:
-            plot_object_gallery(misses + false, output_dir / "object_gallery.png")
-    return result
-
-
-def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[dict], detections: list[dict], match: MatchResult) -> list[dict]:
-    """Missed anomalies and false detections of one image, for the object gallery."""
-    examples = []
-    for k, found in zip(match.anomaly_index, match.recovered):
-        if not found:
-            obj = truth[k]
-            examples.append(dict(kind="miss", score=0.0, inputs=inputs, probability=prob, x=obj["x"], y=obj["y"], label=f"missed {obj['type'].replace('_', ' ')} SNR {obj['snr']:.1f}"))
-    for det, real in zip(detections, match.real):
-        if not real:
-            examples.append(dict(kind="false", score=det["peak"], inputs=inputs, probability=prob, x=det["x"], y=det["y"], label=f"false detection p={det['peak']:.2f}"))
-    return examples
-
-
 # ----------------------------------------------------------------------------
-# Finding changes in a pair: windows, one photometric scale, the gate, null tests
+# Training infrastructure: device, processes, output directories, early stopping, tracking, checkpoints
 # ----------------------------------------------------------------------------
-
-PREDICT_TILE = 1536  # px, the largest network window (a multiple of 16): at most ~1 GB of activations (410 B per px at width 16)
-# Context each window keeps around its core. A pixel's output depends on far more than its
-# neighbours: over eight points of a star field, 25% of the gradient of the output lies
-# within 32 px, 70% within 96 px, 88% within 130 px (the median). What matters is the map:
-# on a 2048 px star field, windows with 96 px of context differ from one pass over the
-# whole image by at most 0.036 in probability (10 of 4.2 Mpx above 0.01); with the former
-# 32 px, by up to 0.9999 (29k px above 0.01), enough to make or break detections at seams
-# (benchmarks/bench_predict.py --receptive-field).
-PREDICT_MARGIN = 96
-PREDICT_BATCH_PIXELS = 16 * 256 * 256  # window px per forward pass
-PROGRESS_PIXELS = 8 * 2**20  # window px beyond which a map shows a progress bar (about 20 s on a 2-core CPU)
-
-
-def _windows(n: int, *, tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN) -> tuple[int, list[tuple[int, int, int]]]:
-    """Along one axis of n px: the window size, and (core start, core length, window start) of each window.
-
-    A side up to `tile` px is one window. A longer side is cut into the fewest equal cores
-    whose windows, each core plus `margin` px on both sides, fit in `tile` px: the fewer and
-    larger the windows, the less of them is margin computed twice. Windows lie inside the
-    image wherever it is large enough. Only a side shorter than a window is padded, to the
-    next multiple of 16 (at least 32), and the padding mirrors the image: a band of zeros
-    would be a border the network never saw in training.
-    """
-    if n <= tile:
-        return max(32, 16 * math.ceil(n / 16)), [(0, n, 0)]
-    if tile < 2 * margin + 32:
-        msg = f"a window of {tile} px cannot hold a core between two margins of {margin} px"
-        raise ConfigError(msg)
-    k = 2
-    while 16 * math.ceil((math.ceil(n / k) + 2 * margin) / 16) > tile:
-        k += 1
-    core = math.ceil(n / k)
-    size = 16 * math.ceil((core + 2 * margin) / 16)
-    return size, [(c, min(core, n - c), min(max(c - margin, 0), n - size)) for c in range(0, n, core)]
-
-
-@torch.inference_mode()
-def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics, device: torch.device,
-                    tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN, batch_pixels: int = PREDICT_BATCH_PIXELS) -> np.ndarray:
-    """Anomaly probability per pixel for a registered pair of any size, in bounded memory.
-
-    The pair is normalised with `statistics` of the whole images, then seen through windows
-    of at most `tile` px (:func:`_windows`) overlapping by `margin` px on each side; each
-    keeps only its core, away from the window's inner edges. Windows go through the network
-    in batches of about `batch_pixels` px, on the device, in channels-last layout and under
-    the device's autocast (:func:`autocast_context`): on a 2-core CPU a batch of 256 px
-    windows runs 4x faster per pixel than one such window at a time.
-    """
-    height, width = science.shape
-    (win_h, rows), (win_w, cols) = _windows(height, tile=tile, margin=margin), _windows(width, tile=tile, margin=margin)
-    model.eval()
-    ctx, _ = autocast_context(device)
-    prob = np.zeros((height, width), dtype=np.float32)
-    tiles = [(r, c) for r in rows for c in cols]
-    per_batch = max(1, batch_pixels // (win_h * win_w))
-    starts = range(0, len(tiles), per_batch)
-    if len(tiles) * win_h * win_w > PROGRESS_PIXELS:
-        starts = _progress(starts, desc=f"windows ({len(tiles)})", unit="batch")
-    for start in starts:
-        batch = []
-        for (_, _, wy), (_, _, wx) in tiles[start : start + per_batch]:
-            sy, sx = slice(wy, min(wy + win_h, height)), slice(wx, min(wx + win_w, width))
-            inputs = normalize_pair(reference[sy, sx], science[sy, sx], statistics=statistics)
-            pad = ((0, 0), (0, win_h - inputs.shape[1]), (0, win_w - inputs.shape[2]))
-            batch.append(np.pad(inputs, pad, mode="symmetric"))  # mirrored sky, never a flat band
-        inputs = torch.from_numpy(np.stack(batch)).to(device, memory_format=torch.channels_last)
-        with ctx:
-            logits = model(inputs)
-        maps = F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy()
-        for ((y0, h, wy), (x0, w, wx)), m in zip(tiles[start : start + per_batch], maps):
-            prob[y0 : y0 + h, x0 : x0 + w] = m[y0 - wy : y0 - wy + h, x0 - wx : x0 - wx + w]
-    return prob
-
-
-class PairDetections(NamedTuple):
-    """Everything `find_changes` measured on one pair."""
-
-    detections: list[dict]  # detect_changes' components
-    prob: np.ndarray  # (H, W) network probability, 0 where either epoch has no data
-    significance: np.ndarray  # (H, W) signed matched-filter SNR of the scaled difference
-    valid: np.ndarray  # (H, W) bool: both epochs have data
-    statistics: PairStatistics
-    scale: dict  # flux_ratio and how it was found (fitted: with its stars and agreement)
-    psf_reference: PsfEstimate
-    psf_science: PsfEstimate
-
-
-def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None,
-                 seeing: tuple[float, float] | None = None) -> PairDetections:
-    """Run AstrID on one registered pair of any size: what `predict` and the null tests share.
-
-    1. Each epoch's seeing (`seeing`, reference and science FWHM in px, when known; else
-       measured on the same stars): the sharper epoch is blurred to the other's (when either
-       cannot be measured, neither is), and the matched filter uses the worse FWHM.
-    2. One photometric scale: the flux ratio is fitted on the static stars unless given
-       (:func:`fit_flux_scale` refuses a pair it cannot fit, in one line).
-    3. The network's probabilities through windows, and the difference's significance.
-    4. :func:`detect_changes`, away from pixels where either epoch has no data.
-    """
-    if seeing is None:
-        psf_reference, psf_science = measure_seeing(reference, science)
-    else:
-        if not all(math.isfinite(f) and f > 0 for f in seeing):
-            msg = f"--seeing needs two positive FWHMs in px, got {seeing}"
-            raise ConfigError(msg)
-        psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
-    worse = max(psf_reference.fwhm, psf_science.fwhm)
-    if flux_ratio is None:
-        fit = fit_flux_scale(reference, science, aperture=max(5, math.ceil(3.0 * worse)))
-        scale = dict(flux_ratio=fit.ratio, flux_ratio_source="fitted", flux_fit_stars=fit.n_stars, flux_fit_agreeing=fit.agreeing)
-    else:
-        scale = dict(flux_ratio=float(flux_ratio), flux_ratio_source="given")
-    seeing = dict(fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm) if psf_reference.measured and psf_science.measured else {}
-    statistics = pair_statistics(reference, science, flux_ratio=scale["flux_ratio"], **seeing)
-    valid = np.isfinite(science) & np.isfinite(reference)
-    prob = probability_map(model, reference, science, statistics=statistics, device=device)
-    prob[~valid] = 0.0  # no claims where either epoch has no data
-    significance = difference_significance(reference, science, statistics, fwhm=worse)
-    detections = detect_changes(prob, significance, threshold=threshold, valid=valid)
-    return PairDetections(detections, prob, significance, valid, statistics, scale, psf_reference, psf_science)
-
-
-def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[dict]:
-    """One row per change, highest score first, with sky coordinates if a WCS is given."""
-    rows = []
-    for det in detections:
-        ra = dec = None
-        if wcs is not None:
-            sky = wcs.pixel_to_world(det["x"], det["y"])
-            ra, dec = float(sky.ra.deg), float(sky.dec.deg)
-        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det["significance"], area_px=det["area_px"], type="anomaly"))
-    return sorted(rows, key=lambda r: -r["score"])
-
-
-# --- Null tests: pairs in which nothing changed
-
-
-NULL_NOISE_LEVELS = (0.25, 1.0, 4.0)  # reference noise added, in units of the frame's own robust noise
-NULL_NOISE_RATIOS = (1 / 3, 1.0, 3.0, 10.0)  # science noise / reference noise
-NULL_FLUX_RATIOS = (0.1, 0.3, 3.0, 10.0)  # science / reference flux scale, at the frame's own noise level
-NULL_SEEING_RATIOS = (1.25, 1.5)  # science / reference FWHM: the science epoch blurred, at the frame's own noise level
-
-
-class NullFrame(NamedTuple):
-    """A frame of static sky from which null pairs are made."""
-
-    name: str
-    data: np.ndarray  # 2-D, any units, NaN where there is no data
-
-
-def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[float] = NULL_NOISE_LEVELS,
-               ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
-               seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS) -> list[tuple[dict, np.ndarray, np.ndarray]]:
-    """Pairs in which nothing changed, made from one frame: ``(case, reference, science)``.
-
-    - the identical pair (science is the reference);
-    - independent Gaussian noise in each epoch: the reference's at each of `levels` times the
-      frame's robust noise, the science's at each of `ratios` times the reference's;
-    - the science at each of `flux_ratios` times the reference's flux scale (another exposure
-      time or zero point), each epoch with noise at the frame's own level before scaling;
-    - the science blurred to each of `seeing_ratios` times the frame's FWHM (measured on its
-      stars) by a Gaussian, each epoch with noise at the frame's own level: the rings that a
-      seeing mismatch leaves around every bright star.
-    """
-    sigma = robust_background(frame)[1]
-    pairs = [(dict(kind="identical"), frame, frame)]
-    for level in levels:
-        for ratio in ratios:
-            reference = frame + rng.normal(0.0, level * sigma, frame.shape)
-            science = frame + rng.normal(0.0, ratio * level * sigma, frame.shape)
-            pairs.append((dict(kind="noise", level=float(level), noise_ratio=float(ratio)), reference, science))
-    for flux_ratio in flux_ratios:
-        reference = frame + rng.normal(0.0, sigma, frame.shape)
-        science = flux_ratio * (frame + rng.normal(0.0, sigma, frame.shape))
-        pairs.append((dict(kind="flux", flux_ratio=float(flux_ratio)), reference, science))
-    fwhm = measure_psf_fwhm(frame).fwhm if seeing_ratios else 0.0
-    for seeing in seeing_ratios:
-        blur = math.sqrt(seeing**2 - 1.0) * fwhm / 2.3548  # Gaussian sigma that widens the FWHM by `seeing`
-        reference = frame + rng.normal(0.0, sigma, frame.shape)
-        science = ndimage.gaussian_filter(np.nan_to_num(frame, nan=float(np.nanmedian(frame))), blur) + rng.normal(0.0, sigma, frame.shape)
-        science[~np.isfinite(frame)] = np.nan
-        pairs.append((dict(kind="seeing", seeing_ratio=float(seeing)), reference, science))
-    return pairs
-
-
-def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAULT_NULL_SEED, real: bool = True, fits_dir: str | os.PathLike = "") -> list[NullFrame]:
-    """Frames for the null tests: simulated static skies, the real M13 cutout astropy ships, and `fits_dir`'s frames.
-
-    The simulated skies are reference epochs of the simulator with nothing injected and no
-    bogus, with enough stars to fit a flux ratio. M13 is a 300x300 DSS plate scan of a
-    globular cluster: crowded, photographic, integer-valued, and never used in training.
-    """
-    sky = dataclasses.replace(SkyConfig(), empty_fraction=1.0, cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0, star_density=(0.002, 0.012))
-    frames = [
-        NullFrame(f"simulated static sky {k}", simulate_sky(np.random.default_rng([seed, SEED_STREAMS["null"], k]), image_size=image_size, sky=sky).reference.astype(np.float64))
-        for k in range(synthetic)
-    ]
-    if real and M13_FITS.is_file():
-        frames.append(NullFrame("M13 (DSS, astropy's SkyView cutout)", read_fits_image(M13_FITS)[0]))
-    if fits_dir:
-        loaded, _ = load_fits_dir(fits_dir)
-        frames += [NullFrame(f"{f.target} ({f.survey})", f.data) for f in loaded]
-    return frames
-
-
-def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_NULL_SEED,
-                 levels: Sequence[float] = NULL_NOISE_LEVELS, ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
-                 seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS) -> dict:
-    """False detections where nothing changed: each frame's null pairs through `find_changes`.
-
-    Every pair goes the way of ``predict``: the flux ratio is fitted, the network looks, the
-    difference's significance gates. The figure is false detections per megapixel (of pixels
-    where both epochs have data); a pair whose flux ratio cannot be fitted is listed as
-    refused, as ``predict`` would refuse it. Returns ``frames`` (per frame: its cases, the
-    identical pair's detections, the worst and mean rate over the noise pairs, the worst over
-    the flux pairs and over the seeing pairs) and ``summary`` (the same, worst over all frames).
-    """
-    model.eval()
-    reports = []
-    for k, frame in enumerate(frames):
-        rng = np.random.default_rng([seed, k])
-        cases = []
-        for case, reference, science in null_pairs(frame.data, rng, levels=levels, ratios=ratios, flux_ratios=flux_ratios, seeing_ratios=seeing_ratios):
-            megapixels = float(np.count_nonzero(np.isfinite(reference) & np.isfinite(science))) / 1e6
-            try:
-                found = find_changes(model, reference, science, threshold=threshold, device=device)
-            except DataError as exc:
-                cases.append({**case, "refused": _one_line(exc)})
-                continue
-            n = len(found.detections)
-            # SExtractor on the same flux-matched, PSF-matched difference: what a plain source finder reports here.
-            n_sep = len(sep_detections(scaled_difference(reference, science, found.statistics), valid=found.valid))
-            cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
-                          "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.scale["flux_ratio"]})
-        rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux", "seeing")}
-        identical = [c for c in cases if c["kind"] == "identical"][0]
-        reports.append(dict(
-            frame=frame.name, shape=list(frame.data.shape), cases=cases,
-            identical_detections=identical.get("detections"),
-            noise_per_megapixel_max=max(rates["noise"], default=None), noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
-            flux_per_megapixel_max=max(rates["flux"], default=None), seeing_per_megapixel_max=max(rates["seeing"], default=None),
-            sextractor_per_megapixel_max=max((c["sextractor_per_megapixel"] for c in cases if "sextractor_per_megapixel" in c), default=None),
-            refused=sum("refused" in c for c in cases),
-        ))
-
-    def worst(key: str) -> float | None:
-        values = [r[key] for r in reports if r[key] is not None]
-        return max(values) if values else None
-
-    summary = dict(
-        frames=len(reports), pairs=sum(len(r["cases"]) for r in reports), refused=sum(r["refused"] for r in reports),
-        identical_detections=sum(r["identical_detections"] or 0 for r in reports),
-        noise_per_megapixel_max=worst("noise_per_megapixel_max"), flux_per_megapixel_max=worst("flux_per_megapixel_max"),
-        seeing_per_megapixel_max=worst("seeing_per_megapixel_max"), sextractor_per_megapixel_max=worst("sextractor_per_megapixel_max"),
-        threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE,
-    )
-    return dict(summary=summary, frames=reports)
-
-
-# ----------------------------------------------------------------------------
-# Training infrastructure: device, distributed, files, early stopping, tracking
-# ----------------------------------------------------------------------------
-
 
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
     """The one place the device is chosen: auto prefers CUDA, then MPS, then CPU."""
@@ -3961,75 +3384,24 @@ class DistInfo:
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
-def atomic_write(path: str | os.PathLike, write: Any, *, staged: list | None = None) -> Path:
-    """Write through a temporary file in the same directory, then os.replace it into place.
-
-    A crash or a full disk at any moment leaves the previous file intact. `write` is
-    called with a binary file object. The temporary file is created anew (O_EXCL) and
-    renamed over `path`, so a symlink planted at `path` is replaced, never followed:
-    nothing outside the directory is written. With `staged` (from :func:`output_set`),
-    the temporary file is kept and ``(tmp, path)`` appended, to be swapped in with others.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are for sharing
-        if staged is None:
-            os.replace(tmp, path)
-        else:
-            staged.append((tmp, path))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def output_set():
-    """Files written inside (``atomic_write(..., staged=s)``) replace their old versions together, or none do.
-
-    Every file is first written in full beside its destination; only then are they renamed
-    into place. A failure while writing any of them leaves every previous file untouched.
-    """
-    staged: list[tuple[str, Path]] = []
-    try:
-        yield staged
-        # A directory in the way is the one rename that can fail here: find it before any swap.
-        blocked = [str(path) for _, path in staged if path.is_dir() and not path.is_symlink()]
-        if blocked:
-            msg = f"cannot write {blocked[0]}: a directory is in the way"
-            raise AstridError(msg)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)  # gone already once it was renamed into place
-
-
-STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's names (mkstemp's 8 characters)
-
-
-def remove_stale_temporaries(directory: Path) -> list[str]:
-    """Delete what atomic_write leaves when killed mid-write; call only where no write is in progress."""
-    removed = []
-    if directory.is_dir():
-        for path in sorted(directory.iterdir()):
-            if STALE_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed.append(path.name)
-    return removed
+def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
+    """A checksum of every rank's parameters: DDP ranks must end identical."""
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if not dist.enabled:
+        return [mine]
+    gathered = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return list(gathered)
 
 
 # --- Output directories: one rule for train, evaluate and predict
@@ -4043,6 +3415,8 @@ TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.j
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
 PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "overlay.png")
 COMPARISON_OUTPUTS = ("comparison.json", "comparison.md", "comparison.png")
+
+
 RUN_MARKERS = {  # the files that say "a previous run lives here"
     "training run": ("config.json", "last.pt", "best.pt", "metrics.json"),
     "evaluation": ("evaluation.json",),
@@ -4110,33 +3484,7 @@ def new_run_dir(parent: Path) -> Path:
             continue
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    msg = f"not JSON serialisable: {type(value).__name__}"
-    raise TypeError(msg)
-
-
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN: non-finite floats become null, recursively."""
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json(path: str | os.PathLike, data: Any, *, staged: list | None = None) -> Path:
-    """Atomically write sorted, indented, strict JSON (`staged` as in :func:`atomic_write`)."""
-    text = json.dumps(_finite_or_none(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
-    return atomic_write(path, lambda f: f.write(text.encode() + b"\n"), staged=staged)
-
+# --- Early stopping
 
 class EarlyStopping:
     """Stop when the monitored metric has not improved for `patience` epochs.
@@ -4185,8 +3533,64 @@ class EarlyStopping:
         self.bad_epochs, self.stop_reason = int(state["bad_epochs"]), str(state["stop_reason"])
 
 
+# --- Tracking: MLflow and CodeCarbon
+
 class TrackingError(AstridError):
     """MLflow failed and --mlflow-optional was not given: the run stops, its checkpoints kept."""
+
+
+# Not astroquery: it installs its own Logger class at import, which must not exist before.
+_NOISY_LOGGERS = ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "git", "torch._export", "torch.export")
+
+
+def _quiet_loggers(level: int = logging.ERROR) -> None:
+    """Third-party chatter kept to errors. Called again after mlflow's import, which resets its own."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str, *, timeout: float):
+    """An exclusive lock file beside a SQLite tracking database (nothing for other stores)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(tracking_uri[len(prefix) :].split("?")[0] + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError:  # a read-only place: no run can initialise a database there, so none races
+        yield
+        return
+    with handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    msg = f"{lock_path} stayed locked for {timeout:g} s: another run is initialising the database"
+                    raise TimeoutError(msg) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go to mlartifacts/ beside the database, not to ./mlruns.
+
+    A server decides for itself (None).
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
 class MlflowRun:
@@ -4373,48 +3777,14 @@ class MlflowRun:
         self._call("the end of the run", call)
 
 
-@contextlib.contextmanager
-def _sqlite_init_lock(tracking_uri: str, *, timeout: float):
-    """An exclusive lock file beside a SQLite tracking database (nothing for other stores)."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        yield
-        return
-    import fcntl
-
-    lock_path = Path(tracking_uri[len(prefix) :].split("?")[0] + ".lock")
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a")
-    except OSError:  # a read-only place: no run can initialise a database there, so none races
-        yield
-        return
-    with handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    msg = f"{lock_path} stayed locked for {timeout:g} s: another run is initialising the database"
-                    raise TimeoutError(msg) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts of a SQLite store go to mlartifacts/ beside the database, not to ./mlruns.
-
-    A server decides for itself (None).
-    """
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+def _codecarbon_cpu_method(tracker: Any) -> str:
+    """How CodeCarbon measured the CPU: RAPL counters, or an estimate from TDP."""
+    for hardware in getattr(tracker, "_hardware", []):
+        mode = getattr(hardware, "_mode", None)
+        if mode is not None and type(hardware).__name__ == "CPU":
+            names = {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate", "cpu_load": "TDP x CPU load estimate"}
+            return names.get(str(mode), str(mode))
+    return "estimate"
 
 
 class EnergyMeter:
@@ -4480,19 +3850,7 @@ class EnergyMeter:
         return self.result
 
 
-def _codecarbon_cpu_method(tracker: Any) -> str:
-    """How CodeCarbon measured the CPU: RAPL counters, or an estimate from TDP."""
-    for hardware in getattr(tracker, "_hardware", []):
-        mode = getattr(hardware, "_mode", None)
-        if mode is not None and type(hardware).__name__ == "CPU":
-            names = {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate", "cpu_load": "TDP x CPU load estimate"}
-            return names.get(str(mode), str(mode))
-    return "estimate"
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------
+# --- Checkpoints
 
 CHECKPOINT_FORMAT = "astrid-checkpoint-v1"
 
@@ -4531,8 +3889,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         msg = f"{path} is not an AstrID checkpoint (expected format {CHECKPOINT_FORMAT})"
         raise AstridError(msg)
     return payload
-
-
 MODEL_CONFIG = {"in_channels": 3, "out_channels": 1, "width": None}  # fixed values; None: any positive int
 
 
@@ -4625,12 +3981,840 @@ def config_from_saved(saved: Any, *, path: str | os.PathLike = "checkpoint") -> 
         msg = f"{path}: saved configuration is invalid: {exc}"
         raise ConfigError(msg) from None
     return cfg
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "astrid_default.pt"
+
+
+def checkpoint_or_default(path: str | None) -> Path:
+    """The user's checkpoint, or the weights that ship with AstrID."""
+    if path:
+        return Path(path)
+    if not DEFAULT_WEIGHTS.is_file():
+        msg = f"no --checkpoint given and the default weights are missing ({DEFAULT_WEIGHTS})"
+        raise AstridError(msg)
+    return DEFAULT_WEIGHTS
+
+
+class Predictor(NamedTuple):
+    """A model loaded once, with its device and operating threshold: what every pair of a run shares."""
+
+    model: nn.Module
+    device: torch.device
+    checkpoint: Path
+    threshold: float
+
+
+def load_predictor(*, checkpoint: str | None, threshold: float | None, device: str) -> Predictor:
+    """The model and its operating threshold (the checkpoint's unless given)."""
+    ckpt_path = checkpoint_or_default(checkpoint)
+    payload = load_checkpoint(ckpt_path)
+    dev = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))  # torchrun: a GPU per rank
+    model = place_model(model_from_checkpoint(payload, path=ckpt_path), dev)
+    threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
+    check_threshold(threshold)
+    return Predictor(model, dev, ckpt_path, float(threshold))
+
+
+# ----------------------------------------------------------------------------
+# Finding changes in a pair: windows, the gate, null tests
+# ----------------------------------------------------------------------------
+
+PREDICT_TILE = 1536  # px, the largest network window (a multiple of 16): at most ~1 GB of activations (410 B per px at width 16)
+
+
+# Context each window keeps around its core. A pixel's output depends on far more than its
+# neighbours: over eight points of a star field, 25% of the gradient of the output lies
+# within 32 px, 70% within 96 px, 88% within 130 px (the median). What matters is the map:
+# on a 2048 px star field, windows with 96 px of context differ from one pass over the
+# whole image by at most 0.036 in probability (10 of 4.2 Mpx above 0.01); with the former
+# 32 px, by up to 0.9999 (29k px above 0.01), enough to make or break detections at seams
+# (benchmarks/bench_predict.py --receptive-field).
+PREDICT_MARGIN = 96
+PREDICT_BATCH_PIXELS = 16 * 256 * 256  # window px per forward pass
+PROGRESS_PIXELS = 8 * 2**20  # window px beyond which a map shows a progress bar (about 20 s on a 2-core CPU)
+
+
+def _windows(n: int, *, tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN) -> tuple[int, list[tuple[int, int, int]]]:
+    """Along one axis of n px: the window size, and (core start, core length, window start) of each window.
+
+    A side up to `tile` px is one window. A longer side is cut into the fewest equal cores
+    whose windows, each core plus `margin` px on both sides, fit in `tile` px: the fewer and
+    larger the windows, the less of them is margin computed twice. Windows lie inside the
+    image wherever it is large enough. Only a side shorter than a window is padded, to the
+    next multiple of 16 (at least 32), and the padding mirrors the image: a band of zeros
+    would be a border the network never saw in training.
+    """
+    if n <= tile:
+        return max(32, 16 * math.ceil(n / 16)), [(0, n, 0)]
+    if tile < 2 * margin + 32:
+        msg = f"a window of {tile} px cannot hold a core between two margins of {margin} px"
+        raise ConfigError(msg)
+    k = 2
+    while 16 * math.ceil((math.ceil(n / k) + 2 * margin) / 16) > tile:
+        k += 1
+    core = math.ceil(n / k)
+    size = 16 * math.ceil((core + 2 * margin) / 16)
+    return size, [(c, min(core, n - c), min(max(c - margin, 0), n - size)) for c in range(0, n, core)]
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, batch_size: int = 16) -> np.ndarray:
+    """Probability maps (N, H, W) float32 for normalised inputs (N, 3, H, W)."""
+    model.eval()
+    out = []
+    ctx, _ = autocast_context(device)
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size].to(device, non_blocking=True)
+        with ctx:
+            logits = model(batch)
+        out.append(F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + tuple(inputs.shape[2:]), np.float32)
+
+
+@torch.inference_mode()
+def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics, device: torch.device,
+                    tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN, batch_pixels: int = PREDICT_BATCH_PIXELS) -> np.ndarray:
+    """Anomaly probability per pixel for a registered pair of any size, in bounded memory.
+
+    The pair is normalised with `statistics` of the whole images, then seen through windows
+    of at most `tile` px (:func:`_windows`) overlapping by `margin` px on each side; each
+    keeps only its core, away from the window's inner edges. Windows go through the network
+    in batches of about `batch_pixels` px, on the device, in channels-last layout and under
+    the device's autocast (:func:`autocast_context`): on a 2-core CPU a batch of 256 px
+    windows runs 4x faster per pixel than one such window at a time.
+    """
+    height, width = science.shape
+    (win_h, rows), (win_w, cols) = _windows(height, tile=tile, margin=margin), _windows(width, tile=tile, margin=margin)
+    model.eval()
+    ctx, _ = autocast_context(device)
+    prob = np.zeros((height, width), dtype=np.float32)
+    tiles = [(r, c) for r in rows for c in cols]
+    per_batch = max(1, batch_pixels // (win_h * win_w))
+    starts = range(0, len(tiles), per_batch)
+    if len(tiles) * win_h * win_w > PROGRESS_PIXELS:
+        starts = _progress(starts, desc=f"windows ({len(tiles)})", unit="batch")
+    for start in starts:
+        batch = []
+        for (_, _, wy), (_, _, wx) in tiles[start : start + per_batch]:
+            sy, sx = slice(wy, min(wy + win_h, height)), slice(wx, min(wx + win_w, width))
+            inputs = normalize_pair(reference[sy, sx], science[sy, sx], statistics=statistics)
+            pad = ((0, 0), (0, win_h - inputs.shape[1]), (0, win_w - inputs.shape[2]))
+            batch.append(np.pad(inputs, pad, mode="symmetric"))  # mirrored sky, never a flat band
+        inputs = torch.from_numpy(np.stack(batch)).to(device, memory_format=torch.channels_last)
+        with ctx:
+            logits = model(inputs)
+        maps = F.logsigmoid(logits.float()).exp()[:, 0].cpu().numpy()
+        for ((y0, h, wy), (x0, w, wx)), m in zip(tiles[start : start + per_batch], maps):
+            prob[y0 : y0 + h, x0 : x0 + w] = m[y0 - wy : y0 - wy + h, x0 - wx : x0 - wx + w]
+    return prob
+
+
+@torch.no_grad()
+def raw_significance(raw: RawPair) -> np.ndarray:
+    """The difference's significance map of a dataset's raw pair (one photometric scale, known FWHM)."""
+    statistics = pair_statistics(raw.reference, raw.science, fwhm_reference=raw.fwhm_reference, fwhm_science=raw.fwhm_science)
+    return difference_significance(raw.reference, raw.science, statistics, fwhm=max(raw.fwhm_reference, raw.fwhm_science))
+
+
+def detect_changes(prob: np.ndarray, significance: np.ndarray, *, threshold: float,
+                   valid: np.ndarray | None = None, gate: float | None = None) -> list[dict]:
+    """What AstrID reports: the network's components that the difference image supports.
+
+    A component of ``prob >= threshold`` counts only where the matched-filtered difference
+    reaches ``|SNR| >= gate`` on it (or within 1 px): a detection with no significant signal
+    in the difference cannot be a change, however the epochs look. The network's part is
+    the veto: cosmic rays, hot pixels and subtraction residuals are significant in the
+    difference too, and it stays silent on them. One function serves evaluation, threshold
+    choice, the null tests and ``predict``.
+    """
+    gate = SIGNIFICANCE_GATE if gate is None else gate  # read at call time: one constant for every caller
+    components = find_components(prob, threshold=threshold, valid=valid, significance=significance)
+    return [c for c in components if c["significance"] >= gate]
+
+
+class PairDetections(NamedTuple):
+    """Everything `find_changes` measured on one pair."""
+
+    detections: list[dict]  # detect_changes' components
+    prob: np.ndarray  # (H, W) network probability, 0 where either epoch has no data
+    significance: np.ndarray  # (H, W) signed matched-filter SNR of the scaled difference
+    valid: np.ndarray  # (H, W) bool: both epochs have data
+    statistics: PairStatistics
+    scale: dict  # flux_ratio and how it was found (fitted: with its stars and agreement)
+    psf_reference: PsfEstimate
+    psf_science: PsfEstimate
+
+
+def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None,
+                 seeing: tuple[float, float] | None = None) -> PairDetections:
+    """Run AstrID on one registered pair of any size: what `predict` and the null tests share.
+
+    1. Each epoch's seeing (`seeing`, reference and science FWHM in px, when known; else
+       measured on the same stars): the sharper epoch is blurred to the other's (when either
+       cannot be measured, neither is), and the matched filter uses the worse FWHM.
+    2. One photometric scale: the flux ratio is fitted on the static stars unless given
+       (:func:`fit_flux_scale` refuses a pair it cannot fit, in one line).
+    3. The network's probabilities through windows, and the difference's significance.
+    4. :func:`detect_changes`, away from pixels where either epoch has no data.
+    """
+    if seeing is None:
+        psf_reference, psf_science = measure_seeing(reference, science)
+    else:
+        if not all(math.isfinite(f) and f > 0 for f in seeing):
+            msg = f"--seeing needs two positive FWHMs in px, got {seeing}"
+            raise ConfigError(msg)
+        psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
+    worse = max(psf_reference.fwhm, psf_science.fwhm)
+    if flux_ratio is None:
+        fit = fit_flux_scale(reference, science, aperture=max(5, math.ceil(3.0 * worse)))
+        scale = dict(flux_ratio=fit.ratio, flux_ratio_source="fitted", flux_fit_stars=fit.n_stars, flux_fit_agreeing=fit.agreeing)
+    else:
+        scale = dict(flux_ratio=float(flux_ratio), flux_ratio_source="given")
+    seeing = dict(fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm) if psf_reference.measured and psf_science.measured else {}
+    statistics = pair_statistics(reference, science, flux_ratio=scale["flux_ratio"], **seeing)
+    valid = np.isfinite(science) & np.isfinite(reference)
+    prob = probability_map(model, reference, science, statistics=statistics, device=device)
+    prob[~valid] = 0.0  # no claims where either epoch has no data
+    significance = difference_significance(reference, science, statistics, fwhm=worse)
+    detections = detect_changes(prob, significance, threshold=threshold, valid=valid)
+    return PairDetections(detections, prob, significance, valid, statistics, scale, psf_reference, psf_science)
+
+
+def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[dict]:
+    """One row per change, highest score first, with sky coordinates if a WCS is given."""
+    rows = []
+    for det in detections:
+        ra = dec = None
+        if wcs is not None:
+            sky = wcs.pixel_to_world(det["x"], det["y"])
+            ra, dec = float(sky.ra.deg), float(sky.dec.deg)
+        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det["significance"], area_px=det["area_px"], type="anomaly"))
+    return sorted(rows, key=lambda r: -r["score"])
+
+
+# --- Null tests: pairs in which nothing changed
+
+NULL_NOISE_LEVELS = (0.25, 1.0, 4.0)  # reference noise added, in units of the frame's own robust noise
+NULL_NOISE_RATIOS = (1 / 3, 1.0, 3.0, 10.0)  # science noise / reference noise
+NULL_FLUX_RATIOS = (0.1, 0.3, 3.0, 10.0)  # science / reference flux scale, at the frame's own noise level
+NULL_SEEING_RATIOS = (1.25, 1.5)  # science / reference FWHM: the science epoch blurred, at the frame's own noise level
+
+
+class NullFrame(NamedTuple):
+    """A frame of static sky from which null pairs are made."""
+
+    name: str
+    data: np.ndarray  # 2-D, any units, NaN where there is no data
+
+
+def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[float] = NULL_NOISE_LEVELS,
+               ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
+               seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+    """Pairs in which nothing changed, made from one frame: ``(case, reference, science)``.
+
+    - the identical pair (science is the reference);
+    - independent Gaussian noise in each epoch: the reference's at each of `levels` times the
+      frame's robust noise, the science's at each of `ratios` times the reference's;
+    - the science at each of `flux_ratios` times the reference's flux scale (another exposure
+      time or zero point), each epoch with noise at the frame's own level before scaling;
+    - the science blurred to each of `seeing_ratios` times the frame's FWHM (measured on its
+      stars) by a Gaussian, each epoch with noise at the frame's own level: the rings that a
+      seeing mismatch leaves around every bright star.
+    """
+    sigma = robust_background(frame)[1]
+    pairs = [(dict(kind="identical"), frame, frame)]
+    for level in levels:
+        for ratio in ratios:
+            reference = frame + rng.normal(0.0, level * sigma, frame.shape)
+            science = frame + rng.normal(0.0, ratio * level * sigma, frame.shape)
+            pairs.append((dict(kind="noise", level=float(level), noise_ratio=float(ratio)), reference, science))
+    for flux_ratio in flux_ratios:
+        reference = frame + rng.normal(0.0, sigma, frame.shape)
+        science = flux_ratio * (frame + rng.normal(0.0, sigma, frame.shape))
+        pairs.append((dict(kind="flux", flux_ratio=float(flux_ratio)), reference, science))
+    fwhm = measure_psf_fwhm(frame).fwhm if seeing_ratios else 0.0
+    for seeing in seeing_ratios:
+        blur = math.sqrt(seeing**2 - 1.0) * fwhm / 2.3548  # Gaussian sigma that widens the FWHM by `seeing`
+        reference = frame + rng.normal(0.0, sigma, frame.shape)
+        science = ndimage.gaussian_filter(np.nan_to_num(frame, nan=float(np.nanmedian(frame))), blur) + rng.normal(0.0, sigma, frame.shape)
+        science[~np.isfinite(frame)] = np.nan
+        pairs.append((dict(kind="seeing", seeing_ratio=float(seeing)), reference, science))
+    return pairs
+
+
+def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAULT_NULL_SEED, real: bool = True, fits_dir: str | os.PathLike = "") -> list[NullFrame]:
+    """Frames for the null tests: simulated static skies, the real M13 cutout astropy ships, and `fits_dir`'s frames.
+
+    The simulated skies are reference epochs of the simulator with nothing injected and no
+    bogus, with enough stars to fit a flux ratio. M13 is a 300x300 DSS plate scan of a
+    globular cluster: crowded, photographic, integer-valued, and never used in training.
+    """
+    sky = dataclasses.replace(SkyConfig(), empty_fraction=1.0, cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0, star_density=(0.002, 0.012))
+    frames = [
+        NullFrame(f"simulated static sky {k}", simulate_sky(np.random.default_rng([seed, SEED_STREAMS["null"], k]), image_size=image_size, sky=sky).reference.astype(np.float64))
+        for k in range(synthetic)
+    ]
+    if real and M13_FITS.is_file():
+        frames.append(NullFrame("M13 (DSS, astropy's SkyView cutout)", read_fits_image(M13_FITS)[0]))
+    if fits_dir:
+        loaded, _ = load_fits_dir(fits_dir)
+        frames += [NullFrame(f"{f.target} ({f.survey})", f.data) for f in loaded]
+    return frames
+
+
+def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_NULL_SEED,
+                 levels: Sequence[float] = NULL_NOISE_LEVELS, ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
+                 seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS) -> dict:
+    """False detections where nothing changed: each frame's null pairs through `find_changes`.
+
+    Every pair goes the way of ``predict``: the flux ratio is fitted, the network looks, the
+    difference's significance gates. The figure is false detections per megapixel (of pixels
+    where both epochs have data); a pair whose flux ratio cannot be fitted is listed as
+    refused, as ``predict`` would refuse it. Returns ``frames`` (per frame: its cases, the
+    identical pair's detections, the worst and mean rate over the noise pairs, the worst over
+    the flux pairs and over the seeing pairs) and ``summary`` (the same, worst over all frames).
+    """
+    model.eval()
+    reports = []
+    for k, frame in enumerate(frames):
+        rng = np.random.default_rng([seed, k])
+        cases = []
+        for case, reference, science in null_pairs(frame.data, rng, levels=levels, ratios=ratios, flux_ratios=flux_ratios, seeing_ratios=seeing_ratios):
+            megapixels = float(np.count_nonzero(np.isfinite(reference) & np.isfinite(science))) / 1e6
+            try:
+                found = find_changes(model, reference, science, threshold=threshold, device=device)
+            except DataError as exc:
+                cases.append({**case, "refused": _one_line(exc)})
+                continue
+            n = len(found.detections)
+            # SExtractor on the same flux-matched, PSF-matched difference: what a plain source finder reports here.
+            n_sep = len(sep_detections(scaled_difference(reference, science, found.statistics), valid=found.valid))
+            cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
+                          "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.scale["flux_ratio"]})
+        rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux", "seeing")}
+        identical = [c for c in cases if c["kind"] == "identical"][0]
+        reports.append(dict(
+            frame=frame.name, shape=list(frame.data.shape), cases=cases,
+            identical_detections=identical.get("detections"),
+            noise_per_megapixel_max=max(rates["noise"], default=None), noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
+            flux_per_megapixel_max=max(rates["flux"], default=None), seeing_per_megapixel_max=max(rates["seeing"], default=None),
+            sextractor_per_megapixel_max=max((c["sextractor_per_megapixel"] for c in cases if "sextractor_per_megapixel" in c), default=None),
+            refused=sum("refused" in c for c in cases),
+        ))
+
+    def worst(key: str) -> float | None:
+        values = [r[key] for r in reports if r[key] is not None]
+        return max(values) if values else None
+
+    summary = dict(
+        frames=len(reports), pairs=sum(len(r["cases"]) for r in reports), refused=sum(r["refused"] for r in reports),
+        identical_detections=sum(r["identical_detections"] or 0 for r in reports),
+        noise_per_megapixel_max=worst("noise_per_megapixel_max"), flux_per_megapixel_max=worst("flux_per_megapixel_max"),
+        seeing_per_megapixel_max=worst("seeing_per_megapixel_max"), sextractor_per_megapixel_max=worst("sextractor_per_megapixel_max"),
+        threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE,
+    )
+    return dict(summary=summary, frames=reports)
+
+
+# ----------------------------------------------------------------------------
+# Figures: one style, one save helper
+# ----------------------------------------------------------------------------
+
+TYPE_COLOURS = {
+    "transient": "tab:red",
+    "variable_star": "tab:orange",
+    "supernova": "tab:purple",
+    "asteroid": "tab:cyan",
+    "cosmic_ray": "hotpink",
+    "hot_pixel": "yellow",
+    "dipole": "lime",
+}
+
+
+def _pyplot():
+    """matplotlib with the file-only backend: galleries work on headless machines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list | None = None, **kwargs: Any) -> Path:
+    """Write a figure as PNG through atomic_write: a symlink at `path` is replaced, never followed."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
+
+
+def _savefig(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    _save(fig, path, dpi=110, bbox_inches=None)
+    _pyplot().close(fig)
+    return path
+
+
+def _mark_truth(ax, truth: Sequence[dict]) -> None:
+    """Anomalies as coloured circles (trails as lines), bogus as crosses."""
+    for obj in truth:
+        colour = TYPE_COLOURS[obj["type"]]
+        if obj["type"] == "asteroid":
+            ax.plot([obj["x1"], obj["x2"]], [obj["y1"], obj["y2"]], color=colour, lw=1.0, alpha=0.8)
+        elif obj["type"] in ANOMALY_TYPES:
+            ax.scatter(obj["x"], obj["y"], s=90, facecolors="none", edgecolors=colour, linewidths=1.2)
+        else:
+            ax.scatter(obj["x"], obj["y"], s=30, marker="x", color=colour, linewidths=1.0)
+
+
+def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> Path:
+    """A PNG grid, one row per sample: reference, science, difference, truth mask[, prediction].
+
+    Each row is a dict with ``inputs`` (3, H, W), ``mask`` (H, W), ``truth`` and optionally
+    ``prediction`` (H, W) probabilities and a ``label``.
+    """
+    plt = _pyplot()
+    with_prediction = any("prediction" in r for r in rows)
+    columns = ["reference", "science", "difference", "truth mask"] + (["prediction"] if with_prediction else [])
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.3 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        panels = [row["inputs"][0], row["inputs"][1], row["inputs"][2], row["mask"]] + ([row.get("prediction", np.zeros_like(row["mask"]))] if with_prediction else [])
+        for c, (ax, image) in enumerate(zip(axes[r], panels)):
+            if c < 3:
+                lim = 3.0 if c == 2 else None
+                ax.imshow(image, cmap="gray" if c < 2 else "coolwarm", origin="lower", vmin=-lim if lim else None, vmax=lim)
+            else:
+                ax.imshow(image, cmap="magma", origin="lower", vmin=0, vmax=1)
+            if c in (1, 2, 3):
+                _mark_truth(ax, row["truth"])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlim(-0.5, image.shape[1] - 0.5)
+            ax.set_ylim(-0.5, image.shape[0] - 0.5)
+            if r == 0:
+                ax.set_title(columns[c], fontsize=9)
+        axes[r][0].set_ylabel(row.get("label", f"sample {r}"), fontsize=8)
+    handles = [plt.Line2D([], [], color=colour, marker="o" if t in ANOMALY_TYPES else "x", ls="", label=t.replace("_", " ")) for t, colour in TYPE_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97 if title else 1))
+    path = _save(fig, path, dpi=110, bbox_inches=None)
+    plt.close(fig)
+    return path
+
+
+def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLike, *, count: int = 8, title: str = "AstrID synthetic sky") -> Path:
+    """Gallery of the first `count` samples of a dataset, with their truth markers."""
+    rows = []
+    for i in range(min(count, len(dataset))):
+        inputs, mask = dataset[i]
+        truth = dataset.truth(i)
+        kinds = sorted({o["type"] for o in truth if o["type"] in ANOMALY_TYPES})
+        rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=truth, label=", ".join(k.replace("_", " ") for k in kinds) or "no anomaly"))
+    return save_sample_gallery(rows, path, title=f"{title}: circles = anomalies, crosses = bogus")
+
+
+def _completeness_axes(ax: Any) -> None:
+    """Completeness against SNR: log SNR axis over the injected 3-100, the 50% line, labels."""
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true SNR of the change (matched filter)")
+    ax.set_ylabel("completeness")
+
+
+def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike, *, summary_sep: dict | None = None) -> Path:
+    """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
+
+    Overall curves carry their 95% Wilson band.
+
+    Parameters
+    ----------
+    summary_net, summary_base : dict
+        Outputs of `summarise_objects` for the network and the matched-filter baseline.
+    path : str or Path
+        Where to save the figure.
+    summary_sep : dict, optional
+        The SExtractor baseline's summary: its overall curve, dotted.
+
+    Returns
+    -------
+    Path
+        The saved path.
+    """
+    # Figure, not pyplot: no global backend or state, so this is safe in workers and tests.
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    colours = {"overall": "black", **{t: TYPE_COLOURS[t] for t in ANOMALY_TYPES}}
+    for summary, style, marker in ((summary_net, "-", "o"), (summary_base, "--", "s")):
+        curves = summary["completeness_by_snr"]
+        centres = np.asarray(curves["centres"])
+        for name, colour in colours.items():
+            curve = curves["overall"] if name == "overall" else curves["by_type"][name]
+            y = np.array([np.nan if c is None else c for c in curve["completeness"]])
+            # Empty bins are skipped, not drawn as gaps, so sparse types still read as curves.
+            shown = np.isfinite(y)
+            ax.plot(centres[shown], y[shown], style, marker=marker, ms=3, color=colour,
+                    lw=2.2 if name == "overall" else 1.2)
+            if name == "overall" and "low" in curve:
+                # Bins of 20 objects jump by 10 points: the 95% Wilson band says which jumps are noise.
+                low, high = (np.array([np.nan if v is None else v for v in curve[k]]) for k in ("low", "high"))
+                ax.fill_between(centres[shown], low[shown], high[shown], color=colour, alpha=0.12 if style == "-" else 0.06, lw=0)
+    if summary_sep is not None:
+        curve = summary_sep["completeness_by_snr"]
+        y = np.array([np.nan if c is None else c for c in curve["overall"]["completeness"]])
+        shown = np.isfinite(y)
+        ax.plot(np.asarray(curve["centres"])[shown], y[shown], ":", marker="^", ms=3, color="black", lw=1.6)
+    _completeness_axes(ax)
+    type_handles = [Line2D([], [], color=c, lw=2, label=n.replace("_", " "))
+                    for n, c in colours.items()]
+    style_handles = [Line2D([], [], color="grey", ls="-", marker="o", label="network"),
+                     Line2D([], [], color="grey", ls="--", marker="s", label="matched filter")]
+    if summary_sep is not None:
+        style_handles.append(Line2D([], [], color="grey", ls=":", marker="^", label="SExtractor (sep), overall"))
+    legend = ax.legend(handles=type_handles, loc="lower right", fontsize=8)
+    ax.add_artist(legend)
+    ax.legend(handles=style_handles, loc="center right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | os.PathLike, *,
+                          label: str = "network") -> Path:
+    """Pixel-level precision-recall curve with its average precision (AUCPR) in the legend.
+
+    Parameters
+    ----------
+    y_true : array_like of bool
+        Truth masks, any shape (flattened).
+    y_score : array_like of float
+        Probability maps of the same shape.
+    path : str or Path
+        Where to save the figure.
+    label : str
+        Legend name of the curve.
+
+    Returns
+    -------
+    Path
+        The saved path.
+    """
+    y_true = np.asarray(y_true, dtype=bool).ravel()
+    y_score = np.asarray(y_score, dtype=float).ravel()
+    if y_true.shape != y_score.shape:
+        msg = f"y_true and y_score differ in size: {y_true.size} vs {y_score.size}"
+        raise ValueError(msg)
+    if not y_true.any():
+        msg = "y_true has no positive pixel: precision and AP are undefined"
+        raise ValueError(msg)
+    from sklearn.metrics import average_precision_score, precision_recall_curve  # ~0.8 s to import: not at start-up
+
+    precision, recall, _ = precision_recall_curve(y_true, y_score)
+    ap = average_precision_score(y_true, y_score)
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    ax.step(recall, precision, where="post", label=f"{label} (AP = {ap:.3f})")
+    # A random scorer's precision is the positive fraction: the floor that AP is judged against.
+    ax.axhline(y_true.mean(), color="grey", ls=":", label=f"no skill ({y_true.mean():.4f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall (pixel)")
+    ax.set_ylabel("precision (pixel)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def _cutout(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
+    """Square stamp of side 2 half + 1 centred on (x, y), NaN-padded beyond the image."""
+    padded = np.pad(np.asarray(image, dtype=float), half, constant_values=np.nan)
+    row, col = int(round(y)) + half, int(round(x)) + half
+    return padded[row - half:row + half + 1, col - half:col + half + 1]
+
+
+def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
+                        half_size: int = 16, radius: float = 3.0) -> Path:
+    """Grid of examples, one per row: reference, science, difference, probability.
+
+    Parameters
+    ----------
+    examples : list of dict
+        Each with ``inputs`` (array (3, H, W): reference, science, difference), ``probability``
+        (H, W), ``x``, ``y`` (pixel position of the object) and ``label`` (e.g.
+        ``"missed transient SNR 7.2"`` or ``"false detection p=0.81"``).
+    path : str or Path
+        Where to save the figure.
+    half_size : int
+        Stamps are 2 half_size + 1 pixels wide, centred on the object.
+    radius : float
+        Radius of the circle drawn at the object: the matching radius, so the reader sees
+        where a detection would have had to be.
+
+    Returns
+    -------
+    Path
+        The saved path.
+    """
+    if len(examples) == 0:
+        msg = "no examples to plot"
+        raise ValueError(msg)
+    titles = ("reference", "science", "difference", "probability")
+    fig = Figure(figsize=(8, 2.1 * len(examples)))
+    axes = fig.subplots(len(examples), 4, squeeze=False)
+    for row, example in zip(axes, examples):
+        inputs = np.asarray(example["inputs"], dtype=float)
+        if inputs.ndim != 3 or inputs.shape[0] != 3:
+            msg = f"inputs must be (3, H, W) reference, science, difference; got {inputs.shape}"
+            raise ValueError(msg)
+        x, y = example["x"], example["y"]
+        stamps = [_cutout(im, x, y, half_size) for im in (*inputs, example["probability"])]
+        for col, (ax, stamp) in enumerate(zip(row, stamps)):
+            finite = stamp[np.isfinite(stamp)]
+            if col < 2:
+                # Percentile limits per stamp: stars span orders of magnitude, a change does not.
+                lo, hi = np.percentile(finite, [1, 99.5]) if finite.size else (0, 1)
+                kwargs = {"cmap": "gray", "vmin": lo, "vmax": hi}
+            elif col == 2:
+                # Symmetric limits so that a fading source reads as clearly as a brightening one.
+                lim = np.percentile(np.abs(finite), 99.5) if finite.size else 1
+                kwargs = {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim}
+            else:
+                kwargs = {"cmap": "viridis", "vmin": 0, "vmax": 1}
+            ax.imshow(stamp, origin="lower", interpolation="nearest", **kwargs)
+            ax.add_patch(Circle((half_size, half_size), radius, fill=False, ec="yellow", lw=1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(example["label"], fontsize=9)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_history(history: list[dict], out: Path) -> list[Path]:
+    """Loss curves, learning rate and validation metrics over epochs."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    ax.set(xlabel="epoch", ylabel="BCE + Dice loss", title="loss")
+    ax.legend()
+    paths.append(_savefig(fig, out / "loss_curves.png"))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [h["lr"] for h in history], "o-")
+    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="one-cycle schedule")
+    paths.append(_savefig(fig, out / "learning_rate.png"))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in ("average_precision", "f1", "mcc", "precision", "recall", "roc_auc"):
+        values = [h.get(f"val_{key}") for h in history]
+        ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=key.replace("_", " "))
+    ax.set(xlabel="epoch", ylabel="validation (pixel level)", ylim=(0, 1.02), title="validation metrics")
+    ax.legend(fontsize=8)
+    paths.append(_savefig(fig, out / "val_metrics.png"))
+    return paths
+
+
+def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024, staged: list | None = None) -> Path:
+    """Science and difference images with the detections circled (block-averaged if large)."""
+    channels = normalize_pair(reference, science, statistics=statistics)
+    factor = max(1, math.ceil(max(science.shape) / max_side))
+    if factor > 1:
+        h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
+        channels = channels[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+    fig = Figure(figsize=(11, 5.5))
+    axes = fig.subplots(1, 2)
+    for ax, image, title, kwargs in (
+        (axes[0], channels[1], "science", dict(cmap="gray", vmin=-1, vmax=5)),
+        (axes[1], channels[2], "difference (science - scaled reference)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
+    ):
+        ax.imshow(image, origin="lower", **kwargs)
+        for r in rows:
+            ax.add_patch(Circle(((r["x"] + 0.5) / factor - 0.5, (r["y"] + 0.5) / factor - 0.5), radius=max(4, 8 / factor), fill=False, color="lime", lw=1.2))
+        ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return _save(fig, path, dpi=110, staged=staged)
+
+
+def plot_comparison(arms: dict, path: Path) -> Path:
+    """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
+    fig = Figure(figsize=(11, 4.2))
+    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
+    titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
+    for k, (dataset, title) in enumerate(titles.items()):
+        ax = fig.add_subplot(1, 2, k + 1)
+        first = next(iter(arms.values()))[dataset]
+        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-") for name, arm in arms.items()]
+        lines += [("matched filter", first["baseline"]["curve"], "grey", "--"), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":")]
+        for label, curve, colour, style in lines:
+            x = np.asarray(curve["centres"])
+            y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
+            shown = np.isfinite(y)
+            ax.plot(x[shown], y[shown], style, marker="o", ms=3, color=colour, label=label)
+            if style == "-":
+                ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
+        _completeness_axes(ax)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: a model on a labelled test set
+# ----------------------------------------------------------------------------
+
+def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[dict]], *,
+                     significances: Sequence[np.ndarray] | None = None,
+                     thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
+                     radius: float = 3.0) -> tuple[float, list[dict]]:
+    """Probability threshold with the best object-level F1 on a validation set.
+
+    F1 is the harmonic mean of completeness and purity, both pooled over all images (not
+    averaged per image, so that images with few objects do not dominate). With no detections
+    purity is undefined and F1 is taken as 0. Ties go to the higher threshold: fewer false
+    detections for the same score.
+
+    Parameters
+    ----------
+    prob_maps : sequence of ndarray, shape (H, W)
+        Network probability maps.
+    truths : list of list of dict
+        Their truth tables.
+    significances : sequence of ndarray, shape (H, W), optional
+        The difference's significance maps: detections then go through `detect_changes`, as
+        everywhere else; without them, the plain components of the maps count.
+    thresholds : array_like
+        Candidate thresholds, each in (0, 1].
+    radius : float
+        Matching radius in pixels, as in `match_objects`.
+
+    Returns
+    -------
+    best_threshold : float
+    table : list of dict
+        One row per threshold, ascending: ``threshold``, ``completeness``, ``purity``, ``f1``,
+        ``n_recovered``, ``n_anomalies``, ``n_real``, ``n_detections``,
+        ``false_detections_per_image``.
+    """
+    if len(prob_maps) != len(truths) or len(truths) == 0:
+        msg = f"need equally many (>0) maps and truth tables, got {len(prob_maps)}, {len(truths)}"
+        raise ValueError(msg)
+    thresholds = np.unique(np.asarray(thresholds, dtype=float))
+    if thresholds.size == 0 or thresholds[0] <= 0 or thresholds[-1] > 1:
+        msg = f"thresholds must be non-empty and within (0, 1], got {thresholds}"
+        raise ValueError(msg)
+    if significances is not None and len(significances) != len(prob_maps):
+        msg = f"{len(significances)} significance maps for {len(prob_maps)} probability maps"
+        raise ValueError(msg)
+
+    def detections(i: int, threshold: float) -> list[dict]:
+        if significances is None:
+            return find_components(prob_maps[i], threshold=threshold)
+        return detect_changes(prob_maps[i], significances[i], threshold=threshold)
+
+    table = []
+    for threshold in thresholds:
+        results = [match_objects(detections(i, threshold), t, radius=radius)
+                   for i, t in enumerate(truths)]
+        n_recovered = sum(int(np.count_nonzero(r.recovered)) for r in results)
+        n_anomalies = sum(len(r.recovered) for r in results)
+        n_real = sum(int(np.count_nonzero(r.real)) for r in results)
+        n_detections = sum(len(r.real) for r in results)
+        completeness = n_recovered / n_anomalies if n_anomalies else math.nan
+        purity = n_real / n_detections if n_detections else math.nan
+        f1 = (2 * completeness * purity / (completeness + purity)
+              if completeness + purity > 0 else 0.0)  # NaN > 0 is False: no detections -> 0
+        table.append({
+            "threshold": float(threshold), "completeness": _json_float(completeness),
+            "purity": _json_float(purity), "f1": float(f1), "n_recovered": n_recovered,
+            "n_anomalies": n_anomalies, "n_real": n_real, "n_detections": n_detections,
+            "false_detections_per_image": (n_detections - n_real) / len(truths),
+        })
+    # Ascending order plus ">=" hands ties to the higher threshold.
+    best = table[0]
+    for row in table[1:]:
+        if row["f1"] >= best["f1"]:
+            best = row
+    return best["threshold"], table
+
+
+def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[dict], detections: list[dict], match: MatchResult) -> list[dict]:
+    """Missed anomalies and false detections of one image, for the object gallery."""
+    examples = []
+    for k, found in zip(match.anomaly_index, match.recovered):
+        if not found:
+            obj = truth[k]
+            examples.append(dict(kind="miss", score=0.0, inputs=inputs, probability=prob, x=obj["x"], y=obj["y"], label=f"missed {obj['type'].replace('_', ' ')} SNR {obj['snr']:.1f}"))
+    for det, real in zip(detections, match.real):
+        if not real:
+            examples.append(dict(kind="false", score=det["peak"], inputs=inputs, probability=prob, x=det["x"], y=det["y"], label=f"false detection p={det['peak']:.2f}"))
+    return examples
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    threshold: float,
+    device: torch.device,
+    output_dir: Path | None = None,
+    baseline_sigma: float = 5.0,
+) -> dict:
+    """Pixel- and object-level evaluation of a model beside the matched-filter baseline.
+
+    The dataset follows the sample contract (``ds[i]``, ``ds.truth(i)``, ``ds.raw(i)``).
+    The baseline correlates each raw difference with a Moffat PSF of the science FWHM
+    (beta ASSUMED_MOFFAT_BETA), thresholds |SNR|
+    at `baseline_sigma` and is matched by the same function as the network. With
+    `output_dir`, writes the completeness, precision-recall and object-gallery plots there.
+    """
+    n = len(dataset)
+    # Each sample's tensors, truth and raw pair in turn: the dataset renders it once.
+    items = [(dataset[i], dataset.truth(i), dataset.raw(i)) for i in range(n)]
+    inputs = torch.stack([x for (x, _), _, _ in items])
+    masks = torch.stack([m for (_, m), _, _ in items])[:, 0].numpy()
+    truths = [truth for _, truth, _ in items]
+    probs = predict_probabilities(model, inputs, device=device)
+
+    net_results, base_results, sep_results, examples = [], [], [], []
+    for i, (_, _, raw) in enumerate(items):
+        detections = detect_changes(probs[i], raw_significance(raw), threshold=threshold)
+        net = match_objects(detections, truths[i])
+        net_results.append(net)
+        psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
+        difference = raw.science.astype(np.float64) - raw.reference
+        base_results.append(match_objects(baseline_detections(difference, psf=psf, threshold=baseline_sigma), truths[i]))
+        sep_results.append(match_objects(sep_detections(difference), truths[i]))
+        examples += _gallery_examples(inputs[i].numpy(), probs[i], truths[i], detections, net)
+    result = {
+        "n_images": n,
+        "image_size": int(inputs.shape[-1]),
+        "threshold": float(threshold),
+        "pixel": pixel_metrics(probs, masks, threshold=threshold),
+        "network": summarise_objects(net_results, truths),
+        "baseline": summarise_objects(base_results, truths),
+        "baseline_rule": f"PSF matched filter on the raw difference, |SNR| >= {baseline_sigma:g}",
+        "sextractor": summarise_objects(sep_results, truths),
+        "sextractor_rule": f"sep (SExtractor) on the background-subtracted raw difference, {SEP_THRESHOLD:g} sigma, >= {SEP_MIN_AREA} px, both signs",
+    }
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png", summary_sep=result["sextractor"])
+        if masks.any():
+            plot_precision_recall(masks.ravel() > 0.5, probs.ravel(), output_dir / "precision_recall.png")
+        misses = [e for e in examples if e["kind"] == "miss"][:6]
+        false = sorted((e for e in examples if e["kind"] == "false"), key=lambda e: -e["score"])[:6]
+        if misses or false:
+            plot_object_gallery(misses + false, output_dir / "object_gallery.png")
+    return result
 
 
 # ----------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------
-
 
 # The end-of-run null battery: the identical pair, equal and unequal depths at the frame's own
 # noise, and the extreme flux ratios.
@@ -4647,43 +4831,6 @@ class TrainingPruned(AstridError):
 
 class TrainingDiverged(AstridError):
     """The monitored metric was never finite: the NaN early stop ended the run with no model."""
-
-
-def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
-    """Train, validation and test sets plus a record of where the samples came from.
-
-    Train and validation split one pool by a seeded permutation; the test set comes from
-    an independent seed stream, so it never overlaps either.
-    """
-    snr = (cfg.snr_min, cfg.snr_max)
-    training_sky = dataclasses.replace(TRAINING_SKY, plain_fraction=cfg.plain_fraction) if cfg.domain_randomisation else SkyConfig()
-    synthetic = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr, sky=training_sky)
-    if cfg.data == "synthetic":
-        pool = synthetic
-        info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
-    else:
-        source = cfg.data if cfg.data != "mix" else ("fits" if cfg.fits_dir else "mast")
-        pool = MASTRealDataset(
-            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=source, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
-            cache_dir=cfg.cache_dir, timeout=cfg.timeout, retries=cfg.retries, fallback=cfg.fallback, snr_range=snr,
-        )
-        if cfg.data == "mix":
-            pool = MixedDataset(synthetic, pool, real_fraction=cfg.real_fraction, seed=cfg.seed)
-        info = pool.provenance()
-    test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
-    order = np.random.default_rng(cfg.seed).permutation(len(pool))
-    n_val = max(1, round(len(pool) * cfg.val_fraction))
-    return Subset(pool, order[n_val:]), Subset(pool, order[:n_val]), test, info
-
-
-class Subset(torch.utils.data.Subset):
-    """torch's Subset that also forwards the sample contract's truth() and raw()."""
-
-    def truth(self, i: int) -> list[dict]:
-        return self.dataset.truth(int(self.indices[i]))
-
-    def raw(self, i: int) -> RawPair:
-        return self.dataset.raw(int(self.indices[i]))
 
 
 class StandaloneTrainer:
@@ -5174,81 +5321,6 @@ class StandaloneTrainer:
         return save_sample_gallery(rows, path, title="validation: truth vs prediction")
 
 
-def threading_main() -> bool:
-    """Signal handlers can only be installed from the main thread."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
-    """A checksum of every rank's parameters: DDP ranks must end identical."""
-    digest = hashlib.sha256()
-    for tensor in model.parameters():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    mine = digest.hexdigest()[:16]
-    if not dist.enabled:
-        return [mine]
-    gathered = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, mine)
-    return list(gathered)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
-    """`value [low, high]`; an open top (None) is printed as inf."""
-    low, high = interval
-    low, high = _fmt(low), ("inf" if high is None and low is not None else _fmt(high))
-    return f"{_fmt(value)} [{low}, {high}]"
-
-
-def _fmt_ratio(ratio: dict) -> str:
-    """A `_ratio` with its Wilson interval."""
-    return _fmt_interval(ratio["value"], ratio.get("interval", (None, None)))
-
-
-def _progress(iterable: Any, **kwargs: Any) -> Any:
-    """tqdm over batches, on stderr, quiet when not attached to a terminal."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)
-
-
-def plot_history(history: list[dict], out: Path) -> list[Path]:
-    """Loss curves, learning rate and validation metrics over epochs."""
-    plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
-    paths = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
-    ax.set(xlabel="epoch", ylabel="BCE + Dice loss", title="loss")
-    ax.legend()
-    paths.append(_savefig(fig, out / "loss_curves.png"))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(epochs, [h["lr"] for h in history], "o-")
-    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="one-cycle schedule")
-    paths.append(_savefig(fig, out / "learning_rate.png"))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key in ("average_precision", "f1", "mcc", "precision", "recall", "roc_auc"):
-        values = [h.get(f"val_{key}") for h in history]
-        ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=key.replace("_", " "))
-    ax.set(xlabel="epoch", ylabel="validation (pixel level)", ylim=(0, 1.02), title="validation metrics")
-    ax.legend(fontsize=8)
-    paths.append(_savefig(fig, out / "val_metrics.png"))
-    return paths
-
-
-def _savefig(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    _save(fig, path, dpi=110, bbox_inches=None)
-    _pyplot().close(fig)
-    return path
-
-
 def run_training(config: TrainConfig, *, given: Sequence[str] | None = None) -> dict:
     """Train with `config`; print where everything went. The runner's single entry point.
 
@@ -5270,7 +5342,7 @@ def run_training(config: TrainConfig, *, given: Sequence[str] | None = None) -> 
 
 
 # ----------------------------------------------------------------------------
-# Evaluation command
+# Command: evaluate
 # ----------------------------------------------------------------------------
 
 DEFAULT_EVAL_SEED = 20261126  # any seed works: the test stream never meets training samples
@@ -5344,22 +5416,11 @@ def run_evaluation(
 
 
 # ----------------------------------------------------------------------------
-# Prediction on the user's own FITS pairs
+# Command: predict, on one pair or a list of pairs
 # ----------------------------------------------------------------------------
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "astrid_default.pt"
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
 DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type")
-
-
-def checkpoint_or_default(path: str | None) -> Path:
-    """The user's checkpoint, or the weights that ship with AstrID."""
-    if path:
-        return Path(path)
-    if not DEFAULT_WEIGHTS.is_file():
-        msg = f"no --checkpoint given and the default weights are missing ({DEFAULT_WEIGHTS})"
-        raise AstridError(msg)
-    return DEFAULT_WEIGHTS
 
 
 def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
@@ -5434,29 +5495,6 @@ def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold:
     return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
 
 
-def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024, staged: list | None = None) -> Path:
-    """Science and difference images with the detections circled (block-averaged if large)."""
-    channels = normalize_pair(reference, science, statistics=statistics)
-    factor = max(1, math.ceil(max(science.shape) / max_side))
-    if factor > 1:
-        h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
-        channels = channels[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
-    fig = Figure(figsize=(11, 5.5))
-    axes = fig.subplots(1, 2)
-    for ax, image, title, kwargs in (
-        (axes[0], channels[1], "science", dict(cmap="gray", vmin=-1, vmax=5)),
-        (axes[1], channels[2], "difference (science - scaled reference)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
-    ):
-        ax.imshow(image, origin="lower", **kwargs)
-        for r in rows:
-            ax.add_patch(Circle(((r["x"] + 0.5) / factor - 0.5, (r["y"] + 0.5) / factor - 0.5), radius=max(4, 8 / factor), fill=False, color="lime", lw=1.2))
-        ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return _save(fig, path, dpi=110, staged=staged)
-
-
 def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, cache_dir: str, timeout: float, retries: int) -> np.ndarray:
     """A survey image covering the science frame, reprojected onto its pixel grid."""
     if science_wcs is None:
@@ -5506,26 +5544,6 @@ def make_output_dir(out: Path) -> Path:
         msg = f"cannot create output directory {out} ({exc.strerror or exc})"
         raise AstridError(msg) from None
     return out
-
-
-class Predictor(NamedTuple):
-    """A model loaded once, with its device and operating threshold: what every pair of a run shares."""
-
-    model: nn.Module
-    device: torch.device
-    checkpoint: Path
-    threshold: float
-
-
-def load_predictor(*, checkpoint: str | None, threshold: float | None, device: str) -> Predictor:
-    """The model and its operating threshold (the checkpoint's unless given)."""
-    ckpt_path = checkpoint_or_default(checkpoint)
-    payload = load_checkpoint(ckpt_path)
-    dev = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))  # torchrun: a GPU per rank
-    model = place_model(model_from_checkpoint(payload, path=ckpt_path), dev)
-    threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
-    check_threshold(threshold)
-    return Predictor(model, dev, ckpt_path, float(threshold))
 
 
 def predict_pair(predictor: Predictor, reference: np.ndarray, science: np.ndarray, *, wcs: Any, out: Path, inputs: dict,
@@ -5599,7 +5617,6 @@ def run_prediction(
 
 
 # --- Many pairs in one command: a list, resumable, sharded over processes
-
 
 PAIR_COLUMNS = ("science", "reference")  # required; optional: name, flux_ratio
 
@@ -5737,7 +5754,7 @@ def export_weights(checkpoint: str, output: str) -> Path:
 
 
 # ----------------------------------------------------------------------------
-# Experiments: sweeps of training configurations
+# Command: sweep, an Optuna search over training configurations
 # ----------------------------------------------------------------------------
 
 DEFAULT_SWEEP_SPACE = Path(__file__).resolve().parent / "sweep_space.json"
@@ -5938,7 +5955,7 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
 
 
 # ----------------------------------------------------------------------------
-# Experiments: synthetic versus real training (compare)
+# Command: compare, synthetic versus real training
 # ----------------------------------------------------------------------------
 
 COMPARE_ARMS = {  # arm -> how its training data differs from the shared configuration
@@ -6012,30 +6029,6 @@ def summarise_arm(evaluations: Sequence[dict]) -> dict:
             }
     arm["null"] = {k: _spread([e["null"][k] for e in evaluations]) for k in ("identical_detections", "noise_per_megapixel_max", "flux_per_megapixel_max", "seeing_per_megapixel_max", "sextractor_per_megapixel_max")}
     return arm
-
-
-def plot_comparison(arms: dict, path: Path) -> Path:
-    """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
-    fig = Figure(figsize=(11, 4.2))
-    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
-    titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
-    for k, (dataset, title) in enumerate(titles.items()):
-        ax = fig.add_subplot(1, 2, k + 1)
-        first = next(iter(arms.values()))[dataset]
-        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-") for name, arm in arms.items()]
-        lines += [("matched filter", first["baseline"]["curve"], "grey", "--"), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":")]
-        for label, curve, colour, style in lines:
-            x = np.asarray(curve["centres"])
-            y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
-            shown = np.isfinite(y)
-            ax.plot(x[shown], y[shown], style, marker="o", ms=3, color=colour, label=label)
-            if style == "-":
-                ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
-        _completeness_axes(ax)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
 
 
 def _cell(spread: dict, *, pooled: dict | None = None, seeds: bool = True) -> str:
@@ -6185,6 +6178,20 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
 # Command line
 # ----------------------------------------------------------------------------
 
+def run_fetch(*, targets: Sequence[str], surveys: Sequence[str], cache_dir: str, pixels: int, timeout: float, retries: int) -> dict:
+    """Prefetch cutouts into the cache; fails (one line) only if nothing at all was cached."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    summary = prefetch(targets, surveys, cache_dir=cache, timeout=timeout, retries=retries, pixels=pixels)
+    for line in summary["cached"]:
+        print(f"cached  {line}")
+    for line in summary["failed"]:
+        print(f"FAILED  {line}")
+    if not summary["cached"]:
+        msg = f"nothing could be fetched into {cache} ({len(summary['failed'])} failures, listed above)"
+        raise NetworkError(msg)
+    print(f"cache: {cache} ({len(summary['cached'])} frames, {len(summary['failed'])} failures)")
+    return summary
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Training flags, shared by `standalone_training.py train` and the runner."""
@@ -6301,31 +6308,6 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     return parser
-
-
-def run_fetch(*, targets: Sequence[str], surveys: Sequence[str], cache_dir: str, pixels: int, timeout: float, retries: int) -> dict:
-    """Prefetch cutouts into the cache; fails (one line) only if nothing at all was cached."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    summary = prefetch(targets, surveys, cache_dir=cache, timeout=timeout, retries=retries, pixels=pixels)
-    for line in summary["cached"]:
-        print(f"cached  {line}")
-    for line in summary["failed"]:
-        print(f"FAILED  {line}")
-    if not summary["cached"]:
-        msg = f"nothing could be fetched into {cache} ({len(summary['failed'])} failures, listed above)"
-        raise NetworkError(msg)
-    print(f"cache: {cache} ({len(summary['cached'])} frames, {len(summary['failed'])} failures)")
-    return summary
-
-
-# Not astroquery: it installs its own Logger class at import, which must not exist before.
-_NOISY_LOGGERS = ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "git", "torch._export", "torch.export")
-
-
-def _quiet_loggers(level: int = logging.ERROR) -> None:
-    """Third-party chatter kept to errors. Called again after mlflow's import, which resets its own."""
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(level)
 
 
 def configure_logging(*, debug: bool = False) -> None:
