@@ -1,15 +1,34 @@
 """AstrID: find what changed in the sky between a reference and a science image.
 
-One module, read top to bottom in the order data flows:
+One module, read top to bottom in the order data flows; each section is marked by a
+``# ----`` rule and uses only names defined above it:
 
-    configuration -> sky simulation -> normalisation -> datasets -> model
-    -> loss and metrics -> object-level evaluation -> trainer -> prediction -> CLI
+    Utilities            errors, atomic writes, JSON, safe paths, robust statistics
+    Configuration        SkyConfig, TrainConfig, presets, input checks, seeding
+    Sky simulation       PSFs, stars, galaxies, noise, changes and bogus, their truth records
+    Normalisation        seeing and flux scale of a pair, the one normalisation, significance
+    Real sky             FITS reading, network discipline, targets, the cache, surveys, tiling
+    Datasets             synthetic, real (injection-recovery), mixed
+    Model                the U-Net and its memory estimate
+    Loss                 BCE + Dice on logits
+    Metrics              pixel metrics, components, object matching, completeness, baselines
+    Training infrastructure
+                         device, processes, output directories, early stopping, MLflow,
+                         CodeCarbon, checkpoints and loading a predictor
+    Finding changes      probability maps in windows, the significance gate, null tests
+    Figures              every plot, one style, one save helper
+    Evaluation           a model on a labelled test set, the operating threshold
+    Trainer              StandaloneTrainer and run_training
+    Commands             evaluate, predict (one pair or many), export, sweep, compare
+    Command line         the parser and the entry point
 
-The science behind the simulator, the masks and the metrics is in SCIENCE.md of the
-project's shared notes; STANDALONE_TRAINING.md documents every command and figure.
+The science the simulator, the masks and the metrics rely on is in docs/science.md;
+STANDALONE_TRAINING.md documents every command and figure. The archive plumbing (HTTP
+adapters, retries, the cache manifest) stays in this module: it is a few hundred lines
+that only the real-sky datasets use, and one file keeps one import for users and tests.
 
-Run ``python standalone_training.py --help`` for the commands (train, evaluate,
-predict, fetch).
+Run ``python standalone_training.py --help`` for the commands (train, evaluate, predict,
+fetch, sweep, compare).
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -35,7 +55,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -151,6 +171,7 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
 
 
 def _json_default(value: Any) -> Any:
+    """JSON for what json cannot write itself: numpy scalars and arrays, paths."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -291,6 +312,7 @@ def _progress(iterable: Any, **kwargs: Any) -> Any:
 
 
 def _fmt(value: float | None) -> str:
+    """A number to three decimals for the console; None is n/a."""
     return "n/a" if value is None else f"{value:.3f}"
 
 
@@ -314,11 +336,39 @@ ANOMALY_TYPES = ("transient", "variable_star", "supernova", "asteroid")
 BOGUS_TYPES = ("cosmic_ray", "hot_pixel", "dipole")
 POINT_TYPES = ("transient", "variable_star", "supernova")
 TRAIL_TYPES = ("asteroid",)
+SNR_RANGE = (3.0, 100.0)  # injected anomaly SNRs, drawn log-uniformly (docs/science.md, section 3)
+MATCH_RADIUS = 3.0  # px: a detection within this of a change recovers it (docs/science.md, section 5)
+
+
+class Truth(TypedDict, total=False):
+    """One row of a sample's truth table: an injected change or a bogus artifact.
+
+    Every row has ``type``, ``x``, ``y`` (0-based pixels of the science frame; x is the
+    column) and ``snr``; the other keys belong to some types only. Masks, metrics and
+    galleries are all derived from these rows (docs/science.md, section 3).
+    """
+
+    type: str  # one of ANOMALY_TYPES or BOGUS_TYPES
+    x: float
+    y: float
+    snr: float  # a change: matched-filter SNR of its flux change in the difference; bogus: peak significance
+    flux: float  # a change: its flux change, in the image's units (negative for a fading star)
+    reference_flux: float  # variable_star: the star's flux in the reference
+    host_x: float  # supernova: the centre of its host galaxy
+    host_y: float
+    x1: float  # asteroid trail or bad column: its end points
+    y1: float
+    x2: float
+    y2: float
+    epoch: str  # cosmic_ray: "science" or "reference"
+    n_pixels: int  # cosmic_ray: 1-3
+    shape: str  # hot_pixel: "pixel" or "column"
+    source: str  # dipole: "star" or "galaxy"
 
 
 @dataclass(frozen=True)
 class SkyConfig:
-    """Physical parameters of the simulated sky (SCIENCE.md, section 2)."""
+    """Physical parameters of the simulated sky (docs/science.md, section 2)."""
 
     sky_level: tuple[float, float] = (300.0, 3000.0)  # e-/px per exposure, log-uniform
     read_noise: float = 5.0  # e- rms per exposure
@@ -334,7 +384,7 @@ class SkyConfig:
     galaxy_density: tuple[float, float] = (0.0, 0.001)  # galaxies per px^2, uniform (0-4 per 64x64 field)
     galaxy_flux: tuple[float, float] = (3e3, 3e5)  # e-, log-uniform
     galaxy_half_light_radius: tuple[float, float] = (1.5, 6.0)  # px
-    snr_range: tuple[float, float] = (3.0, 100.0)  # anomaly SNR, log-uniform
+    snr_range: tuple[float, float] = SNR_RANGE  # anomaly SNR, log-uniform
     anomalies_per_field: float = 2.0  # mean anomalies per 64x64 area, when any
     empty_fraction: float = 0.2  # fraction of fields with no anomaly at all
     anomaly_mix: tuple[float, float, float, float] = (0.3, 0.25, 0.25, 0.2)  # ANOMALY_TYPES
@@ -456,8 +506,8 @@ class TrainConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     width: int = 16  # channels of the first U-Net level (16 -> 2.16M parameters)
-    snr_min: float = 3.0  # anomaly SNR range of the synthetic sky
-    snr_max: float = 100.0
+    snr_min: float = SNR_RANGE[0]  # anomaly SNR range of the synthetic sky
+    snr_max: float = SNR_RANGE[1]
     domain_randomisation: bool = True  # train on TRAINING_SKY rather than the plain SkyConfig()
     plain_fraction: float = TRAINING_SKY.plain_fraction  # share of TRAINING_SKY's fields drawn from the plain sky
     seed: int = 42
@@ -476,8 +526,8 @@ class TrainConfig:
     cache_dir: str = ""  # --data mast; "" -> ~/.cache/astrid
     targets: tuple[str, ...] = ()  # --data mast; () -> DEFAULT_TARGETS
     surveys: tuple[str, ...] = DEFAULT_SURVEYS  # --data mast
-    timeout: float = 30.0  # s per network request (at most 60)
-    retries: int = 2  # extra attempts after a network failure
+    timeout: float = DEFAULT_TIMEOUT  # s per network request (at most MAX_TIMEOUT)
+    retries: int = DEFAULT_RETRIES  # extra attempts after a network failure
     fallback: bool = True  # --data mast|fits may fall back to synthetic samples
     resume: str = ""  # checkpoint to resume from
     init_weights: str = ""  # start from these weights (fine-tuning): a fresh run, optimiser and schedule included
@@ -516,8 +566,8 @@ class TrainConfig:
         if self.data == "fits" and not self.fits_dir:
             msg = "--data fits needs --fits-dir DIR"
             raise ConfigError(msg)
-        if not 0 < self.timeout <= 60 or self.retries < 0:
-            msg = f"need 0 < timeout <= 60 s and retries >= 0, got {self.timeout} and {self.retries}"
+        if not 0 < self.timeout <= MAX_TIMEOUT or self.retries < 0:
+            msg = f"need 0 < timeout <= {MAX_TIMEOUT:g} s and retries >= 0, got {self.timeout} and {self.retries}"
             raise ConfigError(msg)
         if round(self.samples * self.val_fraction) < 1 or round(self.samples * (1 - self.val_fraction)) < 1:
             msg = f"{self.samples} samples cannot be split with val-fraction {self.val_fraction}"
@@ -563,7 +613,7 @@ def restore_rng(state: dict) -> None:
 def psf_oversampling(fwhm: float) -> int:
     """Sub-pixels per pixel side for integrating a PSF over its pixels.
 
-    Sampling only pixel centres biases flux by ~10% at FWHM 1.5 px (SCIENCE.md); with
+    Sampling only pixel centres biases flux by ~10% at FWHM 1.5 px (docs/science.md, section 2); with
     about 6 sub-pixels per FWHM the midpoint rule's error on the peak pixel is < 1%.
     """
     return max(2, math.ceil(6.0 / fwhm))
@@ -727,7 +777,7 @@ def convolve_psf(image: np.ndarray, psf: PSF) -> np.ndarray:
 
 
 def matched_filter_snr(flux: float, profile: np.ndarray, variance: np.ndarray) -> float:
-    """Optimal SNR of a flux change: |dF| sqrt(sum P^2 / var) (SCIENCE.md, section 3)."""
+    """Optimal SNR of a flux change: |dF| sqrt(sum P^2 / var) (docs/science.md, section 3)."""
     return float(abs(flux) * math.sqrt(np.sum(profile**2 / variance)))
 
 
@@ -775,10 +825,10 @@ def _distance_to_segments(points: np.ndarray, starts: np.ndarray, ends: np.ndarr
     return np.linalg.norm(points[:, None, :] - closest, axis=2)
 
 
-def anomaly_mask(shape: tuple[int, int], truth: Sequence[dict], fwhm_science: float) -> np.ndarray:
+def anomaly_mask(shape: tuple[int, int], truth: Sequence[Truth], fwhm_science: float) -> np.ndarray:
     """The label: discs of radius max(1.5 px, FWHM) on point anomalies, FWHM bands on trails.
 
-    Bogus entries never enter the mask (SCIENCE.md, section 3). Each anomaly is drawn
+    Bogus entries never enter the mask (docs/science.md, section 3). Each anomaly is drawn
     in its own bounding box, with the distance function the object matching uses.
     """
     mask = np.zeros(shape, dtype=bool)
@@ -797,6 +847,7 @@ def anomaly_mask(shape: tuple[int, int], truth: Sequence[dict], fwhm_science: fl
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float, size: int | None = None) -> Any:
+    """Draws spread evenly in log(value) between lo and hi."""
     return np.exp(rng.uniform(math.log(lo), math.log(hi), size))
 
 
@@ -813,7 +864,7 @@ class SkySample(NamedTuple):
     science: np.ndarray  # e-, (H, W) float32
     variance: np.ndarray  # e-^2, true variance of science - reference
     mask: np.ndarray  # (H, W) bool
-    truth: list[dict]
+    truth: list[Truth]
     psf_reference: PSF
     psf_science: PSF
 
@@ -891,38 +942,52 @@ def _draw_anomaly_counts(rng: np.random.Generator, sky: SkyConfig, area: float) 
     return dict(zip(ANOMALY_TYPES, (int(c) for c in rng.multinomial(total, mix))))
 
 
-def _place_anomaly(rng, kind, size, shift, sx, sy, sflux, galaxies, variable_candidates, hosts_left, sky) -> dict | None:
-    """Position (in science-frame pixels) and geometry of one anomaly.
+def _place_anomaly(
+    rng: np.random.Generator,
+    kind: str,
+    *,
+    size: int,
+    shift: Sequence[float],
+    stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+    galaxies: Sequence[dict],
+    variable_candidates: list[int],
+    hosts_left: list[dict],
+    sky: SkyConfig,
+) -> tuple[Truth, float] | None:
+    """Where one anomaly goes (science-frame pixels), its geometry, and the sign of its flux change.
 
-    `variable_candidates` and `hosts_left` are queues: a star varies once, and a field's
-    supernovae take each galaxy in turn before any gets a second.
+    `stars` are (x, y, flux) in the reference frame. `variable_candidates` (indices into
+    `stars`) and `hosts_left` are queues: a star varies once, and a field's supernovae take
+    each galaxy in turn before any gets a second. None when no star is left to vary.
     """
     edge = 3.0  # keep anomalies where the network sees their whole PSF core
+    sx, sy, sflux = stars
     if kind == "transient":
-        return dict(type=kind, x=rng.uniform(edge, size - edge), y=rng.uniform(edge, size - edge))
+        return Truth(type=kind, x=rng.uniform(edge, size - edge), y=rng.uniform(edge, size - edge)), 1.0
     if kind == "variable_star":
         if not variable_candidates:
             return None
         star = variable_candidates.pop()
-        # Brighter or fainter; flux_for_snr's caller stops a fade at 95% of the star.
+        # Brighter or fainter; inject_anomalies stops a fade at 95% of the star.
         sign = -1.0 if rng.random() < 0.5 else 1.0
-        return dict(
-            type=kind, x=float(sx[star] + shift[0]), y=float(sy[star] + shift[1]), reference_flux=float(sflux[star]), sign=sign
-        )
+        return Truth(type=kind, x=float(sx[star] + shift[0]), y=float(sy[star] + shift[1]), reference_flux=float(sflux[star])), sign
     if kind == "supernova":
         host = hosts_left.pop() if hosts_left else galaxies[int(rng.integers(len(galaxies)))]
         radius = 1.5 * host["half_light_radius"] * rng.uniform()
         theta = rng.uniform(0, 2 * math.pi)
         x = float(np.clip(host["x"] + shift[0] + radius * math.cos(theta), edge, size - edge))
         y = float(np.clip(host["y"] + shift[1] + radius * math.sin(theta), edge, size - edge))
-        return dict(type=kind, x=x, y=y, host_x=host["x"] + shift[0], host_y=host["y"] + shift[1])
-    length = rng.uniform(*sky.trail_length)
-    angle = rng.uniform(0, math.pi)
-    cx, cy = rng.uniform(edge, size - edge, 2)
-    half = np.array([math.cos(angle), math.sin(angle)]) * length / 2
-    x1, y1 = np.clip([cx - half[0], cy - half[1]], 0, size - 1)
-    x2, y2 = np.clip([cx + half[0], cy + half[1]], 0, size - 1)
-    return dict(type=kind, x=float((x1 + x2) / 2), y=float((y1 + y2) / 2), x1=float(x1), y1=float(y1), x2=float(x2), y2=float(y2))
+        return Truth(type=kind, x=x, y=y, host_x=host["x"] + shift[0], host_y=host["y"] + shift[1]), 1.0
+    if kind == "asteroid":
+        length = rng.uniform(*sky.trail_length)
+        angle = rng.uniform(0, math.pi)
+        cx, cy = rng.uniform(edge, size - edge, 2)
+        half = np.array([math.cos(angle), math.sin(angle)]) * length / 2
+        x1, y1 = np.clip([cx - half[0], cy - half[1]], 0, size - 1)
+        x2, y2 = np.clip([cx + half[0], cy + half[1]], 0, size - 1)
+        return Truth(type=kind, x=float((x1 + x2) / 2), y=float((y1 + y2) / 2), x1=float(x1), y1=float(y1), x2=float(x2), y2=float(y2)), 1.0
+    msg = f"unknown anomaly type {kind!r}; expected one of {', '.join(ANOMALY_TYPES)}"
+    raise ValueError(msg)
 
 
 def _anomaly_profile(obj: dict, shape: tuple[int, int], psf: PSF) -> tuple[np.ndarray, tuple[slice, slice]]:
@@ -948,7 +1013,7 @@ def inject_anomalies(
     variance: np.ndarray,
     sky: SkyConfig,
     shot_noise: bool = True,
-) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+) -> tuple[np.ndarray, np.ndarray, list[Truth]]:
     """Add anomalies to a science image, each at an SNR drawn log-uniformly from the sky's range.
 
     Serves simulated skies (science = noise-free model in e-) and real tiles (science =
@@ -970,11 +1035,13 @@ def inject_anomalies(
     for kind in ANOMALY_TYPES:
         for _ in range(counts[kind]):
             snr = float(_log_uniform(rng, *sky.snr_range))
-            obj = _place_anomaly(rng, kind, shape[0], shift, sx, sy, sflux, galaxies, variable_candidates, hosts_left, sky)
-            if obj is None:
+            placed = _place_anomaly(rng, kind, size=shape[0], shift=shift, stars=stars, galaxies=galaxies,
+                                    variable_candidates=variable_candidates, hosts_left=hosts_left, sky=sky)
+            if placed is None:
                 continue
+            obj, sign = placed
             profile, where = _anomaly_profile(obj, shape, psf)
-            flux = flux_for_snr(snr, profile, variance[where], sign=obj.pop("sign", 1.0), shot_noise=shot_noise)
+            flux = flux_for_snr(snr, profile, variance[where], sign=sign, shot_noise=shot_noise)
             if kind == "variable_star" and flux < -0.95 * obj["reference_flux"]:
                 flux = flux_for_snr(snr, profile, variance[where], shot_noise=shot_noise)  # too faint to fade that much: it brightens
             science[where] += flux * profile
@@ -988,7 +1055,8 @@ def inject_anomalies(
     return science, variance, truth
 
 
-def _add_detector_bogus(rng, science, reference, variance, sky, area) -> list[dict]:
+def _add_detector_bogus(rng: np.random.Generator, *, science: np.ndarray, reference: np.ndarray, variance: np.ndarray,
+                        sky: SkyConfig, area: float) -> list[Truth]:
     """Cosmic rays (1-3 px, one epoch) and hot pixels / bad columns, added in place."""
     shape = science.shape
     bogus = []
@@ -1025,7 +1093,8 @@ def _add_detector_bogus(rng, science, reference, variance, sky, area) -> list[di
     return bogus
 
 
-def _static_residuals(residual, variance, sx, sy, sflux, galaxies, shift, psf_ref, truth) -> list[dict]:
+def _static_residuals(residual: np.ndarray, *, variance: np.ndarray, stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+                      galaxies: Sequence[dict], shift: Sequence[float], psf: PSF, truth: Sequence[Truth]) -> list[Truth]:
     """Dipoles and rings: static sources that leave a >= 5 sigma residual in the difference.
 
     The residual (science minus reference of the static scene, noise-free) comes from the
@@ -1034,10 +1103,11 @@ def _static_residuals(residual, variance, sx, sy, sflux, galaxies, shift, psf_re
     and it is bright enough to have caused that itself (flux x PSF peak >= 5 sigma), so a
     faint star beside a bright one is not blamed for its neighbour's ring.
     """
+    sx, sy, sflux = stars
     sigma = np.sqrt(variance)
     significance = ndimage.maximum_filter(np.abs(residual) / sigma, size=5)
     h, w = residual.shape
-    peak_psf = float(psf_ref.stamp.max())
+    peak_psf = float(psf.stamp.max())
     x = np.concatenate([sx, [g["x"] for g in galaxies]]) + shift[0]
     y = np.concatenate([sy, [g["y"] for g in galaxies]]) + shift[1]
     is_star = np.arange(len(x)) < len(sx)
@@ -1133,8 +1203,9 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
 
     # 5. Bogus: what went wrong in the camera or the subtraction; never labelled.
     if not style["null"]:
-        truth += _add_detector_bogus(rng, science, reference, base_variance, sky, area)
-    truth += _static_residuals(static_sci - static_ref, base_variance, sx, sy, sflux, galaxies, shift, psf_ref, truth)
+        truth += _add_detector_bogus(rng, science=science, reference=reference, variance=base_variance, sky=sky, area=area)
+    truth += _static_residuals(static_sci - static_ref, variance=base_variance, stars=(sx, sy, sflux), galaxies=galaxies, shift=shift,
+                               psf=psf_ref, truth=truth)
     np.minimum(science, sky.saturation, out=science)
     np.minimum(reference, sky.saturation, out=reference)
     if style["plate"] is not None:
@@ -2182,7 +2253,7 @@ def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DE
     return summary
 
 
-# --- Tiling and measurement of real frames
+# --- Tiling real frames
 
 class Tile(NamedTuple):
     """A tile's corner, its NaN-filled pixels and where they were real."""
@@ -2348,7 +2419,7 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
             self._cache[i] = item
         return item
 
-    def truth(self, i: int) -> list[dict]:
+    def truth(self, i: int) -> list[Truth]:
         return self.simulate(i).truth
 
     def raw(self, i: int) -> RawPair:
@@ -2423,16 +2494,17 @@ def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyCo
         rng, counts=counts, stars=(sx[can_vary], sy[can_vary], sflux[can_vary]), galaxies=hosts, shift=(0.0, 0.0), psf=psf_sci,
         science=science, variance=variance, sky=sky, shot_noise=False,
     )
-    truth += _add_detector_bogus(rng, science, reference, variance, sky, area)
+    truth += _add_detector_bogus(rng, science=science, reference=reference, variance=variance, sky=sky, area=area)
     # The blur leaves rings around real bright stars: list them as bogus, as the simulator does.
     residual = ndimage.gaussian_filter(tile.data, blur) - tile.data
-    truth += _static_residuals(residual, variance, sx, sy, sflux, [], (0.0, 0.0), PSF(fwhm, ASSUMED_MOFFAT_BETA), truth)
+    truth += _static_residuals(residual, variance=variance, stars=(sx, sy, sflux), galaxies=[], shift=(0.0, 0.0),
+                               psf=PSF(fwhm, ASSUMED_MOFFAT_BETA), truth=truth)
     mask = anomaly_mask(shape, truth, fwhm_sci) & tile.valid
     return SkySample(reference.astype(np.float32), science.astype(np.float32), variance.astype(np.float32), mask, truth, PSF(fwhm, ASSUMED_MOFFAT_BETA), psf_sci)
 
 
 class MASTRealDataset(SyntheticAstronomicalDataset):
-    """Real sky pixels with injected anomalies: injection-recovery (SCIENCE.md, section 6).
+    """Real sky pixels with injected anomalies: injection-recovery (docs/science.md, section 6).
 
     Frames come from MAST/SkyView through astroquery (``source="mast"``, cached with a
     manifest) or from the user's FITS files (``source="fits"``, no network). They are cut
@@ -2539,7 +2611,7 @@ class MixedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._source(i)[i]
 
-    def truth(self, i: int) -> list[dict]:
+    def truth(self, i: int) -> list[Truth]:
         return self._source(i).truth(i)
 
     def raw(self, i: int) -> RawPair:
@@ -2556,7 +2628,7 @@ class MixedDataset(torch.utils.data.Dataset):
 class Subset(torch.utils.data.Subset):
     """torch's Subset that also forwards the sample contract's truth() and raw()."""
 
-    def truth(self, i: int) -> list[dict]:
+    def truth(self, i: int) -> list[Truth]:
         return self.dataset.truth(int(self.indices[i]))
 
     def raw(self, i: int) -> RawPair:
@@ -2595,6 +2667,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.ut
 # ----------------------------------------------------------------------------
 
 def _norm(channels: int) -> nn.BatchNorm2d:
+    """The normalisation layer of every block."""
     # BatchNorm, whose inference statistics are fixed: a per-image norm (GroupNorm) rescales
     # an empty field's noise until it looks like sources, and makes predictions depend on
     # how an image is tiled.
@@ -2776,7 +2849,7 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
 
     Accuracy is reported because users expect it, but on images that are >99% background
     it flatters any model: judge by average precision (AUCPR), MCC and the object-level
-    numbers (SCIENCE.md, section 5).
+    numbers (docs/science.md, section 5).
     """
     from sklearn import metrics as skm  # imported here: the CLI's refusals should not wait for it
 
@@ -2799,7 +2872,7 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
     return {k: (None if v is None else float(v)) for k, v in result.items()}
 
 
-# Roughly log-spaced, because injected SNRs are drawn log-uniformly over 3-100 (SCIENCE.md
+# Roughly log-spaced, because injected SNRs are drawn log-uniformly over SNR_RANGE (docs/science.md
 # section 3) and each bin should fill; finer near 5, where the matched filter's 50% point lies
 # by construction (section 5).
 DEFAULT_SNR_EDGES = (3, 4, 5, 6, 7, 8, 10, 13, 16, 20, 30, 50, 100)
@@ -2892,7 +2965,7 @@ class MatchResult:
         return int(np.count_nonzero(~self.real))
 
 
-def _split_truth(truth: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+def _split_truth(truth: Sequence[Truth]) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the anomalies and of the bogus items; unknown types raise."""
     anomaly_index, bogus_index = [], []
     for i, item in enumerate(truth):
@@ -2907,11 +2980,11 @@ def _split_truth(truth: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(anomaly_index, dtype=int), np.array(bogus_index, dtype=int)
 
 
-def match_objects(detections: Sequence[dict], truth: Sequence[dict], *,
-                  radius: float = 3.0) -> MatchResult:
+def match_objects(detections: Sequence[dict], truth: Sequence[Truth], *,
+                  radius: float = MATCH_RADIUS) -> MatchResult:
     """Match detections to one image's truth table.
 
-    The same rule serves the network and the classical baseline (SCIENCE.md section 5).
+    The same rule serves the network and the classical baseline (docs/science.md section 5).
 
     - An anomaly is *recovered* when a detection centroid lies within ``radius`` px (inclusive)
       of its position, or, for an asteroid, of its trail segment (point-to-segment distance:
@@ -2967,7 +3040,7 @@ def matched_filter_snr_map(difference: np.ndarray, *, psf: np.ndarray,
     The difference is cross-correlated with the unit-flux PSF P. For a point source of flux F
     in white noise of standard deviation sigma, the filtered value at the source is F sum(P^2)
     with noise sigma sqrt(sum(P^2)), so ``filtered / (sigma sqrt(sum(P^2)))`` is
-    F sqrt(sum(P^2)) / sigma: the optimal SNR of SCIENCE.md section 3 with var_i = sigma^2.
+    F sqrt(sum(P^2)) / sigma: the optimal SNR of docs/science.md section 3 with var_i = sigma^2.
 
     Parameters
     ----------
@@ -3019,7 +3092,7 @@ def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: f
     difference, psf, sigma
         As in `matched_filter_snr_map`.
     threshold : float
-        Detection threshold in SNR (5 sigma, SCIENCE.md section 5).
+        Detection threshold in SNR (5 sigma, docs/science.md section 5).
     valid : ndarray of bool, optional
         As in `find_components`.
 
@@ -3079,6 +3152,7 @@ def sep_detections(difference: np.ndarray, *, threshold: float = SEP_THRESHOLD, 
 
 
 def _check_edges(bins: Sequence[float]) -> np.ndarray:
+    """SNR bin edges as an array, refused unless positive and increasing."""
     edges = np.asarray(bins, dtype=float)
     if edges.ndim != 1 or edges.size < 2 or np.any(edges <= 0) or np.any(np.diff(edges) <= 0):
         msg = f"bins must be at least two positive, strictly increasing edges, got {bins}"
@@ -3212,9 +3286,9 @@ def _ratio(count: int, total: int) -> dict:
             "count": int(count), "total": int(total), "interval": [_json_float(low), _json_float(high)]}
 
 
-def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence[Sequence[dict]],
+def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence[Sequence[Truth]],
                       *, bins: Sequence[float] = DEFAULT_SNR_EDGES) -> dict:
-    """Object-level metrics of a set of images (SCIENCE.md section 5).
+    """Object-level metrics of a set of images (docs/science.md section 5).
 
     Parameters
     ----------
@@ -4001,17 +4075,23 @@ class Predictor(NamedTuple):
     device: torch.device
     checkpoint: Path
     threshold: float
+    saved_config: dict | None  # the training run's configuration, as saved (None in exported weights)
 
 
 def load_predictor(*, checkpoint: str | None, threshold: float | None, device: str) -> Predictor:
-    """The model and its operating threshold (the checkpoint's unless given)."""
+    """The model, on its device, and its operating threshold (the checkpoint's unless given).
+
+    The one way `evaluate`, `predict` and `compare` load a checkpoint: the shipped weights
+    when `checkpoint` is None, ``weights_only`` loading and validation, the device chosen
+    once (under torchrun, a GPU per rank).
+    """
     ckpt_path = checkpoint_or_default(checkpoint)
     payload = load_checkpoint(ckpt_path)
-    dev = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))  # torchrun: a GPU per rank
+    dev = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
     model = place_model(model_from_checkpoint(payload, path=ckpt_path), dev)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
     check_threshold(threshold)
-    return Predictor(model, dev, ckpt_path, float(threshold))
+    return Predictor(model, dev, ckpt_path, float(threshold), payload.get("config"))
 
 
 # ----------------------------------------------------------------------------
@@ -4330,29 +4410,25 @@ TYPE_COLOURS = {
 }
 
 
-def _pyplot():
-    """matplotlib with the file-only backend: galleries work on headless machines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
-def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, staged: list | None = None, **kwargs: Any) -> Path:
-    """Write a figure as PNG through atomic_write: a symlink at `path` is replaced, never followed."""
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, **{"bbox_inches": "tight", **kwargs}), staged=staged)
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, crop: bool = True, staged: list | None = None) -> Path:
+    """Write a figure as PNG through atomic_write: a symlink at `path` is replaced, never followed.
 
-
-def _savefig(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    _save(fig, path, dpi=110, bbox_inches=None)
-    _pyplot().close(fig)
+    Figures are ``matplotlib.figure.Figure`` objects, never pyplot's, so plotting works on
+    headless machines and leaks nothing. `crop` trims the white margin; a page laid out
+    with tight_layout (galleries, curves) keeps its size. A figure that pyplot made (Optuna
+    draws its plots that way) is closed once written.
+    """
+    path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight" if crop else None), staged=staged)
+    if fig.canvas.manager is not None:
+        sys.modules["matplotlib.pyplot"].close(fig)
     return path
 
 
-def _mark_truth(ax, truth: Sequence[dict]) -> None:
+
+
+def _mark_truth(ax, truth: Sequence[Truth]) -> None:
     """Anomalies as coloured circles (trails as lines), bogus as crosses."""
     for obj in truth:
         colour = TYPE_COLOURS[obj["type"]]
@@ -4370,10 +4446,10 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     Each row is a dict with ``inputs`` (3, H, W), ``mask`` (H, W), ``truth`` and optionally
     ``prediction`` (H, W) probabilities and a ``label``.
     """
-    plt = _pyplot()
     with_prediction = any("prediction" in r for r in rows)
     columns = ["reference", "science", "difference", "truth mask"] + (["prediction"] if with_prediction else [])
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.3 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.3 * len(columns), 2.3 * len(rows)))
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, row in enumerate(rows):
         panels = [row["inputs"][0], row["inputs"][1], row["inputs"][2], row["mask"]] + ([row.get("prediction", np.zeros_like(row["mask"]))] if with_prediction else [])
         for c, (ax, image) in enumerate(zip(axes[r], panels)):
@@ -4391,14 +4467,12 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
             if r == 0:
                 ax.set_title(columns[c], fontsize=9)
         axes[r][0].set_ylabel(row.get("label", f"sample {r}"), fontsize=8)
-    handles = [plt.Line2D([], [], color=colour, marker="o" if t in ANOMALY_TYPES else "x", ls="", label=t.replace("_", " ")) for t, colour in TYPE_COLOURS.items()]
+    handles = [Line2D([], [], color=colour, marker="o" if t in ANOMALY_TYPES else "x", ls="", label=t.replace("_", " ")) for t, colour in TYPE_COLOURS.items()]
     fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97 if title else 1))
-    path = _save(fig, path, dpi=110, bbox_inches=None)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, crop=False)
 
 
 def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLike, *, count: int = 8, title: str = "AstrID synthetic sky") -> Path:
@@ -4413,7 +4487,7 @@ def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLi
 
 
 def _completeness_axes(ax: Any) -> None:
-    """Completeness against SNR: log SNR axis over the injected 3-100, the 50% line, labels."""
+    """Completeness against SNR: log SNR axis over the injected SNR_RANGE, the 50% line, labels."""
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xticks([3, 5, 10, 20, 50, 100], labels=["3", "5", "10", "20", "50", "100"])
@@ -4475,7 +4549,7 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
     ax.add_artist(legend)
     ax.legend(handles=style_handles, loc="center right", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | os.PathLike, *,
@@ -4521,7 +4595,7 @@ def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | o
     ax.set_ylabel("precision (pixel)")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _cutout(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
@@ -4532,7 +4606,7 @@ def _cutout(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
 
 
 def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
-                        half_size: int = 16, radius: float = 3.0) -> Path:
+                        half_size: int = 16, radius: float = MATCH_RADIUS) -> Path:
     """Grid of examples, one per row: reference, science, difference, probability.
 
     Parameters
@@ -4587,31 +4661,31 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
     for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_history(history: list[dict], out: Path) -> list[Path]:
     """Loss curves, learning rate and validation metrics over epochs."""
-    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    paths = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    figures = {name: Figure(figsize=(5, 3.5)) for name in ("loss_curves.png", "learning_rate.png", "val_metrics.png")}
+    ax = figures["loss_curves.png"].subplots()
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
     ax.set(xlabel="epoch", ylabel="BCE + Dice loss", title="loss")
     ax.legend()
-    paths.append(_savefig(fig, out / "loss_curves.png"))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax = figures["learning_rate.png"].subplots()
     ax.plot(epochs, [h["lr"] for h in history], "o-")
     ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="one-cycle schedule")
-    paths.append(_savefig(fig, out / "learning_rate.png"))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax = figures["val_metrics.png"].subplots()
     for key in ("average_precision", "f1", "mcc", "precision", "recall", "roc_auc"):
         values = [h.get(f"val_{key}") for h in history]
         ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel="validation (pixel level)", ylim=(0, 1.02), title="validation metrics")
     ax.legend(fontsize=8)
-    paths.append(_savefig(fig, out / "val_metrics.png"))
+    paths = []
+    for name, fig in figures.items():
+        fig.tight_layout()
+        paths.append(save_figure(fig, out / name, dpi=110, crop=False))
     return paths
 
 
@@ -4635,7 +4709,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return _save(fig, path, dpi=110, staged=staged)
+    return save_figure(fig, path, dpi=110, staged=staged)
 
 
 def plot_comparison(arms: dict, path: Path) -> Path:
@@ -4659,17 +4733,17 @@ def plot_comparison(arms: dict, path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------
 # Evaluation: a model on a labelled test set
 # ----------------------------------------------------------------------------
 
-def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[dict]], *,
+def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[Truth]], *,
                      significances: Sequence[np.ndarray] | None = None,
                      thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
-                     radius: float = 3.0) -> tuple[float, list[dict]]:
+                     radius: float = MATCH_RADIUS) -> tuple[float, list[dict]]:
     """Probability threshold with the best object-level F1 on a validation set.
 
     F1 is the harmonic mean of completeness and purity, both pooled over all images (not
@@ -4741,7 +4815,7 @@ def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[
     return best["threshold"], table
 
 
-def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[dict], detections: list[dict], match: MatchResult) -> list[dict]:
+def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[Truth], detections: list[dict], match: MatchResult) -> list[dict]:
     """Missed anomalies and false detections of one image, for the object gallery."""
     examples = []
     for k, found in zip(match.anomaly_index, match.recovered):
@@ -4884,6 +4958,7 @@ class StandaloneTrainer:
             log.warning("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
 
     def _init_distributed(self) -> None:
+        """Join torchrun's process group: NCCL on GPUs, Gloo on CPUs."""
         if self.dist.enabled and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
@@ -4914,7 +4989,7 @@ class StandaloneTrainer:
         sampler.set_epoch(epoch)
         return list(sampler)
 
-    def _train_epoch(self, epoch: int, start_step: int, loss_sum: float) -> tuple[float, int, int]:
+    def train_epoch(self, epoch: int, start_step: int = 0, loss_sum: float = 0.0) -> tuple[float, int, int]:
         """Train one epoch from `start_step`; returns (loss sum, steps done, samples seen)."""
         cfg = self.cfg
         indices = self._epoch_indices(epoch)
@@ -4967,9 +5042,13 @@ class StandaloneTrainer:
         return float(t[0] / t[1].clamp(min=1))
 
     @torch.no_grad()
-    def _validate(self, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
-        """Validation loss and all validation probabilities and masks, gathered over ranks."""
-        shard = list(range(self.dist.rank, len(self.val_ds), self.dist.world_size))
+    def _validate(self, model: nn.Module, dist: DistInfo) -> tuple[float, np.ndarray, np.ndarray]:
+        """Validation loss and all validation probabilities and masks.
+
+        Each rank of `dist` takes its shard and the results are gathered; ``DistInfo()``
+        (one process) makes this rank do the whole set alone.
+        """
+        shard = list(range(dist.rank, len(self.val_ds), dist.world_size))
         model.eval()
         logits, masks = [], []
         for start in range(0, len(shard), self.cfg.batch_size):
@@ -4979,8 +5058,8 @@ class StandaloneTrainer:
                 logits.append(model(inputs).float().cpu())
             masks.append(torch.stack([m for _, m in batch]))
         local = (shard, torch.cat(logits), torch.cat(masks))
-        if self.dist.enabled:
-            gathered = [None] * self.dist.world_size
+        if dist.enabled:
+            gathered = [None] * dist.world_size
             torch.distributed.all_gather_object(gathered, local)
             order = np.argsort(np.concatenate([g[0] for g in gathered]))
             all_logits = torch.cat([g[1] for g in gathered])[order]
@@ -5014,6 +5093,7 @@ class StandaloneTrainer:
         )
 
     def _bare_model(self) -> StandaloneUNet:
+        """The model without its DDP wrapper: what checkpoints hold."""
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
     # -- the run -------------------------------------------------------------
@@ -5093,6 +5173,28 @@ class StandaloneTrainer:
         self.history = list(resume["history"])
         return resume["epoch"], resume["step"], loss_sum
 
+    def setup(self) -> StandaloneUNet:
+        """Steps 1-3 of a run: seeds, threads and determinism; the data; the model and its optimiser.
+
+        Writes no file and starts no tracking: after it, `train_epoch` can run. `fit()` calls
+        it once the processes are up and the output directory is claimed; a benchmark or a
+        notebook can call it alone. Returns the bare model.
+        """
+        cfg = self.cfg
+        # 1. Seeds, threads, determinism.
+        set_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to repeat
+            torch.backends.cudnn.benchmark = False
+            # CUDA has no deterministic backward for bilinear upsampling: warn there, not fail.
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+        # 2. Data.
+        self.train_ds, self.val_ds, self.test_ds, self.data_info = build_datasets(cfg)
+        # 3. Model, loss, optimiser, schedule, mixed precision.
+        return self._build_model()
+
     def fit(self) -> dict:
         """Run training to the end; returns the metrics written to metrics.json."""
         resume = self._load_resume() if self.cfg.resume else None
@@ -5102,23 +5204,10 @@ class StandaloneTrainer:
         if cfg.energy and dist.is_main:
             check_country(cfg.country)
 
-        # 1. Seeds, threads, determinism, processes and the output directory.
-        set_seed(cfg.seed)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to repeat
-            torch.backends.cudnn.benchmark = False
-            # CUDA has no deterministic backward for bilinear upsampling: warn there, not fail.
-            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+        # Processes and the output directory (neither draws random numbers), then steps 1-3.
         self._init_distributed()
         self._prepare_output_dir()
-
-        # 2. Data.
-        self.train_ds, self.val_ds, self.test_ds, self.data_info = build_datasets(cfg)
-
-        # 3. Model, loss, optimiser, schedule, mixed precision.
-        model = self._build_model()
+        model = self.setup()
         self.tracker = MlflowRun(cfg, enabled=dist.is_main)
         self.energy = EnergyMeter(cfg, enabled=dist.is_main, output_dir=self.output_dir)
         start_epoch, start_step, loss_sum = self._restore(resume) if resume is not None else (0, 0, 0.0)
@@ -5167,6 +5256,7 @@ class StandaloneTrainer:
                 torch.distributed.destroy_process_group()
 
     def _loop(self, start_epoch: int, start_step: int, loss_sum: float, n_params: int) -> dict:
+        """Steps 5-6 for each epoch from `start_epoch` (mid-epoch at `start_step` after a resume), then step 7."""
         cfg, dist = self.cfg, self.dist
         best_state = None
         if start_epoch > 0 and (self.output_dir / "best.pt").exists():
@@ -5175,7 +5265,7 @@ class StandaloneTrainer:
         for epoch in range(start_epoch, cfg.epochs):
             # 5. Train one epoch (a signal ends it early: save and stop).
             began = time.perf_counter()
-            loss_sum, steps, seen = self._train_epoch(epoch, start_step, loss_sum)
+            loss_sum, steps, seen = self.train_epoch(epoch, start_step, loss_sum)
             train_time = time.perf_counter() - began
             if self._signal is not None:
                 path = self.output_dir / "last.pt"
@@ -5188,7 +5278,7 @@ class StandaloneTrainer:
             start_step, loss_sum = 0, 0.0
 
             # 6. Validate, log, early-stop and checkpoint.
-            val_loss, probs, masks = self._validate(self._bare_model())
+            val_loss, probs, masks = self._validate(self._bare_model(), dist)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
@@ -5238,7 +5328,7 @@ class StandaloneTrainer:
         checksums = _gather_parameter_checksums(model, dist)
         if not dist.is_main:
             return {}
-        val_loss, probs, masks = self._validate(model) if not dist.enabled else self._validate_local_full(model)
+        val_loss, probs, masks = self._validate(model, DistInfo())  # the other ranks have finished
         val_truths = [self.val_ds.truth(i) for i in range(len(self.val_ds))]
         val_significances = [raw_significance(self.val_ds.raw(i)) for i in range(len(self.val_ds))]
         threshold, threshold_table = choose_threshold(list(probs), val_truths, significances=val_significances)
@@ -5304,16 +5394,8 @@ class StandaloneTrainer:
             write_json(out / "metrics.json", metrics)
         return metrics
 
-    def _validate_local_full(self, model: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
-        """Rank 0's own pass over the whole validation set (the others have finished)."""
-        world = self.dist
-        self.dist = DistInfo()
-        try:
-            return self._validate(model)
-        finally:
-            self.dist = world
-
     def _prediction_gallery(self, model: nn.Module, probs: np.ndarray, path: Path) -> Path:
+        """Truth against prediction on the first validation samples."""
         rows = []
         for i in range(min(6, len(self.val_ds))):
             inputs, mask = self.val_ds[i]
@@ -5372,24 +5454,20 @@ def run_evaluation(
         raise ConfigError(msg)
     if threshold is not None:
         check_threshold(threshold)
-    checkpoint = checkpoint_or_default(checkpoint)
-    payload = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(payload, path=checkpoint)
-    dev = resolve_device(device)
+    predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
+    model, dev, threshold = predictor.model, predictor.device, predictor.threshold
     px = image_size**2
     # Inference keeps no activations for backward: a quarter of training's, for batches of 16.
     check_memory({"model": 4 * count_parameters(model), "activations": ACTIVATION_BYTES // 4 * model.config["width"] * px * 16,
                   "data": TEST_SAMPLE_BYTES * px * samples}, device=dev)
-    threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
-    check_threshold(threshold)
-    saved = config_from_saved(payload["config"], path=checkpoint) if "config" in payload else TrainConfig()
+    saved = config_from_saved(predictor.saved_config, path=predictor.checkpoint) if predictor.saved_config is not None else TrainConfig()
     snr = (saved.snr_min, saved.snr_max)
     dataset = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=seed, stream="test", snr_range=snr)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     claim_output_dir(out, kind="evaluation", overwrite=overwrite, remove=EVALUATION_OUTPUTS)
-    result = evaluate_model(place_model(model, dev), dataset, threshold=threshold, device=dev, output_dir=out)
-    result.update(checkpoint=str(checkpoint), seed=seed)
+    result = evaluate_model(model, dataset, threshold=threshold, device=dev, output_dir=out)
+    result.update(checkpoint=str(predictor.checkpoint), seed=seed)
     if null_tests:
         result["null"] = null_battery(model, null_frames(fits_dir=fits_dir), threshold=threshold, device=dev)
     write_json(out / "evaluation.json", result)
@@ -5687,6 +5765,7 @@ def prediction_complete(directory: Path) -> bool:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    """The rows of a detections.csv, as dicts of strings."""
     import csv
 
     return list(csv.DictReader(path.read_text().splitlines()))
@@ -5881,6 +5960,9 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
     write_json(sweep_dir / "sweep.json", report)
     plots = []
     if finished:
+        import matplotlib
+
+        matplotlib.use("Agg")  # Optuna draws through pyplot: keep it to files on a headless machine
         from optuna.visualization import matplotlib as ov
 
         with warnings.catch_warnings():
@@ -5889,8 +5971,9 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
             if importances:
                 figures["param_importances.png"] = ov.plot_param_importances
             for name, plot in figures.items():
-                ax = plot(study)
-                plots.append(_savefig(ax.figure, sweep_dir / name))
+                fig = plot(study).figure
+                fig.tight_layout()
+                plots.append(save_figure(fig, sweep_dir / name, dpi=110, crop=False))
     report["plots"] = [str(p) for p in plots]
     return report
 
@@ -6115,7 +6198,7 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     claim_output_dir(out, kind="comparison", overwrite=overwrite, remove=COMPARISON_OUTPUTS)
-    device = resolve_device(base.device)
+    resolve_device(base.device)  # an unavailable device is refused before any arm trains
     if base.threads:
         torch.set_num_threads(base.threads)
     if train_fits_dir:
@@ -6152,11 +6235,11 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
     evaluations: dict[str, list[dict]] = {}
     for label, paths in checkpoints.items():
         for path in paths:
-            payload = load_checkpoint(path)
-            model = place_model(model_from_checkpoint(payload, path=path), device)
-            threshold = payload.get("threshold") or 0.5
+            predictor = load_predictor(checkpoint=str(path), threshold=None, device=base.device)
             log.info("compare: evaluating %s (%s)", label, path)
-            evaluations.setdefault(label, []).append(compare_evaluation(model, threshold=threshold, heldout_dir=heldout_dir, samples=eval_samples, image_size=eval_image_size, device=device))
+            evaluations.setdefault(label, []).append(compare_evaluation(
+                predictor.model, threshold=predictor.threshold, heldout_dir=heldout_dir, samples=eval_samples,
+                image_size=eval_image_size, device=predictor.device))
 
     # 3. The report.
     report = {
@@ -6247,22 +6330,29 @@ def given_flags(args: argparse.Namespace) -> list[str]:
     return [k for k, v in vars(args).items() if k in names and v is not None]
 
 
+def _keyword_defaults(function: Callable) -> dict[str, Any]:
+    """A function's keyword defaults, for a parser that offers the same ones."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: train, evaluate, predict, sweep, compare, export and fetch."""
     parser = argparse.ArgumentParser(prog="standalone_training.py", description="AstrID: train and use a U-Net that finds what changed between two images of the sky.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model (see also run_standalone_training.py)")
     add_train_arguments(train)
     evaluate = commands.add_parser("evaluate", help="completeness, purity and bogus rejection vs the matched filter")
+    defaults = _keyword_defaults(run_evaluation)  # run_evaluation's signature holds evaluate's defaults
     evaluate.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
-    evaluate.add_argument("--samples", type=int, default=200)
-    evaluate.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED)
-    evaluate.add_argument("--image-size", type=int, default=128)
+    evaluate.add_argument("--samples", type=int, default=defaults["samples"])
+    evaluate.add_argument("--seed", type=int, default=defaults["seed"])
+    evaluate.add_argument("--image-size", type=int, default=defaults["image_size"])
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--output-dir", default="evaluation", help="one that holds an evaluation is refused")
+    evaluate.add_argument("--device", default=defaults["device"])
+    evaluate.add_argument("--output-dir", default=defaults["output_dir"], help="one that holds an evaluation is refused")
     evaluate.add_argument("--overwrite", action="store_true", help="replace the evaluation already in --output-dir")
-    evaluate.add_argument("--fits-dir", default="", help="more real frames for the null tests")
+    evaluate.add_argument("--fits-dir", default=defaults["fits_dir"], help="more real frames for the null tests")
     evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
     predict = commands.add_parser("predict", help="find anomalies in your own (reference, science) FITS pair")
     predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
@@ -6342,10 +6432,12 @@ def cli(run: Any, *, debug: bool) -> int:
 
 
 def _refuse(msg: str) -> None:
+    """Refuse a combination of flags in one line, as cli() prints every AstridError."""
     raise AstridError(msg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the command, and return its exit status."""
     args = build_parser().parse_args(argv)
     configure_logging(debug=args.debug)
     if args.command == "train":

@@ -11,7 +11,7 @@ gives the odd slow chunk), and the JSON says so. What is measured, in data-flow 
   simulated sample needs, however its scene is rendered: the ceiling on generation in
   one process. ``synth_over_train`` and ``synth_floor_over_train`` compare both with
   ``train_samples_per_s`` from the same run.
-- ``train_samples_per_s``: StandaloneTrainer's own ``_train_epoch`` (its DataLoader,
+- ``train_samples_per_s``: StandaloneTrainer's own ``train_epoch`` (its DataLoader,
   tqdm, gradient clipping and one-cycle schedule), set up as ``fit()`` sets it up, on
   samples already cached, so it measures the loop and not the simulator. No validation.
 - ``bare_step_samples_per_s``: forward + loss + backward + AdamW step on pre-made
@@ -140,27 +140,25 @@ def loop_config(*, image_size: int, batch_size: int, device: str, steps_per_epoc
 
 
 def prepared_trainer(cfg: st.TrainConfig) -> st.StandaloneTrainer:
-    """A StandaloneTrainer with what `_train_epoch` uses, built as `fit()` steps 1-3 build it.
+    """A StandaloneTrainer after its `setup()`: what `fit()` trains, without files or tracking.
 
     No MLflow, energy meter, output files or DDP: one process. Every training sample is
     rendered once here, so the timed epochs read the dataset's cache.
     """
     trainer = st.StandaloneTrainer(cfg)
-    st.set_seed(cfg.seed)
-    trainer.train_ds, trainer.val_ds, trainer.test_ds, trainer.data_info = st.build_datasets(cfg)
-    trainer._build_model()
+    trainer.setup()
     for i in range(len(trainer.train_ds)):
         trainer.train_ds[i]
     return trainer
 
 
 def train_loop_runner(trainer: st.StandaloneTrainer, *, warmup_epochs: int) -> Callable[[int], int]:
-    """After `warmup_epochs` untimed epochs: chunk k is `_train_epoch` of one more epoch."""
+    """After `warmup_epochs` untimed epochs: chunk k is `train_epoch` of one more epoch."""
     for epoch in range(warmup_epochs):
-        trainer._train_epoch(epoch, 0, 0.0)
+        trainer.train_epoch(epoch, 0, 0.0)
 
     def chunk(k: int) -> int:
-        return trainer._train_epoch(warmup_epochs + k, 0, 0.0)[2]
+        return trainer.train_epoch(warmup_epochs + k, 0, 0.0)[2]
 
     return chunk
 
