@@ -7,7 +7,6 @@ and where, not how well anything learns.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import standalone_training as st
+from conftest import cli_env
 
 HERE = Path(__file__).resolve().parent
 TINY = ["--samples", "12", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--test-samples", "2",
@@ -141,9 +141,8 @@ def test_every_trial_is_an_ordinary_run_directory(tiny_sweep, tmp_path):
 
 def test_a_second_process_joins_the_same_study(tiny_sweep):
     """Two worker processes share the study through its storage: trials are numbered once, counted once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(HERE / "standalone_training.py"), *_sweep_args(tiny_sweep, 4)]
-    workers = [subprocess.Popen(command, cwd=tiny_sweep, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    workers = [subprocess.Popen(command, cwd=tiny_sweep, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     study = _study(tiny_sweep)
@@ -215,8 +214,7 @@ def test_ctrl_c_ends_the_running_trial_and_a_rerun_continues_the_study(tmp_path)
     args = _sweep_args(tmp_path, 1)
     args[args.index("--epochs") + 1] = "30"
     command = [sys.executable, str(HERE / "standalone_training.py"), *args, "--patience", "30", "--no-mlflow"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in worker.stderr:
         if "epoch   1/30" in line:
             worker.send_signal(signal.SIGINT)

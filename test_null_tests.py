@@ -22,6 +22,7 @@ import torch
 from astropy.io import fits
 
 import standalone_training as st
+from conftest import cli_env
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -54,7 +55,7 @@ def m13() -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# 1. The null battery
+# The null battery
 # ----------------------------------------------------------------------------
 
 
@@ -111,7 +112,7 @@ def test_the_documented_null_figures_are_what_the_battery_measures(battery):
 
 
 # ----------------------------------------------------------------------------
-# 2. Borders, odd sizes and missing pixels
+# Borders, odd sizes and missing pixels
 # ----------------------------------------------------------------------------
 
 BORDER_SIZES = [17, 24, 31, 33, 47, 63, 100, 118, 150, 180, 200, 208, 255, 257, 300]
@@ -159,7 +160,7 @@ def test_missing_pixels_normalise_to_blank_sky_the_same_way_every_time():
 
 
 # ----------------------------------------------------------------------------
-# 3. One photometric scale: the flux ratio
+# One photometric scale: the flux ratio
 # ----------------------------------------------------------------------------
 
 FLUX_RATIOS = [0.1, 0.3, 1.0, 3.0, 10.0]
@@ -244,7 +245,7 @@ def test_identical_frames_have_a_silent_difference():
 
 
 # ----------------------------------------------------------------------------
-# 4. The significance of a difference, and the gate
+# The significance of a difference, and the gate
 # ----------------------------------------------------------------------------
 
 
@@ -273,12 +274,12 @@ def test_the_gate_drops_components_the_difference_does_not_support():
 
 
 # ----------------------------------------------------------------------------
-# 5. predict on null pairs, through the CLI
+# predict on null pairs, through the CLI
 # ----------------------------------------------------------------------------
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_predict_on_m13_against_itself_and_at_three_times_its_flux_finds_nothing(tmp_path):
@@ -308,7 +309,7 @@ def test_predict_refuses_a_pair_it_cannot_put_on_one_scale_in_one_line(tmp_path)
 
 
 # ----------------------------------------------------------------------------
-# 6. The training sky: randomised, with null pairs, and the default sky untouched
+# The training sky: randomised, with null pairs, and the default sky untouched
 # ----------------------------------------------------------------------------
 
 
@@ -358,7 +359,7 @@ def test_plain_fields_of_the_training_sky_follow_the_plain_sky():
 
 
 # ----------------------------------------------------------------------------
-# 7. Seeing: measured on the same stars, matched before differencing
+# Seeing: measured on the same stars, matched before differencing
 # ----------------------------------------------------------------------------
 
 
@@ -397,7 +398,7 @@ def test_init_weights_of_another_width_is_refused_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(HERE / "standalone_training.py"), "train", "--samples", "8", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
          "--test-samples", "2", "--no-mlflow", "--no-energy", "--device", "cpu", "--init-weights", str(tmp_path / "narrow.pt"), "--output-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
+        env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "init-weights" in result.stderr and "width" in result.stderr and "Traceback" not in result.stderr

@@ -15,28 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 from regions import Regions
 
 import standalone_training as st
+from conftest import cli_env
 
 HERE = Path(__file__).resolve().parent
 SIZE = 64  # px: one network window per pair
 GOOD = ("a", "b", "c", "d")
 BAD = "bad"
 CRVAL = (150.1, 2.2)  # deg, an arbitrary field
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the machine is shared, and oversubscribed threads are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def science_wcs() -> WCS:
@@ -77,7 +68,7 @@ def pair_list(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 def combined(path: Path) -> list[dict]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
 import re
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 import standalone_training as st
+from conftest import cli_env
 from standalone_training import (
     DEFAULT_WEIGHTS,
     POINT_TYPES,
@@ -55,16 +54,6 @@ DEMO_SAMPLES, DEMO_SIZE, DEMO_SEED, DEMO_SNR = 8, 128, 1, (20.0, 100.0)
 # The evaluation STANDALONE_TRAINING.md documents for the shipped weights.
 DOCUMENTED = json.loads((Path(__file__).resolve().parent / "docs" / "evaluation" / "evaluation.json").read_text())
 CLI_SAMPLE = 0  # this pair goes through the real command line, with a WCS on its science image
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine oversubscribed OpenMP threads make
-    torch an order of magnitude slower, and the subprocesses run beside us."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------
@@ -105,10 +94,6 @@ def point_source_pair(shape: tuple[int, int], sources: list[tuple[float, float]]
     reference = sky + static + rng.normal(0, np.sqrt(sky / 4), shape)
     science = sky + static + render_points(shape, xs, ys, np.full(len(xs), flux), psf) + rng.normal(0, np.sqrt(sky), shape)
     return reference, science
-
-
-def cli_env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
 
 
 class Result(NamedTuple):
@@ -261,7 +246,7 @@ def catalogues(demo_outputs):
 
 
 # ----------------------------------------------------------------------------
-# 1. Injected anomalies are recovered
+# Injected anomalies are recovered
 # ----------------------------------------------------------------------------
 
 
@@ -310,7 +295,7 @@ def test_predict_sees_a_pair_as_evaluate_does(demo_set, demo_outputs):
 
 
 # ----------------------------------------------------------------------------
-# 2-3. The catalogue and the probability map
+# The catalogue and the probability map
 # ----------------------------------------------------------------------------
 
 
@@ -375,7 +360,7 @@ def test_overlay_png_is_written(demo_outputs):
 
 
 # ----------------------------------------------------------------------------
-# 4. Any size: odd shapes, x is the column, large frames across window seams
+# Any size: odd shapes, x is the column, large frames across window seams
 # ----------------------------------------------------------------------------
 
 
@@ -430,7 +415,7 @@ def test_large_frame_outputs(large_run):
 
 
 # ----------------------------------------------------------------------------
-# 6-7. NaN and pixel units
+# NaN and pixel units
 # ----------------------------------------------------------------------------
 
 
@@ -477,7 +462,7 @@ def test_pixel_units_are_arbitrary(tmp_path, demo_set, files, catalogues):
 
 
 # ----------------------------------------------------------------------------
-# 5. Refusals: one line, non-zero exit, no traceback
+# Refusals: one line, non-zero exit, no traceback
 # ----------------------------------------------------------------------------
 
 REFUSALS = {
@@ -528,7 +513,7 @@ def test_cli_refusals_exit_non_zero_without_traceback(jobs, name, expected):
 
 
 # ----------------------------------------------------------------------------
-# 8. The default weights
+# The default weights
 # ----------------------------------------------------------------------------
 
 
