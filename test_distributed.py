@@ -18,6 +18,8 @@ import pytest
 import standalone_training as st
 from conftest import cli_env, free_port
 
+pytestmark = pytest.mark.slow  # every test here reads the one torchrun run
+
 HERE = Path(__file__).resolve().parent
 MODULE = HERE / "standalone_training.py"
 WORLD_SIZE = 2

@@ -121,6 +121,7 @@ def _children(root: Path):
     return client, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_creates_an_optuna_study_and_nested_mlflow_runs(tiny_sweep):
     study = _study(tiny_sweep)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
@@ -132,6 +133,7 @@ def test_tiny_sweep_creates_an_optuna_study_and_nested_mlflow_runs(tiny_sweep):
     assert {"sweep.json", "optimization_history.png", "best_params.json"} <= artifacts
 
 
+@pytest.mark.slow
 def test_every_trial_is_an_ordinary_run_directory(tiny_sweep, tmp_path):
     trial = tiny_sweep / "trials" / "trial-0001"
     assert {"config.json", "best.pt", "metrics.json"} <= {p.name for p in trial.iterdir()}
@@ -139,6 +141,7 @@ def test_every_trial_is_an_ordinary_run_directory(tiny_sweep, tmp_path):
     assert result["n_images"] == 2 and "sextractor" in result
 
 
+@pytest.mark.slow
 def test_a_second_process_joins_the_same_study(tiny_sweep):
     """Two worker processes share the study through its storage: trials are numbered once, counted once."""
     command = [sys.executable, str(HERE / "standalone_training.py"), *_sweep_args(tiny_sweep, 4)]
@@ -158,6 +161,7 @@ def test_a_second_process_joins_the_same_study(tiny_sweep):
     assert sorted(c.info.status for c in children) == sorted("FINISHED" if t.state.name == "COMPLETE" else "KILLED" for t in finished)
 
 
+@pytest.mark.slow
 def test_a_pruned_run_ends_cleanly_and_keeps_its_best_weights(tmp_path):
     def prune(epoch, row):
         raise st.TrainingPruned(f"pruned after epoch {epoch}")
@@ -184,6 +188,7 @@ def test_a_bad_space_is_one_line(tmp_path, capsys):
 # Compare
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys):
     trials = tiny_sweep / "trials"
     _, _, children = _children(tiny_sweep)
@@ -207,6 +212,7 @@ def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys
     assert "already holds a comparison" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_running_trial_and_a_rerun_continues_the_study(tmp_path):
     import signal
 

@@ -311,6 +311,7 @@ def describe(job: Job) -> str:
 # -- Interruption ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, signame", [("sigint", "SIGINT"), ("sigterm", "SIGTERM")])
 def test_a_signal_saves_last_pt_and_says_how_to_resume(runs, name, signame):
     job, out = runs.jobs[name], runs.root / name
@@ -332,11 +333,13 @@ def test_a_signal_saves_last_pt_and_says_how_to_resume(runs, name, signame):
     assert not [f for f in files if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sigint", "sigterm"])
 def test_an_interrupted_run_is_killed_in_mlflow(runs, name):
     assert runs.interrupted[name]["mlflow_status"] == "KILLED"
 
 
+@pytest.mark.slow
 def test_the_energy_tracker_is_stopped_and_recorded_on_interrupt(runs):
     """CodeCarbon is stopped on the way out and its reading lands in the KILLED MLflow run."""
     job = runs.jobs["sigterm"]
@@ -352,6 +355,7 @@ def test_the_energy_tracker_is_stopped_and_recorded_on_interrupt(runs):
 # -- Resume ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(runs):
     """Model, optimiser, schedule, early stopping, epoch, step and data order all survive."""
     resumed, reference = runs.jobs["resume"], runs.jobs["reference"]
@@ -362,6 +366,7 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(runs):
     assert st.load_checkpoint(a / "best.pt")["early_stopping"] == st.load_checkpoint(b / "best.pt")["early_stopping"]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_history_but_the_interrupted_epochs_train_loss_rounds_differently(runs):
     """history.json matches field by field, timings aside.
 
@@ -377,6 +382,7 @@ def test_resume_reproduces_the_history_but_the_interrupted_epochs_train_loss_rou
         assert r["train_loss"] == pytest.approx(s["train_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_mlflow_run(runs):
     job = runs.jobs["resume"]
     assert job.rc == 0, describe(job)
@@ -391,6 +397,7 @@ def test_resume_continues_the_same_mlflow_run(runs):
     assert sorted(steps) == list(range(1, EPOCHS + 1)), "each epoch logged once across the interruption"
 
 
+@pytest.mark.slow
 def test_resume_warns_only_about_the_flags_the_user_typed(runs):
     """The runner's default mode sets --samples, --epochs and --batch-size; the user typed only --lr (and --device)."""
     job = runs.jobs["resume"]
@@ -401,6 +408,7 @@ def test_resume_warns_only_about_the_flags_the_user_typed(runs):
     assert json.loads((runs.root / "sigint" / "config.json").read_text())["lr"] == pytest.approx(st.TrainConfig().lr)
 
 
+@pytest.mark.slow
 def test_best_pt_is_the_best_epochs_own_state(runs):
     """Weights, history, optimiser and early stopping all of the best epoch: nothing from later epochs."""
     out = runs.root / "reference"
@@ -414,6 +422,7 @@ def test_best_pt_is_the_best_epochs_own_state(runs):
     assert last["kind"] == "last" and len(last["history"]) == last["epoch"] == EPOCHS
 
 
+@pytest.mark.slow
 def test_resume_from_best_pt_is_refused_with_the_reason(runs):
     job = runs.jobs["resume_best"]
     assert job.rc == 2, describe(job)
@@ -424,6 +433,7 @@ def test_resume_from_best_pt_is_refused_with_the_reason(runs):
     assert sorted(p.name for p in (runs.root / "best_copy").iterdir()) == ["best.pt"], "nothing written beside it"
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_architecture_in_one_line(runs):
     job = runs.jobs["resume_other_architecture"]
     assert job.rc == 2, describe(job)
@@ -437,6 +447,7 @@ def test_resume_refuses_a_checkpoint_of_another_architecture_in_one_line(runs):
 # -- A second SIGINT ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_sigint_exits_at_once_and_corrupts_nothing(runs):
     job, out = runs.jobs["double"], runs.root / "double"
     assert "second signal" in job.events, describe(job)
@@ -550,6 +561,7 @@ def test_a_full_disk_while_saving_raises_the_os_error(size_limited_save):
     assert (what, kind, code) == ("raised", "OSError", errno.EFBIG)
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_training_keeps_the_last_good_checkpoints(runs):
     if runs.disk is None:
         pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE test covers save_checkpoint")
@@ -562,6 +574,7 @@ def test_a_disk_that_fills_during_training_keeps_the_last_good_checkpoints(runs)
     assert strays(out) == [], "a failed save removes its temporary file"
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_training_is_reported_in_one_line(runs):
     if runs.disk is None:
         pytest.skip("mounting a tmpfs needs root")
@@ -575,6 +588,7 @@ def test_a_disk_that_fills_during_training_is_reported_in_one_line(runs):
 # -- MLflow out of reach -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_fails_fast_in_one_line(runs):
     job = runs.jobs["mlflow_down"]
     assert job.rc == 2, describe(job)
@@ -589,6 +603,7 @@ def test_an_unreachable_tracking_server_fails_fast_in_one_line(runs):
     assert not (runs.root / "mlflow_down" / "last.pt").exists(), "no training without the tracking the user asked for"
 
 
+@pytest.mark.slow
 def test_mlflow_optional_trains_on_and_says_mlflow_was_off(runs):
     """Loudly, and on the record: the log, the last line, and metrics.json; and nothing logged elsewhere."""
     job, out = runs.jobs["mlflow_optional"], runs.root / "mlflow_optional"
@@ -605,6 +620,7 @@ def test_mlflow_optional_trains_on_and_says_mlflow_was_off(runs):
 # -- Reproducibility -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_deterministic_gives_the_same_metrics_as_the_default_on_cpu(runs):
     """Same numbers with and without --deterministic; only the MLflow record differs (the reference tracks)."""
     det, ref = runs.jobs["deterministic"], runs.jobs["reference"]
@@ -873,6 +889,7 @@ def refusals(inputs) -> dict[str, Forked]:
     return run_forked(argv, logs=inputs.root / "logs", timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", REFUSALS, ids=lambda c: c.id)
 def test_bad_input_is_refused_in_one_line(refusals, case):
     job = refusals[case.id]
@@ -885,6 +902,7 @@ def test_bad_input_is_refused_in_one_line(refusals, case):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_refusals_are_plain_text(refusals):
     """One line a log file or a CI page shows as it is: no terminal control codes."""
     for case in REFUSALS:
@@ -894,6 +912,7 @@ def test_refusals_are_plain_text(refusals):
             assert "weights_only=False" not in job.stderr, "never advise loading a checkpoint unsafely"
 
 
+@pytest.mark.slow
 def test_the_controls_accept_the_same_inputs(refusals, inputs):
     """The refusals are about the bad part alone: the good checkpoint and FITS pair work."""
     for name in ("predict-valid", "evaluate-valid"):
@@ -902,6 +921,7 @@ def test_the_controls_accept_the_same_inputs(refusals, inputs):
     assert (inputs.root / "out-predict-valid" / "mask.fits").is_file()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(refusals):
     job = refusals["debug-traceback"]
     assert job.rc not in (0, None)
@@ -910,6 +930,7 @@ def test_debug_shows_the_traceback(refusals):
     assert issubclass(st.ConfigError, (st.AstridError, ValueError))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_code_in_it_never_runs_the_code(refusals, inputs):
     for name in ("evaluate-code-in-pickle", "predict-code-in-pickle", "resume-code-in-pickle"):
         assert refusals[name].rc not in (0, None)

@@ -270,6 +270,7 @@ def runs(tmp_path_factory) -> Jobs:
 # -- Plots never follow a symlink ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_replaces_a_symlinked_plot_and_never_writes_through_it(runs):
     job, ev = runs.jobs["evaluate"], runs.root / "ev"
     assert job.rc == 0, describe(job)
@@ -278,6 +279,7 @@ def test_evaluate_replaces_a_symlinked_plot_and_never_writes_through_it(runs):
     assert (ev / "evaluation.json").is_file() and not (ev / "evaluation.json").is_symlink()
 
 
+@pytest.mark.slow
 def test_train_replaces_symlinked_plots_and_never_writes_through_them(runs):
     out = runs.root / "twice"
     assert runs.jobs["first"].rc == 0, describe(runs.jobs["first"])
@@ -289,12 +291,14 @@ def test_train_replaces_symlinked_plots_and_never_writes_through_them(runs):
 # -- Runs never overwrite each other ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_used_output_dir_is_refused_and_loses_nothing(runs):
     last = one_line_error(runs.jobs["second"])
     assert "already holds a training run" in last and "--overwrite" in last and "--resume" in last
     assert runs.seen["second"] == runs.seen["first"], "the first run's best.pt, metrics.json and config.json are untouched"
 
 
+@pytest.mark.slow
 def test_overwrite_says_what_it_replaces_and_replaces_it(runs):
     job, out = runs.jobs["overwrite"], runs.root / "twice"
     assert job.rc == 0, describe(job)
@@ -304,11 +308,13 @@ def test_overwrite_says_what_it_replaces_and_replaces_it(runs):
     assert (out / "best.pt").read_bytes() != runs.seen["first"]["best.pt"]
 
 
+@pytest.mark.slow
 def test_evaluate_twice_into_one_dir_is_refused(runs):
     last = one_line_error(runs.jobs["evaluate_again"])
     assert "ev already holds an evaluation (evaluation.json)" in last and "--overwrite" in last
 
 
+@pytest.mark.slow
 def test_runs_started_together_without_output_dir_never_share_a_directory(runs):
     twins = [runs.jobs[f"twin_{k}"] for k in "abc"]
     for job in twins:
@@ -324,6 +330,7 @@ def test_runs_started_together_without_output_dir_never_share_a_directory(runs):
             assert sorted(p.name for p in stamped.iterdir()) == ["sentinel.txt"], stamped
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_output_dir_never_mix(runs):
     """One trains; the other is refused in one line, whichever moment it checks the directory."""
     pair = sorted((runs.jobs[f"same_dir_{k}"] for k in "ab"), key=lambda job: job.rc)
@@ -335,6 +342,7 @@ def test_two_runs_started_together_into_one_output_dir_never_mix(runs):
     assert config["output_dir"] == "same_dir" and (runs.root / "same_dir" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_simultaneous_first_runs_each_track_their_own_run_in_one_new_database(runs):
     """Three first runs in a fresh directory: none crashes in the schema migration, each MLflow run holds its own files."""
     fresh = runs.root / "fresh"
@@ -353,6 +361,7 @@ def test_simultaneous_first_runs_each_track_their_own_run_in_one_new_database(ru
 # -- A tracker never kills a run -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_server_that_dies_mid_run_fails_it_in_one_line_after_saving_last_pt(runs):
     job, out = runs.jobs["server_dies"], runs.root / "server_dies"
     assert "server killed" in runs.seen, "the server was never killed"
@@ -366,6 +375,7 @@ def test_a_server_that_dies_mid_run_fails_it_in_one_line_after_saving_last_pt(ru
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_server_that_dies_mid_run_is_survived_with_mlflow_optional(runs):
     job, out = runs.jobs["server_dies_optional"], runs.root / "server_dies_optional"
     assert job.rc == 0, describe(job)
@@ -377,6 +387,7 @@ def test_a_server_that_dies_mid_run_is_survived_with_mlflow_optional(runs):
     assert "(incomplete: MLflow failed at" in job.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["api_500", "readonly_db"])
 def test_a_tracker_that_fails_at_start_stops_the_run_in_one_line(runs, name):
     if name == "readonly_db" and not runs.read_only_db:
@@ -387,6 +398,7 @@ def test_a_tracker_that_fails_at_start_stops_the_run_in_one_line(runs, name):
     assert not (runs.root / name / "last.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["api_500_optional", "api_hangs_optional", "readonly_db_optional"])
 def test_mlflow_optional_trains_on_whatever_the_tracker_does(runs, name):
     if name == "readonly_db_optional" and not runs.read_only_db:
@@ -400,6 +412,7 @@ def test_mlflow_optional_trains_on_whatever_the_tracker_does(runs, name):
     assert any("continuing WITHOUT MLflow" in line for line in nonblank_lines(job.stderr))
 
 
+@pytest.mark.slow
 def test_a_hanging_api_costs_seconds_not_minutes(runs):
     """--timeout 2: the call gives up after a few tries of 2 s, not MLflow's default of 120 s each.
 
@@ -421,6 +434,7 @@ def test_a_hanging_api_costs_seconds_not_minutes(runs):
 # -- Training semantics ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_diverging_run_ends_with_the_nan_early_stop_in_one_line(runs):
     job, out = runs.jobs["diverges"], runs.root / "diverges"
     last = one_line_error(job)
@@ -430,6 +444,7 @@ def test_a_diverging_run_ends_with_the_nan_early_stop_in_one_line(runs):
     assert (out / "last.pt").exists() and not (out / "best.pt").exists() and not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_restores_the_python_and_numpy_random_states(runs):
     """The states saved in last.pt are the states a resumed trainer continues with."""
     path = runs.root / "twice" / "last.pt"
@@ -452,6 +467,7 @@ def test_resume_restores_the_python_and_numpy_random_states(runs):
 # -- Stale temporaries, and errors that are bugs ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_removes_temporaries_that_a_killed_write_left(runs):
     job, out = runs.jobs["overwrite"], runs.root / "twice"
     assert job.rc == 0, describe(job)
@@ -485,6 +501,7 @@ def _predict(args: list[str], *, cwd: Path, file_size_limit: int | None = None) 
                           text=True, timeout=300, preexec_fn=limit if file_size_limit else None)
 
 
+@pytest.mark.slow
 def test_a_failed_predict_leaves_the_previous_set_whole(tmp_path):
     rng = np.random.default_rng(5)
     for name in ("science", "reference"):

@@ -564,6 +564,7 @@ def _train(tmp_path, *args, env=None):
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=cli_env(**(env or {})))
 
 
+@pytest.mark.slow
 def test_quick_training_on_a_local_fits_directory_is_all_real(tmp_path):
     fits_dir = tmp_path / "fits"
     fits_dir.mkdir()
@@ -576,6 +577,7 @@ def test_quick_training_on_a_local_fits_directory_is_all_real(tmp_path):
     assert data["frames"] == ["m13 / local FITS"] and len(data["failures"]) == 1
 
 
+@pytest.mark.slow
 def test_cli_mast_with_unreachable_service_falls_back_or_fails_on_one_line(skyview, tmp_path):
     skyview.mode = "500"
     url = skyview_conf.url
@@ -594,6 +596,7 @@ def test_cli_mast_with_unreachable_service_falls_back_or_fails_on_one_line(skyvi
     assert not (tmp_path / "run2" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["null", "[]"])
 def test_cli_fetch_with_a_manifest_of_the_wrong_type_ignores_it_and_refetches(skyview, tmp_path, content):
     """A manifest that is not a mapping is ignored with a warning, never an AttributeError traceback."""

@@ -59,6 +59,7 @@ def m13() -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_battery_covers_simulated_and_real_frames(frames, battery):
     names = [f.name for f in frames]
     assert sum(n.startswith("simulated") for n in names) == 2 and any("M13" in n for n in names)
@@ -68,11 +69,13 @@ def test_the_battery_covers_simulated_and_real_frames(frames, battery):
     assert kinds == {"identical", "noise", "flux", "seeing"}
 
 
+@pytest.mark.slow
 def test_identical_pairs_give_zero_detections(battery):
     for report in battery["frames"]:
         assert report["identical_detections"] == 0, report["frame"]
 
 
+@pytest.mark.slow
 def test_noise_only_pairs_stay_under_one_false_detection_per_megapixel(battery):
     """Every depth ratio from 1/3 to 10 and every noise level from 1/4 to 4x the frame's own."""
     for report in battery["frames"]:
@@ -82,6 +85,7 @@ def test_noise_only_pairs_stay_under_one_false_detection_per_megapixel(battery):
                 assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (report["frame"], case)
 
 
+@pytest.mark.slow
 def test_seeing_mismatch_pairs_give_no_false_detection(battery):
     """The science epoch blurred to 1.25x and 1.5x the frame's seeing: PSF matching, then nothing."""
     for report in battery["frames"]:
@@ -90,6 +94,7 @@ def test_seeing_mismatch_pairs_give_no_false_detection(battery):
                 assert case["detections"] == 0, (report["frame"], case)
 
 
+@pytest.mark.slow
 def test_flux_ratio_pairs_stay_under_one_false_detection_per_megapixel(battery):
     for report in battery["frames"]:
         for case in report["cases"]:
@@ -99,6 +104,7 @@ def test_flux_ratio_pairs_stay_under_one_false_detection_per_megapixel(battery):
                 assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (report["frame"], case)
 
 
+@pytest.mark.slow
 def test_the_documented_null_figures_are_what_the_battery_measures(battery):
     """`evaluate` wrote the documented battery with the same frames, seeds and weights."""
     documented = DOCUMENTED["null"]["summary"]
@@ -282,6 +288,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_predict_on_m13_against_itself_and_at_three_times_its_flux_finds_nothing(tmp_path):
     frame = m13()
     fits.PrimaryHDU(frame).writeto(tmp_path / "m13.fits")
@@ -296,6 +303,7 @@ def test_predict_on_m13_against_itself_and_at_three_times_its_flux_finds_nothing
         assert (tmp_path / name / "detections.csv").read_text().splitlines() == [",".join(st.DETECTION_COLUMNS)]
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_pair_it_cannot_put_on_one_scale_in_one_line(tmp_path):
     rng = np.random.default_rng(8)
     for name in ("ref", "sci"):
@@ -392,6 +400,7 @@ def test_a_blurred_science_epoch_is_measured_and_matched(frames):
     assert np.abs(st.scaled_difference(frame, science, statistics)).max() < 0.5 * np.abs(st.scaled_difference(frame, science, unmatched)).max()
 
 
+@pytest.mark.slow
 def test_init_weights_of_another_width_is_refused_in_one_line(tmp_path):
     narrow = st.StandaloneUNet(width=8)
     st.save_checkpoint(tmp_path / "narrow.pt", {"model": narrow.state_dict(), "model_config": narrow.config})

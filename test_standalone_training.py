@@ -787,6 +787,7 @@ def test_early_stopping_state_survives_a_resume():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unet_overfits_one_small_batch():
     """Four 64x64 samples, AdamW at 3e-3: the combined loss falls at least 5x.
 
@@ -1305,6 +1306,7 @@ def quick_run(tmp_path_factory):
 QUICK_OUTPUTS = ["config.json", "history.json", "metrics.json", "best.pt", "last.pt", "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png", "evaluation/evaluation.json", "evaluation/completeness.png"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_output(quick_run):
     missing = [name for name in QUICK_OUTPUTS if not (quick_run["run_dir"] / name).is_file()]
     assert not missing
@@ -1317,12 +1319,14 @@ def test_quick_run_writes_every_output(quick_run):
     assert (config["samples"], config["epochs"], config["batch_size"]) == (20, 3, 4)
 
 
+@pytest.mark.slow
 def test_quick_run_last_line_names_outputs_and_mlflow_run(quick_run):
     out_dir, run_id = parse_outputs_line(last_line(quick_run["result"].stdout))
     assert Path(out_dir).resolve() == quick_run["run_dir"].resolve()
     assert re.fullmatch(r"[0-9a-f]{32}", run_id)
 
 
+@pytest.mark.slow
 def test_quick_run_metrics(quick_run):
     metrics = json.loads((quick_run["run_dir"] / "metrics.json").read_text())
     energy = metrics["energy"]
@@ -1347,6 +1351,7 @@ def quick_mlflow(quick_run):
     return client, client.get_run(run_id)
 
 
+@pytest.mark.slow
 def test_quick_run_is_recorded_in_mlflow(quick_run, quick_mlflow):
     client, run = quick_mlflow
     assert run.info.status == "FINISHED"
@@ -1361,6 +1366,7 @@ def test_quick_run_is_recorded_in_mlflow(quick_run, quick_mlflow):
     assert "evaluation" in artifacts
 
 
+@pytest.mark.slow
 def test_quick_run_logs_a_model(quick_mlflow):
     """log_model leaves a READY logged model whose source is this run (MLflow 3 logged models)."""
     client, run = quick_mlflow
@@ -1373,6 +1379,7 @@ def test_quick_run_logs_a_model(quick_mlflow):
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "early_stopping", "config", "epoch", "rng", "threshold"}
 
 
+@pytest.mark.slow
 def test_best_checkpoint_loads_and_holds_the_run(quick_run):
     payload = st.load_checkpoint(quick_run["run_dir"] / "best.pt")
     assert CHECKPOINT_KEYS <= set(payload)
@@ -1416,6 +1423,7 @@ def evaluations(quick_run, tmp_path_factory):
     return dict(results=results, root=root, stored=stored, override=override)
 
 
+@pytest.mark.slow
 def test_evaluation_json_has_every_field(evaluations):
     out = evaluations["root"] / "ev"
     report = json.loads((out / "evaluation.json").read_text())
@@ -1441,6 +1449,7 @@ def test_evaluation_json_has_every_field(evaluations):
     assert last_line(evaluations["results"]["default"].stdout) == f"evaluation: {out / 'evaluation.json'}"
 
 
+@pytest.mark.slow
 def test_evaluate_uses_the_checkpoint_threshold_unless_told(evaluations):
     default = json.loads((evaluations["root"] / "ev" / "evaluation.json").read_text())
     override = json.loads((evaluations["root"] / "ev_override" / "evaluation.json").read_text())
@@ -1470,6 +1479,7 @@ def offline_runs(tmp_path_factory):
     })
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_metrics(offline_runs):
     a, b, c = (offline_runs[k] for k in ("seed7_a", "seed7_b", "seed8"))
     for r in (a, b, c):
@@ -1522,6 +1532,7 @@ def mlflow_server(tmp_path):
             proc.wait(timeout=15)
 
 
+@pytest.mark.slow
 def test_training_against_a_real_mlflow_server(mlflow_server, tmp_path):
     url = mlflow_server["url"]
     r = run_cli(RUNNER, "--mode", "quick", "--samples", "12", "--test-samples", "4", "--no-energy", "--tracking-uri", url, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
@@ -1548,6 +1559,7 @@ def test_training_against_a_real_mlflow_server(mlflow_server, tmp_path):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_walks_through_every_step_and_writes_only_under_its_output_dir(tmp_path):
     """demo_standalone_training.py --fast runs its five steps; the working directory stays clean."""
     cwd = tmp_path / "cwd"
