@@ -1,10 +1,26 @@
-"""The ``remote_data`` marker and the ``--remote-data`` option.
+"""What every test file shares: markers, the environment of CLI subprocesses, one torch thread.
 
-Tests that talk to real services carry ``@pytest.mark.remote_data`` and are skipped unless
-pytest runs with ``--remote-data`` (the astropy convention, without needing pytest-remotedata).
+Markers:
+
+- ``slow``: a test that trains, runs the CLI in subprocesses, starts a server or reproduces a
+  documented evaluation. ``python -m pytest -m "not slow"`` runs the fast specification (well
+  under a minute); a plain ``python -m pytest`` runs everything.
+- ``remote_data``: a test that talks to real services; skipped unless pytest runs with
+  ``--remote-data`` (the astropy convention, without needing pytest-remotedata).
+
+Helpers, imported by the test files (``from conftest import cli_env, free_port``):
+
+- ``cli_env()``: the environment for ``python standalone_training.py ...`` subprocesses.
+- ``free_port()``: a TCP port on 127.0.0.1 that nothing listens on.
 """
 
+from __future__ import annotations
+
+import os
+import socket
+
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -14,6 +30,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "remote_data: test needs internet access to real services")
+    config.addinivalue_line("markers", "slow: trains, runs CLI subprocesses or servers; deselect with -m \"not slow\"")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,3 +40,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "remote_data" in item.keywords:
             item.add_marker(skip)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: one OpenMP thread, no MLflow telemetry, and no
+    MLFLOW_TRACKING_URI inherited from the shell (each test names its own store); `extra` on top."""
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it; the race is harmless here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op torch thread in the test process: the convolutions here are small, and on a
+    shared two-core machine oversubscribed OpenMP threads (ours beside the CLI subprocesses')
+    make torch an order of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

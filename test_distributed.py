@@ -8,8 +8,6 @@ is the per-rank batch times the world size.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +16,14 @@ from urllib.parse import urlparse
 import pytest
 
 import standalone_training as st
+from conftest import cli_env, free_port
+
+pytestmark = pytest.mark.slow  # every test here reads the one torchrun run
 
 HERE = Path(__file__).resolve().parent
 MODULE = HERE / "standalone_training.py"
 WORLD_SIZE = 2
 BATCH_PER_RANK = 2
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it; the race is harmless here)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +38,8 @@ def ddp_run(tmp_path_factory) -> dict:
         "--image-size", "32", "--test-samples", "4", "--no-energy",
         "--output-dir", str(root / "run"), "--tracking-uri", uri,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
-    env.pop("MLFLOW_TRACKING_URI", None)
     try:
-        proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(command, cwd=root, env=cli_env(), capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun did not finish within {exc.timeout} s; stderr tail:\n{(exc.stderr or b'')[-2000:]!r}")
     return dict(proc=proc, root=root, uri=uri)

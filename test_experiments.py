@@ -7,7 +7,6 @@ and where, not how well anything learns.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import standalone_training as st
+from conftest import cli_env
 
 HERE = Path(__file__).resolve().parent
 TINY = ["--samples", "12", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--test-samples", "2",
@@ -121,6 +121,7 @@ def _children(root: Path):
     return client, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_creates_an_optuna_study_and_nested_mlflow_runs(tiny_sweep):
     study = _study(tiny_sweep)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
@@ -132,6 +133,7 @@ def test_tiny_sweep_creates_an_optuna_study_and_nested_mlflow_runs(tiny_sweep):
     assert {"sweep.json", "optimization_history.png", "best_params.json"} <= artifacts
 
 
+@pytest.mark.slow
 def test_every_trial_is_an_ordinary_run_directory(tiny_sweep, tmp_path):
     trial = tiny_sweep / "trials" / "trial-0001"
     assert {"config.json", "best.pt", "metrics.json"} <= {p.name for p in trial.iterdir()}
@@ -139,11 +141,11 @@ def test_every_trial_is_an_ordinary_run_directory(tiny_sweep, tmp_path):
     assert result["n_images"] == 2 and "sextractor" in result
 
 
+@pytest.mark.slow
 def test_a_second_process_joins_the_same_study(tiny_sweep):
     """Two worker processes share the study through its storage: trials are numbered once, counted once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(HERE / "standalone_training.py"), *_sweep_args(tiny_sweep, 4)]
-    workers = [subprocess.Popen(command, cwd=tiny_sweep, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    workers = [subprocess.Popen(command, cwd=tiny_sweep, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     study = _study(tiny_sweep)
@@ -159,6 +161,7 @@ def test_a_second_process_joins_the_same_study(tiny_sweep):
     assert sorted(c.info.status for c in children) == sorted("FINISHED" if t.state.name == "COMPLETE" else "KILLED" for t in finished)
 
 
+@pytest.mark.slow
 def test_a_pruned_run_ends_cleanly_and_keeps_its_best_weights(tmp_path):
     def prune(epoch, row):
         raise st.TrainingPruned(f"pruned after epoch {epoch}")
@@ -185,6 +188,7 @@ def test_a_bad_space_is_one_line(tmp_path, capsys):
 # Compare
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys):
     trials = tiny_sweep / "trials"
     _, _, children = _children(tiny_sweep)
@@ -208,6 +212,7 @@ def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys
     assert "already holds a comparison" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_running_trial_and_a_rerun_continues_the_study(tmp_path):
     import signal
 
@@ -215,8 +220,7 @@ def test_ctrl_c_ends_the_running_trial_and_a_rerun_continues_the_study(tmp_path)
     args = _sweep_args(tmp_path, 1)
     args[args.index("--epochs") + 1] = "30"
     command = [sys.executable, str(HERE / "standalone_training.py"), *args, "--patience", "30", "--no-mlflow"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in worker.stderr:
         if "epoch   1/30" in line:
             worker.send_signal(signal.SIGINT)

@@ -1,13 +1,14 @@
 """Nothing lost, nothing overwritten, nothing crashes: runs, outputs, MLflow and hostile files.
 
-Read top to bottom; section numbers are the items of the issue of that name:
+Read top to bottom:
 
-    1 plots never follow a symlink -> 2 runs never overwrite each other -> 3 predict replaces
-    its files as one set -> 4 a tracker never kills a run -> 5 memory -> 7 training semantics
-    -> 8 errors, stale temporaries.
+    plots never follow a symlink -> runs never overwrite each other -> a tracker never kills a
+    run -> training semantics -> stale temporaries and errors that are bugs -> predict replaces
+    its files as one set -> memory.
 
-Hostile checkpoints (6) and the one-line refusals of 5, 7 and 8 are rows of the refusal table
-in test_faults.py; resuming from best.pt and the resume warning are tested on its runs.
+Hostile checkpoints and the one-line refusals of bad values, unreadable files and budgets are
+rows of the refusal table in test_faults.py; resuming from best.pt and the resume warning are
+tested on its runs.
 
 Every process here is real: `python standalone_training.py ...` subprocesses, side by side in
 one fixture, a real `mlflow server` killed mid-run, and a stub HTTP server on 127.0.0.1 whose
@@ -23,7 +24,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,11 +35,11 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
-import torch
 from astropy.io import fits
 
 import standalone_training as st
-from test_faults import IS_ROOT, MODULE, OFFLINE, PERMISSION_BITS_BIND, Job, cli_env, describe, drive, mlflow_client, nonblank_lines, strays
+from conftest import cli_env, free_port
+from test_faults import IS_ROOT, MODULE, OFFLINE, PERMISSION_BITS_BIND, Job, describe, drive, exited, mlflow_client, nonblank_lines, strays, write_lying_fits
 
 # One epoch of 6 train / 2 validation samples of 32x32 px: the smallest run that writes everything.
 TINY = ["--samples", "8", "--epochs", "1", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--seed", "7", "--device", "cpu"]
@@ -67,12 +67,6 @@ def is_png_file(path: Path) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on 127.0.0.1 in its own process group (so that it can be killed whole)."""
     directory.mkdir(parents=True)
@@ -82,7 +76,7 @@ def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
              "--artifacts-destination", str(directory / "artifacts"), "--serve-artifacts", "--workers", "1"],
-            cwd=directory, env=dict(cli_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            cwd=directory, env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return proc, f"http://127.0.0.1:{port}"
@@ -188,7 +182,7 @@ def runs(tmp_path_factory) -> Jobs:
     root = tmp_path_factory.mktemp("integrity")
     seen: dict[str, object] = {}
     (root / "victim.txt").write_bytes(PRECIOUS)
-    # 1. Symlinks where the plots go, pointing out of the output directory.
+    # Symlinks where the plots go, pointing out of the output directory.
     (root / "ev").mkdir()
     for name in ("completeness.png", "precision_recall.png", "object_gallery.png"):
         (root / "ev" / name).symlink_to("../victim.txt")
@@ -196,14 +190,14 @@ def runs(tmp_path_factory) -> Jobs:
     for name in ("loss_curves.png", "predictions.png"):
         (root / "twice" / name).symlink_to("../victim.txt")
     (root / "twice" / "evaluation" / "completeness.png").symlink_to("../../victim.txt")
-    # 2. Directories named as the old code named runs, for the next few minutes: a run must never enter one.
+    # Directories named as the old code named runs, for the next few minutes: a run must never enter one.
     fresh = root / "fresh"
     now = time.time()
     for t in range(-2, 600):
         stamped = fresh / "runs" / time.strftime("%Y%m%d-%H%M%S", time.localtime(now + t))
         stamped.mkdir(parents=True, exist_ok=True)
         (stamped / "sentinel.txt").write_bytes(PRECIOUS)
-    # 4. A SQLite store with its schema, then made read-only.
+    # A SQLite store with its schema, then made read-only.
     ro = root / "ro"
     ro.mkdir()
     mlflow_client(f"sqlite:///{ro / 'ro.db'}").search_experiments()
@@ -240,9 +234,6 @@ def runs(tmp_path_factory) -> Jobs:
         for name, extra in (("server_dies", []), ("server_dies_optional", ["--mlflow-optional"])):
             jobs[name] = Job(name, ["train", *LONG, "--no-energy", "--tracking-uri", server_url, *extra, "--output-dir", name], cwd=root)
 
-        def exited(job: Job) -> bool:
-            return job.poll()
-
         def launch(name: str, args: list[str], before: Callable[[], None] = lambda: None) -> Callable[[Job], None]:
             def action(job: Job) -> None:
                 before()
@@ -272,17 +263,14 @@ def runs(tmp_path_factory) -> Jobs:
             ],
             "server_dies": [(lambda job: both_tracking(), kill_server)],
         }
-        try:
-            drive(jobs, steps, timeout=600)
-        finally:
-            for job in jobs.values():
-                job.kill()
+        drive(jobs, steps, timeout=600)
         yield Jobs(jobs, root, seen, ro_ok)
 
 
-# -- 1. Plots never follow a symlink -------------------------------------------------------
+# -- Plots never follow a symlink ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_replaces_a_symlinked_plot_and_never_writes_through_it(runs):
     job, ev = runs.jobs["evaluate"], runs.root / "ev"
     assert job.rc == 0, describe(job)
@@ -291,6 +279,7 @@ def test_evaluate_replaces_a_symlinked_plot_and_never_writes_through_it(runs):
     assert (ev / "evaluation.json").is_file() and not (ev / "evaluation.json").is_symlink()
 
 
+@pytest.mark.slow
 def test_train_replaces_symlinked_plots_and_never_writes_through_them(runs):
     out = runs.root / "twice"
     assert runs.jobs["first"].rc == 0, describe(runs.jobs["first"])
@@ -299,15 +288,17 @@ def test_train_replaces_symlinked_plots_and_never_writes_through_them(runs):
         assert is_png_file(out / name), name
 
 
-# -- 2. Runs never overwrite each other ------------------------------------------------------
+# -- Runs never overwrite each other ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_used_output_dir_is_refused_and_loses_nothing(runs):
     last = one_line_error(runs.jobs["second"])
     assert "already holds a training run" in last and "--overwrite" in last and "--resume" in last
     assert runs.seen["second"] == runs.seen["first"], "the first run's best.pt, metrics.json and config.json are untouched"
 
 
+@pytest.mark.slow
 def test_overwrite_says_what_it_replaces_and_replaces_it(runs):
     job, out = runs.jobs["overwrite"], runs.root / "twice"
     assert job.rc == 0, describe(job)
@@ -317,11 +308,13 @@ def test_overwrite_says_what_it_replaces_and_replaces_it(runs):
     assert (out / "best.pt").read_bytes() != runs.seen["first"]["best.pt"]
 
 
+@pytest.mark.slow
 def test_evaluate_twice_into_one_dir_is_refused(runs):
     last = one_line_error(runs.jobs["evaluate_again"])
     assert "ev already holds an evaluation (evaluation.json)" in last and "--overwrite" in last
 
 
+@pytest.mark.slow
 def test_runs_started_together_without_output_dir_never_share_a_directory(runs):
     twins = [runs.jobs[f"twin_{k}"] for k in "abc"]
     for job in twins:
@@ -337,6 +330,7 @@ def test_runs_started_together_without_output_dir_never_share_a_directory(runs):
             assert sorted(p.name for p in stamped.iterdir()) == ["sentinel.txt"], stamped
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_output_dir_never_mix(runs):
     """One trains; the other is refused in one line, whichever moment it checks the directory."""
     pair = sorted((runs.jobs[f"same_dir_{k}"] for k in "ab"), key=lambda job: job.rc)
@@ -348,6 +342,7 @@ def test_two_runs_started_together_into_one_output_dir_never_mix(runs):
     assert config["output_dir"] == "same_dir" and (runs.root / "same_dir" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_simultaneous_first_runs_each_track_their_own_run_in_one_new_database(runs):
     """Three first runs in a fresh directory: none crashes in the schema migration, each MLflow run holds its own files."""
     fresh = runs.root / "fresh"
@@ -363,9 +358,10 @@ def test_simultaneous_first_runs_each_track_their_own_run_in_one_new_database(ru
         assert local.read_bytes() == (out / "metrics.json").read_bytes(), run.info.run_name
 
 
-# -- 4. A tracker never kills a run ----------------------------------------------------------
+# -- A tracker never kills a run -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_server_that_dies_mid_run_fails_it_in_one_line_after_saving_last_pt(runs):
     job, out = runs.jobs["server_dies"], runs.root / "server_dies"
     assert "server killed" in runs.seen, "the server was never killed"
@@ -379,6 +375,7 @@ def test_a_server_that_dies_mid_run_fails_it_in_one_line_after_saving_last_pt(ru
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_server_that_dies_mid_run_is_survived_with_mlflow_optional(runs):
     job, out = runs.jobs["server_dies_optional"], runs.root / "server_dies_optional"
     assert job.rc == 0, describe(job)
@@ -390,6 +387,7 @@ def test_a_server_that_dies_mid_run_is_survived_with_mlflow_optional(runs):
     assert "(incomplete: MLflow failed at" in job.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["api_500", "readonly_db"])
 def test_a_tracker_that_fails_at_start_stops_the_run_in_one_line(runs, name):
     if name == "readonly_db" and not runs.read_only_db:
@@ -400,6 +398,7 @@ def test_a_tracker_that_fails_at_start_stops_the_run_in_one_line(runs, name):
     assert not (runs.root / name / "last.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["api_500_optional", "api_hangs_optional", "readonly_db_optional"])
 def test_mlflow_optional_trains_on_whatever_the_tracker_does(runs, name):
     if name == "readonly_db_optional" and not runs.read_only_db:
@@ -413,6 +412,7 @@ def test_mlflow_optional_trains_on_whatever_the_tracker_does(runs, name):
     assert any("continuing WITHOUT MLflow" in line for line in nonblank_lines(job.stderr))
 
 
+@pytest.mark.slow
 def test_a_hanging_api_costs_seconds_not_minutes(runs):
     """--timeout 2: the call gives up after a few tries of 2 s, not MLflow's default of 120 s each.
 
@@ -431,9 +431,10 @@ def test_a_hanging_api_costs_seconds_not_minutes(runs):
     assert waited < 60, waited
 
 
-# -- 7. Training semantics -------------------------------------------------------------------
+# -- Training semantics ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_diverging_run_ends_with_the_nan_early_stop_in_one_line(runs):
     job, out = runs.jobs["diverges"], runs.root / "diverges"
     last = one_line_error(job)
@@ -443,6 +444,7 @@ def test_a_diverging_run_ends_with_the_nan_early_stop_in_one_line(runs):
     assert (out / "last.pt").exists() and not (out / "best.pt").exists() and not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_restores_the_python_and_numpy_random_states(runs):
     """The states saved in last.pt are the states a resumed trainer continues with."""
     path = runs.root / "twice" / "last.pt"
@@ -462,9 +464,10 @@ def test_resume_restores_the_python_and_numpy_random_states(runs):
     assert (random.random(), np.random.random()) == expected
 
 
-# -- 8. Stale temporaries, and errors that are bugs ------------------------------------------
+# -- Stale temporaries, and errors that are bugs ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_removes_temporaries_that_a_killed_write_left(runs):
     job, out = runs.jobs["overwrite"], runs.root / "twice"
     assert job.rc == 0, describe(job)
@@ -472,21 +475,21 @@ def test_a_run_removes_temporaries_that_a_killed_write_left(runs):
     assert any("removed 1 temporary file(s) left by an interrupted write: .last.pt.k1ll3d_x.tmp" in line for line in nonblank_lines(job.stderr))
 
 
-def test_a_bug_shows_its_traceback_and_a_refusal_does_not():
-    """cli() turns the project's refusals and OS errors into one line, never a ValueError from anywhere."""
-    code = "import sys, standalone_training as st; sys.exit(st.cli(lambda: {what}, debug=False))"
-    env = cli_env()
-    bug = subprocess.run([sys.executable, "-c", code.format(what="int('not a number')")], cwd=MODULE.parent, env=env, capture_output=True, text=True, timeout=120)
-    assert bug.returncode == 1
-    assert "Traceback (most recent call last)" in bug.stderr
-    assert nonblank_lines(bug.stderr)[-1].startswith("ValueError: invalid literal for int()")
-    refusal = subprocess.run([sys.executable, "-c", code.format(what="st.check_image_size(40)")], cwd=MODULE.parent, env=env, capture_output=True, text=True, timeout=120)
-    assert refusal.returncode == 2
-    assert nonblank_lines(refusal.stderr) == ["astrid: error: image-size must be a multiple of 16 and >= 32, got 40"]
+def test_a_bug_keeps_its_traceback_and_a_refusal_is_one_line(tmp_path, capsys):
+    """cli() turns the project's refusals and OS errors into one line and exit status 2; any other
+    exception is a bug and leaves cli() as it was raised, for the interpreter to print its traceback."""
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        st.cli(lambda: int("not a number"), debug=False)
+    assert capsys.readouterr().err == ""
+    assert st.cli(lambda: st.check_image_size(40), debug=False) == 2
+    assert nonblank_lines(capsys.readouterr().err) == ["astrid: error: image-size must be a multiple of 16 and >= 32, got 40"]
+    assert st.cli(lambda: (tmp_path / "nowhere" / "file").read_text(), debug=False) == 2
+    (line,) = nonblank_lines(capsys.readouterr().err)
+    assert line.startswith("astrid: error: [Errno 2] No such file or directory"), line
 
 
 # ----------------------------------------------------------------------------
-# 3. predict replaces its three files as one set
+# predict replaces its three files as one set
 # ----------------------------------------------------------------------------
 
 
@@ -498,6 +501,7 @@ def _predict(args: list[str], *, cwd: Path, file_size_limit: int | None = None) 
                           text=True, timeout=300, preexec_fn=limit if file_size_limit else None)
 
 
+@pytest.mark.slow
 def test_a_failed_predict_leaves_the_previous_set_whole(tmp_path):
     rng = np.random.default_rng(5)
     for name in ("science", "reference"):
@@ -527,14 +531,13 @@ def test_a_failed_predict_leaves_the_previous_set_whole(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# 5. A FITS header that lies about its size
+# A FITS header that lies about its size
 # ----------------------------------------------------------------------------
 
 
 def test_a_header_declaring_40_gb_in_a_14_kb_file_allocates_nothing(tmp_path):
-    header = fits.Header([("SIMPLE", True), ("BITPIX", -32), ("NAXIS", 2), ("NAXIS1", 100_000), ("NAXIS2", 100_000)]).tostring().encode()
-    path = tmp_path / "bomb.fits"
-    path.write_bytes(header + b" " * (-len(header) % 2880) + bytes(4 * 2880))
+    """In-process; the CLI's refusals of the same file are rows of test_faults.py's table."""
+    path = Path(write_lying_fits(tmp_path / "bomb.fits"))
     assert path.stat().st_size < 15_000
     with pytest.raises(st.DataError, match="truncated .*100000x100000"):
         st.read_fits_image(path)

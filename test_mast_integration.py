@@ -8,16 +8,14 @@ astroquery client. Tests marked ``remote_data`` reach the real services.
 import json
 import logging
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
-
-import os
-import subprocess
-import sys
 
 import astropy
 import astropy.config.paths
@@ -29,6 +27,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astroquery.skyview import conf as skyview_conf
 
+from conftest import cli_env
 from standalone_training import (
     MASTRealDataset,
     real_tile_pair,
@@ -562,9 +561,10 @@ def _astroquery_config(tmp_path, skyview_url):
 
 def _train(tmp_path, *args, env=None):
     cmd = [sys.executable, str(Path(__file__).parent / "run_standalone_training.py"), "--mode", "quick", "--samples", "8", "--test-samples", "4", "--no-mlflow", "--no-energy", *args]
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=cli_env(**(env or {})))
 
 
+@pytest.mark.slow
 def test_quick_training_on_a_local_fits_directory_is_all_real(tmp_path):
     fits_dir = tmp_path / "fits"
     fits_dir.mkdir()
@@ -577,6 +577,7 @@ def test_quick_training_on_a_local_fits_directory_is_all_real(tmp_path):
     assert data["frames"] == ["m13 / local FITS"] and len(data["failures"]) == 1
 
 
+@pytest.mark.slow
 def test_cli_mast_with_unreachable_service_falls_back_or_fails_on_one_line(skyview, tmp_path):
     skyview.mode = "500"
     url = skyview_conf.url
@@ -595,13 +596,14 @@ def test_cli_mast_with_unreachable_service_falls_back_or_fails_on_one_line(skyvi
     assert not (tmp_path / "run2" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["null", "[]"])
 def test_cli_fetch_with_a_manifest_of_the_wrong_type_ignores_it_and_refetches(skyview, tmp_path, content):
     """A manifest that is not a mapping is ignored with a warning, never an AttributeError traceback."""
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "manifest.json").write_text(content)
-    env = {**os.environ, "XDG_CONFIG_HOME": str(_astroquery_config(tmp_path, skyview_conf.url))}
+    env = cli_env(XDG_CONFIG_HOME=str(_astroquery_config(tmp_path, skyview_conf.url)))
     cmd = [sys.executable, str(Path(__file__).parent / "standalone_training.py"), "fetch", "--targets", "M13", "--surveys", "DSS2 Red",
            "--cache-dir", str(cache), "--retries", "0", "--timeout", "5"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)

@@ -22,6 +22,7 @@ import torch
 from astropy.io import fits
 
 import standalone_training as st
+from conftest import cli_env
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -54,10 +55,11 @@ def m13() -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# 1. The null battery
+# The null battery
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_battery_covers_simulated_and_real_frames(frames, battery):
     names = [f.name for f in frames]
     assert sum(n.startswith("simulated") for n in names) == 2 and any("M13" in n for n in names)
@@ -67,11 +69,13 @@ def test_the_battery_covers_simulated_and_real_frames(frames, battery):
     assert kinds == {"identical", "noise", "flux", "seeing"}
 
 
+@pytest.mark.slow
 def test_identical_pairs_give_zero_detections(battery):
     for report in battery["frames"]:
         assert report["identical_detections"] == 0, report["frame"]
 
 
+@pytest.mark.slow
 def test_noise_only_pairs_stay_under_one_false_detection_per_megapixel(battery):
     """Every depth ratio from 1/3 to 10 and every noise level from 1/4 to 4x the frame's own."""
     for report in battery["frames"]:
@@ -81,6 +85,7 @@ def test_noise_only_pairs_stay_under_one_false_detection_per_megapixel(battery):
                 assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (report["frame"], case)
 
 
+@pytest.mark.slow
 def test_seeing_mismatch_pairs_give_no_false_detection(battery):
     """The science epoch blurred to 1.25x and 1.5x the frame's seeing: PSF matching, then nothing."""
     for report in battery["frames"]:
@@ -89,6 +94,7 @@ def test_seeing_mismatch_pairs_give_no_false_detection(battery):
                 assert case["detections"] == 0, (report["frame"], case)
 
 
+@pytest.mark.slow
 def test_flux_ratio_pairs_stay_under_one_false_detection_per_megapixel(battery):
     for report in battery["frames"]:
         for case in report["cases"]:
@@ -98,6 +104,7 @@ def test_flux_ratio_pairs_stay_under_one_false_detection_per_megapixel(battery):
                 assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (report["frame"], case)
 
 
+@pytest.mark.slow
 def test_the_documented_null_figures_are_what_the_battery_measures(battery):
     """`evaluate` wrote the documented battery with the same frames, seeds and weights."""
     documented = DOCUMENTED["null"]["summary"]
@@ -111,7 +118,7 @@ def test_the_documented_null_figures_are_what_the_battery_measures(battery):
 
 
 # ----------------------------------------------------------------------------
-# 2. Borders, odd sizes and missing pixels
+# Borders, odd sizes and missing pixels
 # ----------------------------------------------------------------------------
 
 BORDER_SIZES = [17, 24, 31, 33, 47, 63, 100, 118, 150, 180, 200, 208, 255, 257, 300]
@@ -159,7 +166,7 @@ def test_missing_pixels_normalise_to_blank_sky_the_same_way_every_time():
 
 
 # ----------------------------------------------------------------------------
-# 3. One photometric scale: the flux ratio
+# One photometric scale: the flux ratio
 # ----------------------------------------------------------------------------
 
 FLUX_RATIOS = [0.1, 0.3, 1.0, 3.0, 10.0]
@@ -244,7 +251,7 @@ def test_identical_frames_have_a_silent_difference():
 
 
 # ----------------------------------------------------------------------------
-# 4. The significance of a difference, and the gate
+# The significance of a difference, and the gate
 # ----------------------------------------------------------------------------
 
 
@@ -273,14 +280,15 @@ def test_the_gate_drops_components_the_difference_does_not_support():
 
 
 # ----------------------------------------------------------------------------
-# 5. predict on null pairs, through the CLI
+# predict on null pairs, through the CLI
 # ----------------------------------------------------------------------------
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_predict_on_m13_against_itself_and_at_three_times_its_flux_finds_nothing(tmp_path):
     frame = m13()
     fits.PrimaryHDU(frame).writeto(tmp_path / "m13.fits")
@@ -295,6 +303,7 @@ def test_predict_on_m13_against_itself_and_at_three_times_its_flux_finds_nothing
         assert (tmp_path / name / "detections.csv").read_text().splitlines() == [",".join(st.DETECTION_COLUMNS)]
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_pair_it_cannot_put_on_one_scale_in_one_line(tmp_path):
     rng = np.random.default_rng(8)
     for name in ("ref", "sci"):
@@ -308,7 +317,7 @@ def test_predict_refuses_a_pair_it_cannot_put_on_one_scale_in_one_line(tmp_path)
 
 
 # ----------------------------------------------------------------------------
-# 6. The training sky: randomised, with null pairs, and the default sky untouched
+# The training sky: randomised, with null pairs, and the default sky untouched
 # ----------------------------------------------------------------------------
 
 
@@ -358,7 +367,7 @@ def test_plain_fields_of_the_training_sky_follow_the_plain_sky():
 
 
 # ----------------------------------------------------------------------------
-# 7. Seeing: measured on the same stars, matched before differencing
+# Seeing: measured on the same stars, matched before differencing
 # ----------------------------------------------------------------------------
 
 
@@ -391,13 +400,14 @@ def test_a_blurred_science_epoch_is_measured_and_matched(frames):
     assert np.abs(st.scaled_difference(frame, science, statistics)).max() < 0.5 * np.abs(st.scaled_difference(frame, science, unmatched)).max()
 
 
+@pytest.mark.slow
 def test_init_weights_of_another_width_is_refused_in_one_line(tmp_path):
     narrow = st.StandaloneUNet(width=8)
     st.save_checkpoint(tmp_path / "narrow.pt", {"model": narrow.state_dict(), "model_config": narrow.config})
     result = subprocess.run(
         [sys.executable, str(HERE / "standalone_training.py"), "train", "--samples", "8", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
          "--test-samples", "2", "--no-mlflow", "--no-energy", "--device", "cpu", "--init-weights", str(tmp_path / "narrow.pt"), "--output-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
+        env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "init-weights" in result.stderr and "width" in result.stderr and "Traceback" not in result.stderr

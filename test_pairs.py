@@ -15,28 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 from regions import Regions
 
 import standalone_training as st
+from conftest import cli_env
 
 HERE = Path(__file__).resolve().parent
 SIZE = 64  # px: one network window per pair
 GOOD = ("a", "b", "c", "d")
 BAD = "bad"
 CRVAL = (150.1, 2.2)  # deg, an arbitrary field
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the machine is shared, and oversubscribed threads are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def science_wcs() -> WCS:
@@ -77,7 +68,7 @@ def pair_list(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(HERE / "standalone_training.py"), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 def combined(path: Path) -> list[dict]:
@@ -95,6 +86,7 @@ def first_run(pair_list, tmp_path_factory):
     return out, first, again, stamps
 
 
+@pytest.mark.slow
 def test_a_list_with_one_bad_pair_does_four_and_reports_the_bad_one_in_one_line(first_run):
     out, first, _, _ = first_run
     assert first.returncode == 2, first.stderr
@@ -110,6 +102,7 @@ def test_a_list_with_one_bad_pair_does_four_and_reports_the_bad_one_in_one_line(
     assert list(rows[0])[:2] == ["pair", "directory"] and list(rows[0])[2:] == list(st.DETECTION_COLUMNS)
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_the_complete_pairs_and_rewrites_nothing(first_run):
     out, _, again, stamps = first_run
     assert again.returncode == 2
@@ -150,6 +143,7 @@ def test_under_torchrun_each_rank_takes_its_shard(monkeypatch):
     assert st.parse_shard(None) == (0, 1)
 
 
+@pytest.mark.slow
 def test_the_detections_of_a_listed_pair_are_those_of_single_pair_predict(first_run, pair_list, tmp_path, capsys):
     out = first_run[0]
     for name in ("a", "c"):
@@ -165,6 +159,7 @@ def test_the_detections_of_a_listed_pair_are_those_of_single_pair_predict(first_
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_the_ecsv_catalogue_reads_back_with_units_and_its_provenance(first_run, pair_list):
     directory = st.path_inside(first_run[0], "a")
     table = Table.read(directory / "detections.ecsv", format="ascii.ecsv")
@@ -179,6 +174,7 @@ def test_the_ecsv_catalogue_reads_back_with_units_and_its_provenance(first_run, 
     assert table.meta["science"].endswith("a_sci.fits") and table.meta["reference"].endswith("a_ref.fits")
 
 
+@pytest.mark.slow
 def test_the_ds9_regions_open_on_the_image_where_the_detections_are(first_run):
     directory = st.path_inside(first_run[0], "a")
     regions = Regions.read(directory / "detections.reg", format="ds9")
@@ -191,6 +187,7 @@ def test_the_ds9_regions_open_on_the_image_where_the_detections_are(first_run):
         assert pixel.radius >= 5.0
 
 
+@pytest.mark.slow
 def test_a_pair_list_without_its_columns_is_refused_in_one_line(tmp_path):
     (tmp_path / "pairs.csv").write_text("sci,ref\na.fits,b.fits\n")
     result = run_cli("predict", "--pairs", "pairs.csv", "--output-dir", "out", cwd=tmp_path)
@@ -198,6 +195,7 @@ def test_a_pair_list_without_its_columns_is_refused_in_one_line(tmp_path):
     assert "needs the columns science, reference" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--pairs", "pairs.csv", "--science", "a.fits"], "give exactly one of --science FITS (with --reference) or --pairs CSV"),
     (["--science", "a.fits", "--reference", "b.fits", "--shard", "0/2"], "--shard splits a --pairs list"),

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
 import re
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 import standalone_training as st
+from conftest import cli_env
 from standalone_training import (
     DEFAULT_WEIGHTS,
     POINT_TYPES,
@@ -55,16 +54,6 @@ DEMO_SAMPLES, DEMO_SIZE, DEMO_SEED, DEMO_SNR = 8, 128, 1, (20.0, 100.0)
 # The evaluation STANDALONE_TRAINING.md documents for the shipped weights.
 DOCUMENTED = json.loads((Path(__file__).resolve().parent / "docs" / "evaluation" / "evaluation.json").read_text())
 CLI_SAMPLE = 0  # this pair goes through the real command line, with a WCS on its science image
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine oversubscribed OpenMP threads make
-    torch an order of magnitude slower, and the subprocesses run beside us."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------
@@ -105,10 +94,6 @@ def point_source_pair(shape: tuple[int, int], sources: list[tuple[float, float]]
     reference = sky + static + rng.normal(0, np.sqrt(sky / 4), shape)
     science = sky + static + render_points(shape, xs, ys, np.full(len(xs), flux), psf) + rng.normal(0, np.sqrt(sky), shape)
     return reference, science
-
-
-def cli_env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
 
 
 class Result(NamedTuple):
@@ -261,10 +246,11 @@ def catalogues(demo_outputs):
 
 
 # ----------------------------------------------------------------------------
-# 1. Injected anomalies are recovered
+# Injected anomalies are recovered
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_recovers_injected_anomalies(demo_set, catalogues):
     """Point-like anomalies (transient, variable star, supernova) at SNR >= 20 are found by
     `predict` exactly as `evaluate`'s path finds them on the same pairs (whose figures
@@ -292,6 +278,7 @@ def test_predict_recovers_injected_anomalies(demo_set, catalogues):
     assert false / DEMO_SAMPLES <= 0.5, f"{false} false detections in {DEMO_SAMPLES} images"
 
 
+@pytest.mark.slow
 def test_predict_sees_a_pair_as_evaluate_does(demo_set, demo_outputs):
     """The documented figures come from `evaluate`, which normalises a simulated pair with the
     simulator's own seeing; `predict` measures the seeing on the pair's stars and records it
@@ -310,10 +297,11 @@ def test_predict_sees_a_pair_as_evaluate_does(demo_set, demo_outputs):
 
 
 # ----------------------------------------------------------------------------
-# 2-3. The catalogue and the probability map
+# The catalogue and the probability map
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_detections_csv_columns_order_and_type(catalogues):
     """x, y, ra, dec, score, area_px, type (at least, in this order); best score first."""
     assert sum(len(rows) for _, rows in catalogues.values()) > 0
@@ -326,6 +314,7 @@ def test_detections_csv_columns_order_and_type(catalogues):
         assert all(0 <= r["x"] <= DEMO_SIZE - 1 and 0 <= r["y"] <= DEMO_SIZE - 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_ra_dec_are_astropy_wcs_of_x_y(files, catalogues):
     """ra/dec are the science header's WCS at (x, y), 0-based pixels, x = column."""
     rows = catalogues[CLI_SAMPLE][1]
@@ -341,12 +330,14 @@ def test_ra_dec_are_astropy_wcs_of_x_y(files, catalogues):
     assert abs(r["ra"] - one_based.ra.deg) > 1e-4 or abs(r["dec"] - one_based.dec.deg) > 1e-4
 
 
+@pytest.mark.slow
 def test_without_wcs_ra_dec_are_empty(catalogues):
     rows = [r for i, (_, rs) in catalogues.items() if i != CLI_SAMPLE for r in rs]
     assert rows
     assert all(r["ra"] is None and r["dec"] is None for r in rows)
 
 
+@pytest.mark.slow
 def test_mask_fits_is_a_probability_map_on_the_science_grid(files, demo_outputs):
     """mask.fits: the image's shape, values in [0, 1], the science WCS, the weights and threshold used."""
     science_wcs = WCS(fits.getheader(files[f"sci{CLI_SAMPLE}"]))
@@ -369,13 +360,14 @@ def test_mask_fits_is_a_probability_map_on_the_science_grid(files, demo_outputs)
             assert a.separation(b).deg < 1e-9
 
 
+@pytest.mark.slow
 def test_overlay_png_is_written(demo_outputs):
     for out in demo_outputs.values():
         assert (out / "overlay.png").read_bytes()[:8] == PNG_MAGIC
 
 
 # ----------------------------------------------------------------------------
-# 4. Any size: odd shapes, x is the column, large frames across window seams
+# Any size: odd shapes, x is the column, large frames across window seams
 # ----------------------------------------------------------------------------
 
 
@@ -411,6 +403,7 @@ def large_run(tmp_path_factory):
     return sources, rows, root / "out"
 
 
+@pytest.mark.slow
 def test_large_frame_finds_sources_across_window_seams(large_run):
     """Each source, seams included, is one detection within 2 px: a seam neither hides nor splits it."""
     sources, rows, _ = large_run
@@ -421,6 +414,7 @@ def test_large_frame_finds_sources_across_window_seams(large_run):
         assert sum(np.hypot(r["x"] - x, r["y"] - y) <= 6 for r in rows) == 1, f"source at ({x}, {y}) split"
 
 
+@pytest.mark.slow
 def test_large_frame_outputs(large_run):
     _, rows, out = large_run
     assert fits.getdata(out / "mask.fits").shape == (2048, 2048)
@@ -430,7 +424,7 @@ def test_large_frame_outputs(large_run):
 
 
 # ----------------------------------------------------------------------------
-# 6-7. NaN and pixel units
+# NaN and pixel units
 # ----------------------------------------------------------------------------
 
 
@@ -444,6 +438,7 @@ def bright_point(demo_set, catalogues) -> tuple[int, dict]:
     pytest.fail("no detected bright point anomaly in the demo set")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch", ["science", "reference"])
 def test_nan_block_runs_with_zero_probability_and_no_detection_there(tmp_path, demo_set, catalogues, epoch):
     """A block of NaN (a chip gap, a masked satellite trail) over a detected anomaly: no claim there."""
@@ -462,6 +457,7 @@ def test_nan_block_runs_with_zero_probability_and_no_detection_there(tmp_path, d
         assert not inside, f"detection {r} lies in the NaN block"
 
 
+@pytest.mark.slow
 def test_pixel_units_are_arbitrary(tmp_path, demo_set, files, catalogues):
     """ADU, e-, or photographic density: 1000 x image + 5e4 gives the same detections."""
     i = max(catalogues, key=lambda k: len(catalogues[k][1]))
@@ -477,7 +473,7 @@ def test_pixel_units_are_arbitrary(tmp_path, demo_set, files, catalogues):
 
 
 # ----------------------------------------------------------------------------
-# 5. Refusals: one line, non-zero exit, no traceback
+# Refusals: one line, non-zero exit, no traceback
 # ----------------------------------------------------------------------------
 
 REFUSALS = {
@@ -514,6 +510,7 @@ def test_refusals_are_one_line(case, files, tmp_path, capsys):
     assert not (tmp_path / "out" / "detections.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [("mismatch", "differ in shape"), ("offline", "could not fetch a reference from DSS2 Red")])
 def test_cli_refusals_exit_non_zero_without_traceback(jobs, name, expected):
     """A real process: exit status 2, one `astrid: error:` line, no traceback; offline fails fast."""
@@ -528,7 +525,7 @@ def test_cli_refusals_exit_non_zero_without_traceback(jobs, name, expected):
 
 
 # ----------------------------------------------------------------------------
-# 8. The default weights
+# The default weights
 # ----------------------------------------------------------------------------
 
 
@@ -541,6 +538,7 @@ def test_default_weights_load_are_small_and_carry_a_threshold():
     assert isinstance(threshold, float) and 0 < threshold < 1, f"threshold {threshold!r}"
 
 
+@pytest.mark.slow
 def test_evaluate_without_checkpoint_reproduces_the_documented_figures(jobs):
     """`evaluate` with no --checkpoint uses the shipped weights and gives the figures documented
     in STANDALONE_TRAINING.md (docs/evaluation/evaluation.json: the same command, same seed).
