@@ -2841,7 +2841,7 @@ class CombinedLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Metrics and object matching: pixels, components, completeness, the classical baselines (docs/science.md, section 5)
+# Metrics: pixels, components, object matching, completeness, the classical baselines (docs/science.md, section 5)
 # ----------------------------------------------------------------------------
 
 def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0.5) -> dict[str, float | None]:
@@ -4095,7 +4095,7 @@ def load_predictor(*, checkpoint: str | None, threshold: float | None, device: s
 
 
 # ----------------------------------------------------------------------------
-# Finding changes in a pair: windows, the gate, null tests
+# Finding changes: windows over a pair, the significance gate, null tests
 # ----------------------------------------------------------------------------
 
 PREDICT_TILE = 1536  # px, the largest network window (a multiple of 16): at most ~1 GB of activations (410 B per px at width 16)

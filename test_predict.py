@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 MODULE = HERE / "standalone_training.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["x", "y", "ra", "dec", "score", "significance", "area_px", "type"]  # the documented order
-MATCH_RADIUS = 3.0  # px, the evaluation's matching radius (SCIENCE.md section 5)
+MATCH_RADIUS = st.MATCH_RADIUS  # px, the evaluation's matching radius (docs/science.md section 5)
 CRVAL = (150.1, 2.2)  # deg, an arbitrary field (COSMOS)
 ARCSEC = 1 / 3600  # deg
 

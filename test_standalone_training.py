@@ -11,6 +11,7 @@ fixture. The CLI's refusals of bad input are the table in test_faults.py.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import math
@@ -952,7 +953,7 @@ def test_baseline_finds_snr20_point_source(sign):
     rng = np.random.default_rng(3)
     psf, sigma = gaussian_psf(), 2.0
     image = rng.normal(0.0, sigma, size=(128, 128))
-    # Flux giving SNR 20 = F sqrt(sum P^2) / sigma (SCIENCE.md section 3, white noise).
+    # Flux giving SNR 20 = F sqrt(sum P^2) / sigma (docs/science.md section 3, white noise).
     flux = 20 * sigma / np.sqrt(np.sum(psf**2))
     x0, y0 = 40, 70
     image[y0 - 7:y0 + 8, x0 - 7:x0 + 8] += sign * flux * psf
@@ -1577,3 +1578,59 @@ def test_demo_walks_through_every_step_and_writes_only_under_its_output_dir(tmp_
     assert (out / "evaluation" / "evaluation.json").is_file()
     assert (out / "mlflow.db").is_file() and (out / "mlartifacts").is_dir()
     assert list(cwd.iterdir()) == [], "the demo must not litter the working directory"
+
+
+# ----------------------------------------------------------------------------
+# The module and its documents read on their own
+# ----------------------------------------------------------------------------
+
+
+def _top_level_names(node: ast.stmt) -> set[str]:
+    """The module-level names a top-level statement binds."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def test_the_module_uses_no_name_above_the_line_that_defines_it():
+    """Scrolling down standalone_training.py never meets a module-level name defined further down."""
+    body = ast.parse(MODULE.read_text()).body
+    defined_at = {}
+    for index, node in enumerate(body):
+        for name in _top_level_names(node):
+            defined_at.setdefault(name, index)
+    forward = sorted(
+        f"line {use.lineno}: {use.id} (defined at line {body[defined_at[use.id]].lineno})"
+        for index, node in enumerate(body)
+        for use in ast.walk(node)
+        if isinstance(use, ast.Name) and isinstance(use.ctx, ast.Load)
+        and defined_at.get(use.id, -1) > index and use.id not in _top_level_names(node)
+    )
+    assert forward == []
+
+
+def test_the_module_docstring_lists_every_section():
+    """Each `# ----` section of the module is named in the module docstring's map."""
+    text = MODULE.read_text()
+    titles = re.findall(r"^# -{70,}\n# ([^\n]+)\n# -{70,}$", text, flags=re.M)
+    assert len(titles) >= 14
+    listed = ast.get_docstring(ast.parse(text)).lower()
+    for title in titles:
+        head, _, rest = title.lower().partition(":")
+        name = rest.split(",")[0].split()[0] if head == "command" else head  # "Command: predict, ..." lists predict
+        assert name in listed, title
+
+
+@pytest.mark.parametrize("document", ["README.md", "STANDALONE_TRAINING.md", "docs/science.md", "docs/benchmarks/README.md"])
+def test_every_link_of_a_document_is_a_file_of_the_repository(document):
+    """Relative links resolve inside the repository: nothing is cited that a clone lacks."""
+    path = HERE / document
+    targets = re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+    local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+://|#|mailto:", t)]
+    assert local, f"{document} links to no file"
+    for target in local:
+        resolved = (path.parent / target).resolve()
+        assert resolved.exists() and resolved.is_relative_to(HERE), f"{document} links to {target}"
