@@ -990,7 +990,7 @@ def _place_anomaly(
     raise ValueError(msg)
 
 
-def _anomaly_profile(obj: dict, shape: tuple[int, int], psf: PSF) -> tuple[np.ndarray, tuple[slice, slice]]:
+def _anomaly_profile(obj: Truth, shape: tuple[int, int], psf: PSF) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Unit-flux science-epoch profile of an anomaly (its PSF, or its trailed PSF), boxed.
 
     Returns the box and where it lies in the frame, as :func:`render_points_box` does.

@@ -308,6 +308,27 @@ def test_truth_snr_is_the_requested_snr_in_the_simulator():
         assert np.all(np.abs(np.array(values) / 20.0 - 1) < 0.05), (kind, min(values), max(values))
 
 
+def test_every_truth_row_carries_the_keys_of_its_type():
+    """Truth rows hold type, x, y and snr, plus their type's own keys; no placement parameter leaks in."""
+    own = {"variable_star": {"reference_flux", "flux"}, "supernova": {"host_x", "host_y", "flux"}, "asteroid": {"x1", "y1", "x2", "y2", "flux"},
+           "transient": {"flux"}, "cosmic_ray": {"epoch", "n_pixels"}, "hot_pixel": {"shape"}, "dipole": {"source"}}
+    allowed = set(st.Truth.__annotations__)
+    seen = set()
+    ds = SyntheticAstronomicalDataset(40, image_size=64, seed=5)
+    for i in range(len(ds)):
+        for row in ds.truth(i):
+            assert {"type", "x", "y", "snr"} | own[row["type"]] <= set(row) <= allowed, row
+            seen.add(row["type"])
+    assert seen == set(own)
+
+
+def test_placing_an_unknown_anomaly_type_is_refused():
+    """A misspelt kind raises, rather than silently becoming an asteroid."""
+    with pytest.raises(ValueError, match="unknown anomaly type 'comet'"):
+        st._place_anomaly(np.random.default_rng(0), "comet", size=64, shift=(0.0, 0.0), stars=(np.zeros(0), np.zeros(0), np.zeros(0)),
+                          galaxies=[], variable_candidates=[], hosts_left=[], sky=st.SkyConfig())
+
+
 # A sky with nothing that leaves a residual of its own: perfect registration, identical seeing
 # and no detector bogus, so the difference image is the anomalies plus noise.
 CLEAN_SKY = dict(registration_error=0.0, seeing_ratio=(1.0, 1.0), moffat_beta=(3.5, 3.5), cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0)
