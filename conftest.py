@@ -12,12 +12,21 @@ Helpers, imported by the test files (``from conftest import cli_env, free_port``
 
 - ``cli_env()``: the environment for ``python standalone_training.py ...`` subprocesses.
 - ``free_port()``: a TCP port on 127.0.0.1 that nothing listens on.
+- ``start_mlflow_server(directory)``, ``healthy(url)``, ``kill_group(proc)``: a real
+  ``mlflow server`` on 127.0.0.1 (sqlite store and proxied artifacts in `directory`), whether
+  it answers, and killing it with its workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +65,37 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on 127.0.0.1 in its own process group (so that it can be killed whole)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with open(directory / "server.log", "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
+             "--artifacts-destination", str(directory / "artifacts"), "--serve-artifacts", "--workers", "1"],
+            cwd=directory, env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def healthy(url: str) -> bool:
+    """Whether an MLflow server at `url` answers its /health check."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process started in its own session, with every worker it forked."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,15 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import resource
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -38,7 +35,7 @@ import pytest
 from astropy.io import fits
 
 import standalone_training as st
-from conftest import cli_env, free_port
+from conftest import cli_env, healthy, kill_group, start_mlflow_server
 from test_faults import IS_ROOT, MODULE, OFFLINE, PERMISSION_BITS_BIND, Job, describe, drive, exited, mlflow_client, nonblank_lines, strays, write_lying_fits
 
 # One epoch of 6 train / 2 validation samples of 32x32 px: the smallest run that writes everything.
@@ -65,35 +62,6 @@ def is_png_file(path: Path) -> bool:
 # ----------------------------------------------------------------------------
 # Servers: a real MLflow server, and a stub whose API fails
 # ----------------------------------------------------------------------------
-
-
-def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on 127.0.0.1 in its own process group (so that it can be killed whole)."""
-    directory.mkdir(parents=True)
-    port = free_port()
-    with open(directory / "server.log", "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
-             "--artifacts-destination", str(directory / "artifacts"), "--serve-artifacts", "--workers", "1"],
-            cwd=directory, env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 class _BrokenApi(BaseHTTPRequestHandler):

@@ -12,16 +12,13 @@ fixture. The CLI's refusals of bad input are the table in test_faults.py.
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +29,7 @@ from scipy import stats
 
 import run_standalone_training as runner
 import standalone_training as st
-from conftest import cli_env, free_port
+from conftest import cli_env, healthy, kill_group, start_mlflow_server
 from standalone_training import (
     ANOMALY_TYPES,
     BOGUS_TYPES,
@@ -1519,39 +1516,17 @@ def test_same_seed_gives_byte_identical_metrics(offline_runs):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts in tmp."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts", "--workers", "1"],
-            cwd=tmp_path, env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    directory = tmp_path / "server"
+    proc, url = start_mlflow_server(directory)
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
+        while not healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not become healthy; log tail:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"mlflow server did not become healthy; log tail:\n{(directory / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield dict(url=url, artifacts=tmp_path / "artifacts")
+        yield dict(url=url, artifacts=directory / "artifacts")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        kill_group(proc)
 
 
 @pytest.mark.slow
