@@ -422,25 +422,26 @@ def test_best_pt_is_the_best_epochs_own_state(runs):
     assert last["kind"] == "last" and len(last["history"]) == last["epoch"] == EPOCHS
 
 
-@pytest.mark.slow
-def test_resume_from_best_pt_is_refused_with_the_reason(runs):
-    job = runs.jobs["resume_best"]
+def the_only_error_line(job: Job) -> str:
+    """A refusal's whole stderr: exit status 2, no traceback, exactly one `astrid: error:` line."""
     assert job.rc == 2, describe(job)
     assert "Traceback" not in job.stderr, describe(job)
     lines = nonblank_lines(job.stderr)
     assert len(lines) == 1 and lines[0].startswith("astrid: error: "), describe(job)
-    assert "best epoch's weights" in lines[0] and "last.pt" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_resume_from_best_pt_is_refused_with_the_reason(runs):
+    line = the_only_error_line(runs.jobs["resume_best"])
+    assert "best epoch's weights" in line and "last.pt" in line
     assert sorted(p.name for p in (runs.root / "best_copy").iterdir()) == ["best.pt"], "nothing written beside it"
 
 
 @pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_architecture_in_one_line(runs):
-    job = runs.jobs["resume_other_architecture"]
-    assert job.rc == 2, describe(job)
-    assert "Traceback" not in job.stderr, describe(job)
-    lines = nonblank_lines(job.stderr)
-    assert len(lines) == 1 and lines[0].startswith("astrid: error: "), describe(job)
-    assert "different architecture" in lines[0] and "vs (16," in lines[0]
+    line = the_only_error_line(runs.jobs["resume_other_architecture"])
+    assert "different architecture" in line and "vs (16," in line
     assert not (runs.root / "tampered" / "metrics.json").exists()
 
 

@@ -69,6 +69,14 @@ def test_the_battery_covers_simulated_and_real_frames(frames, battery):
     assert kinds == {"identical", "noise", "flux", "seeing"}
 
 
+def cases_of(battery: dict, kind: str):
+    """(frame name, case) for every null pair of one kind, over every frame of the battery."""
+    for report in battery["frames"]:
+        for case in report["cases"]:
+            if case["kind"] == kind:
+                yield report["frame"], case
+
+
 @pytest.mark.slow
 def test_identical_pairs_give_zero_detections(battery):
     for report in battery["frames"]:
@@ -78,30 +86,24 @@ def test_identical_pairs_give_zero_detections(battery):
 @pytest.mark.slow
 def test_noise_only_pairs_stay_under_one_false_detection_per_megapixel(battery):
     """Every depth ratio from 1/3 to 10 and every noise level from 1/4 to 4x the frame's own."""
-    for report in battery["frames"]:
-        for case in report["cases"]:
-            if case["kind"] == "noise":
-                assert "refused" not in case, case
-                assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (report["frame"], case)
+    for frame, case in cases_of(battery, "noise"):
+        assert "refused" not in case, case
+        assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (frame, case)
 
 
 @pytest.mark.slow
 def test_seeing_mismatch_pairs_give_no_false_detection(battery):
     """The science epoch blurred to 1.25x and 1.5x the frame's seeing: PSF matching, then nothing."""
-    for report in battery["frames"]:
-        for case in report["cases"]:
-            if case["kind"] == "seeing":
-                assert case["detections"] == 0, (report["frame"], case)
+    for frame, case in cases_of(battery, "seeing"):
+        assert case["detections"] == 0, (frame, case)
 
 
 @pytest.mark.slow
 def test_flux_ratio_pairs_stay_under_one_false_detection_per_megapixel(battery):
-    for report in battery["frames"]:
-        for case in report["cases"]:
-            if case["kind"] == "flux":
-                assert "refused" not in case, case
-                assert case["fitted_flux_ratio"] == pytest.approx(case["flux_ratio"], rel=0.02), case
-                assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (report["frame"], case)
+    for frame, case in cases_of(battery, "flux"):
+        assert "refused" not in case, case
+        assert case["fitted_flux_ratio"] == pytest.approx(case["flux_ratio"], rel=0.02), case
+        assert case["per_megapixel"] <= MAX_FALSE_PER_MEGAPIXEL, (frame, case)
 
 
 @pytest.mark.slow
