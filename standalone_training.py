@@ -4907,6 +4907,25 @@ class TrainingDiverged(AstridError):
     """The monitored metric was never finite: the NaN early stop ended the run with no model."""
 
 
+def _test_headline(evaluation: dict) -> dict:
+    """The figures of an end-of-run evaluation that metrics.json and MLflow carry as ``test``."""
+    network, baseline, null = evaluation["network"], evaluation["baseline"], evaluation["null"]["summary"]
+    return {
+        "pixel": evaluation["pixel"],
+        "completeness": network["completeness"]["overall"]["value"],
+        "purity": network["purity"]["value"],
+        "false_detections_per_image": network["false_detections_per_image"]["value"],
+        "snr50": network["snr50"]["overall"],
+        "bogus_pass_rate": network["bogus_pass_rate"]["overall"]["value"],
+        "baseline_snr50": baseline["snr50"]["overall"],
+        "baseline_false_detections_per_image": baseline["false_detections_per_image"]["value"],
+        "null_identical_detections": null["identical_detections"],
+        "null_noise_per_megapixel_max": null["noise_per_megapixel_max"],
+        "null_flux_per_megapixel_max": null["flux_per_megapixel_max"],
+        "null_refused": null["refused"],
+    }
+
+
 class StandaloneTrainer:
     """Train a StandaloneUNet: validation, early stopping, checkpoints, MLflow, energy.
 
@@ -5351,20 +5370,7 @@ class StandaloneTrainer:
             "stopped_reason": self.stopper.stop_reason or "completed all epochs",
             "threshold": threshold,
             "val": {"loss": val_loss, **pixel_metrics(probs, masks, threshold=threshold)},
-            "test": {
-                "pixel": evaluation["pixel"],
-                "completeness": evaluation["network"]["completeness"]["overall"]["value"],
-                "purity": evaluation["network"]["purity"]["value"],
-                "false_detections_per_image": evaluation["network"]["false_detections_per_image"]["value"],
-                "snr50": evaluation["network"]["snr50"]["overall"],
-                "bogus_pass_rate": evaluation["network"]["bogus_pass_rate"]["overall"]["value"],
-                "baseline_snr50": evaluation["baseline"]["snr50"]["overall"],
-                "baseline_false_detections_per_image": evaluation["baseline"]["false_detections_per_image"]["value"],
-                "null_identical_detections": evaluation["null"]["summary"]["identical_detections"],
-                "null_noise_per_megapixel_max": evaluation["null"]["summary"]["noise_per_megapixel_max"],
-                "null_flux_per_megapixel_max": evaluation["null"]["summary"]["flux_per_megapixel_max"],
-                "null_refused": evaluation["null"]["summary"]["refused"],
-            },
+            "test": _test_headline(evaluation),
             "data": self.data_info,
             "world_size": dist.world_size,
             "parameter_checksums": checksums,
