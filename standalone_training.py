@@ -6,7 +6,10 @@ One module, read top to bottom in the order data flows; each section is marked b
     Utilities            errors, atomic writes, JSON, safe paths, robust statistics
     Configuration        SkyConfig, TrainConfig, presets, input checks, seeding
     Sky simulation       PSFs, stars, galaxies, noise, changes and bogus, their truth records
-    Normalisation        seeing and flux scale of a pair, the one normalisation, significance
+    Normalisation and subtraction
+                         seeing and flux scale of a pair, the one normalisation; then a real
+                         pair's subtraction: pixels as data, local backgrounds, registration,
+                         PSFs, the flux ratio from the best source, ZOGY's S_corr, candidates
     Real sky             FITS reading, network discipline, targets, the cache, surveys, tiling
     Datasets             synthetic, real (injection-recovery), mixed
     Model                the U-Net and its memory estimate
@@ -72,7 +75,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 from requests.adapters import HTTPAdapter
-from scipy import ndimage, optimize, special, signal as sp_signal
+from scipy import ndimage, optimize, spatial, special, signal as sp_signal
 
 log = logging.getLogger("astrid")
 
@@ -278,13 +281,51 @@ def path_inside(directory, name, *, suffix=""):
 MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian per unit median absolute deviation
 
 
+# Quantised pixels (plate scans, integer-rounded frames) make the MAD jump in whole steps: at a
+# step of 3 sigma most values equal the median and the MAD is 0. When the core of the values
+# holds fewer distinct levels than this, the noise is taken from a clipped standard deviation.
+QUANTISED_LEVELS = 40
+CLIP_SIGMA = 3.0
+CLIPPED_STD_CORRECTION = 1.0135  # std of a Gaussian clipped at +-3 sigma is 0.9867 sigma
+
+
+def _clipped_std(values: np.ndarray, *, centre: float) -> float:
+    """Iteratively 3-sigma-clipped standard deviation about `centre`, corrected to a Gaussian sigma."""
+    sigma = float(np.std(values))
+    for _ in range(5):
+        kept = values[np.abs(values - centre) <= CLIP_SIGMA * sigma]
+        if kept.size < 2:
+            break
+        sigma_new = float(np.std(kept)) * CLIPPED_STD_CORRECTION
+        if not sigma_new > 0 or abs(sigma_new - sigma) <= 1e-3 * sigma:
+            sigma = sigma_new if sigma_new > 0 else sigma
+            break
+        sigma = sigma_new
+    return sigma
+
+
 def robust_sigma(values: np.ndarray) -> float:
-    """Gaussian-equivalent noise, 1.4826 x median absolute deviation, ignoring NaN (NaN if none)."""
+    """Gaussian-equivalent noise of the finite values (NaN if none).
+
+    1.4826 x median absolute deviation, which stars and nebulosity barely move, except on
+    quantised data (fewer than QUANTISED_LEVELS distinct values within 3 sigma of the median),
+    where the MAD moves in whole steps and is 0 at a step of 3 sigma: there it is the
+    3-sigma-clipped standard deviation, which averages over the steps. (A handful of
+    continuous values has as many levels as values, so it is never taken for quantised.)
+    """
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     if finite.size == 0:
         return float("nan")
-    return MAD_TO_SIGMA * float(np.median(np.abs(finite - np.median(finite))))
+    median = float(np.median(finite))
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(finite - median)))
+    if sigma > 0:
+        sample = finite[:: max(1, finite.size // 100_000)]  # the levels of a regular subsample: cheap on large frames
+        core = sample[np.abs(sample - median) <= CLIP_SIGMA * sigma]
+        if np.unique(core).size >= min(QUANTISED_LEVELS, 0.5 * core.size):
+            return sigma
+    clipped = _clipped_std(finite, centre=median)
+    return clipped if clipped > 0 else sigma
 
 
 def robust_background(image: np.ndarray) -> tuple[float, float]:
@@ -1221,7 +1262,7 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
 
 
 # ----------------------------------------------------------------------------
-# Normalisation: the seeing, the photometric scale and one function for training, evaluation and prediction (docs/science.md, section 4)
+# Normalisation and subtraction: one normalisation everywhere; registration, backgrounds, ZOGY (docs/science.md, sections 4, 8)
 # ----------------------------------------------------------------------------
 
 
@@ -1377,6 +1418,7 @@ class FluxScale(NamedTuple):
     ratio: float
     n_stars: int  # static stars that entered the fit
     agreeing: float  # fraction of them that agree with the fitted relation
+    error: float | None = None  # half the width of the Theil-Sen slope's 95% interval
 FLUX_FIT_MIN_STARS = 10  # fewer static stars cannot pin the ratio down, nor vote out the stars that varied
 FLUX_FIT_MAX_STARS = 500  # the brightest this many: they hold the information, and Theil-Sen is O(n^2)
 FLUX_FIT_SYSTEMATIC = 0.05  # relative scatter allowed beyond the noise: seeing, crowding, colour
@@ -1438,13 +1480,13 @@ def fit_flux_scale(reference: np.ndarray, science: np.ndarray, *, aperture: int 
     if sums_r.size < FLUX_FIT_MIN_STARS:
         msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} static stars above {detection_sigma:g} sigma, need {FLUX_FIT_MIN_STARS}; {advice}"
         raise DataError(msg)
-    ratio, intercept = (float(v) for v in theilslopes(sums_s, sums_r)[:2])
+    ratio, intercept, low, high = (float(v) for v in theilslopes(sums_s, sums_r))
     noise = np.sqrt(box**2 * (sig_s**2 + ratio**2 * sig_r**2) + (FLUX_FIT_SYSTEMATIC * ratio * sums_r) ** 2)
     agreeing = float(np.mean(np.abs(sums_s - ratio * sums_r - intercept) <= 3 * noise))
     if not (ratio > 0 and agreeing >= 0.5):
         msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} stars give a ratio of {ratio:.3g}, but only {agreeing:.0%} of them agree with it; {advice}"
         raise DataError(msg)
-    return FluxScale(ratio, int(sums_r.size), agreeing)
+    return FluxScale(ratio, int(sums_r.size), agreeing, 0.5 * (high - low))
 
 
 # --- One normalisation
@@ -1601,26 +1643,848 @@ def correlate_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
     return sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")  # correlation = convolution with the flipped kernel
 
 
-def difference_significance(reference: np.ndarray, science: np.ndarray, statistics: PairStatistics, *, fwhm: float) -> np.ndarray:
-    """Matched-filter SNR map of the scaled difference, in units of its own measured noise.
+# --- Pixels that are data
 
-    The difference is correlated with the unit-sum Moffat PSF of the given FWHM (beta
-    ASSUMED_MOFFAT_BETA) and divided by the robust noise (1.4826 MAD) of the *filtered* map
-    itself. Measured there, the noise includes whatever correlation the pixels have
-    (resampled or interlaced frames), which a per-pixel sigma would miss, overstating every
-    peak. A difference with no noise of its own (a frame minus a copy of itself) is held to
-    the pair's noise floor, DIFFERENCE_NOISE_FLOOR of the epochs' noise. Pixels where either
-    epoch has no data carry no signal; near the image's edges the filter is zero-padded, so
-    no significance is made up there either.
+# A float32 frame holds light up to ~1e38, but no detector's does: values beyond this are
+# sentinels, overflows or a wild BSCALE, and one such pixel's round-off in an FFT would set
+# the noise of the whole frame.
+PHYSICAL_LIMIT = 1e20
+ZERO_FOOTPRINT = 5  # px: an exact zero whose 5x5 neighbourhood is all zero lies outside a footprint
+
+
+def as_data(image: np.ndarray) -> np.ndarray:
+    """A float64 copy of `image` with NaN wherever a pixel is not a measurement.
+
+    Non-finite pixels, absolute values above PHYSICAL_LIMIT, and exact zeros in blocks of at
+    least ZERO_FOOTPRINT x ZERO_FOOTPRINT px (what resampling tools write outside a frame's
+    footprint) become missing. Missing pixels never enter a background, a noise estimate or a
+    Fourier transform.
     """
-    psf = PSF(fwhm, ASSUMED_MOFFAT_BETA).stamp
-    difference = scaled_difference(reference, science, statistics)
-    filtered = correlate_psf(difference, psf)
-    finite = np.isfinite(difference)
-    s = statistics
-    floor = DIFFERENCE_NOISE_FLOOR * math.hypot(s.sigma_science, s.flux_ratio * s.sigma_reference) * math.sqrt(float(np.sum(psf**2)))
-    noise = max(robust_sigma(filtered[finite]) if finite.any() else 0.0, floor)
-    return filtered / noise
+    data = np.array(image, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        missing = ~np.isfinite(data) | (np.abs(data) > PHYSICAL_LIMIT)
+    zero = data == 0.0
+    if zero.any():
+        block = np.ones((ZERO_FOOTPRINT, ZERO_FOOTPRINT), dtype=bool)
+        core = ndimage.binary_erosion(zero, structure=block, border_value=1)
+        missing |= zero & ndimage.binary_dilation(core, structure=block)
+    data[missing] = np.nan
+    return data
+
+
+# --- Local backgrounds and noise
+
+# SExtractor's mesh (BACK_SIZE 64, BACK_FILTERSIZE 3): large enough that a galaxy or a bright
+# star does not move a mesh's clipped statistics, small enough to follow scattered light,
+# moonlight gradients and nebulae. Smaller frames use meshes of half their side.
+BACKGROUND_MESH = 64
+SOURCE_MASK_SIGMA = 3.0  # pixels this far above the background (and 2 px around them) are kept out of the noise estimate
+
+
+def _mesh_noise(values: np.ndarray, use: np.ndarray, *, side: int, filter_size: int) -> np.ndarray:
+    """Robust noise of `values` where `use`, in meshes of `side` px, median-filtered and interpolated to every pixel."""
+    h, w = values.shape
+    ny, nx = math.ceil(h / side), math.ceil(w / side)
+    grid = np.full((ny, nx), np.nan)
+    for i in range(ny):
+        for j in range(nx):
+            block = values[i * side:(i + 1) * side, j * side:(j + 1) * side][use[i * side:(i + 1) * side, j * side:(j + 1) * side]]
+            if block.size >= 50:  # fewer values measure no noise; the mesh takes its neighbours'
+                grid[i, j] = robust_sigma(block)
+    if np.isnan(grid).all():
+        return np.full(values.shape, robust_sigma(values[use]))
+    grid = np.where(np.isnan(grid), np.nanmedian(grid), grid)
+    if filter_size > 1:
+        grid = ndimage.median_filter(grid, size=filter_size, mode="nearest")
+    rows = np.clip((np.arange(h) + 0.5) / side - 0.5, 0, ny - 1)
+    cols = np.clip((np.arange(w) + 0.5) / side - 0.5, 0, nx - 1)
+    order = 3 if min(ny, nx) >= 4 else 1
+    return ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=order, mode="nearest")
+
+
+def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Local background and noise maps of an image with NaN where it has no data.
+
+    The background is ``sep.Background`` (SExtractor as a library): a sigma-clipped mode in
+    meshes of `mesh` px, median-filtered over 3 x 3 meshes where there are at least five
+    meshes a side (with fewer, the filter would flatten a glow a mesh wide), and
+    spline-interpolated. The noise is measured the same way on the differences of
+    neighbouring pixels (divided by sqrt 2), in which a gradient, a glow or a galaxy cancels
+    and only the pixel noise is left; clipped, and measured again away from the pixels of
+    sources (SOURCE_MASK_SIGMA), they survive quantisation and crowding too. A map whose noise is `correlated` on purpose (a filtered map such
+    as S_corr, where neighbours share most of their noise) has it measured on its own pixels,
+    as the background is. Missing pixels are masked out of every mesh.
+
+    Returns
+    -------
+    (background, rms) : float64 arrays of the image's shape
+    """
+    import sep
+
+    valid = np.isfinite(image)
+    if not valid.any():
+        msg = "image has no finite pixels"
+        raise DataError(msg)
+    data = np.ascontiguousarray(np.where(valid, image, 0.0), dtype=np.float64)
+    side = int(max(8, min(mesh, min(data.shape) // 2)))
+    filter_size = 3 if min(data.shape) >= 5 * side else 1
+    background = sep.Background(data, mask=~valid, bw=side, bh=side, fw=filter_size, fh=filter_size).back()
+    pairs = valid[:, 1:] & valid[:, :-1]
+    steps = np.zeros_like(data)
+    steps[:, 1:] = np.where(pairs, (data[:, 1:] - data[:, :-1]) / math.sqrt(2.0), 0.0)
+    steps_valid = np.zeros_like(valid)
+    steps_valid[:, 1:] = pairs
+    if correlated or not steps_valid.any():  # a filtered map, or a single column: no neighbours to difference
+        steps, steps_valid = np.ascontiguousarray(data - background), valid
+    if correlated:
+        rms = sep.Background(np.ascontiguousarray(steps), mask=~steps_valid, bw=side, bh=side, fw=filter_size, fh=filter_size).rms()
+    else:
+        # Without the sources: the wings of stars and galaxies have steep steps that clipping
+        # keeps, and a crowded mesh would read them as noise. (sep refuses meshes that are
+        # more than half masked, hence the meshes' own robust noise here.)
+        first = robust_sigma(steps[steps_valid])
+        sources = ndimage.binary_dilation(np.abs(data - background) > SOURCE_MASK_SIGMA * max(first, 1e-300), iterations=2)
+        quiet = steps_valid & ~sources & ~np.roll(sources, 1, axis=1)
+        rms = _mesh_noise(steps, quiet if quiet.sum() >= 0.05 * steps_valid.sum() else steps_valid, side=side, filter_size=filter_size)
+    # A mesh of coarsely quantised or constant pixels reads 0: the clipped standard deviation
+    # of all the steps stands in there.
+    overall = robust_sigma(steps[steps_valid])
+    floor = 0.1 * overall if overall > 0 else 1e-12 * max(float(np.max(np.abs(data))), 1.0)
+    rms = np.where(np.isfinite(rms) & (rms >= floor), rms, max(overall, floor))
+    return background, rms
+
+
+# --- Registration: the reference on the science grid
+
+REGISTRATION_TOLERANCE = 0.02  # px: a smaller residual moves no star visibly, and resampling would only correlate the noise
+WCS_STAR_DISAGREEMENT = 1.0  # px: beyond this, the stars' registration wins over the WCS, with a warning
+STAR_MATCH_RADIUS = 2.5  # px, after the coarse shift
+WINPOS_SIGMA = 1.5  # px: the centroid window (SExtractor uses the star's own FWHM / 2.35; 1.5 px suits seeing of 2-5 px)
+CORRELATION_PEAK_SIGMA = 8.0
+CROSS_CORRELATION_MINIMUM = 0.5  # px: without a star to confirm it, a smaller phase-correlation shift is noise
+
+
+class Registration(NamedTuple):
+    """How the reference was put on the science grid, and what is left."""
+
+    method: str  # "wcs+stars", "wcs", "stars", "cross-correlation" or "none"
+    dx: float  # px: star offset (science - reference) at the frame's centre, removed by the resampling
+    dy: float
+    rotation_deg: float  # rotation and scale the stars' fit removed beyond the WCS
+    scale: float
+    n_stars: int  # matched stars behind the fit
+    residual_px: float | None  # rms offset of the matched stars after registration
+    wcs_disagreement_px: float | None  # |stars - WCS| at the centre, when both were used
+    warning: str | None
+
+
+def find_stars(image: np.ndarray, *, background: np.ndarray, rms: np.ndarray, threshold: float = 10.0,
+               max_stars: int = 400) -> np.ndarray:
+    """(x, y, peak) of the brightest point-like sources, centroided to a fraction of a pixel.
+
+    Local maxima of the 3x3-smoothed, background-subtracted image above `threshold` times the
+    local noise, away from edges and missing pixels, short of the image's brightest value
+    (saturated cores); centroids are windowed (``sep.winpos``).
+    """
+    valid = np.isfinite(image)
+    sub = np.where(valid, image - background, 0.0)
+    smooth = ndimage.uniform_filter(sub, 3)
+    top = float(np.nanmax(image))
+    clean = ndimage.minimum_filter(valid & (image < top), size=9, mode="constant", cval=0)
+    peaks = (smooth == ndimage.maximum_filter(smooth, size=7)) & (smooth >= threshold * rms / 3.0) & clean.astype(bool)
+    ys, xs = np.nonzero(peaks)
+    heights = smooth[ys, xs]
+    order = np.argsort(heights)[::-1][:max_stars]
+    if order.size == 0:
+        return np.zeros((0, 3))
+    import sep
+
+    # SExtractor's windowed centroid (XWIN_IMAGE): a Gaussian-weighted first moment iterated to
+    # convergence, unbiased by the box edges that pull a plain moment toward the pixel centre.
+    x, y, flag = sep.winpos(np.ascontiguousarray(sub), xs[order].astype(np.float64), ys[order].astype(np.float64), WINPOS_SIGMA)
+    good = (flag == 0) & (np.hypot(x - xs[order], y - ys[order]) < 1.5)
+    return np.column_stack([x[good], y[good], heights[order][good]])
+
+
+def cross_correlation_shift(reference: np.ndarray, science: np.ndarray) -> tuple[float, float]:
+    """(dx, dy) of the science image relative to the reference by phase correlation, to ~0.1 px.
+
+    Both inputs are background-subtracted and NaN-free; they are compressed (asinh in units of
+    their noise) so that one bright star does not outvote the field, and the correlation
+    peak is refined by a parabola through its neighbours. A peak below CORRELATION_PEAK_SIGMA
+    times the surface's noise (pure noise reaches about 5 on a megapixel) gives no shift.
+    """
+    def prepared(image):
+        sigma = robust_sigma(image)
+        return np.arcsinh(image / (sigma if sigma > 0 else 1.0))
+
+    a, b = np.fft.rfft2(prepared(reference)), np.fft.rfft2(prepared(science))
+    cross = b * np.conj(a)
+    cross /= np.maximum(np.abs(cross), 1e-30)
+    surface = np.fft.irfft2(cross, s=reference.shape)
+    iy, ix = np.unravel_index(int(np.argmax(surface)), surface.shape)
+    if surface[iy, ix] < CORRELATION_PEAK_SIGMA * robust_sigma(surface):
+        return 0.0, 0.0  # no peak above the noise of the surface: the epochs share no structure to align on
+    shift = []
+    for axis, i in ((1, ix), (0, iy)):
+        n = surface.shape[axis]
+        take = (lambda k: surface[iy, k % n]) if axis == 1 else (lambda k: surface[k % n, ix])
+        left, mid, right = take(i - 1), take(i), take(i + 1)
+        denominator = left - 2 * mid + right
+        frac = 0.5 * (left - right) / denominator if denominator < 0 else 0.0
+        shift.append(((i + n // 2) % n - n // 2) + float(np.clip(frac, -0.5, 0.5)))
+    return shift[0], shift[1]
+
+
+def _fit_star_transform(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine (6+ stars) or translation that takes science positions `src` to reference positions `dst`.
+
+    Least squares, three rounds of clipping at 3 times the median residual (at least 0.05 px).
+    Returns (matrix 2x2 in (x, y), offset (2,), kept mask).
+    """
+    kept = np.ones(len(src), dtype=bool)
+    matrix, offset = np.eye(2), np.median(dst - src, axis=0)
+    for _ in range(3):
+        if kept.sum() >= 6:
+            design = np.column_stack([src[kept], np.ones(kept.sum())])
+            solution, *_ = np.linalg.lstsq(design, dst[kept], rcond=None)
+            matrix, offset = solution[:2].T, solution[2]
+        else:
+            matrix, offset = np.eye(2), np.median(dst[kept] - src[kept], axis=0)
+        residual = np.hypot(*(src @ matrix.T + offset - dst).T)
+        limit = max(3.0 * float(np.median(residual[kept])), 0.05)
+        new = residual <= limit
+        if new.sum() < 1 or np.array_equal(new, kept):
+            break
+        kept = new
+    return matrix, offset, kept
+
+
+def _resample(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """`image` seen on another grid: out(x, y) = image(matrix @ (x, y) + offset), cubic spline, NaN outside."""
+    valid = np.isfinite(image)
+    fill = float(np.nanmedian(image))
+    matrix_rc = matrix[::-1, ::-1]  # (x, y) -> (row, column) order
+    offset_rc = offset[::-1]
+    out = ndimage.affine_transform(np.where(valid, image, fill), matrix_rc, offset=offset_rc, order=3, mode="constant", cval=fill)
+    coverage = ndimage.affine_transform(valid.astype(np.float64), matrix_rc, offset=offset_rc, order=1, mode="constant", cval=0.0)
+    out[coverage < 0.999] = np.nan
+    return out
+
+
+def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: Any = None, wcs_science: Any = None,
+                  companions: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, Registration, list[np.ndarray]]:
+    """The reference resampled onto the science grid, how, and `companions` (maps on the reference's grid, such as its noise) with it.
+
+    1. Where both epochs carry a celestial WCS and they differ, the reference is reprojected
+       onto the science grid (``reproject_interp``, bicubic). A reference of another shape
+       needs both WCSs.
+    2. The result is refined on the stars: a coarse shift by phase correlation, then stars
+       (:func:`find_stars`) matched within STAR_MATCH_RADIUS px; six or more fit an affine
+       transform (shift, rotation, scale), fewer a shift. Without stars, the phase
+       correlation's shift stands.
+    3. The reference is resampled (cubic spline) only if the fit moves some pixel of the
+       frame by more than REGISTRATION_TOLERANCE px. Where the WCS and the stars disagree by
+       more than WCS_STAR_DISAGREEMENT px, the stars win and `warning` says so.
+    """
+    reference, science = np.asarray(reference, dtype=np.float64), np.asarray(science, dtype=np.float64)
+    method = "none"
+    if wcs_reference is not None and wcs_science is not None:
+        same = reference.shape == science.shape and wcs_reference.wcs.compare(wcs_science.wcs, tolerance=1e-10)
+        if not same:
+            from reproject import reproject_interp
+
+            reference, footprint = reproject_interp((reference, wcs_reference), wcs_science, shape_out=science.shape, order="bicubic")
+            reference[footprint < 0.999] = np.nan
+            companions = [reproject_interp((c, wcs_reference), wcs_science, shape_out=science.shape, order="bilinear")[0] for c in companions]
+            if not np.isfinite(reference).any():
+                msg = "the reference does not overlap the science frame on the sky (their WCSs share no pixel)"
+                raise DataError(msg)
+        method = "wcs"
+    if reference.shape != science.shape:
+        msg = (f"reference {reference.shape[1]}x{reference.shape[0]} and science {science.shape[1]}x{science.shape[0]} px differ in shape, "
+               "and without a celestial WCS in both they cannot be put on one grid")
+        raise DataError(msg)
+    bg_r, rms_r = background_map(reference)
+    bg_s, rms_s = background_map(science)
+    sub_r = np.where(np.isfinite(reference) & np.isfinite(science), reference - bg_r, 0.0)
+    sub_s = np.where(np.isfinite(reference) & np.isfinite(science), science - bg_s, 0.0)
+    coarse = np.asarray(cross_correlation_shift(sub_r, sub_s))
+    stars_r = find_stars(reference, background=bg_r, rms=rms_r)
+    stars_s = find_stars(science, background=bg_s, rms=rms_s)
+    matrix, offset, n_stars, residual = np.eye(2), -coarse, 0, None
+    if len(stars_r) and len(stars_s):
+        distance, index = spatial.cKDTree(stars_r[:, :2]).query(stars_s[:, :2] - coarse, distance_upper_bound=STAR_MATCH_RADIUS)
+        matched = np.isfinite(distance)
+        if matched.any():
+            src, dst = stars_s[matched, :2], stars_r[index[matched], :2]
+            matrix, offset, kept = _fit_star_transform(src, dst)
+            n_stars = int(kept.sum())
+            residual = float(np.sqrt(np.mean(np.sum((src[kept] @ matrix.T + offset - dst[kept]) ** 2, axis=1))))
+    star_method = "stars" if n_stars else "cross-correlation"
+    if n_stars == 0 and np.hypot(*coarse) < CROSS_CORRELATION_MINIMUM:
+        # No star to confirm it: a sub-pixel phase-correlation peak on noise is no measurement.
+        matrix, offset, star_method = np.eye(2), np.zeros(2), "none"
+    centre = np.array([(science.shape[1] - 1) / 2, (science.shape[0] - 1) / 2])
+    centre_shift = centre - (matrix @ centre + offset)  # science - reference at the centre
+    corners = np.array([[0, 0], [science.shape[1] - 1, 0], [0, science.shape[0] - 1], [science.shape[1] - 1, science.shape[0] - 1]], dtype=float)
+    largest = float(np.max(np.hypot(*(corners @ matrix.T + offset - corners).T)))
+    warning = None
+    disagreement = float(np.hypot(*centre_shift)) if method == "wcs" and star_method != "none" else None
+    if disagreement is not None and disagreement > WCS_STAR_DISAGREEMENT:
+        warning = f"the WCSs and the stars disagree by {disagreement:.2f} px; the stars' registration is used"
+    if largest > REGISTRATION_TOLERANCE:
+        reference = _resample(reference, matrix, offset)
+        companions = [_resample(c, matrix, offset) for c in companions]
+    method = "+".join(m for m in (method, star_method) if m != "none") or "none"
+    (a, b), (c, d) = matrix
+    registration = Registration(
+        method=method, dx=float(centre_shift[0]), dy=float(centre_shift[1]),
+        rotation_deg=float(math.degrees(math.atan2(c - b, a + d))), scale=float(math.sqrt(abs(a * d - b * c))),
+        n_stars=n_stars, residual_px=residual, wcs_disagreement_px=disagreement, warning=warning,
+    )
+    return reference, registration, list(companions)
+
+
+# --- PSFs for the subtraction
+
+EPSF_MIN_STARS = 5  # fewer isolated bright stars give a Moffat of the measured FWHM instead
+
+
+def empirical_psf(image: np.ndarray, *, stars: np.ndarray, background: np.ndarray, radius: int) -> np.ndarray | None:
+    """Unit-sum PSF stamp (2 radius + 1 px square) stacked from the stars, or None with too few.
+
+    Each star's stamp, background-subtracted, is shifted to its sub-pixel centroid (cubic
+    spline) and normalised to unit sum; the median of the stamps rejects a neighbour or a
+    cosmic ray in any one of them. Stars with another star within two radii are skipped.
+    """
+    if len(stars) < EPSF_MIN_STARS:
+        return None
+    tree = spatial.cKDTree(stars[:, :2])
+    neighbours = tree.query_ball_point(stars[:, :2], 2 * radius)
+    stamps = []
+    for (x, y, _), near in zip(stars, neighbours):
+        ix, iy = int(round(x)), int(round(y))
+        if len(near) > 1 or not (radius + 1 <= iy < image.shape[0] - radius - 1 and radius + 1 <= ix < image.shape[1] - radius - 1):
+            continue
+        cut = image[iy - radius - 1:iy + radius + 2, ix - radius - 1:ix + radius + 2] - background[iy - radius - 1:iy + radius + 2, ix - radius - 1:ix + radius + 2]
+        if not np.isfinite(cut).all():
+            continue
+        centred = ndimage.shift(cut, (iy - y, ix - x), order=3, mode="nearest")[1:-1, 1:-1]
+        total = centred.sum()
+        if total > 0:
+            stamps.append(centred / total)
+    if len(stamps) < EPSF_MIN_STARS:
+        return None
+    stamp = np.median(stamps, axis=0)
+    stamp = np.clip(stamp, 0.0, None)
+    return stamp / stamp.sum()
+
+
+def _transfer_function(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """rfft2 of a centred PSF stamp placed with its centre at pixel (0, 0) of an array of `shape`."""
+    h, w = psf.shape
+    padded = np.zeros(shape)
+    ry, rx = min(h // 2, shape[0] // 2 - 1), min(w // 2, shape[1] // 2 - 1)
+    core = psf[h // 2 - ry:h // 2 + ry + 1, w // 2 - rx:w // 2 + rx + 1]
+    padded[: 2 * ry + 1, : 2 * rx + 1] = core / core.sum()
+    padded = np.roll(padded, (-ry, -rx), axis=(0, 1))
+    return np.fft.rfft2(padded)
+
+
+# --- Optimal subtraction (ZOGY) and its calibrated score
+
+class Subtraction(NamedTuple):
+    """ZOGY's products for a registered pair (Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27)."""
+
+    difference: np.ndarray  # D, the proper difference: white noise of unit variance where the model holds
+    psf: np.ndarray  # P_D, D's PSF as a centred unit-sum stamp
+    flux_zeropoint: float  # F_D: D's flux per unit science flux of a change
+    score: np.ndarray  # S (D correlated with P_D, the optimal point-source statistic), less its calibrated local background
+    score_noise: np.ndarray  # S's calibrated standard deviation: score / score_noise is S_corr
+    significance: np.ndarray  # S_corr, calibrated: unit variance on noise, signed, 0 where there is no data
+    calibration: float  # robust noise of the uncalibrated S_corr on source-free pixels: 1 where the noise model is exact
+    local_calibration: np.ndarray  # (H, W) the further local division, >= 1 where S_corr scatters more than that locally
+    valid: np.ndarray  # bool: both epochs have data
+
+
+ZOGY_EPSILON = 1e-12  # relative floor of the Fourier denominator, where both PSFs' transforms vanish
+CALIBRATION_MIN_PIXELS = 2000  # source-free pixels needed to calibrate S_corr there (about 100 independent PSF footprints); else all inner pixels
+
+
+def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_reference: np.ndarray, psf_science: np.ndarray,
+                     sigma_reference: float, sigma_science: float, flux_ratio: float,
+                     variance_reference: np.ndarray, variance_science: np.ndarray,
+                     astrometric_sigma: tuple[float, float] = (0.0, 0.0), flux_systematic: float = 0.0,
+                     sources: np.ndarray | None = None) -> Subtraction:
+    """
+    Proper image subtraction of a registered, background-subtracted pair.
+
+    Parameters
+    ----------
+    reference, science : ndarray, shape (H, W)
+        Background-subtracted epochs on one grid, NaN where there is no data.
+    psf_reference, psf_science : ndarray
+        Centred PSF stamps with odd sides (normalised here).
+    sigma_reference, sigma_science : float
+        Each epoch's background noise (the whitening terms of D).
+    flux_ratio : float
+        F_n / F_r: science flux of a static source per unit reference flux.
+    variance_reference, variance_science : ndarray, shape (H, W)
+        Each epoch's full per-pixel variance (background plus source noise), in its own units.
+    astrometric_sigma : (float, float)
+        Registration noise (x, y) in px: adds sigma^2 |grad S_n|^2 + sigma^2 |grad S_r|^2 to the
+        variance, which keeps the residuals of bright stars from passing for changes.
+    flux_systematic : float
+        Fractional error of each epoch's model of a static source (flux ratio, PSF): adds
+        (flux_systematic S_n)^2 + (flux_systematic S_r)^2 to the variance, so that a bright
+        star's residual of a few per cent is not a change (the same role as ZOGY's source
+        noise, for frames whose gain is unknown).
+    sources : ndarray of bool, shape (H, W), optional
+        Pixels of sources in either epoch: the calibration is measured away from them.
+
+    Returns
+    -------
+    Subtraction
+        With F_r = 1 and F_n = `flux_ratio`, hats for Fourier transforms and
+        denom = sqrt(sigma_n^2 |P_r|^2 + sigma_r^2 F_n^2 |P_n|^2):
+        D = (P_r N - F_n P_n R) / denom; F_D = F_n / sqrt(sigma_n^2 + sigma_r^2 F_n^2);
+        P_D = F_n P_r P_n / (F_D denom); S = S_n - S_r with
+        S_n = [F_n conj(P_n) |P_r|^2 / denom^2] N and S_r = [F_n^2 conj(P_r) |P_n|^2 / denom^2] R;
+        S_corr = S / sqrt(V(N) * k_n^2 + V(R) * k_r^2 + V_ast) (eq. 25-30 of the paper).
+        Missing pixels enter as zero signal with zero variance, so S_corr stays calibrated next
+        to holes and edges. The images are zero-padded by the PSFs' size, so no source wraps
+        around. S_corr loses its own mesh background (a smooth offset between the epochs'
+        backgrounds), and is divided by its robust noise on the pixels away from every
+        source and edge (`calibration`): resampled, stacked and drizzled frames have noise
+        correlated between pixels, which no per-pixel variance describes, and 5 sigma must
+        mean 5 sigma there too.
+    """
+    from scipy import fft as sp_fft
+
+    valid = np.isfinite(reference) & np.isfinite(science)
+    pad = max(psf_reference.shape + psf_science.shape)
+    shape = tuple(sp_fft.next_fast_len(n + 2 * pad, real=True) for n in science.shape)
+    h, w = science.shape
+
+    def padded(image):
+        out = np.zeros(shape)
+        out[:h, :w] = np.where(valid, image, 0.0)
+        return out
+
+    def inverse(spectrum):
+        return sp_fft.irfft2(spectrum, s=shape, workers=-1)
+
+    fn, sn, sr = float(flux_ratio), float(sigma_science), float(sigma_reference)
+    pr, pn = _transfer_function(psf_reference, shape), _transfer_function(psf_science, shape)
+    pr2, pn2 = np.abs(pr) ** 2, np.abs(pn) ** 2
+    denom2 = sn**2 * pr2 + sr**2 * fn**2 * pn2
+    denom2 = np.maximum(denom2, ZOGY_EPSILON * float(denom2.max()))
+    n_hat, r_hat = sp_fft.rfft2(padded(science), workers=-1), sp_fft.rfft2(padded(reference), workers=-1)
+    difference = inverse((pr * n_hat - fn * pn * r_hat) / np.sqrt(denom2))[:h, :w]
+    flux_zeropoint = fn / math.sqrt(sn**2 + sr**2 * fn**2)
+    psf_d = np.fft.fftshift(inverse(fn * pr * pn / (flux_zeropoint * np.sqrt(denom2))))
+    cy, cx = shape[0] // 2, shape[1] // 2
+    half = max(psf_reference.shape[0], psf_science.shape[0]) // 2
+    psf_d = psf_d[cy - half:cy + half + 1, cx - half:cx + half + 1]
+    kn_hat = fn * np.conj(pn) * pr2 / denom2
+    kr_hat = fn**2 * np.conj(pr) * pn2 / denom2
+    score_n, score_r = inverse(kn_hat * n_hat), inverse(kr_hat * r_hat)
+    del n_hat, r_hat
+    variance = inverse(sp_fft.rfft2(padded(variance_science), workers=-1) * sp_fft.rfft2(inverse(kn_hat) ** 2, workers=-1))
+    variance += inverse(sp_fft.rfft2(padded(variance_reference), workers=-1) * sp_fft.rfft2(inverse(kr_hat) ** 2, workers=-1))
+    sx, sy = astrometric_sigma
+    for image in (score_n, score_r):
+        if sx > 0 or sy > 0:
+            gy, gx = np.gradient(image)
+            variance += sx**2 * gx**2 + sy**2 * gy**2
+        variance += (flux_systematic * image) ** 2
+    score = (score_n - score_r)[:h, :w]
+    variance = variance[:h, :w]
+    floor = 1e-6 * float(np.median(variance[valid])) if valid.any() else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        raw = np.where(valid & (variance > floor), score / np.sqrt(np.maximum(variance, floor)), 0.0)
+    # The empirical calibration: S_corr's own robust noise where it is noise, away from the
+    # edges and holes (where the filter saw part of its footprint) and from every source of
+    # either epoch (whose residuals are the variance model's and the network's business).
+    inner = ndimage.binary_erosion(valid, structure=np.ones((3, 3), bool), iterations=max(1, half), border_value=0)
+    if inner.sum() < CALIBRATION_MIN_PIXELS:  # a cutout not much larger than its PSF: all of it
+        inner = valid
+    quiet = inner & ~ndimage.binary_dilation(sources, iterations=max(1, half // 3)) if sources is not None else inner
+    sample = raw[quiet] if quiet.sum() >= CALIBRATION_MIN_PIXELS else raw[inner]
+    calibration = robust_sigma(sample) if sample.size else 1.0
+    # A difference with no noise of its own (a frame minus a copy of itself) is held to the
+    # noise floor, so that round-off never becomes a change.
+    calibration = max(calibration, DIFFERENCE_NOISE_FLOOR) if math.isfinite(calibration) else 1.0
+    # The difference's own mesh background: two epochs' backgrounds, each estimated on its own
+    # noise, differ smoothly under crowded or nebulous light, and S sums such an offset over
+    # the whole PSF. Clipped mesh statistics leave point sources out of it.
+    offset, _ = background_map(np.where(inner, raw, np.nan), mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True)
+    raw = np.where(valid, raw - offset, 0.0)
+    # Where S_corr scatters more than that locally (a crowded core, a nebula's texture), 5
+    # sigma must mean 5 sigma there too: its local RMS (a mesh over the source-free pixels)
+    # divides it further. It never sharpens a region that scatters less.
+    _, local = background_map(np.where(quiet if quiet.sum() >= CALIBRATION_MIN_PIXELS else inner, raw / calibration, np.nan),
+                              mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True)
+    calibration = calibration * np.maximum(local, 1.0)
+    noise = np.sqrt(np.maximum(variance, floor)) * calibration
+    significance = raw / calibration
+    return Subtraction(difference, psf_d / psf_d.sum(), flux_zeropoint, raw * np.sqrt(np.maximum(variance, floor)), noise, significance,
+                       float(np.median(calibration[valid])) if valid.any() else 1.0, calibration, valid)
+
+
+# --- The flux ratio of a pair, from the best source there is
+
+# Photometric zero points, each for the pixel values as stored (ZTF's MAGZP, ESO's PHOTZP,
+# DECam's MAGZERO: a source of magnitude m has 10^(-0.4 (m - ZP)) counts); FLUXMAG0 (SDSS, HSC,
+# Rubin) is the counts of a magnitude-0 source. EXPTIME is not used: a zero point already
+# holds the exposure, and an exposure-time ratio alone misses transparency and airmass.
+ZEROPOINT_KEYS = ("MAGZP", "PHOTZP", "MAGZERO")
+PIXEL_FIT_SIGMA = 5.0  # PSF-matched pixels above this many sigma of their map enter the pixel fit
+PIXEL_FIT_MIN_PIXELS = 9  # about one faint star's core: fewer cannot pin a ratio down
+
+
+def header_flux_ratio(header_reference: Any, header_science: Any) -> tuple[float, str] | None:
+    """Science / reference flux ratio from both headers' photometric calibration, with the keyword used, or None."""
+    if header_reference is None or header_science is None:
+        return None
+
+    def number(header, key):
+        try:
+            value = float(header[key])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
+
+    for key in ZEROPOINT_KEYS:
+        zr, zs = number(header_reference, key), number(header_science, key)
+        if zr is not None and zs is not None and abs(zs - zr) < 25:
+            return 10.0 ** (0.4 * (zs - zr)), key
+    fr, fs = number(header_reference, "FLUXMAG0"), number(header_science, "FLUXMAG0")
+    if fr and fs and fr > 0 and fs > 0:
+        return fs / fr, "FLUXMAG0"
+    return None
+
+
+def fit_flux_ratio_pixels(reference: np.ndarray, science: np.ndarray, *, psf_reference: np.ndarray,
+                          psf_science: np.ndarray) -> tuple[float, float, int]:
+    """Flux ratio from the PSF-matched pixels of the bright sources, as ZOGY fits it: (ratio, error, sources).
+
+    The background-subtracted science epoch convolved with the reference PSF and the reference
+    convolved with the science PSF share one PSF, so a static source obeys N*P_r = ratio x R*P_n
+    pixel by pixel. The pixels above PIXEL_FIT_SIGMA in both are fitted by least squares with
+    an intercept, three times clipped at 3 sigma of the residuals (a source that changed is
+    voted out when others agree). A single star gives hundreds of pixels: this works on fields
+    far too sparse for a star-by-star fit. The error is formal, widened by the number of
+    pixels per PSF (the matched pixels are correlated).
+    """
+    valid = np.isfinite(reference) & np.isfinite(science)
+    a = sp_signal.fftconvolve(np.where(valid, science, 0.0), psf_reference, mode="same")
+    b = sp_signal.fftconvolve(np.where(valid, reference, 0.0), psf_science, mode="same")
+    inner = ndimage.binary_erosion(valid, structure=np.ones((3, 3), bool), iterations=max(psf_reference.shape[0], psf_science.shape[0]) // 2 + 1, border_value=0)
+    sa, sb = robust_sigma(a[inner]), robust_sigma(b[inner])
+    top_r, top_s = np.nanmax(reference), np.nanmax(science)
+    unsaturated = ~ndimage.maximum_filter((reference >= top_r) | (science >= top_s), size=max(psf_science.shape[0], psf_reference.shape[0])).astype(bool)
+    use = inner & unsaturated & (a > PIXEL_FIT_SIGMA * sa) & (b > PIXEL_FIT_SIGMA * sb)
+    sources = int(ndimage.label(use)[1])
+    if use.sum() < PIXEL_FIT_MIN_PIXELS:
+        msg = f"{int(use.sum())} PSF-matched pixels above {PIXEL_FIT_SIGMA:g} sigma in both epochs, need {PIXEL_FIT_MIN_PIXELS}"
+        raise DataError(msg)
+    x, y = b[use], a[use]
+    kept = np.ones(x.size, dtype=bool)
+    for _ in range(3):
+        slope, intercept = np.polyfit(x[kept], y[kept], 1)
+        residual = y - slope * x - intercept
+        scatter = robust_sigma(residual[kept])
+        new = np.abs(residual) <= 3 * max(scatter, 1e-12 * abs(slope) * float(np.max(x)))
+        if new.sum() < PIXEL_FIT_MIN_PIXELS or np.array_equal(new, kept):
+            break
+        kept = new
+    if not slope > 0:
+        msg = f"the PSF-matched pixels of {sources} sources give a ratio of {slope:.3g}"
+        raise DataError(msg)
+    xs = x[kept]
+    per_psf = 1.0 / float(np.sum(psf_science**2))  # pixels per PSF: the correlation of the matched pixels
+    error = float(scatter / math.sqrt(max(np.sum((xs - xs.mean()) ** 2), 1e-300)) * math.sqrt(per_psf))
+    return float(slope), error, sources
+
+
+def pair_flux_ratio(reference: np.ndarray, science: np.ndarray, *, given: float | None = None, header_reference: Any = None, header_science: Any = None,
+                    psf_reference: np.ndarray, psf_science: np.ndarray, aperture: int) -> dict:
+    """The flux ratio of a background-subtracted pair and where it came from, in this order.
+
+    1. `given` (``--flux-ratio`` or a pairs list's ``flux_ratio`` column);
+    2. both headers' photometric calibration (:func:`header_flux_ratio`);
+    3. the static stars, one by one (:func:`fit_flux_scale`, ten stars or more);
+    4. the PSF-matched pixels of the bright sources (:func:`fit_flux_ratio_pixels`), which
+       needs a single star;
+    5. else a one-line refusal that names what was tried.
+
+    Returns ``flux_ratio``, ``flux_ratio_source``, ``flux_ratio_error`` (None when given) and
+    the fit's counts.
+    """
+    if given is not None:
+        if not (math.isfinite(given) and given > 0):
+            msg = f"flux ratio must be a positive number, got {given}"
+            raise ConfigError(msg)
+        return dict(flux_ratio=float(given), flux_ratio_source="given", flux_ratio_error=None)
+    calibrated = header_flux_ratio(header_reference, header_science)
+    if calibrated is not None:
+        return dict(flux_ratio=calibrated[0], flux_ratio_source=f"headers ({calibrated[1]})", flux_ratio_error=None)
+    try:
+        fit = fit_flux_scale(reference, science, aperture=aperture)
+        return dict(flux_ratio=fit.ratio, flux_ratio_source="fitted on the stars", flux_ratio_error=fit.error,
+                    flux_fit_stars=fit.n_stars, flux_fit_agreeing=fit.agreeing)
+    except DataError as exc:
+        stars = _one_line(exc).removeprefix("cannot fit the flux ratio between the epochs: ").split("; give")[0]
+    try:
+        ratio, error, sources = fit_flux_ratio_pixels(reference, science, psf_reference=psf_reference, psf_science=psf_science)
+    except DataError as exc:
+        msg = (f"cannot find the flux ratio of the epochs: no zero points in both headers ({', '.join(ZEROPOINT_KEYS)} or FLUXMAG0); "
+               f"star fit: {stars}; pixel fit: {_one_line(exc)}; give --flux-ratio (1 if the epochs share one photometric scale)")
+        raise DataError(msg) from None
+    return dict(flux_ratio=ratio, flux_ratio_source="fitted on the PSF-matched pixels", flux_ratio_error=error, flux_fit_sources=sources)
+
+
+# --- Candidates: the significant peaks of S_corr, deblended
+
+# SExtractor's multi-threshold deblending on S: a branch holding this fraction of its island's
+# signal above the saddle is a source of its own. Two equal point sources 2.3 FWHM apart hold
+# about 6% each above their saddle, and split at every flux tried (0.05 merged the brightest
+# pair); along an asteroid trail the noise bumps hold less, and 0.02 kept 18 of 18 trails whole
+# (0.005 split one).
+DEBLEND_CONTRAST = 0.02
+DEBLEND_LEVELS = 32
+ELONGATED = 2.5  # a/b of a candidate's pixels beyond which it is a trail, not a point
+DEBLEND_NOISE_WINDOW = 15  # px: the local minimum of S's noise over this window is its background part
+
+
+def _peak_centroid(image: np.ndarray, x: int, y: int) -> tuple[float, float]:
+    """(x, y) of a peak pixel refined by the first moment of the positive 3x3 box around it."""
+    box = image[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+    weights = np.clip(box - box.min(), 0.0, None)
+    total = float(weights.sum())
+    if not total > 0:
+        return float(x), float(y)
+    rows, cols = np.mgrid[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2][:, :box.shape[0], :box.shape[1]]
+    return float((weights * cols).sum() / total), float((weights * rows).sum() / total)
+
+
+def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.ndarray | None = None,
+                            score: np.ndarray | None = None, score_noise: np.ndarray | None = None) -> tuple[list[dict], np.ndarray]:
+    """Sources of |S_corr| >= `gate`, both signs, deblended, and their segmentation map.
+
+    With ZOGY's `score` S and its noise (S_corr = S / noise), the pixels above the gate are
+    those of S_corr, but the deblending follows S: S_corr's variance holds the astrometric
+    term, which is smallest where S is flat (a source's peak, and the saddle between two
+    sources), so S_corr alone would merge neighbours. Without them, S_corr serves both.
+
+    Returns the candidates (``x``, ``y``: the peak of S, refined by a 3x3 moment, or the
+    S-weighted centroid of an elongated one; ``significance``: peak |S_corr|; ``sign``: +1 brighter, -1 fainter in the science epoch; ``segment``: its label)
+    and the (H, W) int map of their pixels (0: none).
+    """
+    import sep
+
+    significance = np.nan_to_num(np.asarray(significance, dtype=np.float64), nan=0.0)
+    if score is None or score_noise is None:
+        data, err = significance, None
+    else:
+        # sep deblends in units of `err`: the noise's local minimum keeps the source and
+        # astrometric terms (which peak on sources) out of it, so the branches are S's. The
+        # island is then a superset of S_corr's, and each candidate must still reach the gate
+        # in S_corr itself.
+        data = np.nan_to_num(np.asarray(score, dtype=np.float64))
+        err = np.ascontiguousarray(ndimage.minimum_filter(np.asarray(score_noise, dtype=np.float64), size=DEBLEND_NOISE_WINDOW))
+    mask = None if valid is None else np.ascontiguousarray(~np.asarray(valid, dtype=bool))
+    segments = np.zeros(significance.shape, dtype=np.int32)
+    candidates = []
+    sep.set_extract_pixstack(max(300_000, significance.size // 4))
+    for sign in (1.0, -1.0):
+        if not (sign * significance >= gate).any():
+            continue
+        objects, seg = sep.extract(np.ascontiguousarray(sign * data), gate, err=err, mask=mask, minarea=1, filter_kernel=None,
+                                   deblend_nthresh=DEBLEND_LEVELS, deblend_cont=DEBLEND_CONTRAST, clean=False, segmentation_map=True)
+        base = len(candidates)
+        segments[seg > 0] = seg[seg > 0] + base
+        labels = np.arange(1, len(objects) + 1)
+        peaks = np.atleast_1d(ndimage.maximum(sign * significance, seg, labels)) if len(objects) else []
+        # A source is where S peaks, refined by a 3x3 moment: the barycentre of an island is
+        # pulled toward whatever else it holds (a host's residual, a neighbour's wing).
+        tops = ndimage.maximum_position(sign * data, seg, labels) if len(objects) else []
+        for k, (o, peak, (py, px)) in enumerate(zip(objects, peaks, tops)):
+            x, y = _peak_centroid(sign * data, int(px), int(py))
+            elongated = float(o["a"] / max(o["b"], 1e-3))
+            if elongated >= ELONGATED:  # a trail's position is its middle, not its brightest point
+                x, y = float(o["x"]), float(o["y"])
+            candidates.append(dict(x=x, y=y, significance=float(peak), sign=int(sign), segment=base + k + 1, elongation=elongated))
+    candidates = [c for c in candidates if c["significance"] >= gate]
+    return candidates, segments
+
+
+# A change is a point source (or a trail) seen through the PSF: in the proper difference D its
+# peak pixel is r = max(P_D) / sqrt(sum P_D^2) of its PSF-filtered significance. A cosmic ray or
+# a hot pixel, narrower than the PSF, peaks at up to 1 / r^2 of that (about 5 at a 3 px FWHM).
+# On the simulated test, 99% of point-like changes stay below 1.6 and the median cosmic ray or
+# hot pixel is near 3. An elongated candidate is held to a trail's PSF-wide profile instead:
+# asteroid trails stay below 1.3, while half of the one-pixel-wide bad columns exceed 1.5.
+SHARPNESS_LIMIT = 2.0
+SHARPNESS_LIMIT_TRAIL = 1.5
+COMPANION_FRACTION = 1 / 3  # a second source under one network footprint must be at least this significant relative to the first
+SHARPNESS_NOISE_MARGIN = 3.0  # sigma of D: a faint change's peak pixel is noisy
+
+
+def candidate_sharpness(subtraction: Subtraction, candidates: list[dict], segments: np.ndarray) -> list[bool]:
+    """Whether each candidate is sharper than the PSF allows (a cosmic ray or hot pixel), from ZOGY's D and P_D.
+
+    Each candidate's peak of sign x D on its pixels is compared with r times the peak of D
+    correlated with the unit-norm P_D (its significance in D's own noise); it is too sharp when
+    the first exceeds SHARPNESS_LIMIT (SHARPNESS_LIMIT_TRAIL for an ELONGATED candidate) x r x
+    the second, plus SHARPNESS_NOISE_MARGIN.
+    """
+    if not candidates:
+        return []
+    psf = subtraction.psf
+    norm = math.sqrt(float(np.sum(psf**2)))
+    r = float(psf.max()) / norm
+    filtered = correlate_psf(subtraction.difference, psf) / norm
+    index = [c["segment"] for c in candidates]
+    sharp = []
+    for c, d_peak, s_peak in zip(candidates, ndimage.maximum(subtraction.difference, segments, index), ndimage.maximum(filtered, segments, index)):
+        if c["sign"] < 0:  # the same on the negative side
+            own = segments == c["segment"]
+            d_peak, s_peak = float(np.max(-subtraction.difference[own])), float(np.max(-filtered[own]))
+        limit = SHARPNESS_LIMIT_TRAIL if c["elongation"] >= ELONGATED else SHARPNESS_LIMIT
+        sharp.append(d_peak > limit * r * max(s_peak, 0.0) + SHARPNESS_NOISE_MARGIN)
+    return sharp
+
+
+# --- A pair, subtracted: what `predict`, the evaluation and the null tests share
+
+ASTROMETRIC_FLOOR = 0.02  # px: the registration noise assumed however many stars agree (centroids, distortion)
+# Fractional error of the model of a static source (PSF models, resampling) beyond the flux ratio's own
+# error: 1% keeps a star of peak SNR 1000 from leaving a 10 sigma residual; 2% halved S_corr on bright hosts.
+FLUX_SYSTEMATIC = 0.01
+MIN_SEEING_PX, MAX_SEEING_PX = 0.5, 50.0  # a FWHM outside is a unit mistake (arcsec for px), and its PSF stamp would not fit in memory
+SEEING_RETRY_THRESHOLD = 8.0  # sigma: stars this bright measure the seeing when no 20 sigma star is isolated
+
+
+class PairSubtraction(NamedTuple):
+    """A pair on one grid, one background level and one photometric scale, and ZOGY's products."""
+
+    reference: np.ndarray  # registered onto the science grid, local background subtracted, NaN where no data
+    science: np.ndarray  # local background subtracted
+    registration: Registration
+    psf_reference: PsfEstimate
+    psf_science: PsfEstimate
+    psf_model: str  # "empirical" (stacked stars) or "moffat" (of the measured or given FWHM)
+    scale: dict  # pair_flux_ratio's record
+    statistics: PairStatistics  # the network's normalisation of (reference, science)
+    subtraction: Subtraction
+    noise_model: str  # where the per-pixel variances came from
+    warnings: list[str]
+
+
+def _epoch_psf(image: np.ndarray, background: np.ndarray, rms: np.ndarray, fwhm: float) -> tuple[np.ndarray, str]:
+    """A PSF stamp for one epoch: stacked from its stars when enough are isolated and it looks like a PSF, else a Moffat."""
+    moffat = PSF(fwhm, ASSUMED_MOFFAT_BETA).stamp
+    stacked = empirical_psf(image, stars=find_stars(image, background=background, rms=rms, threshold=20.0, max_stars=50), background=background, radius=moffat.shape[0] // 2)
+    # A stack that a neighbour, a saturated core or a galaxy widened is no PSF: its effective
+    # area must be within 30% of the Moffat's of the measured FWHM.
+    if stacked is not None and 0.7 < float(np.sum(moffat**2) / np.sum(stacked**2)) < 1.3:
+        return stacked, "empirical"
+    return np.array(moffat), "moffat"
+
+
+def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: float | None = None, seeing: tuple[float, float] | None = None,
+                  wcs_reference: Any = None, wcs_science: Any = None, header_reference: Any = None, header_science: Any = None,
+                  noise_reference: np.ndarray | None = None, noise_science: np.ndarray | None = None,
+                  gain_reference: float | None = None, gain_science: float | None = None) -> PairSubtraction:
+    """Put a pair on one grid, background and scale, and subtract it optimally.
+
+    1. Pixels become data (:func:`as_data`); the reference is registered onto the science grid
+       (:func:`register_pair`), its noise map with it.
+    2. Each epoch's seeing is `seeing` (reference and science FWHM in px) or measured on the
+       same stars (:func:`measure_seeing`, retried with fainter stars); when it cannot be
+       measured, the default FWHM is used and a warning says so.
+    3. Each epoch loses its local background (:func:`background_map`).
+    4. The flux ratio comes from :func:`pair_flux_ratio`.
+    5. Each epoch's PSF is stacked from its stars or a Moffat of its FWHM; its per-pixel
+       variance is the user's noise map, else the local background RMS squared plus the
+       source's Poisson noise where the gain is known.
+    6. ZOGY (:func:`zogy_subtraction`) gives S_corr, with the registration's noise as the
+       astrometric term and the flux ratio's uncertainty (beside FLUX_SYSTEMATIC) as the
+       fractional error of every static source.
+    """
+    reference, science = as_data(reference), as_data(science)
+    warnings_ = []
+    companions = [] if noise_reference is None else [np.asarray(noise_reference, dtype=np.float64) ** 2]
+    reference, registration, companions = register_pair(reference, science, wcs_reference=wcs_reference, wcs_science=wcs_science, companions=companions)
+    if registration.warning:
+        warnings_.append(registration.warning)  # logged once the pair is subtracted: a refused pair prints its refusal alone
+    valid = np.isfinite(reference) & np.isfinite(science)
+    if not valid.any():
+        msg = "the two epochs share no finite pixel"
+        raise DataError(msg)
+    reference[~valid], science[~valid] = np.nan, np.nan
+    if seeing is None:
+        psf_reference, psf_science = measure_seeing(reference, science)
+        if not psf_reference.measured:
+            psf_reference, psf_science = measure_seeing(reference, science, threshold=SEEING_RETRY_THRESHOLD)
+        if not psf_reference.measured:
+            warnings_.append(f"the seeing could not be measured on the stars ({psf_reference.n_stars} usable); assuming FWHM {psf_reference.fwhm:g} px in both epochs: give --seeing")
+    else:
+        if not all(math.isfinite(f) and MIN_SEEING_PX <= f <= MAX_SEEING_PX for f in seeing):
+            msg = f"--seeing needs two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}], got {' '.join(f'{f:g}' for f in seeing)}"
+            raise ConfigError(msg)
+        psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
+    bg_r, rms_r = background_map(reference)
+    bg_s, rms_s = background_map(science)
+    ref, sci = reference - bg_r, science - bg_s
+    stamp_r, kind_r = _epoch_psf(reference, bg_r, rms_r, psf_reference.fwhm)
+    stamp_s, kind_s = _epoch_psf(science, bg_s, rms_s, psf_science.fwhm)
+    if max(psf_reference.fwhm, psf_science.fwhm) < SEEING_TOLERANCE * min(psf_reference.fwhm, psf_science.fwhm) and stamp_r.shape == stamp_s.shape:
+        # One seeing: two stacks of noisy stars would differ in their wings, and ZOGY would
+        # turn that difference into a ring around every bright star. Both epochs get one PSF.
+        empirical = [stamp for stamp, kind in ((stamp_r, kind_r), (stamp_s, kind_s)) if kind == "empirical"]
+        common = np.mean(empirical, axis=0) if empirical else stamp_r
+        stamp_r = stamp_s = common / common.sum()
+        kind_r = kind_s = "empirical" if empirical else kind_r
+    worse = max(psf_reference.fwhm, psf_science.fwhm)
+    scale = pair_flux_ratio(ref, sci, given=flux_ratio, header_reference=header_reference, header_science=header_science,
+                            psf_reference=stamp_r, psf_science=stamp_s, aperture=max(5, math.ceil(3.0 * worse)))
+    if noise_reference is not None or noise_science is not None:
+        var_r = companions[0] if companions else rms_r**2
+        var_s = rms_s**2 if noise_science is None else np.asarray(noise_science, dtype=np.float64) ** 2
+        noise_model = "noise maps given" if noise_reference is not None and noise_science is not None else "a noise map given for one epoch, local background RMS for the other"
+    else:
+        var_r, var_s = rms_r**2, rms_s**2
+        noise_model = "local background RMS"
+    for variance, sub, gain in ((var_r, ref, gain_reference), (var_s, sci, gain_science)):
+        if gain and noise_reference is None and noise_science is None:
+            variance += np.maximum(np.nan_to_num(sub), 0.0) / gain
+    if (gain_reference or gain_science) and "given" not in noise_model:
+        noise_model += " + Poisson noise of the sources (gain)"
+    unknown = ~(np.isfinite(var_r) & np.isfinite(var_s))  # a weight of 0 in a noise map: no data there
+    ref[unknown], sci[unknown] = np.nan, np.nan
+    valid &= ~unknown
+    if registration.n_stars >= 2 and registration.residual_px is not None:
+        jitter = max(ASTROMETRIC_FLOOR, registration.residual_px / math.sqrt(2.0 * registration.n_stars))
+    else:
+        jitter = ASTROMETRIC_FLOOR
+    ratio_error = (scale["flux_ratio_error"] or 0.0) / scale["flux_ratio"]
+    sources = (np.abs(np.nan_to_num(ref)) > SOURCE_MASK_SIGMA * rms_r) | (np.abs(np.nan_to_num(sci)) > SOURCE_MASK_SIGMA * rms_s)
+    subtraction = zogy_subtraction(
+        ref, sci, psf_reference=stamp_r, psf_science=stamp_s, flux_ratio=scale["flux_ratio"],
+        sigma_reference=float(np.median(np.sqrt(var_r[valid]))), sigma_science=float(np.median(np.sqrt(var_s[valid]))),
+        variance_reference=np.where(valid, var_r, 0.0), variance_science=np.where(valid, var_s, 0.0),
+        astrometric_sigma=(jitter, jitter), flux_systematic=math.hypot(FLUX_SYSTEMATIC, ratio_error), sources=sources,
+    )
+    seeing_kw = dict(fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm) if psf_reference.measured and psf_science.measured else {}
+    statistics = pair_statistics(ref, sci, flux_ratio=scale["flux_ratio"], **seeing_kw)
+    psf_model = kind_s if kind_s == kind_r else f"{kind_r} (reference), {kind_s} (science)"
+    for warning in warnings_:
+        log.warning(warning)
+    return PairSubtraction(ref, sci, registration, psf_reference, psf_science, psf_model, scale, statistics, subtraction, noise_model, warnings_)
 
 
 # ----------------------------------------------------------------------------
@@ -2893,7 +3757,7 @@ def find_components(score_map: np.ndarray, *, threshold: float,
     valid : ndarray of bool, shape (H, W), optional
         Pixels allowed to take part (e.g. excluding a border or a saturated core).
     significance : ndarray, shape (H, W), optional
-        Signed matched-filter SNR of the difference (:func:`difference_significance`); each
+        Signed significance of the difference (S_corr, :func:`zogy_subtraction`); each
         component then also gets ``significance``, the largest |SNR| on it or within 1 px.
 
     Returns
@@ -4188,75 +5052,133 @@ def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray
     return prob
 
 
-@torch.no_grad()
-def raw_significance(raw: RawPair) -> np.ndarray:
-    """The difference's significance map of a dataset's raw pair (one photometric scale, known FWHM)."""
-    statistics = pair_statistics(raw.reference, raw.science, fwhm_reference=raw.fwhm_reference, fwhm_science=raw.fwhm_science)
-    return difference_significance(raw.reference, raw.science, statistics, fwhm=max(raw.fwhm_reference, raw.fwhm_science))
+def raw_pair(raw: RawPair) -> PairSubtraction:
+    """A dataset's raw pair through :func:`subtract_pair`, as `predict` would see it (one photometric scale, known seeing).
+
+    Simulated epochs are in electrons with no pedestal, so each epoch's gain is its sky level
+    over its local sky variance (a coadd of n exposures has gain n): the Poisson noise of the
+    sources enters S_corr as it enters the truth's SNR.
+    """
+    def gain(image):
+        background, rms = background_map(image)
+        level, sigma = float(np.median(background)), float(np.median(rms))
+        return level / sigma**2 if level > 0 else None
+
+    return subtract_pair(raw.reference, raw.science, flux_ratio=1.0, seeing=(raw.fwhm_reference, raw.fwhm_science),
+                         gain_reference=gain(raw.reference), gain_science=gain(raw.science))
 
 
-def detect_changes(prob: np.ndarray, significance: np.ndarray, *, threshold: float,
+def raw_subtraction(raw: RawPair) -> Subtraction:
+    """ZOGY's subtraction of a dataset's raw pair (:func:`raw_pair`): what :func:`detect_changes` takes."""
+    return raw_pair(raw).subtraction
+
+
+def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, threshold: float,
                    valid: np.ndarray | None = None, gate: float | None = None) -> list[dict]:
-    """What AstrID reports: the network's components that the difference image supports.
+    """What AstrID reports: the significant changes of the difference that the network calls real.
 
-    A component of ``prob >= threshold`` counts only where the matched-filtered difference
-    reaches ``|SNR| >= gate`` on it (or within 1 px): a detection with no significant signal
-    in the difference cannot be a change, however the epochs look. The network's part is
-    the veto: cosmic rays, hot pixels and subtraction residuals are significant in the
-    difference too, and it stays silent on them. One function serves evaluation, threshold
-    choice, the null tests and ``predict``.
+    1. Candidates are the sources of ``|S_corr| >= gate`` of both signs, deblended
+       (:func:`significance_candidates`): a change with no significant signal in the
+       difference cannot be a change, however the epochs look.
+    2. Given ZOGY's whole :class:`Subtraction` (not only S_corr), the deblending follows S
+       and candidates sharper than the PSF are dropped (:func:`candidate_sharpness`).
+    3. The network scores each candidate by its highest probability on the candidate's pixels
+       or within 2 px of them, and vetoes those below `threshold`: cosmic rays, hot pixels and
+       subtraction residuals are significant too.
+    4. A network component (``prob >= threshold``) is one change's footprint, held by its
+       most significant candidate. Another candidate under it stays only if it has the same
+       sign and at least COMPANION_FRACTION of that significance (two sources side by side);
+       opposite lobes, rings and specks inside a change do not.
+    5. A component that holds no candidate but reaches the gate in S_corr is a change whose
+       island merged with a brighter neighbour's: it is reported where S_corr peaks on it.
+
+    One function serves evaluation, threshold choice, the null tests and ``predict``. Returns
+    dicts with ``x``, ``y`` (S-weighted centroid), ``peak`` (the network's score),
+    ``significance`` (peak |S_corr|), ``sign`` and ``area_px`` (the footprint's).
     """
     gate = SIGNIFICANCE_GATE if gate is None else gate  # read at call time: one constant for every caller
-    components = find_components(prob, threshold=threshold, valid=valid, significance=significance)
-    return [c for c in components if c["significance"] >= gate]
+    subtraction = significance if isinstance(significance, Subtraction) else None
+    if subtraction is not None:
+        valid = subtraction.valid if valid is None else valid & subtraction.valid
+        candidates, segments = significance_candidates(subtraction.significance, gate=gate, valid=valid,
+                                                       score=subtraction.score, score_noise=subtraction.score_noise)
+        sharp = candidate_sharpness(subtraction, candidates, segments)
+        every = candidates
+        candidates = [c for c, too_sharp in zip(candidates, sharp) if not too_sharp]
+    else:
+        candidates, segments = significance_candidates(significance, gate=gate, valid=valid)
+        every = candidates
+    near = ndimage.maximum_filter(np.nan_to_num(np.asarray(prob, dtype=np.float64)), size=5)
+    scores = ndimage.maximum(near, segments, [c["segment"] for c in candidates]) if candidates else []
+    components, _ = ndimage.label(np.asarray(prob) >= threshold, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(components.ravel())
+    kept = []
+    for candidate, score in zip(candidates, scores):
+        if score < threshold:
+            continue
+        own = segments == candidate["segment"]
+        under = np.unique(components[ndimage.binary_dilation(own, iterations=2)])
+        under = under[under > 0]
+        area = int(sizes[under].sum()) if under.size else int(own.sum())
+        kept.append((candidate, float(score), area, set(under.tolist())))
+    detections = []
+    for candidate, score, area, under in sorted(kept, key=lambda k: -k[0]["significance"]):
+        held = [other for other, other_under in detections if under & other_under]
+        if any(other["sign"] != candidate["sign"] or candidate["significance"] < COMPANION_FRACTION * other["significance"] for other in held):
+            continue  # a lobe, a ring or a speck inside a change that a stronger candidate holds
+        detections.append((candidate, under))
+        candidate.update(peak=score, area_px=area)
+    # A significant change inside a component that no candidate holds was merged into a
+    # brighter neighbour's island (a faint transient beside a bright residual): the component
+    # is its footprint, and its position is where S_corr peaks on it.
+    # Components at any candidate's own peak (kept, vetoed or too sharp) are that candidate's.
+    peaks = np.zeros(components.shape, dtype=bool)
+    for c in every:
+        peaks[min(max(int(round(c["y"])), 0), peaks.shape[0] - 1), min(max(int(round(c["x"])), 0), peaks.shape[1] - 1)] = True
+    held = set(np.unique(components[ndimage.binary_dilation(peaks, iterations=2)]).tolist()) if every else set()
+    sig = np.nan_to_num(np.asarray(subtraction.significance if subtraction is not None else significance, dtype=np.float64))
+    magnitude = np.abs(sig) if valid is None else np.where(valid, np.abs(sig), 0.0)
+    free = [k for k in range(1, len(sizes)) if k not in held]
+    if free:
+        best = ndimage.maximum(magnitude, components, free)
+        where = ndimage.maximum_position(magnitude, components, free)
+        peaks = ndimage.maximum(near, components, free)
+        local_max = magnitude == ndimage.maximum_filter(magnitude, size=5)
+        for label, value, (py, px), score in zip(free, np.atleast_1d(best), where, np.atleast_1d(peaks)):
+            if value >= gate and local_max[py, px]:  # a peak of its own, not the flank of a neighbour's
+                sign = 1 if sig[py, px] > 0 else -1
+                x, y = _peak_centroid(sign * sig, int(px), int(py))
+                detections.append((dict(x=x, y=y, peak=float(score), significance=float(value), sign=sign, area_px=int(sizes[label])), {label}))
+    return [dict(x=c["x"], y=c["y"], peak=c["peak"], significance=c["significance"], sign=c["sign"], area_px=c["area_px"])
+            for c, _ in sorted(detections, key=lambda d: (d[0]["y"], d[0]["x"]))]
 
 
 class PairDetections(NamedTuple):
     """Everything `find_changes` measured on one pair."""
 
-    detections: list[dict]  # detect_changes' components
+    detections: list[dict]  # detect_changes' changes
     prob: np.ndarray  # (H, W) network probability, 0 where either epoch has no data
-    significance: np.ndarray  # (H, W) signed matched-filter SNR of the scaled difference
+    significance: np.ndarray  # (H, W) signed S_corr
     valid: np.ndarray  # (H, W) bool: both epochs have data
-    statistics: PairStatistics
-    scale: dict  # flux_ratio and how it was found (fitted: with its stars and agreement)
-    psf_reference: PsfEstimate
-    psf_science: PsfEstimate
+    pair: PairSubtraction  # the registered, background-subtracted pair and how it was made
 
 
 def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None,
-                 seeing: tuple[float, float] | None = None) -> PairDetections:
-    """Run AstrID on one registered pair of any size: what `predict` and the null tests share.
+                 seeing: tuple[float, float] | None = None, **pair: Any) -> PairDetections:
+    """Run AstrID on one pair of any size: what `predict` and the null tests share.
 
-    1. Each epoch's seeing (`seeing`, reference and science FWHM in px, when known; else
-       measured on the same stars): the sharper epoch is blurred to the other's (when either
-       cannot be measured, neither is), and the matched filter uses the worse FWHM.
-    2. One photometric scale: the flux ratio is fitted on the static stars unless given
-       (:func:`fit_flux_scale` refuses a pair it cannot fit, in one line).
-    3. The network's probabilities through windows, and the difference's significance.
-    4. :func:`detect_changes`, away from pixels where either epoch has no data.
+    1. :func:`subtract_pair`: registration, seeing, local backgrounds, the flux ratio (refused
+       in one line when nothing can give it), ZOGY's S_corr. `pair` passes its keywords
+       (the WCSs, headers, noise maps and gains).
+    2. The network's probabilities through windows, on the registered, background-subtracted pair.
+    3. :func:`detect_changes`, away from pixels where either epoch has no data.
     """
-    if seeing is None:
-        psf_reference, psf_science = measure_seeing(reference, science)
-    else:
-        if not all(math.isfinite(f) and f > 0 for f in seeing):
-            msg = f"--seeing needs two positive FWHMs in px, got {seeing}"
-            raise ConfigError(msg)
-        psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
-    worse = max(psf_reference.fwhm, psf_science.fwhm)
-    if flux_ratio is None:
-        fit = fit_flux_scale(reference, science, aperture=max(5, math.ceil(3.0 * worse)))
-        scale = dict(flux_ratio=fit.ratio, flux_ratio_source="fitted", flux_fit_stars=fit.n_stars, flux_fit_agreeing=fit.agreeing)
-    else:
-        scale = dict(flux_ratio=float(flux_ratio), flux_ratio_source="given")
-    seeing = dict(fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm) if psf_reference.measured and psf_science.measured else {}
-    statistics = pair_statistics(reference, science, flux_ratio=scale["flux_ratio"], **seeing)
-    valid = np.isfinite(science) & np.isfinite(reference)
-    prob = probability_map(model, reference, science, statistics=statistics, device=device)
+    sub = subtract_pair(reference, science, flux_ratio=flux_ratio, seeing=seeing, **pair)
+    valid = sub.subtraction.valid
+    prob = probability_map(model, sub.reference, sub.science, statistics=sub.statistics, device=device)
     prob[~valid] = 0.0  # no claims where either epoch has no data
-    significance = difference_significance(reference, science, statistics, fwhm=worse)
-    detections = detect_changes(prob, significance, threshold=threshold, valid=valid)
-    return PairDetections(detections, prob, significance, valid, statistics, scale, psf_reference, psf_science)
+    detections = detect_changes(prob, sub.subtraction, threshold=threshold, valid=valid)
+    return PairDetections(detections, prob, sub.subtraction.significance, valid, sub)
 
 
 def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[dict]:
@@ -4267,7 +5189,8 @@ def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[di
         if wcs is not None:
             sky = wcs.pixel_to_world(det["x"], det["y"])
             ra, dec = float(sky.ra.deg), float(sky.dec.deg)
-        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det["significance"], area_px=det["area_px"], type="anomaly"))
+        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det.get("sign", 1) * det["significance"],
+                         area_px=det["area_px"], type="anomaly"))
     return sorted(rows, key=lambda r: -r["score"])
 
 
@@ -4367,9 +5290,9 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
                 continue
             n = len(found.detections)
             # SExtractor on the same flux-matched, PSF-matched difference: what a plain source finder reports here.
-            n_sep = len(sep_detections(scaled_difference(reference, science, found.statistics), valid=found.valid))
+            n_sep = len(sep_detections(scaled_difference(found.pair.reference, found.pair.science, found.pair.statistics), valid=found.valid))
             cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
-                          "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.scale["flux_ratio"]})
+                          "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.pair.scale["flux_ratio"]})
         rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux", "seeing")}
         identical = [c for c in cases if c["kind"] == "identical"][0]
         reports.append(dict(
@@ -4846,16 +5769,20 @@ def evaluate_model(
     `output_dir`, writes the completeness, precision-recall and object-gallery plots there.
     """
     n = len(dataset)
-    # Each sample's tensors, truth and raw pair in turn: the dataset renders it once.
-    items = [(dataset[i], dataset.truth(i), dataset.raw(i)) for i in range(n)]
-    inputs = torch.stack([x for (x, _), _, _ in items])
-    masks = torch.stack([m for (_, m), _, _ in items])[:, 0].numpy()
+    # Each sample's mask, truth and raw pair in turn: the dataset renders it once. The network
+    # sees each pair as `predict` does: registered, its local backgrounds subtracted.
+    items = [(dataset[i][1], dataset.truth(i), dataset.raw(i)) for i in range(n)]
+    masks = torch.stack([m for m, _, _ in items])[:, 0].numpy()
     truths = [truth for _, truth, _ in items]
+    pairs = [raw_pair(raw) for _, _, raw in items]
+    inputs = torch.stack([torch.from_numpy(normalize_pair(p.reference, p.science, statistics=p.statistics)) for p in pairs])
     probs = predict_probabilities(model, inputs, device=device)
+    for prob, p in zip(probs, pairs):
+        prob[~p.subtraction.valid] = 0.0  # no claims where either epoch has no data, as in predict
 
     net_results, base_results, sep_results, examples = [], [], [], []
     for i, (_, _, raw) in enumerate(items):
-        detections = detect_changes(probs[i], raw_significance(raw), threshold=threshold)
+        detections = detect_changes(probs[i], pairs[i].subtraction, threshold=threshold)
         net = match_objects(detections, truths[i])
         net_results.append(net)
         psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
@@ -5349,7 +6276,7 @@ class StandaloneTrainer:
             return {}
         val_loss, probs, masks = self._validate(model, DistInfo())  # the other ranks have finished
         val_truths = [self.val_ds.truth(i) for i in range(len(self.val_ds))]
-        val_significances = [raw_significance(self.val_ds.raw(i)) for i in range(len(self.val_ds))]
+        val_significances = [raw_subtraction(self.val_ds.raw(i)) for i in range(len(self.val_ds))]
         threshold, threshold_table = choose_threshold(list(probs), val_truths, significances=val_significances)
         log.info("operating threshold %.2f (best object-level F1 on validation)", threshold)
         evaluation = evaluate_model(model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation")
@@ -5508,7 +6435,7 @@ DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", 
 
 
 def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
-    """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, significance, area_px, type."""
+    """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, significance (signed S_corr), area_px, type."""
     import csv
     import io
 
@@ -5537,7 +6464,7 @@ def detection_table(rows: Sequence[dict], *, record: dict):
     table["x"].description = "0-based pixel centroid, column"
     table["y"].description = "0-based pixel centroid, row"
     table["score"].description = "peak network probability"
-    table["significance"].description = "peak matched-filter SNR of the scaled difference"
+    table["significance"].description = "peak S_corr (ZOGY) of the change, negative where the science epoch faded"
     return table
 
 
@@ -5600,24 +6527,90 @@ def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, ca
     return reference
 
 
+class EpochPair(NamedTuple):
+    """A pair as read from FITS: each epoch's pixels, header and celestial WCS (None without one)."""
+
+    reference: np.ndarray
+    science: np.ndarray
+    wcs_reference: Any
+    wcs_science: Any
+    header_reference: Any
+    header_science: Any
+
+    def keywords(self) -> dict:
+        """What :func:`subtract_pair` takes from the files: the WCSs, the headers and each epoch's GAIN (e-/ADU)."""
+        def gain(header):
+            try:
+                value = float(header["GAIN"]) if header is not None else None
+            except (KeyError, TypeError, ValueError):
+                return None
+            return value if value is not None and math.isfinite(value) and value > 0 else None
+
+        return dict(wcs_reference=self.wcs_reference, wcs_science=self.wcs_science, header_reference=self.header_reference,
+                    header_science=self.header_science, gain_reference=gain(self.header_reference), gain_science=gain(self.header_science))
+
+
 def read_pair(science: str, reference: str | None, *, reference_survey: str | None = None, max_pixels: int,
-              cache_dir: str = "", timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(reference, science, science WCS) of a pair: two 2-D images of one shape, within the pixel budget."""
+              cache_dir: str = "", timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES) -> EpochPair:
+    """The two epochs of a pair, within the pixel budget.
+
+    They may differ in shape and grid when both carry a celestial WCS: :func:`register_pair`
+    then reprojects the reference onto the science grid.
+    """
     if bool(reference) == bool(reference_survey):
         msg = "give exactly one of --reference FITS or --reference-survey NAME"
         raise AstridError(msg)
-    sci, _, wcs = read_fits_image(science, max_pixels=max_pixels)
+    sci, header_sci, wcs = read_fits_image(science, max_pixels=max_pixels)
     if reference:
-        ref, _, _ = read_fits_image(reference, max_pixels=max_pixels)
+        ref, header_ref, wcs_ref = read_fits_image(reference, max_pixels=max_pixels)
     else:
         ref = fetch_reference(wcs, sci.shape, reference_survey, cache_dir=cache_dir, timeout=timeout, retries=retries)
-    if ref.shape != sci.shape:
-        msg = f"reference {ref.shape[1]}x{ref.shape[0]} and science {sci.shape[1]}x{sci.shape[0]} px differ in shape: register them onto one grid first"
+        header_ref, wcs_ref = None, wcs  # reprojected onto the science grid already
+    if ref.shape != sci.shape and (wcs is None or wcs_ref is None):
+        msg = (f"reference {ref.shape[1]}x{ref.shape[0]} and science {sci.shape[1]}x{sci.shape[0]} px differ in shape, "
+               "and without a celestial WCS in both they cannot be registered: put them on one grid first")
         raise DataError(msg)
     if not np.isfinite(ref).any():
         msg = "the reference has no finite pixels over the science frame"
         raise DataError(msg)
-    return ref, sci, wcs
+    return EpochPair(ref, sci, wcs_ref, wcs, header_ref, header_sci)
+
+
+NOISE_KINDS = ("sigma", "weight")  # a noise map holds each pixel's sigma, or its inverse variance (a weight map)
+
+
+def read_noise_map(path: str | None, *, shape: tuple[int, int], kind: str, max_pixels: int, flag: str) -> np.ndarray | None:
+    """A per-pixel sigma map from a FITS sigma map or inverse-variance weight map, or None without a path.
+
+    Pixels with a weight of 0 (or a sigma that is not positive and finite) are missing data.
+    """
+    if not path:
+        return None
+    if kind not in NOISE_KINDS:
+        msg = f"--noise-kind must be one of {', '.join(NOISE_KINDS)}, got {kind!r}"
+        raise ConfigError(msg)
+    data, _, _ = read_fits_image(path, max_pixels=max_pixels)
+    if data.shape != shape:
+        msg = f"{flag} {path}: {data.shape[1]}x{data.shape[0]} px, but its image is {shape[1]}x{shape[0]}"
+        raise DataError(msg)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = 1.0 / np.sqrt(data) if kind == "weight" else data
+    return np.where(np.isfinite(sigma) & (sigma > 0), sigma, np.nan)
+
+
+def parse_seeing(text: str | None, *, where: str) -> tuple[float, float] | None:
+    """A pairs list's ``seeing`` cell: one FWHM in px for both epochs, or 'REF SCI' (space, slash or semicolon)."""
+    if not text or not text.strip():
+        return None
+    parts = re.split(r"[\s/;]+", text.strip())
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and MIN_SEEING_PX <= v <= MAX_SEEING_PX for v in values):
+        msg = f"{where}: seeing {text!r} must be one or two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}]"
+        raise DataError(msg)
+    return (values[0], values[-1])
 
 
 def make_output_dir(out: Path) -> Path:
@@ -5630,8 +6623,9 @@ def make_output_dir(out: Path) -> Path:
     return out
 
 
-def predict_pair(predictor: Predictor, reference: np.ndarray, science: np.ndarray, *, wcs: Any, out: Path, inputs: dict,
-                 flux_ratio: float | None = None, seeing: tuple[float, float] | None = None) -> list[dict]:
+def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: dict, flux_ratio: float | None = None,
+                 seeing: tuple[float, float] | None = None, noise_reference: np.ndarray | None = None,
+                 noise_science: np.ndarray | None = None) -> list[dict]:
     """Find the changes of one pair and write its outputs (PREDICTION_OUTPUTS) into `out`, as one set.
 
     `inputs` (science and reference as the user named them) goes into detections.json and
@@ -5639,15 +6633,21 @@ def predict_pair(predictor: Predictor, reference: np.ndarray, science: np.ndarra
     so one pair gives the same detections either way.
     """
     p = predictor
-    found = find_changes(p.model, reference, science, threshold=p.threshold, device=p.device, flux_ratio=flux_ratio, seeing=seeing)
+    found = find_changes(p.model, pair.reference, pair.science, threshold=p.threshold, device=p.device, flux_ratio=flux_ratio, seeing=seeing,
+                         noise_reference=noise_reference, noise_science=noise_science, **pair.keywords())
+    wcs = pair.wcs_science
     rows = detection_catalog(found.detections, wcs=wcs)
+    sub = found.pair
     record = dict(
         **inputs, checkpoint=str(p.checkpoint),
-        threshold=p.threshold, significance_gate=SIGNIFICANCE_GATE, **found.scale, offset=found.statistics.offset,
-        sigma_difference=found.statistics.sigma_difference, fwhm_reference=found.psf_reference.fwhm, fwhm_science=found.psf_science.fwhm,
-        seeing_measured=found.psf_reference.measured and found.psf_science.measured, seeing_source="measured" if seeing is None else "given",
-        blur_reference=found.statistics.blur_reference, blur_science=found.statistics.blur_science,
-        valid_fraction=float(found.valid.mean()), n_detections=len(rows),
+        threshold=p.threshold, significance_gate=SIGNIFICANCE_GATE, detection_statistic="S_corr (ZOGY), calibrated on its local RMS",
+        **sub.scale, registration=sub.registration._asdict(),
+        fwhm_reference=sub.psf_reference.fwhm, fwhm_science=sub.psf_science.fwhm,
+        seeing_measured=sub.psf_reference.measured and sub.psf_science.measured, seeing_source="measured" if seeing is None else "given",
+        psf_model=sub.psf_model, noise_model=sub.noise_model, significance_calibration=sub.subtraction.calibration,
+        offset=sub.statistics.offset, sigma_difference=sub.statistics.sigma_difference,
+        blur_reference=sub.statistics.blur_reference, blur_science=sub.statistics.blur_science,
+        valid_fraction=float(found.valid.mean()), masked_fraction=float(1.0 - found.valid.mean()), warnings=sub.warnings, n_detections=len(rows),
     )
     # One set: a failure while writing any file leaves the previous run's files together.
     with output_set() as staged:
@@ -5656,7 +6656,7 @@ def predict_pair(predictor: Predictor, reference: np.ndarray, science: np.ndarra
         write_detections_ecsv(out / "detections.ecsv", rows, record=record, staged=staged)
         write_detections_ds9(out / "detections.reg", rows, wcs=wcs, staged=staged)
         write_probability_fits(out / "mask.fits", found.prob, wcs=wcs, threshold=p.threshold, checkpoint=p.checkpoint, staged=staged)
-        save_overlay(out / "overlay.png", reference, science, rows, statistics=found.statistics, staged=staged)
+        save_overlay(out / "overlay.png", sub.reference, sub.science, rows, statistics=sub.statistics, staged=staged)
     return rows
 
 
@@ -5675,6 +6675,9 @@ def run_prediction(
     retries: int = DEFAULT_RETRIES,
     flux_ratio: float | None = None,
     seeing: Sequence[float] | None = None,
+    science_noise: str | None = None,
+    reference_noise: str | None = None,
+    noise_kind: str = "sigma",
     overwrite: bool = False,
 ) -> list[dict]:
     """Find what changed in a (reference, science) FITS pair.
@@ -5686,27 +6689,31 @@ def run_prediction(
     `flux_ratio` is given; a pair whose ratio cannot be fitted is refused, because without
     it every static star would come back as a change.
     """
-    # 1. Inputs: two 2-D images of one shape, within the pixel budget.
-    ref, sci, wcs = read_pair(science, reference, reference_survey=reference_survey, max_pixels=max_pixels, cache_dir=cache_dir, timeout=timeout, retries=retries)
+    # 1. Inputs: two 2-D images within the pixel budget, and their noise maps if given.
+    pair = read_pair(science, reference, reference_survey=reference_survey, max_pixels=max_pixels, cache_dir=cache_dir, timeout=timeout, retries=retries)
+    noise = dict(noise_science=read_noise_map(science_noise, shape=pair.science.shape, kind=noise_kind, max_pixels=max_pixels, flag="--science-noise"),
+                 noise_reference=read_noise_map(reference_noise, shape=pair.reference.shape, kind=noise_kind, max_pixels=max_pixels, flag="--reference-noise"))
     out = make_output_dir(Path(output_dir))
     claim_output_dir(out, kind="prediction", overwrite=overwrite)
     # 2. The model and its operating threshold.
     predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
     # 3. The changes, and how the pair was put on one scale.
     inputs = dict(science=str(science), reference=str(reference or f"survey: {reference_survey}"))
-    rows = predict_pair(predictor, ref, sci, wcs=wcs, out=out, inputs=inputs, flux_ratio=flux_ratio, seeing=tuple(seeing) if seeing else None)
+    rows = predict_pair(predictor, pair, out=out, inputs=inputs, flux_ratio=flux_ratio, seeing=tuple(seeing) if seeing else None, **noise)
     record = json.loads((out / "detections.json").read_text())
-    print(f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} ({record['flux_ratio_source']}) -> {out / 'detections.csv'} (also detections.json, .ecsv, .reg, mask.fits, overlay.png)")
+    shift = record["registration"]
+    print(f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} ({record['flux_ratio_source']}), "
+          f"registration {shift['method']} ({shift['dx']:+.2f}, {shift['dy']:+.2f}) px -> {out / 'detections.csv'} (also detections.json, .ecsv, .reg, mask.fits, overlay.png)")
     return rows
 
 
 # --- Many pairs in one command: a list, resumable, sharded over processes
 
-PAIR_COLUMNS = ("science", "reference")  # required; optional: name, flux_ratio
+PAIR_COLUMNS = ("science", "reference")  # required; optional: name, flux_ratio, seeing
 
 
 def read_pairs(path: str | os.PathLike) -> list[dict]:
-    """The pairs of a CSV list: science, reference, and optionally name and flux_ratio per row.
+    """The pairs of a CSV list: science, reference, and optionally name, flux_ratio and seeing per row.
 
     Relative paths are taken from the list's own directory, so a list travels with its
     images. A pair's name (default: its science file's stem) names its output directory
@@ -5742,7 +6749,8 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
         except ValueError:
             msg = f"{path}:{line}: flux_ratio {ratio!r} is not a number"
             raise DataError(msg) from None
-        pairs.append(dict(name=name, science=str(path.parent / science), reference=str(path.parent / reference), flux_ratio=flux_ratio))
+        seeing = parse_seeing(row.get("seeing"), where=f"{path}:{line}")
+        pairs.append(dict(name=name, science=str(path.parent / science), reference=str(path.parent / reference), flux_ratio=flux_ratio, seeing=seeing))
     if not pairs:
         msg = f"{path}: the pair list has no pairs"
         raise DataError(msg)
@@ -5804,11 +6812,11 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
             if prediction_complete(pair_dir) and not overwrite:
                 summary["skipped"].append(name)
             else:
-                ref, sci, wcs = read_pair(pair["science"], pair["reference"], max_pixels=max_pixels)
+                epochs = read_pair(pair["science"], pair["reference"], max_pixels=max_pixels)
                 make_output_dir(pair_dir)
                 claim_output_dir(pair_dir, kind="prediction", overwrite=overwrite)
                 ratio = pair["flux_ratio"] if pair["flux_ratio"] is not None else flux_ratio
-                predict_pair(predictor, ref, sci, wcs=wcs, out=pair_dir, inputs=dict(science=pair["science"], reference=pair["reference"]), flux_ratio=ratio)
+                predict_pair(predictor, epochs, out=pair_dir, inputs=dict(science=pair["science"], reference=pair["reference"]), flux_ratio=ratio, seeing=pair["seeing"])
                 summary["done"].append(name)
             combined += [dict(pair=name, directory=pair_dir.name, **row) for row in _read_rows(pair_dir / "detections.csv")]
         except (AstridError, OSError) as exc:
@@ -6362,9 +7370,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
     predict = commands.add_parser("predict", help="find anomalies in your own (reference, science) FITS pair")
     predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
-    predict.add_argument("--pairs", help="CSV list of pairs (columns science, reference; optional name, flux_ratio): one output directory each")
+    predict.add_argument("--pairs", help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory each")
     predict.add_argument("--shard", help="with --pairs: I/N takes every N-th pair from the I-th (0-based); under torchrun, RANK/WORLD_SIZE")
-    predict.add_argument("--reference", help="FITS image of the same field on the same pixel grid")
+    predict.add_argument("--reference", help="FITS image of the same field: on the same grid, or any grid when both images carry a celestial WCS")
     predict.add_argument("--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)")
     predict.add_argument("--output-dir", required=True, help="one that holds a prediction is refused")
     predict.add_argument("--overwrite", action="store_true", help="replace the prediction already in --output-dir")
@@ -6375,8 +7383,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cache-dir", default="")
     predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
-    predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: fitted on the pair's stars)")
-    predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help="each epoch's FWHM in px, when known (default: measured on the pair's stars)")
+    predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: the headers' zero points, else fitted on the pair's stars, else on the PSF-matched pixels of its bright sources)")
+    predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the pair's stars)")
+    predict.add_argument("--science-noise", help="FITS noise map of the science image, on its grid (see --noise-kind; default: local background RMS plus Poisson noise with the header's GAIN)")
+    predict.add_argument("--reference-noise", help="FITS noise map of the reference image, on its grid (see --noise-kind)")
+    predict.add_argument("--noise-kind", choices=NOISE_KINDS, default="sigma", help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 for no data)")
     sweep = commands.add_parser("sweep", help="search training configurations with Optuna (TPE, pruning, MLflow)")
     add_train_arguments(sweep)
     sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space (default: sweep_space.json)")
@@ -6462,13 +7473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pairs:
             if args.reference or args.reference_survey:
                 return cli(lambda: _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey"), debug=args.debug)
-            if args.seeing:
-                return cli(lambda: _refuse("--pairs: --seeing is one pair's; the list's pairs have their seeing measured"), debug=args.debug)
+            if args.seeing or args.science_noise or args.reference_noise:
+                return cli(lambda: _refuse("--pairs: --seeing and noise maps are one pair's; give a seeing column in the list instead"), debug=args.debug)
             keys = ("pairs", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "shard", "flux_ratio", "overwrite")
             return cli(lambda: run_pairs(**{k: getattr(args, k) for k in keys}), debug=args.debug)
         if args.shard:
             return cli(lambda: _refuse("--shard splits a --pairs list"), debug=args.debug)
-        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "seeing", "overwrite")
+        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "seeing",
+                "science_noise", "reference_noise", "noise_kind", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "export":
         return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)

@@ -239,7 +239,7 @@ def test_a_change_is_still_found_at_another_flux_scale(shipped):
     fwhm = st.measure_psf_fwhm(frame).fwhm
     science += st.render_points(frame.shape, [x], [y], [40 * sigma * 2 * np.pi * (fwhm / 2.3548) ** 2 * 2], st.PSF(fwhm, st.ASSUMED_MOFFAT_BETA))
     found = st.find_changes(model, reference, 3.0 * science, threshold=threshold, device=CPU)
-    assert found.scale["flux_ratio"] == pytest.approx(3.0, rel=0.02)
+    assert found.pair.scale["flux_ratio"] == pytest.approx(3.0, rel=0.02)
     assert len(found.detections) == 1
     assert np.hypot(found.detections[0]["x"] - x, found.detections[0]["y"] - y) <= 2.0
 
@@ -249,7 +249,9 @@ def test_identical_frames_have_a_silent_difference():
     statistics = st.pair_statistics(frame, frame)
     assert statistics.sigma_difference == pytest.approx(st.DIFFERENCE_NOISE_FLOOR * np.hypot(statistics.sigma_science, statistics.sigma_reference))
     assert np.all(st.normalize_pair(frame, frame)[2] == 0.0)
-    assert np.all(st.difference_significance(frame, frame, statistics, fwhm=3.0) == 0.0)
+    # S_corr of a frame minus a copy of itself is round-off held to the noise floor: far below any gate.
+    pair = st.subtract_pair(frame, frame, flux_ratio=1.0, seeing=(3.0, 3.0))
+    assert np.max(np.abs(pair.subtraction.significance)) < 1e-6
 
 
 # ----------------------------------------------------------------------------
@@ -259,26 +261,38 @@ def test_identical_frames_have_a_silent_difference():
 
 @pytest.mark.parametrize("correlation", [0.0, 0.8])
 def test_significance_is_in_units_of_its_own_noise_even_when_pixels_are_correlated(correlation):
-    """Measured on the filtered map, the noise includes the correlation a per-pixel sigma misses."""
+    """S_corr is calibrated on its own pixels, so it includes the correlation a per-pixel sigma misses."""
     rng = np.random.default_rng(7)
     noise = rng.normal(0, 1, (2, 256, 256))
     if correlation:
         noise = st.ndimage.gaussian_filter(noise, (0, correlation, correlation))
     reference, science = 50.0 + noise
-    significance = st.difference_significance(reference, science, st.pair_statistics(reference, science), fwhm=2.5)
-    assert st.robust_sigma(significance) == pytest.approx(1.0, rel=0.05)
+    significance = st.subtract_pair(reference, science, flux_ratio=1.0, seeing=(2.5, 2.5)).subtraction.significance
+    assert st.robust_sigma(significance[16:-16, 16:-16]) == pytest.approx(1.0, rel=0.05)
 
 
-def test_the_gate_drops_components_the_difference_does_not_support():
+def test_candidates_come_from_the_difference_and_the_network_vetoes():
     prob = np.zeros((32, 32))
     prob[5:8, 5:8] = 0.95  # the network fires here and there
     prob[20:23, 20:23] = 0.95
     significance = np.zeros((32, 32))
     significance[21, 23] = -7.0  # a fading source, one pixel beside the second component
+    significance[12, 28] = 9.0  # significant, but the network sees nothing there
     kept = st.detect_changes(prob, significance, threshold=0.5)
-    assert [(round(d["x"]), round(d["y"])) for d in kept] == [(21, 21)]
-    assert kept[0]["significance"] == 7.0
+    assert [(round(d["x"]), round(d["y"])) for d in kept] == [(23, 21)]  # the position is the difference's
+    assert kept[0]["significance"] == 7.0 and kept[0]["sign"] == -1
+    assert kept[0]["area_px"] == 9  # the footprint is the network's component
     assert st.detect_changes(prob, significance, threshold=0.5, gate=7.5) == []
+
+
+def test_opposite_lobes_under_one_footprint_are_one_change():
+    prob = np.zeros((32, 32))
+    prob[10:20, 10:20] = 0.99
+    significance = np.zeros((32, 32))
+    significance[14, 12], significance[14, 17] = 30.0, -8.0  # a dipole's strong and weak lobes
+    significance[25, 25] = 6.0  # elsewhere, unseen by the network
+    kept = st.detect_changes(prob, significance, threshold=0.5)
+    assert [(round(d["x"]), round(d["y"]), d["sign"]) for d in kept] == [(12, 14, 1)]
 
 
 # ----------------------------------------------------------------------------
@@ -300,7 +314,7 @@ def test_predict_on_m13_against_itself_and_at_three_times_its_flux_finds_nothing
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("0 detections"), result.stdout
         record = json.loads((tmp_path / name / "detections.json").read_text())
-        assert record["flux_ratio_source"] == "fitted"
+        assert record["flux_ratio_source"] == "fitted on the stars"
         assert record["flux_ratio"] == pytest.approx(1.0 if name == "same" else 3.0, rel=1e-6)
         assert (tmp_path / name / "detections.csv").read_text().splitlines() == [",".join(st.DETECTION_COLUMNS)]
 
@@ -312,7 +326,7 @@ def test_predict_refuses_a_pair_it_cannot_put_on_one_scale_in_one_line(tmp_path)
         fits.PrimaryHDU(rng.normal(100, 5, (96, 96))).writeto(tmp_path / f"{name}.fits")
     result = run_cli("predict", "--science", "sci.fits", "--reference", "ref.fits", "--output-dir", "out", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "cannot fit the flux ratio" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "cannot find the flux ratio" in result.stderr and "Traceback" not in result.stderr
     given = run_cli("predict", "--science", "sci.fits", "--reference", "ref.fits", "--output-dir", "out", "--flux-ratio", "1", cwd=tmp_path)
     assert given.returncode == 0, given.stderr
     assert json.loads((tmp_path / "out" / "detections.json").read_text())["flux_ratio_source"] == "given"

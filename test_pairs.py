@@ -168,7 +168,7 @@ def test_the_ecsv_catalogue_reads_back_with_units_and_its_provenance(first_run, 
     assert str(table["x"].unit) == "pix" and str(table["ra"].unit) == "deg" and str(table["area_px"].unit) == "pix2"
     np.testing.assert_allclose(table["x"], [float(r["x"]) for r in rows], atol=1e-3)
     np.testing.assert_allclose(table["dec"], [float(r["dec"]) for r in rows], atol=1e-7)
-    assert table.meta["flux_ratio"] == pytest.approx(2.0, rel=0.1) and table.meta["flux_ratio_source"] == "fitted"
+    assert table.meta["flux_ratio"] == pytest.approx(2.0, rel=0.1) and table.meta["flux_ratio_source"] == "fitted on the stars"
     assert table.meta["threshold"] == pytest.approx(float(st.load_checkpoint(st.DEFAULT_WEIGHTS).get("threshold") or 0.5))
     assert table.meta["checkpoint"].endswith("astrid_default.pt")
     assert table.meta["science"].endswith("a_sci.fits") and table.meta["reference"].endswith("a_ref.fits")

@@ -266,7 +266,7 @@ def test_predict_recovers_injected_anomalies(demo_set, catalogues):
     for i in range(DEMO_SAMPLES):
         truth = demo_set.truth(i)
         result = match_objects(catalogues[i][1], truth, radius=MATCH_RADIUS)
-        evaluated = match_objects(st.detect_changes(probs[i], st.raw_significance(demo_set.raw(i)), threshold=threshold), truth, radius=MATCH_RADIUS)
+        evaluated = match_objects(st.detect_changes(probs[i], st.raw_subtraction(demo_set.raw(i)), threshold=threshold), truth, radius=MATCH_RADIUS)
         np.testing.assert_array_equal(result.recovered, evaluated.recovered, err_msg=f"sample {i}: predict and evaluate recover different anomalies")
         for k, recovered in zip(result.anomaly_index, result.recovered):
             if truth[k]["type"] in POINT_TYPES and truth[k]["snr"] >= 20:
@@ -280,18 +280,21 @@ def test_predict_recovers_injected_anomalies(demo_set, catalogues):
 
 @pytest.mark.slow
 def test_predict_sees_a_pair_as_evaluate_does(demo_set, demo_outputs):
-    """The documented figures come from `evaluate`, which normalises a simulated pair with the
-    simulator's own seeing; `predict` measures the seeing on the pair's stars and records it
-    in detections.json. Given what predict measured, the one normalisation gives predict's map."""
+    """The documented figures come from `evaluate`, which subtracts a simulated pair with the
+    simulator's own seeing; `predict` measures the seeing and the registration on the pair and
+    records them in detections.json. Given what predict measured, the one subtraction and the
+    one normalisation give predict's map."""
     model = st.model_from_checkpoint(st.load_checkpoint(DEFAULT_WEIGHTS))
     for i in range(DEMO_SAMPLES):
         record = json.loads((demo_outputs[i] / "detections.json").read_text())
         raw = demo_set.raw(i)
-        seeing = dict(fwhm_reference=record["fwhm_reference"], fwhm_science=record["fwhm_science"]) if record["seeing_measured"] else {}
-        statistics = st.pair_statistics(raw.reference, raw.science, flux_ratio=record["flux_ratio"], **seeing)
-        assert (statistics.blur_reference, statistics.blur_science) == pytest.approx((record["blur_reference"], record["blur_science"]))
-        inputs = torch.from_numpy(st.normalize_pair(raw.reference, raw.science, statistics=statistics))[None]
+        pair = st.subtract_pair(raw.reference, raw.science, flux_ratio=record["flux_ratio"],
+                                seeing=(record["fwhm_reference"], record["fwhm_science"]) if record["seeing_measured"] else None)
+        assert (pair.registration.dx, pair.registration.dy) == pytest.approx((record["registration"]["dx"], record["registration"]["dy"]))
+        assert (pair.statistics.blur_reference, pair.statistics.blur_science) == pytest.approx((record["blur_reference"], record["blur_science"]))
+        inputs = torch.from_numpy(st.normalize_pair(pair.reference, pair.science, statistics=pair.statistics))[None]
         expected = st.predict_probabilities(model, inputs, device=torch.device("cpu"))[0]
+        expected[~pair.subtraction.valid] = 0.0
         got = fits.getdata(demo_outputs[i] / "mask.fits")
         assert np.abs(got - expected).max() <= 0.05, f"sample {i}"
 

@@ -47,13 +47,14 @@ import standalone_training as st  # noqa: E402
 from bench_training import machine, peak_rss_mb  # noqa: E402
 from null_tests_before import load_module  # noqa: E402
 
-STAGES = {  # stage -> the module functions whose time it is
+STAGES = {  # stage -> the module functions whose time it is ("subtraction" holds registration, seeing, flux_ratio and zogy)
     "read": ("read_pair",),
-    "psf": ("measure_psf_fwhm",),
-    "flux_fit": ("fit_flux_scale",),
-    "statistics": ("pair_statistics",),
+    "subtraction": ("subtract_pair",),
+    "registration": ("register_pair",),
+    "seeing": ("measure_seeing",),
+    "flux_ratio": ("pair_flux_ratio",),
+    "zogy": ("zogy_subtraction",),
     "probability_map": ("probability_map",),
-    "significance": ("difference_significance",),
     "detect": ("detect_changes",),
     "catalogue": ("detection_catalog",),
     "write": ("write_detections_csv", "write_json", "write_detections_ecsv", "write_detections_ds9", "write_probability_fits", "save_overlay"),

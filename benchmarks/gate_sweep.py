@@ -35,11 +35,11 @@ def main() -> None:
     _, val, _, _ = st.build_datasets(cfg)
     val_probs = st.predict_probabilities(model, torch.stack([val[i][0] for i in range(len(val))]), device=cpu)
     val_truths = [val.truth(i) for i in range(len(val))]
-    val_significances = [st.raw_significance(val.raw(i)) for i in range(len(val))]
+    val_significances = [st.raw_subtraction(val.raw(i)) for i in range(len(val))]
     test = st.SyntheticAstronomicalDataset(200, image_size=128, seed=st.DEFAULT_EVAL_SEED, stream="test")
     probs = st.predict_probabilities(model, torch.stack([test[i][0] for i in range(len(test))]), device=cpu)
     truths = [test.truth(i) for i in range(len(test))]
-    significances = [st.raw_significance(test.raw(i)) for i in range(len(test))]
+    significances = [st.raw_subtraction(test.raw(i)) for i in range(len(test))]
     frames = st.null_frames()
     for gate in args.gates:
         st.SIGNIFICANCE_GATE = gate  # what detect_changes, choose_threshold and the null battery read
