@@ -1631,7 +1631,7 @@ def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: Pa
 
 # --- The significance of what changed
 
-# A change must be this significant in the matched-filtered difference to be reported, however
+# A change must be this significant in the difference (ZOGY's S_corr) to be reported, however
 # sure the network is: candidates come from the difference, the network only vetoes them.
 # In white noise a 5 sigma threshold makes about 0.2 false peaks per megapixel.
 SIGNIFICANCE_GATE = 5.0
@@ -2260,7 +2260,7 @@ DEBLEND_NOISE_WINDOW = 15  # px: the local minimum of S's noise over this window
 
 
 def _peak_centroid(image: np.ndarray, x: int, y: int) -> tuple[float, float]:
-    """(x, y) of a peak pixel refined by the first moment of the positive 3x3 box around it."""
+    """(x, y) of a peak pixel refined by the first moment of the 3x3 box around it, above the box's minimum."""
     box = image[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
     weights = np.clip(box - box.min(), 0.0, None)
     total = float(weights.sum())

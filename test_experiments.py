@@ -191,8 +191,12 @@ def test_a_bad_space_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys):
     trials = tiny_sweep / "trials"
-    _, _, children = _children(tiny_sweep)
-    logged = children[0].info.run_id  # a trial's MLflow run: its best.pt artifact is fetched
+    client, _, children = _children(tiny_sweep)
+    # A finished trial's MLflow run: its best.pt artifact is fetched. (Other tests of this
+    # module add trials to the same study, some interrupted or pruned, so the newest child
+    # need not be one that finished.)
+    logged = next(r.info.run_id for r in children
+                  if r.info.status == "FINISHED" and any(a.path == "best.pt" for a in client.list_artifacts(r.info.run_id)))
     args = ["compare", "--runs", f"a={trials / 'trial-0000'}", f"b={trials / 'trial-0001'}", f"b=mlflow:{logged}", "--eval-samples", "2",
             "--eval-image-size", "32", "--device", "cpu", "--threads", "1", "--output-dir", str(tmp_path / "cmp"),
             "--tracking-uri", f"sqlite:///{tiny_sweep / 'mlflow.db'}"]
