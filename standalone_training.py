@@ -2144,23 +2144,24 @@ PIXEL_FIT_SIGMA = 5.0  # PSF-matched pixels above this many sigma of their map e
 PIXEL_FIT_MIN_PIXELS = 9  # about one faint star's core: fewer cannot pin a ratio down
 
 
+def header_number(header: Any, key: str) -> float | None:
+    """A header keyword's finite numeric value, or None (no header, no such key, not a number)."""
+    try:
+        value = float(header[key]) if header is not None else math.nan
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def header_flux_ratio(header_reference: Any, header_science: Any) -> tuple[float, str] | None:
     """Science / reference flux ratio from both headers' photometric calibration, with the keyword used, or None."""
     if header_reference is None or header_science is None:
         return None
-
-    def number(header, key):
-        try:
-            value = float(header[key])
-        except (KeyError, TypeError, ValueError):
-            return None
-        return value if math.isfinite(value) else None
-
     for key in ZEROPOINT_KEYS:
-        zr, zs = number(header_reference, key), number(header_science, key)
+        zr, zs = header_number(header_reference, key), header_number(header_science, key)
         if zr is not None and zs is not None and abs(zs - zr) < 25:
             return 10.0 ** (0.4 * (zs - zr)), key
-    fr, fs = number(header_reference, "FLUXMAG0"), number(header_science, "FLUXMAG0")
+    fr, fs = header_number(header_reference, "FLUXMAG0"), header_number(header_science, "FLUXMAG0")
     if fr and fs and fr > 0 and fs > 0:
         return fs / fr, "FLUXMAG0"
     return None
@@ -2348,11 +2349,11 @@ def candidate_sharpness(subtraction: Subtraction, candidates: list[dict], segmen
     r = float(psf.max()) / norm
     filtered = correlate_psf(subtraction.difference, psf) / norm
     index = [c["segment"] for c in candidates]
+    peaks = {sign: (ndimage.maximum(sign * subtraction.difference, segments, index), ndimage.maximum(sign * filtered, segments, index))
+             for sign in (1, -1)}
     sharp = []
-    for c, d_peak, s_peak in zip(candidates, ndimage.maximum(subtraction.difference, segments, index), ndimage.maximum(filtered, segments, index)):
-        if c["sign"] < 0:  # the same on the negative side
-            own = segments == c["segment"]
-            d_peak, s_peak = float(np.max(-subtraction.difference[own])), float(np.max(-filtered[own]))
+    for k, c in enumerate(candidates):
+        d_peak, s_peak = (float(values[k]) for values in peaks[c["sign"]])  # a fading change is measured on -D
         limit = SHARPNESS_LIMIT_TRAIL if c["elongation"] >= ELONGATED else SHARPNESS_LIMIT
         sharp.append(d_peak > limit * r * max(s_peak, 0.0) + SHARPNESS_NOISE_MARGIN)
     return sharp
@@ -5113,11 +5114,16 @@ def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, 
     components, _ = ndimage.label(np.asarray(prob) >= threshold, structure=np.ones((3, 3), dtype=bool))
     sizes = np.bincount(components.ravel())
     kept = []
+    boxes = ndimage.find_objects(segments)
     for candidate, score in zip(candidates, scores):
         if score < threshold:
             continue
-        own = segments == candidate["segment"]
-        under = np.unique(components[ndimage.binary_dilation(own, iterations=2)])
+        # The candidate's pixels and the components within 2 px of them, inside its own box:
+        # a whole-frame mask per candidate would cost a 16 Mpx pass each on a 4096 px frame.
+        rows, cols = boxes[candidate["segment"] - 1]
+        box = (slice(max(rows.start - 2, 0), rows.stop + 2), slice(max(cols.start - 2, 0), cols.stop + 2))
+        own = segments[box] == candidate["segment"]
+        under = np.unique(components[box][ndimage.binary_dilation(own, iterations=2)])
         under = under[under > 0]
         area = int(sizes[under].sum()) if under.size else int(own.sum())
         kept.append((candidate, float(score), area, set(under.tolist())))
@@ -6540,11 +6546,8 @@ class EpochPair(NamedTuple):
     def keywords(self) -> dict:
         """What :func:`subtract_pair` takes from the files: the WCSs, the headers and each epoch's GAIN (e-/ADU)."""
         def gain(header):
-            try:
-                value = float(header["GAIN"]) if header is not None else None
-            except (KeyError, TypeError, ValueError):
-                return None
-            return value if value is not None and math.isfinite(value) and value > 0 else None
+            value = header_number(header, "GAIN")
+            return value if value is not None and value > 0 else None
 
         return dict(wcs_reference=self.wcs_reference, wcs_science=self.wcs_science, header_reference=self.header_reference,
                     header_science=self.header_science, gain_reference=gain(self.header_reference), gain_science=gain(self.header_science))
