@@ -54,6 +54,7 @@ import sys
 import re
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -161,12 +162,12 @@ def output_set():
 STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's names (mkstemp's 8 characters)
 
 
-def remove_stale_temporaries(directory: Path) -> list[str]:
-    """Delete what atomic_write leaves when killed mid-write; call only where no write is in progress."""
+def remove_stale_temporaries(directory: Path, *, of: str | None = None) -> list[str]:
+    """Delete what atomic_write leaves when killed mid-write (only the temporaries `of` one file's name, if given); call only where no write is in progress."""
     removed = []
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
-            if STALE_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            if STALE_TEMPORARY.match(path.name) and (of is None or path.name.startswith(f".{of}.")) and path.is_file() and not path.is_symlink():
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed.append(path.name)
@@ -493,6 +494,16 @@ def check_threshold(value: float) -> None:
         raise ConfigError(msg)
 
 
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding and torch's generators take seeds in [0, 2^32)
+
+
+def check_seed(seed: int) -> None:
+    """A seed is an integer in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        msg = f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}"
+        raise ConfigError(msg)
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, where the OS has one)."""
     with contextlib.suppress(AttributeError, OSError):
@@ -575,6 +586,23 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
+        for field in dataclasses.fields(self):  # every number finite and of its type, before any range
+            value = getattr(self, field.name)
+            expected = {"int": int, "float": (int, float)}.get(field.type if isinstance(field.type, str) else field.type.__name__)
+            if expected and (isinstance(value, bool) or not isinstance(value, expected) or not math.isfinite(value)):
+                msg = f"{field.name.replace('_', '-')} must be a finite {'integer' if expected is int else 'number'}, got {value!r}"
+                raise ConfigError(msg)
+        check_seed(self.seed)
+        for name in ("weight_decay", "min_delta", "bce_weight", "dice_weight"):
+            if getattr(self, name) < 0:
+                msg = f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                raise ConfigError(msg)
+        if self.bce_weight + self.dice_weight <= 0:
+            msg = f"bce-weight + dice-weight must be > 0 (the loss would be constant), got {self.bce_weight} and {self.dice_weight}"
+            raise ConfigError(msg)
+        if self.grad_clip <= 0:
+            msg = f"grad-clip must be > 0, got {self.grad_clip}"
+            raise ConfigError(msg)
         positive = ("samples", "epochs", "batch_size", "test_samples", "width", "patience")
         for name in positive:
             if getattr(self, name) < 1:
@@ -1283,6 +1311,23 @@ def _pixel_gaussian(shape, amplitude, x0, y0, sigma, background):
         return 0.5 * np.diff(special.erf(e))
 
     return amplitude * np.outer(edges(shape[0], y0), edges(shape[1], x0)) + background
+
+
+def _pixel_gaussian_jacobian(shape, amplitude, x0, y0, sigma, background):
+    """Derivatives of :func:`_pixel_gaussian` by (amplitude, x0, y0, sigma, background), one column each."""
+    def edges(n, centre):
+        e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
+        density = np.exp(-e**2) / np.sqrt(np.pi)  # d/de of erf(e) / 2
+        profile = 0.5 * np.diff(special.erf(e))
+        d_centre = -np.diff(density) / (np.sqrt(2.0) * sigma)
+        d_sigma = -np.diff(density * e) / sigma
+        return profile, d_centre, d_sigma
+
+    gy, gy_y0, gy_sigma = edges(shape[0], y0)
+    gx, gx_x0, gx_sigma = edges(shape[1], x0)
+    columns = [np.outer(gy, gx), amplitude * np.outer(gy, gx_x0), amplitude * np.outer(gy_y0, gx),
+               amplitude * (np.outer(gy_sigma, gx) + np.outer(gy, gx_sigma)), np.ones(shape)]
+    return np.column_stack([c.ravel() for c in columns])
 MIN_STAR_FWHM = 1.0  # px: anything sharper is a cosmic ray or a hot pixel, not a star's PSF
 
 
@@ -1332,7 +1377,7 @@ def _fit_fwhm(img, y, x, box, background):
     start = [amplitude, box, box, 1.0, background]
     bounds = ([0, box - 2, box - 2, 0.2, -np.inf], [np.inf, box + 2, box + 2, box, np.inf])
     try:
-        fit = optimize.least_squares(residual, start, bounds=bounds)
+        fit = optimize.least_squares(residual, start, jac=lambda p: _pixel_gaussian_jacobian(shape, *p), bounds=bounds)
     except (ValueError, np.linalg.LinAlgError):
         return None
     sigma = fit.x[3]
@@ -1649,16 +1694,20 @@ def correlate_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
 # sentinels, overflows or a wild BSCALE, and one such pixel's round-off in an FFT would set
 # the noise of the whole frame.
 PHYSICAL_LIMIT = 1e20
+# Nor does any detector record a pixel 1e9 times its noise away from the sky (a 32-bit count
+# saturates at 4e9): such a pixel is a sentinel or a wild value at any scale of the data.
+DYNAMIC_RANGE_LIMIT = 1e9
 ZERO_FOOTPRINT = 5  # px: an exact zero whose 5x5 neighbourhood is all zero lies outside a footprint
 
 
 def as_data(image: np.ndarray) -> np.ndarray:
     """A float64 copy of `image` with NaN wherever a pixel is not a measurement.
 
-    Non-finite pixels, absolute values above PHYSICAL_LIMIT, and exact zeros in blocks of at
-    least ZERO_FOOTPRINT x ZERO_FOOTPRINT px (what resampling tools write outside a frame's
-    footprint) become missing. Missing pixels never enter a background, a noise estimate or a
-    Fourier transform.
+    Non-finite pixels, absolute values above PHYSICAL_LIMIT, values more than
+    DYNAMIC_RANGE_LIMIT times the frame's robust noise from its median, and exact zeros in
+    blocks of at least ZERO_FOOTPRINT x ZERO_FOOTPRINT px (what resampling tools write outside
+    a frame's footprint) become missing. Missing pixels never enter a background, a noise
+    estimate or a Fourier transform.
     """
     data = np.array(image, dtype=np.float64)
     with np.errstate(invalid="ignore"):
@@ -1669,6 +1718,11 @@ def as_data(image: np.ndarray) -> np.ndarray:
         core = ndimage.binary_erosion(zero, structure=block, border_value=1)
         missing |= zero & ndimage.binary_dilation(core, structure=block)
     data[missing] = np.nan
+    sample = data[:: max(1, data.shape[0] // 512), :: max(1, data.shape[1] // 512)]  # a regular subsample: cheap on large frames
+    sigma = robust_sigma(sample)
+    if np.isfinite(sigma) and sigma > 0:
+        with np.errstate(invalid="ignore"):
+            data[np.abs(data - np.nanmedian(sample)) > DYNAMIC_RANGE_LIMIT * sigma] = np.nan
     return data
 
 
@@ -1873,8 +1927,12 @@ def _resample(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.n
 
 
 def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: Any = None, wcs_science: Any = None,
-                  companions: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, Registration, list[np.ndarray]]:
+                  companions: Sequence[np.ndarray] = (), backgrounds: tuple | None = None) -> tuple[np.ndarray, Registration, list[np.ndarray]]:
     """The reference resampled onto the science grid, how, and `companions` (maps on the reference's grid, such as its noise) with it.
+
+    `backgrounds`, the :func:`background_map` of (reference, science) when the caller has them,
+    saves measuring them again; the reference's is remeasured if the WCS reprojects it. A
+    reference that needed no resampling is returned as the same array.
 
     1. Where both epochs carry a celestial WCS and they differ, the reference is reprojected
        onto the science grid (``reproject_interp``, bicubic). A reference of another shape
@@ -1901,12 +1959,13 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
                 msg = "the reference does not overlap the science frame on the sky (their WCSs share no pixel)"
                 raise DataError(msg)
         method = "wcs"
+        if not same:
+            backgrounds = None if backgrounds is None else (background_map(reference), backgrounds[1])
     if reference.shape != science.shape:
         msg = (f"reference {reference.shape[1]}x{reference.shape[0]} and science {science.shape[1]}x{science.shape[0]} px differ in shape, "
                "and without a celestial WCS in both they cannot be put on one grid")
         raise DataError(msg)
-    bg_r, rms_r = background_map(reference)
-    bg_s, rms_s = background_map(science)
+    (bg_r, rms_r), (bg_s, rms_s) = backgrounds or (background_map(reference), background_map(science))
     sub_r = np.where(np.isfinite(reference) & np.isfinite(science), reference - bg_r, 0.0)
     sub_s = np.where(np.isfinite(reference) & np.isfinite(science), science - bg_s, 0.0)
     coarse = np.asarray(cross_correlation_shift(sub_r, sub_s))
@@ -2417,15 +2476,29 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
        fractional error of every static source.
     """
     reference, science = as_data(reference), as_data(science)
+    for name, image in (("reference", reference), ("science", science)):
+        if not np.isfinite(image).any():
+            msg = f"the {name} epoch has no usable pixel: every one is non-finite, beyond +-{PHYSICAL_LIMIT:g}, or in a footprint of exact zeros"
+            raise DataError(msg)
     warnings_ = []
     companions = [] if noise_reference is None else [np.asarray(noise_reference, dtype=np.float64) ** 2]
-    reference, registration, companions = register_pair(reference, science, wcs_reference=wcs_reference, wcs_science=wcs_science, companions=companions)
+    # Each epoch's background is measured once, and again only if registration or the
+    # common mask changed its pixels.
+    maps = {"reference": background_map(reference), "science": background_map(science)} if reference.shape == science.shape else {}
+    original = reference
+    reference, registration, companions = register_pair(reference, science, wcs_reference=wcs_reference, wcs_science=wcs_science, companions=companions,
+                                                        backgrounds=(maps["reference"], maps["science"]) if maps else None)
+    if reference is not original:
+        maps.pop("reference", None)
     if registration.warning:
         warnings_.append(registration.warning)  # logged once the pair is subtracted: a refused pair prints its refusal alone
     valid = np.isfinite(reference) & np.isfinite(science)
     if not valid.any():
         msg = "the two epochs share no finite pixel"
         raise DataError(msg)
+    for name, image in (("reference", reference), ("science", science)):
+        if (np.isfinite(image) & ~valid).any():
+            maps.pop(name, None)
     reference[~valid], science[~valid] = np.nan, np.nan
     if seeing is None:
         psf_reference, psf_science = measure_seeing(reference, science)
@@ -2438,8 +2511,8 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
             msg = f"--seeing needs two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}], got {' '.join(f'{f:g}' for f in seeing)}"
             raise ConfigError(msg)
         psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
-    bg_r, rms_r = background_map(reference)
-    bg_s, rms_s = background_map(science)
+    bg_r, rms_r = maps.get("reference") or background_map(reference)
+    bg_s, rms_s = maps.get("science") or background_map(science)
     ref, sci = reference - bg_r, science - bg_s
     stamp_r, kind_r = _epoch_psf(reference, bg_r, rms_r, psf_reference.fwhm)
     stamp_s, kind_s = _epoch_psf(science, bg_s, rms_s, psf_science.fwhm)
@@ -2508,6 +2581,23 @@ def _first_image(hdul):
     return None
 
 
+def _stream_length(path) -> int | None:
+    """Bytes of the FITS stream in a file: its size, a gzip file's uncompressed size, or None where only reading tells (bzip2, zip, gzip over 4 GiB)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+        if magic[:2] == b"\x1f\x8b":  # gzip: the last 4 bytes hold the uncompressed size modulo 2^32
+            if size < 18:
+                return 0
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+            return isize if size < 2**31 and isize >= size // 1032 else None  # deflate compresses at most ~1032:1
+        if magic[:3] == b"BZh" or magic == b"PK\x03\x04":
+            return None
+    return size
+
+
 def _check_declared_size(path, hdu, *, max_pixels):
     """Refuse, from the header alone, an image above the pixel budget or longer than the file."""
     shape = tuple(int(n) for n in hdu.shape)
@@ -2516,24 +2606,91 @@ def _check_declared_size(path, hdu, *, max_pixels):
     if max_pixels is not None and pixels > max_pixels:
         msg = f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
         raise DataError(msg)
-    if not isinstance(hdu, fits.CompImageHDU):  # a compressed image's size on disk is not its pixel count
+    length = _stream_length(path)
+    if length is not None and not isinstance(hdu, fits.CompImageHDU):  # a tile-compressed image's size on disk is not its pixel count
         declared = pixels * abs(int(hdu.header.get("BITPIX", 8))) // 8
-        available = Path(path).stat().st_size - hdu.fileinfo()["datLoc"]
+        available = length - hdu.fileinfo()["datLoc"]
         if declared > available:
             msg = f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file holds {max(available, 0)})"
             raise DataError(msg)
 
 
-def _celestial_wcs(header):
-    """Celestial part of the header's WCS, or None when there is none usable."""
+def _pixel_scale_arcsec(wcs: Any) -> float | None:
+    """Mean pixel scale of a celestial WCS in arcsec, or None where its keywords give none."""
+    try:
+        scale = float(np.mean(u.Quantity(wcs.proj_plane_pixel_scales()).to_value(u.arcsec)))
+    except Exception:  # broken or non-angular axes
+        return None
+    return scale if math.isfinite(scale) and scale > 0 else None
+
+
+def pixel_to_icrs(wcs: Any, x: float, y: float) -> tuple[float | None, float | None]:
+    """ICRS (RA, Dec) in degrees of a pixel through any celestial WCS (Galactic, ecliptic, FK5...), or (None, None) where it gives none.
+
+    A WCS whose keywords put the pixel nowhere (CRVAL 1e300, a wild distortion polynomial)
+    gives no coordinates rather than an error: the change is still reported, in pixels.
+    """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
-            wcs = WCS(header)
-    except Exception as exc:  # astropy raises a zoo of types for broken WCS keywords
-        log.debug("no usable WCS: %s", _one_line(exc))
+            warnings.simplefilter("ignore")
+            sky = wcs.pixel_to_world(x, y).icrs
+            ra, dec = float(sky.ra.deg), float(sky.dec.deg)
+    except Exception:  # astropy's WCS and coordinate layers raise many types on broken keywords
+        return None, None
+    return (ra, dec) if math.isfinite(ra) and math.isfinite(dec) else (None, None)
+
+
+def sky_frame(wcs: Any) -> str | None:
+    """The celestial frame a WCS is written in ('icrs', 'fk5', 'galactic', ...), or None without a usable one."""
+    if wcs is None:
         return None
-    return wcs.celestial if wcs.has_celestial else None
+    try:
+        from astropy.wcs.utils import wcs_to_celestial_frame
+
+        return wcs_to_celestial_frame(wcs).name
+    except Exception:  # an unknown or broken frame
+        return None
+
+
+def _wcs_problem(wcs: Any, shape: tuple[int, int] | None) -> str | None:
+    """What makes a celestial WCS unusable, or None."""
+    crval = np.asarray(wcs.wcs.crval, dtype=np.float64)
+    if not np.all(np.isfinite(crval)) or np.any(np.abs(crval) > 720):
+        return f"CRVAL {crval.tolist()} is not an angle"
+    if _pixel_scale_arcsec(wcs) is None:
+        return "its pixel scale is not finite"
+    h, w = shape or (2 * float(wcs.wcs.crpix[1]), 2 * float(wcs.wcs.crpix[0]))
+    corners = np.array([[0.0, 0.0], [w - 1, 0.0], [0.0, h - 1], [w - 1, h - 1], [(w - 1) / 2, (h - 1) / 2]])
+    world = wcs.all_pix2world(corners, 0)
+    if not np.all(np.isfinite(world)):
+        return "it gives no sky position for some of the frame's pixels"
+    back = wcs.all_world2pix(world, 0, tolerance=1e-6, maxiter=50, quiet=True)
+    if not np.all(np.isfinite(back)) or float(np.max(np.abs(back - corners))) > 0.1:
+        return "its distortion does not map the frame's pixels back onto themselves"
+    return None
+
+
+def _celestial_wcs(header, *, path: Any = "image", shape: tuple[int, int] | None = None):
+    """Celestial part of the header's WCS, or None when there is none usable.
+
+    A WCS whose keywords are broken (astropy refuses them, a reference value beyond any
+    angle, a pixel scale that is not finite, or a distortion that does not map the frame's
+    pixels back onto themselves) is dropped with a warning: the frame is worked on in pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wcs = WCS(header)
+            if not wcs.has_celestial:
+                return None
+            wcs = wcs.celestial
+            problem = _wcs_problem(wcs, shape)
+    except Exception as exc:  # astropy raises a zoo of types for broken WCS keywords
+        problem = _one_line(exc, limit=120)
+    if problem:
+        log.warning("%s: its celestial WCS is unusable (%s); working in pixels, without RA/Dec", path, problem)
+        return None
+    return wcs
 
 
 def read_fits_image(path, *, max_pixels=None):
@@ -2580,9 +2737,9 @@ def read_fits_image(path, *, max_pixels=None):
                     _check_declared_size(path, found, max_pixels=max_pixels)
                     data = np.array(found.data, dtype=np.float64)
                     header = found.header.copy()
-    except DataError:
+    except (DataError, MemoryError):
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
+    except Exception as exc:  # astropy and CFITSIO raise many types (OSError, ValueError, CfitsioException on corrupt tiles...)
         msg = f"{path}: not a readable FITS file ({_one_line(exc)})"
         raise DataError(msg) from None
     # astropy pads a short data unit with a warning instead of failing; a cut-off download
@@ -2601,7 +2758,7 @@ def read_fits_image(path, *, max_pixels=None):
     if np.isnan(data).all():
         msg = f"{path}: every pixel is NaN"
         raise DataError(msg)
-    return data, header, _celestial_wcs(header)
+    return data, header, _celestial_wcs(header, path=path, shape=data.shape)
 
 
 # --- Network discipline
@@ -3312,8 +3469,9 @@ def load_fits_dir(directory: str | os.PathLike) -> tuple[list[Frame], list[Fetch
             log.warning("skipping %s", exc)
             failures.append(FetchFailure(path.name, "local FITS", _one_line(exc)))
             continue
-        centre = wcs.pixel_to_world(data.shape[1] / 2, data.shape[0] / 2) if wcs is not None else None
-        frames.append(Frame(data=data, wcs=wcs, target=path.stem, survey="local FITS", path=path, ra=float(centre.ra.deg) if centre is not None else float("nan"), dec=float(centre.dec.deg) if centre is not None else float("nan"), pixel_scale=float("nan"), header=header))
+        ra, dec = pixel_to_icrs(wcs, data.shape[1] / 2, data.shape[0] / 2) if wcs is not None else (None, None)
+        frames.append(Frame(data=data, wcs=wcs, target=path.stem, survey="local FITS", path=path, ra=float("nan") if ra is None else ra,
+                            dec=float("nan") if dec is None else dec, pixel_scale=float("nan"), header=header))
     return frames, failures
 
 
@@ -4353,6 +4511,8 @@ TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.j
                  "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
 PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "overlay.png")
+DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
+DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type")
 COMPARISON_OUTPUTS = ("comparison.json", "comparison.md", "comparison.png")
 
 
@@ -4677,32 +4837,9 @@ class MlflowRun:
 
         self._call("the end of training", call)
 
-    def log_model(self, model: nn.Module, example: torch.Tensor) -> None:
-        """Log the model with a signature and an input example (CPU, fp32)."""
-
-        def call() -> None:
-            import mlflow
-            import mlflow.pytorch
-            from mlflow.models import infer_signature
-
-            cpu_model = model.to("cpu").float().eval()
-            # Two samples: torch.export (MLflow's pt2 format) would pin a batch of one.
-            batch = example.detach().cpu().float()[:2]
-            example_np = batch.numpy()
-            with torch.no_grad():
-                output = cpu_model(batch).numpy()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # mlflow's pickle-serialisation advisories
-                mlflow.pytorch.log_model(
-                    cpu_model,
-                    name="model",
-                    signature=infer_signature(example_np, output),
-                    input_example=example_np,
-                    # Stated, not inferred: inference would re-import every dependency.
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-                )
-
-        self._call("the end of training", call)
+    def log_model(self, log_it: Callable[[], Any]) -> None:
+        """Log the run's model with `log_it` (the trainer's is :func:`log_astrid_model`), under the run's MLflow policy like every other call."""
+        self._call("the end of training", log_it)
 
     def end(self, status: str) -> None:
         if not self.run_id:
@@ -4807,6 +4944,28 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
     return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
+MAX_CHECKPOINT_BYTES = 2**30  # uncompressed; a 2.1M-parameter U-Net with its optimiser state is ~26 MB
+
+
+def _check_checkpoint_size(path: Path) -> None:
+    """Refuse, from the zip directory alone, a checkpoint whose tensors would unpack beyond MAX_CHECKPOINT_BYTES.
+
+    ``weights_only`` stops code, not memory: a few MB of deflated zeros can declare a GiB tensor.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format, or not a checkpoint at all: torch.load names it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    if total > MAX_CHECKPOINT_BYTES:
+        msg = f"cannot load checkpoint {path}: it unpacks to {total / 2**30:.1f} GiB, more than any AstrID checkpoint ({MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)"
+        raise AstridError(msg)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
     path = Path(path)
@@ -4815,6 +4974,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise AstridError(msg)
     import pickle
 
+    _check_checkpoint_size(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -4828,6 +4988,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         msg = f"{path} is not an AstrID checkpoint (expected format {CHECKPOINT_FORMAT})"
         raise AstridError(msg)
     return payload
+
+
+SANE_LOGIT = 1e4  # a trained U-Net's logits stay within tens; beyond this, its weights are broken
+
+
+def check_model_sanity(model: StandaloneUNet, *, path: str | os.PathLike = "checkpoint") -> None:
+    """Refuse weights that are finite but broken: invalid BatchNorm statistics, or logits non-finite or absurd on a reference input.
+
+    The reference input is a fixed noise pair with a point source (seeded, 32x32): a model
+    scaled by 1e30 overflows there, where a NaN check on the weights alone would pass it.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+            if not bool((module.running_var >= 0).all()) or not bool(torch.isfinite(module.running_mean).all()):
+                msg = f"{path}: BatchNorm {name} has invalid running statistics (negative variance or non-finite mean)"
+                raise AstridError(msg)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, model.config["in_channels"], 32, 32, generator=generator)
+    probe[:, 1, 14:18, 14:18] += 10.0  # a source in the science channel
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(probe)
+    model.train(was_training)
+    largest = float(logits.abs().max()) if bool(torch.isfinite(logits).all()) else math.inf
+    if not largest < SANE_LOGIT:
+        msg = f"{path}: its weights are finite but broken (logits reach {largest:.3g} on a reference input; a trained model stays below {SANE_LOGIT:g})"
+        raise AstridError(msg)
+
+
 MODEL_CONFIG = {"in_channels": 3, "out_channels": 1, "width": None}  # fixed values; None: any positive int
 
 
@@ -4880,6 +5070,7 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
         raise AstridError(msg)
     model = StandaloneUNet(**config)
     model.load_state_dict(state)
+    check_model_sanity(model, path=path)
     return model
 
 
@@ -4941,6 +5132,7 @@ class Predictor(NamedTuple):
     checkpoint: Path
     threshold: float
     saved_config: dict | None  # the training run's configuration, as saved (None in exported weights)
+    checkpoint_sha256: str = ""  # what a resumed `predict --pairs` compares
 
 
 def load_predictor(*, checkpoint: str | None, threshold: float | None, device: str) -> Predictor:
@@ -4956,7 +5148,7 @@ def load_predictor(*, checkpoint: str | None, threshold: float | None, device: s
     model = place_model(model_from_checkpoint(payload, path=ckpt_path), dev)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
     check_threshold(threshold)
-    return Predictor(model, dev, ckpt_path, float(threshold), payload.get("config"))
+    return Predictor(model, dev, ckpt_path, float(threshold), payload.get("config"), _sha256(ckpt_path))
 
 
 # ----------------------------------------------------------------------------
@@ -5188,16 +5380,106 @@ def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *
 
 
 def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[dict]:
-    """One row per change, highest score first, with sky coordinates if a WCS is given."""
+    """One row per change, highest score first, with ICRS sky coordinates if a WCS is given (:func:`pixel_to_icrs`)."""
     rows = []
     for det in detections:
-        ra = dec = None
-        if wcs is not None:
-            sky = wcs.pixel_to_world(det["x"], det["y"])
-            ra, dec = float(sky.ra.deg), float(sky.dec.deg)
+        ra, dec = pixel_to_icrs(wcs, det["x"], det["y"]) if wcs is not None else (None, None)
         rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det.get("sign", 1) * det["significance"],
                          area_px=det["area_px"], type="anomaly"))
     return sorted(rows, key=lambda r: -r["score"])
+
+
+# --- AstrID as an MLflow model: the pyfunc flavour that the rest of a survey system loads
+
+REGISTERED_MODEL = "astrid"  # the Model Registry's name for AstrID's models; alias CHAMPION_ALIAS marks the weights predict uses by default
+CHAMPION_ALIAS = "champion"
+
+
+def _pair_image(value: Any, *, what: str) -> tuple[np.ndarray, Any, Any]:
+    """An epoch given to the pyfunc model: a FITS path (pixels, header, WCS) or a 2-D array (pixels only)."""
+    if isinstance(value, (str, os.PathLike)):
+        return read_fits_image(value, max_pixels=DEFAULT_MAX_PIXELS)
+    data = np.asarray(value, dtype=np.float64)
+    if data.ndim != 2:
+        msg = f"{what}: give a FITS path or a 2-D array, got an array of shape {data.shape}"
+        raise DataError(msg)
+    return data, None, None
+
+
+def pyfunc_predict(predictor: Any, model_input: Any) -> Any:
+    """Changes in each (science, reference) pair of `model_input`, as a pandas DataFrame (``pair`` + DETECTION_COLUMNS).
+
+    `model_input` is a mapping or a DataFrame with columns ``science`` and ``reference``, each a
+    FITS path or a 2-D array; a mapping of two arrays is one pair. Each pair goes the way of
+    ``predict`` (registration, scaling, ZOGY, the network), at the checkpoint's threshold.
+    """
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        pairs = model_input.to_dict("records")
+    elif isinstance(model_input, dict):
+        pairs = [model_input]
+    else:
+        msg = f"AstrID's pyfunc model takes a mapping or a DataFrame with columns science and reference, got {type(model_input).__name__}"
+        raise DataError(msg)
+    rows = []
+    for k, pair in enumerate(pairs):
+        if "science" not in pair or "reference" not in pair:
+            msg = f"pair {k}: needs both science and reference"
+            raise DataError(msg)
+        science, header_s, wcs_s = _pair_image(pair["science"], what=f"pair {k} science")
+        reference, header_r, wcs_r = _pair_image(pair["reference"], what=f"pair {k} reference")
+        found = find_changes(predictor.model, reference, science, threshold=predictor.threshold, device=predictor.device,
+                             wcs_reference=wcs_r, wcs_science=wcs_s, header_reference=header_r, header_science=header_s)
+        rows += [dict(pair=k, **row) for row in detection_catalog(found.detections, wcs=wcs_s)]
+    return pd.DataFrame(rows, columns=["pair", *DETECTION_COLUMNS])
+
+
+def pyfunc_model() -> Any:
+    """AstrID as an ``mlflow.pyfunc.PythonModel``: loads its checkpoint artifact (``weights_only``), predicts with :func:`pyfunc_predict`."""
+    import mlflow.pyfunc
+
+    class AstridChanges(mlflow.pyfunc.PythonModel):
+        # No type hints on predict: MLflow would read them as an input schema.
+        def load_context(self, context):
+            self.predictor = load_predictor(checkpoint=context.artifacts["checkpoint"], threshold=None, device="auto")
+
+        def predict(self, context, model_input, params=None):
+            return pyfunc_predict(self.predictor, model_input)
+
+    return AstridChanges()
+
+
+# The model's code, for MLflow's models-from-code: the model is this module's pyfunc_model(),
+# so nothing is pickled; the checkpoint is an artifact loaded with weights_only.
+PYFUNC_CODE = "import mlflow\nimport standalone_training\n\nmlflow.models.set_model(standalone_training.pyfunc_model())\n"
+
+
+def log_astrid_model(checkpoint: Path, *, register: bool = True) -> Any:
+    """Log `checkpoint` to the active MLflow run as AstrID's pyfunc model (name "model") and register it as a version of REGISTERED_MODEL.
+
+    ``mlflow.pyfunc.load_model(uri).predict({"science": ..., "reference": ...})`` then finds
+    the changes of a pair (:func:`pyfunc_predict`). A registry that cannot register (a
+    tracking store without one) leaves the model logged, with a warning.
+    """
+    import mlflow
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory() as scratch:
+        code = Path(scratch) / "astrid_model.py"
+        code.write_text(PYFUNC_CODE)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(code), artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(Path(__file__).resolve())],
+            # Stated, not inferred: inference would re-import every dependency.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
+        )
+    if register:
+        try:
+            mlflow.register_model(info.model_uri, REGISTERED_MODEL)
+        except Exception as exc:  # a store without a Model Registry: the logged model stands
+            log.warning("the model is logged but not registered as %r (%s)", REGISTERED_MODEL, _one_line(exc, limit=160))
+    return info
 
 
 # --- Null tests: pairs in which nothing changed
@@ -5272,8 +5554,11 @@ def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAUL
 
 def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_NULL_SEED,
                  levels: Sequence[float] = NULL_NOISE_LEVELS, ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
-                 seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS) -> dict:
+                 seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS, stop: Callable[[], bool] | None = None) -> dict:
     """False detections where nothing changed: each frame's null pairs through `find_changes`.
+
+    `stop`, asked before each pair, ends the battery early (a signal): what was measured is
+    returned, and ``summary["stopped"]`` says so.
 
     Every pair goes the way of ``predict``: the flux ratio is fitted, the network looks, the
     difference's significance gates. The figure is false detections per megapixel (of pixels
@@ -5285,9 +5570,13 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
     model.eval()
     reports = []
     for k, frame in enumerate(frames):
+        if stop is not None and stop():
+            break
         rng = np.random.default_rng([seed, k])
         cases = []
         for case, reference, science in null_pairs(frame.data, rng, levels=levels, ratios=ratios, flux_ratios=flux_ratios, seeing_ratios=seeing_ratios):
+            if stop is not None and stop():
+                break
             megapixels = float(np.count_nonzero(np.isfinite(reference) & np.isfinite(science))) / 1e6
             try:
                 found = find_changes(model, reference, science, threshold=threshold, device=device)
@@ -5300,7 +5589,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
             cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
                           "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.pair.scale["flux_ratio"]})
         rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in ("noise", "flux", "seeing")}
-        identical = [c for c in cases if c["kind"] == "identical"][0]
+        identical = next((c for c in cases if c["kind"] == "identical"), {})
         reports.append(dict(
             frame=frame.name, shape=list(frame.data.shape), cases=cases,
             identical_detections=identical.get("detections"),
@@ -5319,7 +5608,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
         identical_detections=sum(r["identical_detections"] or 0 for r in reports),
         noise_per_megapixel_max=worst("noise_per_megapixel_max"), flux_per_megapixel_max=worst("flux_per_megapixel_max"),
         seeing_per_megapixel_max=worst("seeing_per_megapixel_max"), sextractor_per_megapixel_max=worst("sextractor_per_megapixel_max"),
-        threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE,
+        threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE, stopped=bool(stop is not None and stop()),
     )
     return dict(summary=summary, frames=reports)
 
@@ -5641,7 +5930,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
     return save_figure(fig, path, dpi=110, staged=staged)
 
 
-def plot_comparison(arms: dict, path: Path) -> Path:
+def plot_comparison(arms: dict, path: Path, *, staged: list | None = None) -> Path:
     """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
     fig = Figure(figsize=(11, 4.2))
     colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
@@ -5662,7 +5951,7 @@ def plot_comparison(arms: dict, path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    return save_figure(fig, path)
+    return save_figure(fig, path, staged=staged)
 
 
 # ----------------------------------------------------------------------------
@@ -5975,6 +6264,14 @@ class StandaloneTrainer:
                 break
         return loss_sum + float(running), step, seen
 
+    def _stop_if_signalled(self, stage: str) -> None:
+        """After training, between the stages of the final evaluation: a signal ends the run there (best.pt and last.pt are saved already)."""
+        if self._signal is not None:
+            name = signal.Signals(self._signal).name
+            msg = (f"interrupted by {name} before {stage}; training had finished and best.pt and last.pt are saved in {self.output_dir}. "
+                   f"Evaluate the model with: python standalone_training.py evaluate --checkpoint {self.output_dir / 'best.pt'}")
+            raise TrainingInterrupted(msg)
+
     def _stop_requested(self) -> bool:
         """Whether a signal arrived, agreed by all ranks (one rank leaving alone would hang the rest)."""
         if not self.dist.enabled:
@@ -6280,15 +6577,21 @@ class StandaloneTrainer:
         checksums = _gather_parameter_checksums(model, dist)
         if not dist.is_main:
             return {}
+        log.info("end of training: choosing the operating threshold on validation, then the test set and the null battery")
         val_loss, probs, masks = self._validate(model, DistInfo())  # the other ranks have finished
+        self._stop_if_signalled("choosing the operating threshold")
         val_truths = [self.val_ds.truth(i) for i in range(len(self.val_ds))]
         val_significances = [raw_subtraction(self.val_ds.raw(i)) for i in range(len(self.val_ds))]
         threshold, threshold_table = choose_threshold(list(probs), val_truths, significances=val_significances)
         log.info("operating threshold %.2f (best object-level F1 on validation)", threshold)
+        self._stop_if_signalled("the test evaluation")
         evaluation = evaluate_model(model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation")
+        self._stop_if_signalled("the null battery")
         # Where nothing changed, nothing may be found: a short battery on one simulated and
         # one real frame (`evaluate` runs the full one).
-        evaluation["null"] = null_battery(model, null_frames(synthetic=1, seed=cfg.seed), threshold=threshold, device=self.device, **TRAINER_NULL_BATTERY)
+        evaluation["null"] = null_battery(model, null_frames(synthetic=1, seed=cfg.seed), threshold=threshold, device=self.device,
+                                          stop=lambda: self._signal is not None, **TRAINER_NULL_BATTERY)
+        self._stop_if_signalled("writing the evaluation")
         write_json(out / "evaluation" / "evaluation.json", evaluation)
         best_epoch = self.stopper.best_epoch
         # The best epoch's own checkpoint, plus the threshold: weights, optimiser, history and
@@ -6324,8 +6627,7 @@ class StandaloneTrainer:
         self.tracker.log_metrics(flat)
         self.tracker.log_artifacts([out / n for n in ("config.json", "history.json", "metrics.json", "threshold_table.json", "best.pt")] + plots)
         self.tracker.log_artifacts(sorted((out / "evaluation").glob("*")), artifact_path="evaluation")
-        example = torch.stack([self.test_ds[i][0] for i in range(min(2, len(self.test_ds)))])
-        self.tracker.log_model(model, example)
+        self.tracker.log_model(lambda: log_astrid_model(out / "best.pt"))
         self.tracker.end("FINISHED")
         model.to(self.device)
         if metrics["mlflow"] != self.tracker.record():  # it failed just now, under --mlflow-optional
@@ -6388,6 +6690,7 @@ def run_evaluation(
     cutout and every frame in `fits_dir`.
     """
     check_image_size(image_size)
+    check_seed(seed)
     if samples < 1:
         msg = f"samples must be >= 1, got {samples}"
         raise ConfigError(msg)
@@ -6436,8 +6739,6 @@ def run_evaluation(
 # Command: predict, on one pair or a list of pairs
 # ----------------------------------------------------------------------------
 
-DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
-DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type")
 
 
 def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
@@ -6484,21 +6785,23 @@ def write_detections_ecsv(path: Path, rows: Sequence[dict], *, record: dict, sta
 
 
 def write_detections_ds9(path: Path, rows: Sequence[dict], *, wcs: Any, staged: list | None = None) -> Path:
-    """detections.reg: a DS9 circle per change, on the sky (fk5) with a WCS, else in image pixels.
+    """detections.reg: a DS9 circle per change, labelled with its row of detections.csv and its S_corr.
 
-    The radius covers the change's footprint, at least 5 px so that a point source's circle
-    stays visible on a full frame; the label is its score.
+    Circles are on the sky (ICRS, radius in arcsec) when every row has RA/Dec, else in image
+    pixels (1-based, as DS9 counts). The radius covers the change's footprint, at least 5 px
+    so that a point source's circle stays visible on a full frame.
     """
-    from regions import CirclePixelRegion, PixCoord, Regions
-
-    shapes = []
-    for r in rows:
+    scale = _pixel_scale_arcsec(wcs) if wcs is not None else None
+    on_sky = scale is not None and all(r["ra"] is not None for r in rows)
+    lines = ["# Region file format: DS9 (AstrID detections)", 'global color=green width=2 font="helvetica 10 normal"', "icrs" if on_sky else "image"]
+    for number, r in enumerate(rows, start=1):
         radius = max(5.0, 2.0 * math.sqrt(r["area_px"] / math.pi))
-        region = CirclePixelRegion(PixCoord(r["x"], r["y"]), radius=radius)
-        shape = region.to_sky(wcs) if wcs is not None else region
-        shape.meta["text"] = f"{r['score']:.2f}"
-        shapes.append(shape)
-    text = Regions(shapes).serialize(format="ds9") if shapes else "# Region file format: DS9\n"
+        label = f"text={{{number}: {r['significance']:+.1f} sigma}}"
+        if on_sky:
+            lines.append(f'circle({r["ra"]:.7f},{r["dec"]:.7f},{radius * scale:.3f}") # {label}')
+        else:
+            lines.append(f"circle({r['x'] + 1:.3f},{r['y'] + 1:.3f},{radius:.3f}) # {label}")
+    text = "\n".join(lines) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode()), staged=staged)
 
 
@@ -6519,11 +6822,14 @@ def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, ca
         raise DataError(msg)
     from reproject import reproject_interp
 
-    centre = science_wcs.pixel_to_world((shape[1] - 1) / 2, (shape[0] - 1) / 2)
+    ra, dec = pixel_to_icrs(science_wcs, (shape[1] - 1) / 2, (shape[0] - 1) / 2)
+    if ra is None:
+        msg = "--reference-survey needs a science WCS that gives the frame's centre on the sky; this one does not"
+        raise DataError(msg)
     scale_arcsec = float(np.mean(u.Quantity(science_wcs.proj_plane_pixel_scales()).to_value(u.arcsec)))
     survey_scale = survey_service(survey)[2]
     pixels = int(min(2000, math.ceil(1.1 * max(shape) * scale_arcsec / survey_scale)))
-    target = f"{centre.ra.deg:.6f} {centre.dec.deg:.6f}"
+    target = f"{ra:.6f} {dec:.6f}"
     frames, failures = fetch_frames([target], [survey], cache_dir=cache_dir or default_cache_dir(), timeout=timeout, retries=retries, pixels=max(pixels, 8))
     if not frames:
         msg = f"could not fetch a reference from {survey}: {failures[0].reason if failures else 'no frame'}"
@@ -6628,12 +6934,13 @@ def make_output_dir(out: Path) -> Path:
 
 def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: dict, flux_ratio: float | None = None,
                  seeing: tuple[float, float] | None = None, noise_reference: np.ndarray | None = None,
-                 noise_science: np.ndarray | None = None) -> list[dict]:
+                 noise_science: np.ndarray | None = None, made_with: dict | None = None) -> list[dict]:
     """Find the changes of one pair and write its outputs (PREDICTION_OUTPUTS) into `out`, as one set.
 
     `inputs` (science and reference as the user named them) goes into detections.json and
-    the ECSV's metadata. Single-pair predict and ``predict --pairs`` both come through here,
-    so one pair gives the same detections either way.
+    the ECSV's metadata, with `made_with` (:func:`prediction_key`: what a resume compares).
+    Single-pair predict and ``predict --pairs`` both come through here, so one pair gives the
+    same detections either way.
     """
     p = predictor
     found = find_changes(p.model, pair.reference, pair.science, threshold=p.threshold, device=p.device, flux_ratio=flux_ratio, seeing=seeing,
@@ -6642,7 +6949,8 @@ def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: di
     rows = detection_catalog(found.detections, wcs=wcs)
     sub = found.pair
     record = dict(
-        **inputs, checkpoint=str(p.checkpoint),
+        **inputs, checkpoint=str(p.checkpoint), checkpoint_sha256=p.checkpoint_sha256, made_with=made_with,
+        celestial_frame=sky_frame(wcs), coordinates="ra and dec are ICRS, converted from the science WCS's own frame" if wcs is not None else "pixels only (no celestial WCS)",
         threshold=p.threshold, significance_gate=SIGNIFICANCE_GATE, detection_statistic="S_corr (ZOGY), calibrated on its local RMS",
         **sub.scale, registration=sub.registration._asdict(),
         fwhm_reference=sub.psf_reference.fwhm, fwhm_science=sub.psf_science.fwhm,
@@ -6730,13 +7038,18 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
     except (OSError, UnicodeDecodeError) as exc:
         msg = f"cannot read the pair list {path} ({getattr(exc, 'strerror', None) or exc})"
         raise DataError(msg) from None
-    reader = csv.DictReader(text.splitlines())
-    missing = [c for c in PAIR_COLUMNS if c not in (reader.fieldnames or [])]
+    try:
+        rows = list(csv.DictReader(text.splitlines()))
+        fieldnames = csv.DictReader(text.splitlines()[:1]).fieldnames or []
+    except csv.Error as exc:  # a field beyond the csv module's limit (128 KB), a stray quote
+        msg = f"{path}: not a readable CSV pair list ({_one_line(exc)})"
+        raise DataError(msg) from None
+    missing = [c for c in PAIR_COLUMNS if c not in fieldnames]
     if missing:
         msg = f"{path}: the pair list needs the columns {', '.join(PAIR_COLUMNS)} (missing: {', '.join(missing)})"
         raise DataError(msg)
     pairs, names = [], set()
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(rows, start=2):
         science, reference = (row.get("science") or "").strip(), (row.get("reference") or "").strip()
         if not science or not reference:
             msg = f"{path}:{line}: a pair needs both a science and a reference file"
@@ -6781,11 +7094,64 @@ def prediction_complete(directory: Path) -> bool:
     return all((directory / name).is_file() for name in PREDICTION_OUTPUTS)
 
 
+def _file_fingerprint(path: str | os.PathLike) -> dict:
+    """Size and modification time of an input file: a file replaced under the same name changes them."""
+    info = Path(path).stat()
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def prediction_key(predictor: Predictor, *, science: str, reference: str, flux_ratio: float | None, seeing: Sequence[float] | None) -> dict:
+    """What a pair's prediction depends on: the checkpoint (by hash), the threshold, the options and the input files."""
+    return {
+        "checkpoint_sha256": predictor.checkpoint_sha256, "threshold": predictor.threshold,
+        "flux_ratio": flux_ratio, "seeing": list(seeing) if seeing else None,
+        "science": _file_fingerprint(science), "reference": _file_fingerprint(reference),
+    }
+
+
+def stale_prediction(directory: Path, key: dict) -> str | None:
+    """Why a complete prediction in `directory` is not what `key` would make now (None if it is)."""
+    recorded = _read_json(directory / "detections.json", default={}).get("made_with")
+    if not isinstance(recorded, dict):
+        return "it records no checkpoint, threshold, options or input files to compare"
+    names = {"checkpoint_sha256": "another checkpoint", "threshold": "another threshold", "flux_ratio": "another flux ratio",
+             "seeing": "another seeing", "science": "a science file that has changed since", "reference": "a reference file that has changed since"}
+    changed = [names.get(k, k) for k in key if recorded.get(k) != key[k]]
+    return f"it was made with {', '.join(changed)}" if changed else None
+
+
 def _read_rows(path: Path) -> list[dict]:
     """The rows of a detections.csv, as dicts of strings."""
     import csv
 
     return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    """A SIGTERM handler that ends the work in hand as Ctrl-C would."""
+    raise KeyboardInterrupt
+
+
+COMBINED_SHARD = re.compile(r"^detections\.shard-(\d+)-of-(\d+)\.csv$")
+
+
+def _claim_pairs_dir(out: Path, *, count: int, overwrite: bool) -> None:
+    """Refuse a `--pairs` directory that holds a single-pair prediction or another shard layout's catalogues (removed under --overwrite)."""
+    single = [name for name in PREDICTION_OUTPUTS if name != "detections.csv" and (out / name).is_file()]
+    other = sorted(p.name for p in out.glob("detections.shard-*-of-*.csv") if (m := COMBINED_SHARD.match(p.name)) and int(m[2]) != count)
+    if count > 1 and (out / "detections.csv").is_file():
+        other.append("detections.csv")
+    if not (single or other):
+        return
+    what = (f"a single-pair prediction ({', '.join(single)})" if single
+            else f"the combined catalogues of another layout ({', '.join(other[:3])}{'...' if len(other) > 3 else ''}), which a {count}-shard run would mix with its own")
+    if not overwrite:
+        msg = f"{out} holds {what}: choose another --output-dir, or pass --overwrite to replace them"
+        raise AstridError(msg)
+    log.warning("--overwrite: removing %s from %s", what, out)
+    for name in single + other + (["detections.csv"] if single else []):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
 
 
 def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold: float | None, device: str, max_pixels: int,
@@ -6805,34 +7171,58 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
     index, count = parse_shard(shard)
     todo = read_pairs(pairs)[index::count]
     out = make_output_dir(Path(output_dir))
+    combined_name = "detections.csv" if count == 1 else f"detections.shard-{index}-of-{count}.csv"
+    _claim_pairs_dir(out, count=count, overwrite=overwrite)
+    remove_stale_temporaries(out, of=combined_name)  # a killed run's half-written catalogue (other shards may be writing theirs)
     predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
     summary = dict(done=[], skipped=[], failed=[])
     combined = []
-    for pair in _progress(todo, desc="pairs", unit="pair", disable=len(todo) < 2 or None):
-        name = pair["name"]
-        pair_dir = path_inside(out, name)
-        try:
-            if prediction_complete(pair_dir) and not overwrite:
-                summary["skipped"].append(name)
-            else:
-                epochs = read_pair(pair["science"], pair["reference"], max_pixels=max_pixels)
-                make_output_dir(pair_dir)
-                claim_output_dir(pair_dir, kind="prediction", overwrite=overwrite)
+    # SIGTERM (a batch system's time limit) ends the run as Ctrl-C does: the pair in hand is
+    # abandoned whole (its files are written as one set), the done ones are combined.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
+    interrupted = None
+    try:
+        for pair in _progress(todo, desc="pairs", unit="pair", disable=len(todo) < 2 or None):
+            name = pair["name"]
+            pair_dir = path_inside(out, name)
+            try:
+                if pair_dir.is_dir():
+                    remove_stale_temporaries(pair_dir)  # what a killed run left; this shard alone writes here
                 ratio = pair["flux_ratio"] if pair["flux_ratio"] is not None else flux_ratio
-                predict_pair(predictor, epochs, out=pair_dir, inputs=dict(science=pair["science"], reference=pair["reference"]), flux_ratio=ratio, seeing=pair["seeing"])
-                summary["done"].append(name)
-            combined += [dict(pair=name, directory=pair_dir.name, **row) for row in _read_rows(pair_dir / "detections.csv")]
-        except (AstridError, OSError) as exc:
-            summary["failed"].append(name)
-            print(f"FAILED  {name}: {_one_line(exc)}", file=sys.stderr)
+                key = prediction_key(predictor, science=pair["science"], reference=pair["reference"], flux_ratio=ratio, seeing=pair["seeing"])
+                stale = stale_prediction(pair_dir, key) if prediction_complete(pair_dir) else None
+                if prediction_complete(pair_dir) and not overwrite and stale is None:
+                    summary["skipped"].append(name)
+                else:
+                    if stale and not overwrite:
+                        msg = f"{pair_dir} holds a prediction, but {stale}: pass --overwrite to redo it"
+                        raise AstridError(msg)
+                    epochs = read_pair(pair["science"], pair["reference"], max_pixels=max_pixels)
+                    make_output_dir(pair_dir)
+                    claim_output_dir(pair_dir, kind="prediction", overwrite=overwrite or bool(stale))
+                    predict_pair(predictor, epochs, out=pair_dir, inputs=dict(science=pair["science"], reference=pair["reference"]),
+                                 flux_ratio=ratio, seeing=pair["seeing"], made_with=key)
+                    summary["done"].append(name)
+                combined += [dict(pair=name, directory=pair_dir.name, **row) for row in _read_rows(pair_dir / "detections.csv")]
+            except (AstridError, OSError) as exc:
+                summary["failed"].append(name)
+                print(f"FAILED  {name}: {_one_line(exc)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        interrupted = "interrupted"
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=("pair", "directory") + DETECTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(combined)
-    name = "detections.csv" if count == 1 else f"detections.shard-{index}-of-{count}.csv"
-    atomic_write(out / name, lambda f: f.write(buffer.getvalue().encode()))
+    atomic_write(out / combined_name, lambda f: f.write(buffer.getvalue().encode()))
     counts = {k: len(v) for k, v in summary.items()}
-    print(f"pairs {index}/{count}: {counts['done']} done, {counts['skipped']} skipped (complete already), {counts['failed']} failed; {len(combined)} detections -> {out / name}")
+    print(f"pairs {index}/{count}: {counts['done']} done, {counts['skipped']} skipped (complete already), {counts['failed']} failed; {len(combined)} detections -> {out / combined_name}")
+    if interrupted:
+        left = len(todo) - sum(counts.values())
+        msg = f"interrupted with {left} of {len(todo)} pairs not done; {out / combined_name} holds the {counts['done'] + counts['skipped']} finished, and a rerun of the same command does the rest"
+        raise TrainingInterrupted(msg)
     if summary["failed"]:
         msg = f"{counts['failed']} of {len(todo)} pairs failed (listed above); the others' outputs are complete, and a rerun retries only the failed"
         raise AstridError(msg)
@@ -6841,6 +7231,12 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
 
 def export_weights(checkpoint: str, output: str) -> Path:
     """A small, shareable checkpoint: fp32 weights, architecture, threshold and provenance only."""
+    target = Path(output)
+    in_a_run = any((target.parent / name).exists() for name in RUN_MARKERS["training run"])
+    if (target.exists() and target.resolve() == Path(checkpoint).resolve()) or (in_a_run and target.name in ("best.pt", "last.pt")):
+        msg = (f"export --output {output}: refusing to write onto a run's checkpoint (best.pt and last.pt keep the optimiser state "
+               "and history that --resume needs); choose another file name")
+        raise AstridError(msg)
     payload = load_checkpoint(checkpoint)
     model_from_checkpoint(payload, path=checkpoint)  # refuse a mismatched file before writing
     keep = ("model", "model_config", "config", "epoch", "threshold", "history")
@@ -6856,7 +7252,47 @@ def export_weights(checkpoint: str, output: str) -> Path:
 DEFAULT_SWEEP_SPACE = Path(__file__).resolve().parent / "sweep_space.json"
 SWEEP_OBJECTIVE = "val_average_precision"  # maximised: unlike val_loss, it does not change scale with the loss weights
 SWEEP_KINDS = ("float", "int", "categorical")
+MIN_IMPORTANCE_TRIALS = 10
 SWEEP_PARAMETERS = ("width", "lr", "batch_size", "bce_weight", "dice_weight", "image_size", "samples", "weight_decay", "real_fraction")
+
+
+def _is_number(value: Any, *, integer: bool = False) -> bool:
+    """A finite JSON number (an integer where asked), not a bool or a string."""
+    kinds = (int,) if integer else (int, float)
+    return not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+
+
+def _check_sweep_entry(path: Any, name: str, spec: dict) -> None:
+    """One parameter's schema: numeric bounds low <= high (> 0 on a log scale), a positive step, non-empty choices, a default inside."""
+    def refuse(problem: str) -> None:
+        raise ConfigError(f"{path}: {name}: {problem}")
+
+    unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "default"}
+    if unknown:
+        refuse(f"unknown key(s) {', '.join(sorted(unknown))}")
+    if spec["type"] == "categorical":
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            refuse("choices must be a non-empty list")
+        if any(not isinstance(c, (str, int, float, bool)) or (isinstance(c, float) and not math.isfinite(c)) for c in choices):
+            refuse(f"choices must be plain finite numbers or strings, got {choices!r}")
+        if "default" in spec and spec["default"] not in choices:
+            refuse(f"default {spec['default']!r} is not one of the choices {choices!r}")
+        return
+    integer = spec["type"] == "int"
+    low, high = spec["low"], spec["high"]
+    if not (_is_number(low, integer=integer) and _is_number(high, integer=integer)):
+        refuse(f"low and high must be finite {'integers' if integer else 'numbers'}, got {low!r} and {high!r}")
+    if low > high:
+        refuse(f"low {low} is above high {high}")
+    if not isinstance(spec.get("log", False), bool):
+        refuse(f"log must be true or false, got {spec['log']!r}")
+    if spec.get("log") and low <= 0:
+        refuse(f"a log range needs low > 0, got {low}")
+    if "step" in spec and not (_is_number(spec["step"], integer=integer) and spec["step"] > 0):
+        refuse(f"step must be a positive {'integer' if integer else 'number'}, got {spec['step']!r}")
+    if "default" in spec and not (_is_number(spec["default"], integer=integer) and low <= spec["default"] <= high):
+        refuse(f"default {spec['default']!r} is outside [{low}, {high}]")
 
 
 def load_sweep_space(path: str | os.PathLike) -> dict[str, dict]:
@@ -6883,7 +7319,24 @@ def load_sweep_space(path: str | os.PathLike) -> dict[str, dict]:
         if kind not in SWEEP_KINDS or any(k not in spec for k in needed):
             msg = f"{path}: {name} needs type (one of {', '.join(SWEEP_KINDS)}) and {' and '.join(needed)}"
             raise ConfigError(msg)
+        _check_sweep_entry(path, name, spec)
     return space
+
+
+def check_sweep_space(space: dict[str, dict], base: TrainConfig, *, path: Any) -> None:
+    """Every configuration at the space's corners (each bound, each choice, each default) is a valid TrainConfig.
+
+    A negative loss weight, a weight decay below 0 or an image size the U-Net cannot take is
+    refused here, before any study is touched, rather than trained and ranked.
+    """
+    for name, spec in space.items():
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for value in [*values, *([spec["default"]] if "default" in spec else [])]:
+            try:
+                dataclasses.replace(base, **{name: value}).validate()
+            except ConfigError as exc:
+                msg = f"{path}: {name} = {value!r} would make an invalid run ({exc})"
+                raise ConfigError(msg) from None
 
 
 def suggest_config(trial: Any, space: dict[str, dict], base: TrainConfig) -> TrainConfig:
@@ -6963,7 +7416,7 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     ranked = sorted(finished, key=lambda t: -t.value)
     importances: dict[str, float] = {}
-    if len(finished) >= 2:
+    if len(finished) >= MIN_IMPORTANCE_TRIALS:  # fewer trials attribute noise to whichever parameter moved
         with contextlib.suppress(ValueError, RuntimeError):  # all trials alike: nothing to attribute
             importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     report = {
@@ -6995,11 +7448,14 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
     return report
 
 
-def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, study_name: str, sweep_dir: str) -> dict:
+def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, study_name: str, sweep_dir: str, given: Sequence[str] = ()) -> dict:
     """Run (or continue) an Optuna study of training configurations; see STANDALONE_TRAINING.md.
 
     `trials` counts the finished (complete or pruned) trials the study should hold: rerunning
     the command continues it, and several processes sharing `storage` share that count.
+    A parameter the user fixed with a flag (`given`) is dropped from the space, with a note.
+    The space is checked before the study is opened, and a study keeps the space it was made
+    with: another space for the same study is refused.
     """
     import optuna
 
@@ -7008,9 +7464,18 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
         raise ConfigError(msg)
     space = load_sweep_space(space_path)
     base.validate()
+    overridden = [name for name in space if name in set(given)]
+    if overridden:
+        # The user's flag wins: the space stops sweeping that parameter (documented in STANDALONE_TRAINING.md).
+        for name in overridden:
+            log.warning("sweep: --%s %s was given, so the space no longer sweeps %s", name.replace("_", "-"), getattr(base, name), name)
+        space = {k: v for k, v in space.items() if k not in overridden}
+        if not space:
+            msg = f"every parameter of the sweep space {space_path} was fixed by a flag ({', '.join(overridden)}): nothing is left to search"
+            raise ConfigError(msg)
+    check_sweep_space(space, base, path=space_path)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = Path(sweep_dir or Path("sweeps") / safe_filename(study_name))
-    root.mkdir(parents=True, exist_ok=True)
     try:
         study = optuna.create_study(
             study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
@@ -7018,9 +7483,21 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
             sampler=optuna.samplers.TPESampler(seed=base.seed + os.getpid()),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
         )
-    except (ImportError, ValueError, RuntimeError) as exc:  # a bad URL, a missing driver, a locked or foreign database
+    except Exception as exc:  # a bad URL, a missing driver or directory, a locked, read-only or foreign database (SQLAlchemy's errors included)
         msg = f"cannot open the Optuna study {study_name!r} in {storage} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
         raise AstridError(msg) from None
+    # One study, one space: trials drawn from two spaces are not comparable.
+    recorded = study.user_attrs.get("space")
+    described = json.loads(json.dumps(space))
+    if recorded is None and not study.trials:
+        study.set_user_attr("space", described)
+        study.set_user_attr("validation", {"samples": base.samples, "image_size": base.image_size, "val_fraction": base.val_fraction, "seed": base.seed})
+    elif recorded is not None and recorded != described:
+        changed = sorted(k for k in set(recorded) | set(described) if recorded.get(k) != described.get(k))
+        msg = (f"the study {study_name!r} was searched over another space (it differs in {', '.join(changed)}); "
+               "use a new --study-name for the new space, or the space the study was made with")
+        raise ConfigError(msg)
+    root.mkdir(parents=True, exist_ok=True)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=states))
     if not study.trials:
@@ -7049,7 +7526,9 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
     for row in report["top"]:
         print(f"{row['number']:6d} {row['value']:22.4f}  {json.dumps(row['params'])}")
     if report["importances"]:
-        print("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
+        print(f"importances (fANOVA over {report['trials']['complete']} complete trials): " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
+    elif report["trials"]["complete"] < MIN_IMPORTANCE_TRIALS:
+        print(f"importances: not computed from {report['trials']['complete']} complete trials (they need {MIN_IMPORTANCE_TRIALS})")
     print(f"sweep: {root / 'sweep.json'} ({report['trials']['complete']} complete, {report['trials']['pruned']} pruned)  |  MLflow parent run: {parent or 'none'}")
     return report
 
@@ -7214,7 +7693,9 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
         raise ConfigError(msg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    claim_output_dir(out, kind="comparison", overwrite=overwrite, remove=COMPARISON_OUTPUTS)
+    # Everything is checked before anything is replaced, and the previous report stays until
+    # the new one is written whole (one output set, at the end).
+    claim_output_dir(out, kind="comparison", overwrite=overwrite)
     resolve_device(base.device)  # an unavailable device is refused before any arm trains
     if base.threads:
         torch.set_num_threads(base.threads)
@@ -7230,12 +7711,19 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
     checkpoints: dict[str, list[Path]] = {}
     if runs:
         kind = "given runs"
+        seen: dict[str, str] = {}
         for spec in runs:
             label, path = _resolve_run(spec, tracking_uri=base.tracking_uri, scratch=out / "mlflow_runs")
+            key = _sha256(path)  # one model given twice (by path, by MLflow id, or copied) is one seed, not two
+            if key in seen:
+                msg = f"--runs {spec}: the same model as --runs {seen[key]}; each run of an arm must be another seed"
+                raise ConfigError(msg)
+            seen[key] = spec
             checkpoints.setdefault(label, []).append(path)
     else:
         kind = f"{len(arms)} arms x {seeds} seeds, one configuration"
         tiles = len(MASTRealDataset(1, image_size=base.image_size, source="fits", fits_dir=train_dir, fallback=False).tiles)
+        planned = []
         for arm in arms:
             if arm == "real" and tiles < REAL_ONLY_MIN_TILES:
                 log.warning("real-only arm skipped: %d training tiles of %d px, fewer than %d", tiles, base.image_size, REAL_ONLY_MIN_TILES)
@@ -7243,10 +7731,14 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
                 continue
             for k in range(seeds):
                 cfg = dataclasses.replace(base, **COMPARE_ARMS[arm], fits_dir=str(train_dir), seed=base.seed + k,
-                                          output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"), resume="", overwrite=False)
-                log.info("compare: training arm %s, seed %d", arm, cfg.seed)
-                StandaloneTrainer(cfg, given=[]).fit()
-                checkpoints.setdefault(arm, []).append(Path(cfg.output_dir) / "best.pt")
+                                          output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"), resume="", overwrite=overwrite)
+                cfg.validate()
+                claim_output_dir(Path(cfg.output_dir), kind="training run", overwrite=overwrite)  # refused now, not after the first arms trained
+                planned.append((arm, cfg))
+        for arm, cfg in planned:
+            log.info("compare: training arm %s, seed %d", arm, cfg.seed)
+            StandaloneTrainer(cfg, given=[]).fit()
+            checkpoints.setdefault(arm, []).append(Path(cfg.output_dir) / "best.pt")
 
     # 2. Every model on the same three sets.
     evaluations: dict[str, list[dict]] = {}
@@ -7266,9 +7758,10 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
         "arms": {label: summarise_arm(evals) for label, evals in evaluations.items()},
         "per_run": evaluations,
     }
-    plot_comparison(report["arms"], out / "comparison.png")
-    write_json(out / "comparison.json", report)
-    atomic_write(out / "comparison.md", lambda f: f.write(comparison_markdown(report).encode()))
+    with output_set() as staged:
+        plot_comparison(report["arms"], out / "comparison.png", staged=staged)
+        write_json(out / "comparison.json", report, staged=staged)
+        atomic_write(out / "comparison.md", lambda f: f.write(comparison_markdown(report).encode()), staged=staged)
     print(comparison_markdown(report))
     print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}")
     return report
@@ -7464,7 +7957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli(lambda: run_training(config_from_args(args), given=given_flags(args)), debug=args.debug)
     if args.command == "sweep":
         keys = ("trials", "storage", "study_name", "sweep_dir")
-        return cli(lambda: run_sweep(config_from_args(args), space_path=args.space, **{k: getattr(args, k) for k in keys}), debug=args.debug)
+        return cli(lambda: run_sweep(config_from_args(args), space_path=args.space, given=given_flags(args), **{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "compare":
         keys = ("arms", "seeds", "runs", "train_fits_dir", "heldout_fits_dir", "eval_samples", "eval_image_size")
         cfg = config_from_args(args)
