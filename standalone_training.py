@@ -6589,7 +6589,7 @@ class StandaloneTrainer:
         self._stop_if_signalled("the null battery")
         # Where nothing changed, nothing may be found: a short battery on one simulated and
         # one real frame (`evaluate` runs the full one).
-        evaluation["null"] = null_battery(model, null_frames(synthetic=1, seed=cfg.seed), threshold=threshold, device=self.device,
+        evaluation["null"] = null_battery(model, null_frames(synthetic=1, image_size=128, seed=cfg.seed), threshold=threshold, device=self.device,
                                           stop=lambda: self._signal is not None, **TRAINER_NULL_BATTERY)
         self._stop_if_signalled("writing the evaluation")
         write_json(out / "evaluation" / "evaluation.json", evaluation)

@@ -808,22 +808,23 @@ def test_early_stopping_state_survives_a_resume():
 
 @pytest.mark.slow
 def test_unet_overfits_one_small_batch():
-    """Four 64x64 samples, AdamW at 3e-3: the combined loss falls at least 5x.
+    """Four 64x64 samples, AdamW at 3e-3: the combined loss falls at least 5x in 200 steps.
 
-    Most of the fall after the first ~60 steps is the Dice term memorising faint
-    (SNR 3-5) anomalies, which is slow: 100 steps give about 3x, 300 give 6-7x.
+    The U-Net at width 8 (the same architecture at half the channels, a quarter of the cost
+    here): most of the fall is the Dice term memorising faint (SNR 3-5) anomalies, and 200
+    steps give about 14x (the full width 16 needs ~300 steps for 6x).
     """
     ds = SyntheticAstronomicalDataset(16, image_size=64, seed=0)
     chosen = [i for i in range(len(ds)) if ds[i][1].sum() > 0][:4]
     inputs = torch.stack([ds[i][0] for i in chosen])
     masks = torch.stack([ds[i][1] for i in chosen])
     torch.manual_seed(0)
-    model = st.StandaloneUNet()
+    model = st.StandaloneUNet(width=8)
     criterion = st.CombinedLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with torch.no_grad():
         before = float(criterion(model(inputs), masks))
-    for _ in range(300):
+    for _ in range(200):
         loss = criterion(model(inputs), masks)
         optimizer.zero_grad()
         loss.backward()
@@ -1435,7 +1436,7 @@ def evaluations(quick_run, tmp_path_factory):
     common = ["evaluate", "--checkpoint", str(checkpoint), "--samples", "8", "--image-size", "64"]
     results = run_many({
         "default": (MODULE, [*common, "--output-dir", str(root / "ev")], root),
-        "override": (MODULE, [*common, "--output-dir", str(root / "ev_override"), "--threshold", str(override)], root),
+        "override": (MODULE, [*common, "--output-dir", str(root / "ev_override"), "--threshold", str(override), "--no-null-tests"], root),
     })
     for result in results.values():
         assert result.rc == 0, result.stderr[-3000:]
