@@ -7491,7 +7491,6 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
     described = json.loads(json.dumps(space))
     if recorded is None and not study.trials:
         study.set_user_attr("space", described)
-        study.set_user_attr("validation", {"samples": base.samples, "image_size": base.image_size, "val_fraction": base.val_fraction, "seed": base.seed})
     elif recorded is not None and recorded != described:
         changed = sorted(k for k in set(recorded) | set(described) if recorded.get(k) != described.get(k))
         msg = (f"the study {study_name!r} was searched over another space (it differs in {', '.join(changed)}); "
