@@ -2,6 +2,12 @@
 
 Modes are presets (standalone_training.PRESETS); any flag overrides them, so
 `--mode full --epochs 5` works. All training logic lives in standalone_training.py.
+The defaults shown below are a run's without a preset: --mode sets --samples,
+--epochs and --batch-size first.
+
+example:
+  python run_standalone_training.py --mode quick
+  python run_standalone_training.py --mode custom --samples 3000 --epochs 30 --batch-size 16 --patience 8
 """
 
 import argparse
@@ -11,7 +17,7 @@ import standalone_training as st
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=st.HelpFormatter)
     parser.add_argument("--mode", choices=["quick", "full", "custom"], default="quick", help="quick: 20 samples, 3 epochs, batch 4; full: 100, 20, 8; custom: your flags")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     st.add_train_arguments(parser)

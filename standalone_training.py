@@ -54,6 +54,7 @@ import sys
 import re
 import shutil
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -7785,38 +7786,61 @@ def run_fetch(*, targets: Sequence[str], surveys: Sequence[str], cache_dir: str,
     return summary
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written, and each option's default after its help (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" not in text and action.option_strings and action.default not in (None, False, "", [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Training flags, shared by `standalone_training.py train` and the runner."""
-    a = parser.add_argument
+    """Training flags, shared by `standalone_training.py train` and the runner.
+
+    Every flag defaults to None (so that the flags a user typed are known, given_flags); its
+    help names the TrainConfig default it stands for.
+    """
+    defaults = TrainConfig()
+
+    def a(flag: str, *, help: str, **kwargs: Any) -> None:
+        dest = kwargs.get("dest", flag.lstrip("-").replace("-", "_"))
+        value = getattr(defaults, dest, None)
+        shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if kwargs.get("action") not in ("store_true", "store_false") and value not in (None, "", ()):
+            help += f" (default: {' '.join(shown) if isinstance(shown, tuple) else shown})"
+        parser.add_argument(flag, help=help, **kwargs)
+
     a("--samples", type=int, help="samples generated (train + validation)")
-    a("--epochs", type=int)
-    a("--batch-size", type=int)
+    a("--epochs", type=int, help="training epochs (early stopping may end sooner)")
+    a("--batch-size", type=int, help="samples per optimiser step (per process under torchrun)")
     a("--image-size", type=int, help="px, a multiple of 16")
-    a("--lr", type=float, help="peak learning rate")
-    a("--val-fraction", type=float)
+    a("--lr", type=float, help="peak learning rate of the one-cycle schedule")
+    a("--val-fraction", type=float, help="share of the samples held out for validation")
     a("--test-samples", type=int, help="fresh samples for the final test")
     a("--patience", type=int, help="early-stopping patience in epochs")
     a("--width", type=int, help="U-Net base width (16 -> 2.16M parameters)")
-    a("--snr-min", type=float)
-    a("--snr-max", type=float)
+    a("--snr-min", type=float, help="lowest matched-filter SNR of an injected change")
+    a("--snr-max", type=float, help="highest matched-filter SNR of an injected change")
     a("--no-domain-randomisation", dest="domain_randomisation", action="store_false", default=None, help="train on the plain simulated sky, not TRAINING_SKY")
-    a("--plain-fraction", type=float, help="share of the training sky's fields drawn from the plain sky (default 0.4)")
-    a("--seed", type=int)
+    a("--plain-fraction", type=float, help="share of the training sky's fields drawn from the plain sky")
+    a("--seed", type=int, help="seed of the data and the model, in [0, 2^32 - 1]")
     a("--device", help="auto | cpu | cuda | mps")
     a("--threads", type=int, help="torch threads per process (0: one per core)")
     a("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
     a("--output-dir", help="default runs/<timestamp>-<random>; one that holds a run is refused")
     a("--overwrite", action="store_true", default=None, help="replace the run already in --output-dir (its files are deleted first)")
-    a("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    a("--tracking-uri", help="MLflow tracking URI")
     a("--experiment", help="MLflow experiment name")
-    a("--no-mlflow", dest="mlflow", action="store_false", default=None)
+    a("--no-mlflow", dest="mlflow", action="store_false", default=None, help="no MLflow tracking")
     a("--mlflow-optional", action="store_true", default=None, help="train on without MLflow if its server is unreachable")
-    a("--no-energy", dest="energy", action="store_false", default=None)
+    a("--no-energy", dest="energy", action="store_false", default=None, help="no CodeCarbon energy tracking")
     a("--country", help="ISO alpha-3 code for CodeCarbon's carbon intensity")
     a("--data", help="synthetic | mast | fits | mix (real tiles from --fits-dir, else the MAST/SkyView cache, mixed with synthetic ones)")
-    a("--real-fraction", type=float, help="--data mix: share of real samples (default 0.5)")
-    a("--fits-dir")
-    a("--cache-dir")
+    a("--real-fraction", type=float, help="--data mix: share of real samples")
+    a("--fits-dir", help="--data fits: a directory of your own FITS frames")
+    a("--cache-dir", help="--data mast: the real-sky cache (default ~/.cache/astrid)")
     a("--targets", nargs="+", help="--data mast: names or 'RA DEC' (default: famous targets and empty fields)")
     a("--surveys", nargs="+", help="--data mast: e.g. 'DSS2 Red' 'SDSS r' TESS HST PanSTARRS/DR1/r")
     a("--timeout", type=float, help="s per network request (<= 60)")
@@ -7846,24 +7870,44 @@ def _keyword_defaults(function: Callable) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: train, evaluate, predict, sweep, compare, export and fetch."""
-    parser = argparse.ArgumentParser(prog="standalone_training.py", description="AstrID: train and use a U-Net that finds what changed between two images of the sky.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = argparse.ArgumentParser(prog="standalone_training.py", formatter_class=HelpFormatter,
+                                     description="AstrID: train and use a U-Net that finds what changed between two images of the sky.",
+                                     epilog="python standalone_training.py COMMAND --help shows each command's options, defaults and an example.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (before or after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a model (see also run_standalone_training.py)")
+
+    def command(name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=textwrap.fill(description, 88), formatter_class=HelpFormatter,
+                                  epilog="example:\n  " + example.replace("\n", "\n  "))
+        # SUPPRESS: a --debug given before the command is not reset by this one's absence.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        return sub
+
+    train = command("train", "train a model (see also run_standalone_training.py)",
+                    "Train the U-Net on simulated (or real) pairs, with validation, early stopping, MLflow and CodeCarbon; "
+                    "writes a run directory (checkpoints, metrics, plots, an end-of-run evaluation).",
+                    "python standalone_training.py train --samples 3000 --epochs 30 --batch-size 16 --patience 8")
     add_train_arguments(train)
-    evaluate = commands.add_parser("evaluate", help="completeness, purity and bogus rejection vs the matched filter")
+    evaluate = command("evaluate", "completeness, purity and bogus rejection vs the matched filter",
+                       "Evaluate a checkpoint on a fresh simulated test set beside the matched filter and SExtractor, "
+                       "and run the null battery (pairs in which nothing changed).",
+                       "python standalone_training.py evaluate --samples 200 --image-size 128 --output-dir evaluation")
     defaults = _keyword_defaults(run_evaluation)  # run_evaluation's signature holds evaluate's defaults
     evaluate.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
-    evaluate.add_argument("--samples", type=int, default=defaults["samples"])
-    evaluate.add_argument("--seed", type=int, default=defaults["seed"])
-    evaluate.add_argument("--image-size", type=int, default=defaults["image_size"])
+    evaluate.add_argument("--samples", type=int, default=defaults["samples"], help="test images")
+    evaluate.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the test images, in [0, 2^32 - 1]")
+    evaluate.add_argument("--image-size", type=int, default=defaults["image_size"], help="px, a multiple of 16")
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
-    evaluate.add_argument("--device", default=defaults["device"])
+    evaluate.add_argument("--device", default=defaults["device"], help="auto | cpu | cuda | mps")
     evaluate.add_argument("--output-dir", default=defaults["output_dir"], help="one that holds an evaluation is refused")
     evaluate.add_argument("--overwrite", action="store_true", help="replace the evaluation already in --output-dir")
     evaluate.add_argument("--fits-dir", default=defaults["fits_dir"], help="more real frames for the null tests")
     evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
-    predict = commands.add_parser("predict", help="find anomalies in your own (reference, science) FITS pair")
+    predict = command("predict", "find what changed in your own (reference, science) FITS pair, or a list of pairs",
+                      "Register, scale and subtract each pair (ZOGY), and report the significant changes the network calls real: "
+                      "detections.csv/.json/.ecsv/.reg, mask.fits and overlay.png per pair.",
+                      "python standalone_training.py predict --science new.fits --reference old.fits --output-dir found/\n"
+                      "python standalone_training.py predict --pairs pairs.csv --output-dir night/ --shard 0/4")
     predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
     predict.add_argument("--pairs", help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory each")
     predict.add_argument("--shard", help="with --pairs: I/N takes every N-th pair from the I-th (0-based); under torchrun, RANK/WORLD_SIZE")
@@ -7873,24 +7917,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true", help="replace the prediction already in --output-dir")
     predict.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     predict.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
-    predict.add_argument("--device", default="auto")
-    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
-    predict.add_argument("--cache-dir", default="")
-    predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
-    predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images with more pixels, before reading them")
+    predict.add_argument("--cache-dir", default="", help="--reference-survey: the survey cache (default ~/.cache/astrid)")
+    predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="--reference-survey: s per network request (<= 60)")
+    predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="--reference-survey: extra attempts after a network failure")
     predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: the headers' zero points, else fitted on the pair's stars, else on the PSF-matched pixels of its bright sources)")
     predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the pair's stars)")
     predict.add_argument("--science-noise", help="FITS noise map of the science image, on its grid (see --noise-kind; default: local background RMS plus Poisson noise with the header's GAIN)")
     predict.add_argument("--reference-noise", help="FITS noise map of the reference image, on its grid (see --noise-kind)")
     predict.add_argument("--noise-kind", choices=NOISE_KINDS, default="sigma", help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 for no data)")
-    sweep = commands.add_parser("sweep", help="search training configurations with Optuna (TPE, pruning, MLflow)")
+    sweep = command("sweep", "search training configurations with Optuna (TPE, pruning, MLflow)",
+                    "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes that "
+                    "parameter and drops it from the space. Rerunning continues the study.",
+                    "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline")
     add_train_arguments(sweep)
-    sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space (default: sweep_space.json)")
+    sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space")
     sweep.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)")
     sweep.add_argument("--storage", default="sqlite:///sweeps.db", help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study")
-    sweep.add_argument("--study-name", default="astrid-baseline")
+    sweep.add_argument("--study-name", default="astrid-baseline", help="the Optuna study (a study keeps the space it was made with)")
     sweep.add_argument("--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)")
-    compare = commands.add_parser("compare", help="synthetic vs real training: arms x seeds (or --runs), evaluated alike")
+    compare = command("compare", "synthetic vs real training: arms x seeds (or --runs), evaluated alike",
+                      "Train each arm (synthetic, mix, real) with several seeds, or take given runs, and evaluate all on the same "
+                      "synthetic test set and real-pixel injections; writes comparison.md/.json/.png.",
+                      "python standalone_training.py compare --epochs 3 --output-dir cmp/\n"
+                      "python standalone_training.py compare --runs a=runs/one b=runs/two b=mlflow:RUN_ID --output-dir cmp/")
     add_train_arguments(compare)
     compare.add_argument("--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (--seed, --seed + 1, ...)")
@@ -7898,17 +7949,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--train-fits-dir", default="", help="real frames for training (default: the left half of M13)")
     compare.add_argument("--heldout-fits-dir", default="", help="real frames kept out of training, for injection-recovery (default: M13's right half)")
     compare.add_argument("--eval-samples", type=int, default=50, help="images per test set")
-    compare.add_argument("--eval-image-size", type=int, default=64)
-    export = commands.add_parser("export", help="strip a checkpoint to shareable weights")
-    export.add_argument("--checkpoint", required=True)
-    export.add_argument("--output", required=True)
-    fetch = commands.add_parser("fetch", help="fill the real-sky cache ahead of an offline run")
-    fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
-    fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS))
-    fetch.add_argument("--cache-dir", default="", help="default ~/.cache/astrid")
-    fetch.add_argument("--pixels", type=int, default=DEFAULT_PIXELS)
-    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
-    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
+    compare.add_argument("--eval-image-size", type=int, default=64, help="px of the test images, a multiple of 16")
+    export = command("export", "strip a checkpoint to shareable weights",
+                     "Keep a checkpoint's weights, architecture, threshold and history (no optimiser state): a small file for "
+                     "--checkpoint. Never onto a run's own best.pt or last.pt.",
+                     "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt")
+    export.add_argument("--checkpoint", required=True, help="a run's best.pt (or any AstrID checkpoint)")
+    export.add_argument("--output", required=True, help="the weights file to write")
+    fetch = command("fetch", "fill the real-sky cache ahead of an offline run",
+                    "Download survey cutouts (SkyView, HiPS, MAST) of the targets into the cache that --data mast reads offline.",
+                    "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300")
+    fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="names or 'RA DEC' in degrees")
+    fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS), help="SkyView surveys, HiPS ids, TESS or HST")
+    fetch.add_argument("--cache-dir", default="", help="the cache (default ~/.cache/astrid)")
+    fetch.add_argument("--pixels", type=int, default=DEFAULT_PIXELS, help="cutout side in px")
+    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="s per network request (<= 60)")
+    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="extra attempts after a network failure")
     return parser
 
 

@@ -11,6 +11,7 @@ fixture. The CLI's refusals of bad input are the table in test_faults.py.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import math
@@ -1631,3 +1632,36 @@ def test_every_link_of_a_document_is_a_file_of_the_repository(document):
     for target in local:
         resolved = (path.parent / target).resolve()
         assert resolved.exists() and resolved.is_relative_to(HERE), f"{document} links to {target}"
+
+
+# ----------------------------------------------------------------------------
+# Help that answers
+# ----------------------------------------------------------------------------
+
+COMMANDS = ("train", "evaluate", "predict", "sweep", "compare", "export", "fetch")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_help_has_a_description_an_example_help_and_defaults(command, capsys):
+    sub = st.build_parser()._subparsers._group_actions[0].choices[command]
+    with pytest.raises(SystemExit) as stop:
+        st.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0 and sub.description and len(sub.description) > 40
+    assert f"example:\n  python standalone_training.py {command} " in text
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings[0]} has no help text"
+            if action.default not in (None, False, "", [], argparse.SUPPRESS):
+                assert "%(default)s" in sub.formatter_class(command)._get_help_string(action), action.option_strings[0]
+    if command in ("train", "sweep", "compare"):  # training flags name the TrainConfig default they stand for
+        assert f"(default: {st.TrainConfig().samples})" in " ".join(text.split())
+        assert f"(default: {st.TrainConfig().seed})" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("argv", [["--debug", "evaluate", "--samples", "0"], ["evaluate", "--debug", "--samples", "0"], ["evaluate", "--samples", "0", "--debug"]])
+def test_debug_is_accepted_before_or_after_the_command(argv, capsys):
+    with pytest.raises(st.ConfigError, match="samples must be >= 1"):  # --debug: the traceback's exception, not the one line
+        st.main(argv)
+    assert st.main([a for a in argv if a != "--debug"]) == 2
+    assert capsys.readouterr().err.strip() == "astrid: error: samples must be >= 1, got 0"
