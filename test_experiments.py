@@ -137,7 +137,7 @@ def test_tiny_sweep_creates_an_optuna_study_and_nested_mlflow_runs(tiny_sweep):
 def test_every_trial_is_an_ordinary_run_directory(tiny_sweep, tmp_path):
     trial = tiny_sweep / "trials" / "trial-0001"
     assert {"config.json", "best.pt", "metrics.json"} <= {p.name for p in trial.iterdir()}
-    result = st.run_evaluation(checkpoint=str(trial / "best.pt"), samples=2, image_size=32, output_dir=str(tmp_path / "ev"), device="cpu", null_tests=False)
+    result = st.run_evaluation(checkpoint=str(trial / "best.pt"), samples=2, image_size=32, output_dir=str(tmp_path / "ev"), device="cpu", null_tests=False, real_pixels=False)
     assert result["n_images"] == 2 and "sextractor" in result
 
 

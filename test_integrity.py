@@ -171,7 +171,7 @@ def runs(tmp_path_factory) -> Jobs:
     mlflow_client(f"sqlite:///{ro / 'ro.db'}").search_experiments()
 
     specs = {
-        "evaluate": ["evaluate", "--samples", "4", "--image-size", "32", "--device", "cpu", "--output-dir", "ev", "--no-null-tests"],
+        "evaluate": ["evaluate", "--samples", "4", "--image-size", "32", "--device", "cpu", "--output-dir", "ev", "--no-null-tests", "--no-real-pixels"],
         "first": ["train", *TINY, *OFFLINE, "--output-dir", "twice"],
         # Three steps an epoch: enough for --lr 1e10 to reach NaN within the first epoch.
         "diverges": ["train", *TINY, "--samples", "12", "--epochs", "2", "--lr", "1e10", *OFFLINE, "--output-dir", "diverges"],

@@ -63,10 +63,11 @@ def m13() -> np.ndarray:
 def test_the_battery_covers_simulated_and_real_frames(frames, battery):
     names = [f.name for f in frames]
     assert sum(n.startswith("simulated") for n in names) == 2 and any("M13" in n for n in names)
-    per_frame = 1 + len(st.NULL_NOISE_LEVELS) * len(st.NULL_NOISE_RATIOS) + len(st.NULL_FLUX_RATIOS) + len(st.NULL_SEEING_RATIOS)
+    per_frame = (1 + len(st.NULL_NOISE_LEVELS) * len(st.NULL_NOISE_RATIOS) + len(st.NULL_FLUX_RATIOS) + len(st.NULL_SEEING_RATIOS)
+                 + len(st.NULL_GRADIENTS) + len(st.NULL_SHIFTS) + 1)
     assert battery["summary"]["pairs"] == per_frame * len(frames)
     kinds = {c["kind"] for r in battery["frames"] for c in r["cases"]}
-    assert kinds == {"identical", "noise", "flux", "seeing"}
+    assert kinds == {"identical", *st.NULL_KINDS}
 
 
 def cases_of(battery: dict, kind: str):
@@ -95,6 +96,17 @@ def test_noise_only_pairs_stay_under_one_false_detection_per_megapixel(battery):
 def test_seeing_mismatch_pairs_give_no_false_detection(battery):
     """The science epoch blurred to 1.25x and 1.5x the frame's seeing: PSF matching, then nothing."""
     for frame, case in cases_of(battery, "seeing"):
+        assert case["detections"] == 0, (frame, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gradient", "shift", "correlated"])
+def test_gradient_shifted_and_correlated_noise_pairs_give_no_false_detection(battery, kind):
+    """A 5 or 20 sigma ramp in one epoch, a 0.3 px residual shift, noise correlated over ~2 px: nothing changed, nothing found."""
+    cases = list(cases_of(battery, kind))
+    assert len(cases) == len(battery["frames"]) * {"gradient": len(st.NULL_GRADIENTS), "shift": len(st.NULL_SHIFTS), "correlated": 1}[kind]
+    for frame, case in cases:
+        assert "refused" not in case, case
         assert case["detections"] == 0, (frame, case)
 
 

@@ -559,3 +559,16 @@ def test_evaluate_without_checkpoint_reproduces_the_documented_figures(jobs):
     assert got["bogus_pass_rate"]["overall"]["value"] == pytest.approx(doc["bogus_pass_rate"]["overall"]["value"], abs=0.005)
     assert got["snr50"]["overall"] == pytest.approx(doc["snr50"]["overall"], rel=0.03)
     assert evaluation["baseline"]["snr50"]["overall"] == pytest.approx(DOCUMENTED["baseline"]["snr50"]["overall"], rel=0.03)
+    # The real-pixel injection-recovery (the right half of M13, seeing, shifts and gradients), beside its peers.
+    real, real_doc = evaluation["real_pixels"], DOCUMENTED["real_pixels"]
+    assert real["pairs"] == real_doc["pairs"] and real["frames"] == real_doc["frames"]
+    for peer in ("network", "significance_alone", "baseline", "sextractor"):
+        got, doc = real[peer], real_doc[peer]
+        assert got["completeness"]["overall"]["value"] == pytest.approx(doc["completeness"]["overall"]["value"], abs=0.01), peer
+        assert got["completeness_snr_ge_10"]["point"]["value"] == pytest.approx(doc["completeness_snr_ge_10"]["point"]["value"], abs=0.01), peer
+        assert got["false_per_megapixel"] == pytest.approx(doc["false_per_megapixel"], rel=0.05, abs=0.5), peer
+    assert real["network"]["snr50"]["overall"] == pytest.approx(real_doc["network"]["snr50"]["overall"], rel=0.03)
+    # The null battery, its new kinds included: nothing where nothing changed.
+    assert evaluation["null"]["summary"]["identical_detections"] == 0
+    for kind in ("gradient", "shift", "correlated"):
+        assert evaluation["null"]["summary"][f"{kind}_per_megapixel_max"] == DOCUMENTED["null"]["summary"][f"{kind}_per_megapixel_max"] == 0, kind
