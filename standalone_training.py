@@ -2379,7 +2379,8 @@ def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.
             elongated = float(o["a"] / max(o["b"], 1e-3))
             if elongated >= ELONGATED:  # a trail's position is its middle, not its brightest point
                 x, y = float(o["x"]), float(o["y"])
-            candidates.append(dict(x=x, y=y, significance=float(peak), sign=int(sign), segment=base + k + 1, elongation=elongated))
+            candidates.append(dict(x=x, y=y, significance=float(peak), sign=int(sign), segment=base + k + 1, elongation=elongated,
+                                   a=float(o["a"]), theta=float(o["theta"])))
     candidates = [c for c in candidates if c["significance"] >= gate]
     return candidates, segments
 
@@ -4428,6 +4429,41 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
     }
 
 
+# --- Types: what the detector says changed, against what did
+
+TYPE_SNR_EDGES = (3.0, 5.0, 10.0, 25.0, math.inf)  # the confusion matrix's SNR bins
+
+
+def type_records(detections: Sequence[dict], truth: Sequence[Truth], *, radius: float = MATCH_RADIUS) -> list[tuple[str, str, float]]:
+    """(true type, assigned type, SNR) of each recovered change: the nearest typed detection within `radius` (of a trail's segment for an asteroid)."""
+    anomalies = [t for t in truth if t["type"] in ANOMALY_TYPES]
+    if not anomalies or not detections:
+        return []
+    starts, ends = _segments(anomalies)
+    points = np.array([[d["x"], d["y"]] for d in detections], dtype=np.float64)
+    distance = _distance_to_segments(points, starts, ends)  # (detections, anomalies)
+    records = []
+    for j, item in enumerate(anomalies):
+        k = int(np.argmin(distance[:, j]))
+        if distance[k, j] <= radius:
+            records.append((item["type"], detections[k].get("type", "anomaly"), float(item["snr"])))
+    return records
+
+
+def summarise_types(records: Sequence[tuple[str, str, float]]) -> dict:
+    """Confusion matrix of the types, overall and per SNR bin (TYPE_SNR_EDGES), with per-type recall and precision (95% Wilson intervals) and accuracy."""
+    def block(rows):
+        matrix = {t: {p: sum(1 for a, b, _ in rows if a == t and b == p) for p in ANOMALY_TYPES} for t in ANOMALY_TYPES}
+        recall = {t: _ratio(matrix[t][t], sum(matrix[t].values())) for t in ANOMALY_TYPES}
+        precision = {p: _ratio(matrix[p][p], sum(matrix[t][p] for t in ANOMALY_TYPES)) for p in ANOMALY_TYPES}
+        return dict(matrix=matrix, recall=recall, precision=precision, accuracy=_ratio(sum(a == b for a, b, _ in rows), len(rows)), n=len(rows))
+
+    bins = []
+    for low, high in zip(TYPE_SNR_EDGES[:-1], TYPE_SNR_EDGES[1:]):
+        bins.append(dict(snr=[low, None if math.isinf(high) else high], **block([r for r in records if low <= r[2] < high])))
+    return dict(overall=block(records), by_snr=bins)
+
+
 # ----------------------------------------------------------------------------
 # Training infrastructure: device, processes, output directories, early stopping, tracking, checkpoints
 # ----------------------------------------------------------------------------
@@ -4531,7 +4567,7 @@ TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.j
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
 PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "overlay.png")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
-DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type")
+DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type", "trail_length_px", "trail_angle_deg")
 COMPARISON_OUTPUTS = ("comparison.json", "comparison.md", "comparison.png")
 
 
@@ -5366,7 +5402,8 @@ def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, 
                 sign = 1 if sig[py, px] > 0 else -1
                 x, y = _peak_centroid(sign * sig, int(px), int(py))
                 detections.append((dict(x=x, y=y, peak=float(score), significance=float(value), sign=sign, area_px=int(sizes[label])), {label}))
-    return [dict(x=c["x"], y=c["y"], peak=c["peak"], significance=c["significance"], sign=c["sign"], area_px=c["area_px"])
+    return [dict(x=c["x"], y=c["y"], peak=c["peak"], significance=c["significance"], sign=c["sign"], area_px=c["area_px"],
+                 elongation=c.get("elongation", 1.0), a=c.get("a", 0.0), theta=c.get("theta", 0.0))
             for c, _ in sorted(detections, key=lambda d: (d[0]["y"], d[0]["x"]))]
 
 
@@ -5380,8 +5417,86 @@ def significance_detections(subtraction: Subtraction, *, gate: float | None = No
     candidates, segments = significance_candidates(subtraction.significance, gate=gate, valid=subtraction.valid,
                                                    score=subtraction.score, score_noise=subtraction.score_noise)
     sharp = candidate_sharpness(subtraction, candidates, segments)
-    return [dict(x=c["x"], y=c["y"], peak=1.0, significance=c["significance"], sign=c["sign"], area_px=int(np.count_nonzero(segments == c["segment"])))
+    return [dict(x=c["x"], y=c["y"], peak=1.0, significance=c["significance"], sign=c["sign"], area_px=int(np.count_nonzero(segments == c["segment"])),
+                 elongation=c["elongation"], a=c["a"], theta=c["theta"])
             for c, too_sharp in zip(candidates, sharp) if not too_sharp]
+
+
+# --- What changed: a type per detection from the cues the pair shows (the rule-based typer)
+
+# The cues, in units of the pair's own PSF and noise. A trail in S is longer than the PSF along
+# one axis: its semi-major axis exceeds TRAIL_AXIS times a point source's (sqrt 2 sigma_PSF in
+# the PSF-filtered score), at an axis ratio of at least TRAIL_ELONGATION (or ELONGATED alone).
+TRAIL_AXIS = 1.5
+TRAIL_ELONGATION = 1.4
+REFERENCE_SOURCE_SIGMA = 4.0  # the reference's brightest pixel within 2 px of a change, in its pixel noise, above which the change sits on a source
+STAR_OFFSET = 1.2  # px: a variable star's change is centred on the reference star's peak; a supernova's is off its host's centre
+STAR_CONCENTRATION = 0.6  # of the PSF's light within 1.5 px relative to 5 px: a source less concentrated is extended (a host galaxy)
+
+
+def _concentration(image: np.ndarray, x: float, y: float) -> float | None:
+    """Light within 1.5 px of (x, y) over light within 5 px, or None where the 5 px disc holds none."""
+    h, w = image.shape
+    x0, y0 = int(round(x)), int(round(y))
+    rows, cols = np.ogrid[max(y0 - 5, 0):min(y0 + 6, h), max(x0 - 5, 0):min(x0 + 6, w)]
+    r = np.hypot(cols - x, rows - y)
+    stamp = np.nan_to_num(image[max(y0 - 5, 0):min(y0 + 6, h), max(x0 - 5, 0):min(x0 + 6, w)])
+    outer = float(stamp[r <= 5.0].sum())
+    return float(stamp[r <= 1.5].sum()) / outer if outer > 0 else None
+
+
+def type_detections(detections: Sequence[dict], pair: PairSubtraction) -> list[dict]:
+    """Each detection with its ``type`` from physical cues, and the cues themselves.
+
+    - **asteroid**: a trail, elongated beyond a point source of this PSF (TRAIL_AXIS,
+      TRAIL_ELONGATION, or ELONGATED alone): ``trail_length_px`` (sqrt(12) times the
+      semi-major axis, a uniform segment's) and ``trail_angle_deg`` (from the x axis,
+      counter-clockwise on the image, 0-180);
+    - **variable_star**: the change sits on a point source of the reference: its brightest
+      pixel within 2 px is above REFERENCE_SOURCE_SIGMA times the noise, within STAR_OFFSET
+      px of the change, and its light as concentrated as the PSF's (STAR_CONCENTRATION);
+    - **supernova**: it sits on a source that is extended or centred elsewhere (a galaxy);
+    - **transient**: it sits on blank sky.
+
+    The sign of the flux change is the significance's (negative: the science epoch faded; a
+    source that faded to nothing is typed by what the reference held there). This is the
+    rule-based typer that a learned one must beat (`evaluate`'s confusion matrix).
+    """
+    reference = pair.reference
+    noise = max(_lagged_noise(reference), 1e-30)
+    fwhm = pair.psf_reference.fwhm
+    psf = PSF(fwhm, ASSUMED_MOFFAT_BETA).stamp
+    c = psf.shape[0] // 2
+    psf_concentration = _concentration(np.pad(psf, 6), c + 6, c + 6) or 1.0
+    point_axis = math.sqrt(2.0) * max(fwhm, pair.psf_science.fwhm) / 2.3548
+    h, w = reference.shape
+    typed = []
+    for det in detections:
+        x, y = det["x"], det["y"]
+        cues = dict(trail_length_px=None, trail_angle_deg=None, reference_peak_sigma=None, reference_offset_px=None)
+        elongation, axis = det.get("elongation", 1.0), det.get("a", 0.0)
+        if elongation >= ELONGATED or (elongation >= TRAIL_ELONGATION and axis >= TRAIL_AXIS * point_axis):
+            typed.append({**det, "type": "asteroid", **cues, "trail_length_px": float(math.sqrt(12.0) * axis),
+                          "trail_angle_deg": float(-math.degrees(det.get("theta", 0.0))) % 180.0})
+            continue
+        x0, y0 = int(round(x)), int(round(y))
+        rows, cols = slice(max(y0 - 2, 0), min(y0 + 3, h)), slice(max(x0 - 2, 0), min(x0 + 3, w))
+        window = reference[rows, cols]
+        if not np.isfinite(window).any():
+            typed.append({**det, "type": "transient", **cues})
+            continue
+        iy, ix = np.unravel_index(int(np.nanargmax(window)), window.shape)
+        peak = float(window[iy, ix]) / noise
+        offset = float(math.hypot(cols.start + ix - x, rows.start + iy - y))
+        cues.update(reference_peak_sigma=peak, reference_offset_px=offset)
+        if peak < REFERENCE_SOURCE_SIGMA:
+            kind = "transient"
+        else:
+            concentration = _concentration(reference, cols.start + ix, rows.start + iy)
+            star = offset <= STAR_OFFSET and concentration is not None and concentration >= STAR_CONCENTRATION * psf_concentration
+            kind = "variable_star" if star else "supernova"
+        typed.append({**det, "type": kind, **cues})
+    return typed
 
 
 class PairDetections(NamedTuple):
@@ -5402,13 +5517,14 @@ def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *
        in one line when nothing can give it), ZOGY's S_corr. `pair` passes its keywords
        (the WCSs, headers, noise maps and gains).
     2. The network's probabilities through windows, on the registered, background-subtracted pair.
-    3. :func:`detect_changes`, away from pixels where either epoch has no data.
+    3. :func:`detect_changes`, away from pixels where either epoch has no data, each change
+       typed by :func:`type_detections`.
     """
     sub = subtract_pair(reference, science, flux_ratio=flux_ratio, seeing=seeing, **pair)
     valid = sub.subtraction.valid
     prob = probability_map(model, sub.reference, sub.science, statistics=sub.statistics, device=device)
     prob[~valid] = 0.0  # no claims where either epoch has no data
-    detections = detect_changes(prob, sub.subtraction, threshold=threshold, valid=valid)
+    detections = type_detections(detect_changes(prob, sub.subtraction, threshold=threshold, valid=valid), sub)
     return PairDetections(detections, prob, sub.subtraction.significance, valid, sub)
 
 
@@ -5418,7 +5534,8 @@ def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[di
     for det in detections:
         ra, dec = pixel_to_icrs(wcs, det["x"], det["y"]) if wcs is not None else (None, None)
         rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det.get("sign", 1) * det["significance"],
-                         area_px=det["area_px"], type="anomaly"))
+                         area_px=det["area_px"], type=det.get("type", "anomaly"),
+                         trail_length_px=det.get("trail_length_px"), trail_angle_deg=det.get("trail_angle_deg")))
     return sorted(rows, key=lambda r: -r["score"])
 
 
@@ -6144,11 +6261,12 @@ def evaluate_model(
     for prob, p in zip(probs, pairs):
         prob[~p.subtraction.valid] = 0.0  # no claims where either epoch has no data, as in predict
 
-    net_results, base_results, sep_results, scorr_results, examples = [], [], [], [], []
+    net_results, base_results, sep_results, scorr_results, examples, types = [], [], [], [], [], []
     for i, (_, _, raw) in enumerate(items):
-        detections = detect_changes(probs[i], pairs[i].subtraction, threshold=threshold)
+        detections = type_detections(detect_changes(probs[i], pairs[i].subtraction, threshold=threshold), pairs[i])
         net = match_objects(detections, truths[i])
         net_results.append(net)
+        types += type_records(detections, truths[i])
         scorr_results.append(match_objects(significance_detections(pairs[i].subtraction), truths[i]))
         psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
         difference = raw.science.astype(np.float64) - raw.reference
@@ -6167,6 +6285,8 @@ def evaluate_model(
         "sextractor_rule": f"sep (SExtractor) on the background-subtracted raw difference, {SEP_THRESHOLD:g} sigma, >= {SEP_MIN_AREA} px, both signs",
         "significance_alone": summarise_objects(scorr_results, truths),
         "significance_alone_rule": f"ZOGY's S_corr >= {SIGNIFICANCE_GATE:g}, deblended, both signs, no sharper than the PSF: detect_changes without the network",
+        "types": summarise_types(types),
+        "types_rule": "type_detections: a trail is an asteroid; on a point source of the reference a variable star, on an extended one a supernova, on blank sky a transient",
     }
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -6955,7 +7075,7 @@ def run_evaluation(
 
 
 def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
-    """detections.csv: x, y (0-based, x = column), ra, dec (deg; empty without WCS), score, significance (signed S_corr), area_px, type."""
+    """detections.csv: x, y (0-based, x = column), ra, dec (deg, ICRS; empty without WCS), score, significance (signed S_corr), area_px, type, trail_length_px, trail_angle_deg (asteroids only)."""
     import csv
     import io
 
@@ -6963,7 +7083,9 @@ def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | Non
     writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}", "significance": f"{r['significance']:.2f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}"})
+        writer.writerow({**{k: r.get(k) for k in DETECTION_COLUMNS}, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}",
+                         "significance": f"{r['significance']:.2f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}",
+                         **{k: "" if r.get(k) is None else f"{r[k]:.1f}" for k in ("trail_length_px", "trail_angle_deg")}})
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
 
 
@@ -6980,7 +7102,13 @@ def detection_table(rows: Sequence[dict], *, record: dict):
     table["score"] = np.array([r["score"] for r in rows], dtype=np.float64)
     table["significance"] = np.array([r["significance"] for r in rows], dtype=np.float64)
     table["area_px"] = np.array([r["area_px"] for r in rows], dtype=np.int64) * u.pix**2
-    table["type"] = np.array([r["type"] for r in rows], dtype=str) if rows else np.array([], dtype="U7")
+    table["type"] = np.array([r["type"] for r in rows], dtype=str) if rows else np.array([], dtype="U13")
+    for name, unit in (("trail_length_px", u.pix), ("trail_angle_deg", u.deg)):
+        values = np.array([np.nan if r.get(name) is None else r[name] for r in rows], dtype=np.float64)
+        table[name] = MaskedColumn(values, mask=np.isnan(values), unit=unit)
+    table["type"].description = "what changed, from the pair's cues: transient (blank sky), variable_star (on a reference star), supernova (on an extended source), asteroid (a trail)"
+    table["trail_length_px"].description = "an asteroid's trail length"
+    table["trail_angle_deg"].description = "an asteroid's trail angle from the x axis, counter-clockwise, 0-180"
     table["x"].description = "0-based pixel centroid, column"
     table["y"].description = "0-based pixel centroid, row"
     table["score"].description = "peak network probability"
@@ -6997,8 +7125,11 @@ def write_detections_ecsv(path: Path, rows: Sequence[dict], *, record: dict, sta
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
 
 
+DS9_COLOURS = {"transient": "cyan", "variable_star": "yellow", "supernova": "magenta", "asteroid": "green"}  # DS9's named colours, one per type
+
+
 def write_detections_ds9(path: Path, rows: Sequence[dict], *, wcs: Any, staged: list | None = None) -> Path:
-    """detections.reg: a DS9 circle per change, labelled with its row of detections.csv and its S_corr.
+    """detections.reg: a DS9 circle per change, coloured by its type and labelled with its row of detections.csv, its type and its S_corr.
 
     Circles are on the sky (ICRS, radius in arcsec) when every row has RA/Dec, else in image
     pixels (1-based, as DS9 counts). The radius covers the change's footprint, at least 5 px
@@ -7009,7 +7140,7 @@ def write_detections_ds9(path: Path, rows: Sequence[dict], *, wcs: Any, staged: 
     lines = ["# Region file format: DS9 (AstrID detections)", 'global color=green width=2 font="helvetica 10 normal"', "icrs" if on_sky else "image"]
     for number, r in enumerate(rows, start=1):
         radius = max(5.0, 2.0 * math.sqrt(r["area_px"] / math.pi))
-        label = f"text={{{number}: {r['significance']:+.1f} sigma}}"
+        label = f"color={DS9_COLOURS.get(r['type'], 'green')} text={{{number} {r['type']}: {r['significance']:+.1f} sigma}}"
         if on_sky:
             lines.append(f'circle({r["ra"]:.7f},{r["dec"]:.7f},{radius * scale:.3f}") # {label}')
         else:
