@@ -5477,7 +5477,7 @@ def type_detections(detections: Sequence[dict], pair: PairSubtraction) -> list[d
         elongation, axis = det.get("elongation", 1.0), det.get("a", 0.0)
         if elongation >= ELONGATED or (elongation >= TRAIL_ELONGATION and axis >= TRAIL_AXIS * point_axis):
             typed.append({**det, "type": "asteroid", **cues, "trail_length_px": float(math.sqrt(12.0) * axis),
-                          "trail_angle_deg": float(-math.degrees(det.get("theta", 0.0))) % 180.0})
+                          "trail_angle_deg": float(math.degrees(det.get("theta", 0.0))) % 180.0})
             continue
         x0, y0 = int(round(x)), int(round(y))
         rows, cols = slice(max(y0 - 2, 0), min(y0 + 3, h)), slice(max(x0 - 2, 0), min(x0 + 3, w))
@@ -5709,12 +5709,14 @@ def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[
     return pairs
 
 
-def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAULT_NULL_SEED, real: bool = True, fits_dir: str | os.PathLike = "") -> list[NullFrame]:
+def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAULT_NULL_SEED, real: bool = True, real_size: int | None = None,
+                fits_dir: str | os.PathLike = "") -> list[NullFrame]:
     """Frames for the null tests: simulated static skies, the real M13 cutout astropy ships, and `fits_dir`'s frames.
 
     The simulated skies are reference epochs of the simulator with nothing injected and no
     bogus, with enough stars to fit a flux ratio. M13 is a 300x300 DSS plate scan of a
-    globular cluster: crowded, photographic, integer-valued, and never used in training.
+    globular cluster: crowded, photographic, integer-valued, and never used in training
+    (`real_size` takes its central square of that side instead, the cluster's core).
     """
     sky = dataclasses.replace(SkyConfig(), empty_fraction=1.0, cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0, star_density=(0.002, 0.012))
     frames = [
@@ -5722,7 +5724,12 @@ def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAUL
         for k in range(synthetic)
     ]
     if real and M13_FITS.is_file():
-        frames.append(NullFrame("M13 (DSS, astropy's SkyView cutout)", read_fits_image(M13_FITS)[0]))
+        data = read_fits_image(M13_FITS)[0]
+        if real_size is not None and real_size < min(data.shape):
+            top, left = (data.shape[0] - real_size) // 2, (data.shape[1] - real_size) // 2
+            frames.append(NullFrame(f"M13 core, {real_size}x{real_size} px (DSS, astropy's SkyView cutout)", data[top:top + real_size, left:left + real_size]))
+        else:
+            frames.append(NullFrame("M13 (DSS, astropy's SkyView cutout)", data))
     if fits_dir:
         loaded, _ = load_fits_dir(fits_dir)
         frames += [NullFrame(f"{f.target} ({f.survey})", f.data) for f in loaded]
@@ -6907,9 +6914,9 @@ class StandaloneTrainer:
         self._stop_if_signalled("the test evaluation")
         evaluation = evaluate_model(model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation")
         self._stop_if_signalled("the null battery")
-        # Where nothing changed, nothing may be found: a short battery on one simulated and
-        # one real frame (`evaluate` runs the full one).
-        evaluation["null"] = null_battery(model, null_frames(synthetic=1, image_size=128, seed=cfg.seed), threshold=threshold, device=self.device,
+        # Where nothing changed, nothing may be found: a short battery on a 128 px simulated
+        # sky and the 160 px core of the real M13 plate (`evaluate` runs the full one).
+        evaluation["null"] = null_battery(model, null_frames(synthetic=1, image_size=128, real_size=160, seed=cfg.seed), threshold=threshold, device=self.device,
                                           stop=lambda: self._signal is not None, **TRAINER_NULL_BATTERY)
         self._stop_if_signalled("writing the evaluation")
         write_json(out / "evaluation" / "evaluation.json", evaluation)

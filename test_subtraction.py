@@ -372,3 +372,66 @@ def test_noise_maps_are_used_as_sigma_or_weight(survey_pair, tmp_path):
     assert np.allclose(st.read_noise_map(str(files["sci_weight"]), kind="weight", **read), SIGMA)
     with pytest.raises(st.DataError, match="--science-noise"):
         st.read_noise_map(str(files["sci_sigma"]), kind="sigma", **{**read, "shape": (64, 64)})
+
+
+# ----------------------------------------------------------------------------
+# Types: what changed
+# ----------------------------------------------------------------------------
+
+def test_the_type_confusion_matrix_counts_what_was_handed_to_it():
+    records = [("transient", "transient", 4.0), ("transient", "supernova", 12.0), ("asteroid", "asteroid", 30.0),
+               ("variable_star", "variable_star", 7.0), ("variable_star", "transient", 7.5), ("supernova", "supernova", 40.0)]
+    summary = st.summarise_types(records)
+    overall = summary["overall"]
+    assert overall["n"] == 6 and overall["accuracy"]["count"] == 4 and overall["accuracy"]["total"] == 6
+    assert overall["matrix"]["transient"] == {"transient": 1, "variable_star": 0, "supernova": 1, "asteroid": 0}
+    assert overall["recall"]["variable_star"]["value"] == 0.5 and overall["precision"]["transient"]["value"] == 0.5
+    assert overall["precision"]["supernova"]["count"] == 1 and overall["precision"]["supernova"]["total"] == 2
+    assert overall["recall"]["asteroid"]["interval"] == pytest.approx(list(st.wilson_interval(1, 1)))
+    assert [b["n"] for b in summary["by_snr"]] == [1, 2, 1, 2]  # 3-5, 5-10, 10-25, >= 25
+    assert summary["by_snr"][1]["accuracy"]["count"] == 1 and summary["by_snr"][3]["accuracy"]["count"] == 2
+    # A detection within the match radius of a trail's segment types the asteroid; a far one types nothing.
+    truth = [dict(type="asteroid", x=20.0, y=20.0, snr=30.0, x1=10.0, y1=20.0, x2=30.0, y2=20.0), dict(type="transient", x=50.0, y=50.0, snr=8.0)]
+    detections = [dict(x=13.0, y=21.0, type="asteroid"), dict(x=56.0, y=50.0, type="transient")]
+    assert st.type_records(detections, truth) == [("asteroid", "asteroid", 30.0)]
+
+
+def test_one_change_of_each_type_is_typed_by_the_shipped_weights(tmp_path):
+    """A static field with a star, a galaxy and empty sky; the science epoch adds a brighter star,
+    a supernova off the galaxy's centre, a new point source and an asteroid trail."""
+    n, fwhm = 128, 3.0
+    psf = st.PSF(fwhm, 3.5)
+    rng = np.random.default_rng(31)
+    xs, ys = rng.uniform(8, n - 8, 30), rng.uniform(8, n - 8, 30)
+    keep = [(x, y) for x, y in zip(xs, ys) if min(np.hypot(x - 30, y - 30), np.hypot(x - 90, y - 35), np.hypot(x - 30, y - 95), np.hypot(x - 85, y - 95)) > 14]
+    stars = st.render_points((n, n), np.array([30.0] + [x for x, _ in keep]), np.array([30.0] + [y for _, y in keep]),
+                             np.array([20000.0] + list(rng.uniform(3e3, 3e4, len(keep)))), psf)
+    galaxy = st.convolve_psf(st.sersic_image((n, n), [dict(x=90.0, y=35.0, flux=60000.0, half_light_radius=5.0, n=1.5, axis_ratio=0.7, angle=0.4)]), psf)
+    static = SKY + stars + galaxy
+    changes = st.render_points((n, n), np.array([30.0, 94.0, 30.3]), np.array([30.0, 37.5, 95.4]), np.array([12000.0, 6000.0, 4000.0]), psf)
+    tx, ty = st.trail_points(70.0, 88.0, 100.0, 102.0)
+    changes += st.render_points((n, n), tx, ty, np.full(tx.size, 9000.0 / tx.size), psf)
+    reference = static + rng.normal(0.0, SIGMA, (n, n))
+    science = static + changes + rng.normal(0.0, SIGMA, (n, n))
+    predictor = st.load_predictor(checkpoint=None, threshold=None, device="cpu")
+    found = st.find_changes(predictor.model, reference, science, threshold=predictor.threshold, device=predictor.device, flux_ratio=1.0, seeing=(fwhm, fwhm))
+
+    def typed_at(x, y, radius=3.0):
+        near = [d for d in found.detections if np.hypot(d["x"] - x, d["y"] - y) <= radius]
+        return near[0]["type"] if near else None
+
+    assert typed_at(30.0, 30.0) == "variable_star"
+    assert typed_at(94.0, 37.5) == "supernova"
+    assert typed_at(30.3, 95.4) == "transient"
+    trail = [d for d in found.detections if d["type"] == "asteroid"]
+    assert len(trail) == 1 and 70 <= trail[0]["x"] <= 100
+    assert trail[0]["trail_length_px"] == pytest.approx(np.hypot(30, 14), rel=0.35)
+    assert trail[0]["trail_angle_deg"] == pytest.approx(np.degrees(np.arctan2(14, 30)), abs=10)
+    # The catalogue's columns and the DS9 regions carry the types.
+    rows = st.detection_catalog(found.detections)
+    st.write_detections_csv(tmp_path / "d.csv", rows)
+    header = (tmp_path / "d.csv").read_text().splitlines()[0].split(",")
+    assert header == list(st.DETECTION_COLUMNS) and {"type", "trail_length_px", "trail_angle_deg"} <= set(header)
+    st.write_detections_ds9(tmp_path / "d.reg", rows, wcs=None)
+    regions = (tmp_path / "d.reg").read_text()
+    assert "color=green text={" in regions and " asteroid: " in regions and "color=yellow" in regions and " variable_star: " in regions
