@@ -4565,7 +4565,7 @@ def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
 TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
                  "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png")
-PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "overlay.png")
+PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "significance.fits", "overlay.png")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
 DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type", "trail_length_px", "trail_angle_deg")
 COMPARISON_OUTPUTS = ("comparison.json", "comparison.md", "comparison.png")
@@ -5432,6 +5432,7 @@ TRAIL_ELONGATION = 1.4
 REFERENCE_SOURCE_SIGMA = 4.0  # the reference's brightest pixel within 2 px of a change, in its pixel noise, above which the change sits on a source
 STAR_OFFSET = 1.2  # px: a variable star's change is centred on the reference star's peak; a supernova's is off its host's centre
 STAR_CONCENTRATION = 0.6  # of the PSF's light within 1.5 px relative to 5 px: a source less concentrated is extended (a host galaxy)
+DS9_COLOURS = {"transient": "cyan", "variable_star": "yellow", "supernova": "magenta", "asteroid": "green"}  # one colour per type: DS9 regions and the overlay
 
 
 def _concentration(image: np.ndarray, x: float, y: float) -> float | None:
@@ -6100,26 +6101,40 @@ def plot_history(history: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024, staged: list | None = None) -> Path:
-    """Science and difference images with the detections circled (block-averaged if large)."""
+def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024,
+                 staged: list | None = None) -> Path:
+    """Science and difference images with the detections circled, numbered as the rows of detections.csv and coloured by type.
+
+    Block-averaged if large; pixel axes (0-based, as in detections.csv) and a colour bar on
+    each panel (the science in units of its noise above the sky, the difference in sigma).
+    """
     channels = normalize_pair(reference, science, statistics=statistics)
     factor = max(1, math.ceil(max(science.shape) / max_side))
     if factor > 1:
         h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
         channels = channels[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
-    fig = Figure(figsize=(11, 5.5))
+    extent = (-0.5, channels.shape[2] * factor - 0.5, -0.5, channels.shape[1] * factor - 0.5)  # axes in the original pixels
+    fig = Figure(figsize=(12, 5.5))
     axes = fig.subplots(1, 2)
-    for ax, image, title, kwargs in (
-        (axes[0], channels[1], "science", dict(cmap="gray", vmin=-1, vmax=5)),
-        (axes[1], channels[2], "difference (science - scaled reference)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
+    for ax, image, title, unit, kwargs in (
+        (axes[0], channels[1], "science", "science (noise units above the sky)", dict(cmap="gray", vmin=-1, vmax=5)),
+        (axes[1], channels[2], "difference (science - scaled reference)", "difference (sigma)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
     ):
-        ax.imshow(image, origin="lower", **kwargs)
-        for r in rows:
-            ax.add_patch(Circle(((r["x"] + 0.5) / factor - 0.5, (r["y"] + 0.5) / factor - 0.5), radius=max(4, 8 / factor), fill=False, color="lime", lw=1.2))
+        shown = ax.imshow(image, origin="lower", extent=extent, **kwargs)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=unit)
+        for number, r in enumerate(rows, start=1):
+            colour = DS9_COLOURS.get(r.get("type"), "lime")
+            ax.add_patch(Circle((r["x"], r["y"]), radius=max(4.0, 8.0 * factor), fill=False, color=colour, lw=1.2))
+            ax.annotate(str(number), (r["x"], r["y"]), xytext=(6, 6), textcoords="offset points", color=colour, fontsize=8, weight="bold")
         ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
+        ax.set_xlabel("x (px)")
+        ax.set_ylabel("y (px)")
+    kinds = sorted({r.get("type") for r in rows if r.get("type") in DS9_COLOURS})
+    if kinds:
+        fig.legend(handles=[Line2D([], [], color=DS9_COLOURS[k], marker="o", ls="", fillstyle="none", label=k.replace("_", " ")) for k in kinds],
+                   loc="lower center", ncol=len(kinds), fontsize=8, frameon=False)
+    fig.text(0.01, 0.01, "numbers: rows of detections.csv", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, path, dpi=110, staged=staged)
 
 
@@ -7132,9 +7147,6 @@ def write_detections_ecsv(path: Path, rows: Sequence[dict], *, record: dict, sta
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
 
 
-DS9_COLOURS = {"transient": "cyan", "variable_star": "yellow", "supernova": "magenta", "asteroid": "green"}  # DS9's named colours, one per type
-
-
 def write_detections_ds9(path: Path, rows: Sequence[dict], *, wcs: Any, staged: list | None = None) -> Path:
     """detections.reg: a DS9 circle per change, coloured by its type and labelled with its row of detections.csv, its type and its S_corr.
 
@@ -7163,6 +7175,15 @@ def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold:
     header["THRESH"] = (float(threshold), "operating threshold used for detections")
     header["CKPT"] = (checkpoint.name[:60], "AstrID checkpoint")
     hdu = fits.PrimaryHDU(prob.astype(np.float32), header=header)
+    return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
+
+
+def write_significance_fits(path: Path, significance: np.ndarray, valid: np.ndarray, *, wcs: Any, staged: list | None = None) -> Path:
+    """significance.fits: ZOGY's S_corr per pixel (signed, in sigma; NaN where either epoch has no data) with the science image's WCS."""
+    header = wcs.to_header() if wcs is not None else fits.Header()
+    header["BUNIT"] = ("sigma", "ZOGY S_corr: significance of a point-source change")
+    header["GATE"] = (float(SIGNIFICANCE_GATE), "|S_corr| a change must reach to be reported")
+    hdu = fits.PrimaryHDU(np.where(valid, significance, np.nan).astype(np.float32), header=header)
     return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
 
 
@@ -7318,6 +7339,7 @@ def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: di
         write_detections_ecsv(out / "detections.ecsv", rows, record=record, staged=staged)
         write_detections_ds9(out / "detections.reg", rows, wcs=wcs, staged=staged)
         write_probability_fits(out / "mask.fits", found.prob, wcs=wcs, threshold=p.threshold, checkpoint=p.checkpoint, staged=staged)
+        write_significance_fits(out / "significance.fits", found.significance, found.valid, wcs=wcs, staged=staged)
         save_overlay(out / "overlay.png", sub.reference, sub.science, rows, statistics=sub.statistics, staged=staged)
     return rows
 
@@ -7365,7 +7387,7 @@ def run_prediction(
     record = json.loads((out / "detections.json").read_text())
     shift = record["registration"]
     print(f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} ({record['flux_ratio_source']}), "
-          f"registration {shift['method']} ({shift['dx']:+.2f}, {shift['dy']:+.2f}) px -> {out / 'detections.csv'} (also detections.json, .ecsv, .reg, mask.fits, overlay.png)")
+          f"registration {shift['method']} ({shift['dx']:+.2f}, {shift['dy']:+.2f}) px -> {out / 'detections.csv'} (also detections.json, .ecsv, .reg, mask.fits, significance.fits, overlay.png)")
     return rows
 
 
@@ -7578,6 +7600,36 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
         msg = f"{counts['failed']} of {len(todo)} pairs failed (listed above); the others' outputs are complete, and a rerun retries only the failed"
         raise AstridError(msg)
     return summary
+
+
+def register_model(*, checkpoint: str | None, tracking_uri: str, experiment: str, alias: str | None) -> dict:
+    """Log a checkpoint (the shipped weights by default) as AstrID's pyfunc model in its own MLflow run, register it, and point `alias` at it.
+
+    With ``--alias champion``, ``models:/astrid@champion`` is then what another program loads
+    as "the current AstrID model".
+    """
+    import mlflow
+
+    path = checkpoint_or_default(checkpoint)
+    load_predictor(checkpoint=str(path), threshold=None, device="cpu")  # refuse a broken file before anything is logged
+    if alias is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", alias):
+        msg = f"--alias {alias!r}: an alias is a letter followed by letters, digits, '_' or '-' (at most 64)"
+        raise ConfigError(msg)
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=f"register {path.name}"):
+            mlflow.set_tags({"astrid.checkpoint": str(path), "astrid.checkpoint_sha256": _sha256(path)})
+            info = log_astrid_model(path, register=False)
+        version = mlflow.register_model(info.model_uri, REGISTERED_MODEL)
+        if alias:
+            mlflow.MlflowClient(tracking_uri).set_registered_model_alias(REGISTERED_MODEL, alias, version.version)
+    except Exception as exc:  # MlflowException, a dead server, a read-only store: one line
+        msg = f"cannot register {path} in {tracking_uri} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+        raise AstridError(msg) from None
+    where = f"models:/{REGISTERED_MODEL}@{alias}" if alias else f"models:/{REGISTERED_MODEL}/{version.version}"
+    print(f"registered {path} as {REGISTERED_MODEL} version {version.version}: mlflow.pyfunc.load_model({where!r})")
+    return dict(version=int(version.version), uri=where)
 
 
 def export_weights(checkpoint: str, output: str) -> Path:
@@ -8219,7 +8271,7 @@ def _keyword_defaults(function: Callable) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: train, evaluate, predict, sweep, compare, export and fetch."""
+    """The command line: train, evaluate, predict, sweep, compare, export, register and fetch."""
     parser = argparse.ArgumentParser(prog="standalone_training.py", formatter_class=HelpFormatter,
                                      description="AstrID: train and use a U-Net that finds what changed between two images of the sky.",
                                      epilog="python standalone_training.py COMMAND --help shows each command's options, defaults and an example.")
@@ -8307,6 +8359,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt")
     export.add_argument("--checkpoint", required=True, help="a run's best.pt (or any AstrID checkpoint)")
     export.add_argument("--output", required=True, help="the weights file to write")
+    register = command("register", "register a checkpoint in MLflow's Model Registry (alias champion: the current model)",
+                       "Log a checkpoint (default: the shipped weights) as AstrID's pyfunc model and register it as a version of "
+                       "'astrid'; --alias points an alias at it, so other programs load models:/astrid@ALIAS.",
+                       "python standalone_training.py register --alias champion --tracking-uri http://127.0.0.1:5000")
+    register.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
+    register.add_argument("--alias", help="e.g. champion: the alias that then names this version")
+    register.add_argument("--tracking-uri", default=TrainConfig().tracking_uri, help="MLflow tracking URI")
+    register.add_argument("--experiment", default=TrainConfig().experiment, help="MLflow experiment of the registering run")
     fetch = command("fetch", "fill the real-sky cache ahead of an offline run",
                     "Download survey cutouts (SkyView, HiPS, MAST) of the targets into the cache that --data mast reads offline.",
                     "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300")
@@ -8386,6 +8446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "export":
         return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)
+    if args.command == "register":
+        return cli(lambda: register_model(checkpoint=args.checkpoint, tracking_uri=args.tracking_uri, experiment=args.experiment, alias=args.alias), debug=args.debug)
     if args.command == "fetch":
         keys = ("targets", "surveys", "cache_dir", "pixels", "timeout", "retries")
         return cli(lambda: run_fetch(**{k: getattr(args, k) for k in keys}), debug=args.debug)

@@ -178,6 +178,17 @@ def test_a_pruned_run_ends_cleanly_and_keeps_its_best_weights(tmp_path):
     assert run.info.status == "KILLED" and run.data.tags["pruned"] == "pruned after epoch 1"
 
 
+def test_a_flag_the_space_sweeps_fixes_that_parameter_and_says_so(tmp_path, capsys, caplog):
+    """The user's flag wins: the space drops the parameter with a note; a space left empty is refused."""
+    (tmp_path / "space.json").write_text(json.dumps({"samples": {"type": "int", "low": 200, "high": 400, "step": 100}}))
+    args = ["sweep", "--samples", "32", "--space", str(tmp_path / "space.json"), "--storage", f"sqlite:///{tmp_path / 's.db'}", "--no-mlflow"]
+    assert st.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--samples 32 was given, so the space no longer sweeps samples" in caplog.text
+    assert "every parameter of the sweep space" in err and "nothing is left to search" in err
+    assert not (tmp_path / "s.db").exists()  # refused before the study was opened
+
+
 def test_a_bad_space_is_one_line(tmp_path, capsys):
     (tmp_path / "space.json").write_text(json.dumps({"epochs": {"type": "int", "low": 1, "high": 3}}))
     assert st.main(["sweep", "--space", str(tmp_path / "space.json"), "--storage", f"sqlite:///{tmp_path / 's.db'}", "--no-mlflow"]) == 2

@@ -1551,6 +1551,25 @@ def test_training_against_a_real_mlflow_server(mlflow_server, tmp_path):
     # The artifacts went through the server's proxy into its destination, not into cwd.
     assert list(mlflow_server["artifacts"].rglob("metrics.json"))
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    # The run's best model is a version of "astrid"; the shipped weights, registered as the
+    # champion, are what another program loads by name, and they find a change in two arrays.
+    versions = client.search_model_versions(f"name='{st.REGISTERED_MODEL}'")
+    assert [v.run_id for v in versions] == [run_id]
+    registered = run_cli(MODULE, "register", "--alias", "champion", "--tracking-uri", url, cwd=tmp_path)
+    assert registered.rc == 0, registered.stderr[-3000:]
+    champion = client.get_model_version_by_alias(st.REGISTERED_MODEL, "champion")
+    assert int(champion.version) == 2 and client.get_run(champion.run_id).data.tags["astrid.checkpoint_sha256"] == st._sha256(st.DEFAULT_WEIGHTS)
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(url)
+    model = mlflow.pyfunc.load_model(f"models:/{st.REGISTERED_MODEL}@champion")
+    rng = np.random.default_rng(4)
+    psf = st.PSF(3.0, 3.5)
+    static = 100.0 + st.render_points((96, 96), rng.uniform(8, 88, 25), rng.uniform(8, 88, 25), rng.uniform(3e3, 3e4, 25), psf)
+    science = static + st.render_points((96, 96), np.array([48.2]), np.array([47.6]), np.array([4000.0]), psf) + rng.normal(0, 5, (96, 96))
+    found = model.predict({"science": science, "reference": static + rng.normal(0, 5, (96, 96))})
+    near = found[np.hypot(found["x"] - 48.2, found["y"] - 47.6) < 3]
+    assert list(found.columns) == ["pair", *st.DETECTION_COLUMNS] and len(near) == 1 and near["significance"].iloc[0] > 5
 
 
 # ----------------------------------------------------------------------------
@@ -1638,7 +1657,7 @@ def test_every_link_of_a_document_is_a_file_of_the_repository(document):
 # Help that answers
 # ----------------------------------------------------------------------------
 
-COMMANDS = ("train", "evaluate", "predict", "sweep", "compare", "export", "fetch")
+COMMANDS = ("train", "evaluate", "predict", "sweep", "compare", "export", "register", "fetch")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
