@@ -7181,8 +7181,8 @@ def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold:
 def write_significance_fits(path: Path, significance: np.ndarray, valid: np.ndarray, *, wcs: Any, staged: list | None = None) -> Path:
     """significance.fits: ZOGY's S_corr per pixel (signed, in sigma; NaN where either epoch has no data) with the science image's WCS."""
     header = wcs.to_header() if wcs is not None else fits.Header()
-    header["BUNIT"] = ("sigma", "ZOGY S_corr: significance of a point-source change")
-    header["GATE"] = (float(SIGNIFICANCE_GATE), "|S_corr| a change must reach to be reported")
+    header["BUNIT"] = ("sigma", "ZOGY S_corr of a point-source change")
+    header["GATE"] = (float(SIGNIFICANCE_GATE), "|S_corr| a reported change reaches")
     hdu = fits.PrimaryHDU(np.where(valid, significance, np.nan).astype(np.float32), header=header)
     return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
 
