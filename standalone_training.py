@@ -5845,11 +5845,12 @@ def _mark_truth(ax, truth: Sequence[Truth]) -> None:
             ax.scatter(obj["x"], obj["y"], s=30, marker="x", color=colour, linewidths=1.0)
 
 
-def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> Path:
+def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "", threshold: float | None = None) -> Path:
     """A PNG grid, one row per sample: reference, science, difference, truth mask[, prediction].
 
     Each row is a dict with ``inputs`` (3, H, W), ``mask`` (H, W), ``truth`` and optionally
-    ``prediction`` (H, W) probabilities and a ``label``.
+    ``prediction`` (H, W) probabilities and a ``label``. Each column's colour scale is shown
+    once, under it; with `threshold`, the prediction carries that probability's contour.
     """
     with_prediction = any("prediction" in r for r in rows)
     columns = ["reference", "science", "difference", "truth mask"] + (["prediction"] if with_prediction else [])
@@ -5858,11 +5859,17 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     for r, row in enumerate(rows):
         panels = [row["inputs"][0], row["inputs"][1], row["inputs"][2], row["mask"]] + ([row.get("prediction", np.zeros_like(row["mask"]))] if with_prediction else [])
         for c, (ax, image) in enumerate(zip(axes[r], panels)):
-            if c < 3:
-                lim = 3.0 if c == 2 else None
-                ax.imshow(image, cmap="gray" if c < 2 else "coolwarm", origin="lower", vmin=-lim if lim else None, vmax=lim)
+            if c < 2:  # the epochs in units of their noise above the sky (the network's input)
+                shown = ax.imshow(image, cmap="gray", origin="lower", vmin=-1, vmax=5)
+            elif c == 2:
+                shown = ax.imshow(image, cmap="coolwarm", origin="lower", vmin=-3, vmax=3)
             else:
-                ax.imshow(image, cmap="magma", origin="lower", vmin=0, vmax=1)
+                shown = ax.imshow(image, cmap="magma", origin="lower", vmin=0, vmax=1)
+                if c == 4 and threshold is not None and np.nanmax(image) >= threshold:
+                    ax.contour(image, levels=[threshold], colors="cyan", linewidths=0.8)
+            if r == len(rows) - 1:
+                label = ("noise units", "noise units", "sigma", "changed", "probability")[c]
+                fig.colorbar(shown, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.03, pad=0.02, label=label)
             if c in (1, 2, 3):
                 _mark_truth(ax, row["truth"])
             ax.set_xticks([])
@@ -5873,11 +5880,12 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
                 ax.set_title(columns[c], fontsize=9)
         axes[r][0].set_ylabel(row.get("label", f"sample {r}"), fontsize=8)
     handles = [Line2D([], [], color=colour, marker="o" if t in ANOMALY_TYPES else "x", ls="", label=t.replace("_", " ")) for t, colour in TYPE_COLOURS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
+    if threshold is not None and with_prediction:
+        handles.append(Line2D([], [], color="cyan", lw=0.8, label=f"probability {threshold:.2f} (operating threshold)"))
+    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.97 if title else 1))
-    return save_figure(fig, path, dpi=110, crop=False)
+    return save_figure(fig, path, dpi=110, crop=True)
 
 
 def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLike, *, count: int = 8, title: str = "AstrID synthetic sky") -> Path:
@@ -6076,13 +6084,20 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
     return save_figure(fig, path)
 
 
-def plot_history(history: list[dict], out: Path) -> list[Path]:
-    """Loss curves, learning rate and validation metrics over epochs."""
+def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = None) -> list[Path]:
+    """Loss curves (a log axis when they span more than a decade, the best epoch marked), learning rate and validation metrics, on whole epochs."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     figures = {name: Figure(figsize=(5, 3.5)) for name in ("loss_curves.png", "learning_rate.png", "val_metrics.png")}
     ax = figures["loss_curves.png"].subplots()
+    losses = [v for h in history for v in (h["train_loss"], h["val_loss"]) if v is not None and math.isfinite(v) and v > 0]
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    if losses and max(losses) > 10 * min(losses):  # one spike would flatten the rest on a linear axis
+        ax.set_yscale("log")
+    if best_epoch is not None and best_epoch in epochs:
+        ax.axvline(best_epoch, color="0.5", ls=":", lw=1.2, label=f"best epoch ({best_epoch})")
     ax.set(xlabel="epoch", ylabel="BCE + Dice loss", title="loss")
     ax.legend()
     ax = figures["learning_rate.png"].subplots()
@@ -6096,6 +6111,8 @@ def plot_history(history: list[dict], out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     paths = []
     for name, fig in figures.items():
+        for ax in fig.axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         paths.append(save_figure(fig, out / name, dpi=110, crop=False))
     return paths
@@ -6954,8 +6971,8 @@ class StandaloneTrainer:
             "parameter_checksums": checksums,
             "mlflow": self.tracker.record(),
         }
-        plots = plot_history(self.history, out)
-        plots.append(self._prediction_gallery(model, probs, out / "predictions.png"))
+        plots = plot_history(self.history, out, best_epoch=best_epoch)
+        plots.append(self._prediction_gallery(model, probs, out / "predictions.png", threshold=threshold))
         write_json(out / "history.json", self.history)
         write_json(out / "threshold_table.json", threshold_table)
         metrics["energy"] = self.energy.stop()
@@ -6977,13 +6994,13 @@ class StandaloneTrainer:
             write_json(out / "metrics.json", metrics)
         return metrics
 
-    def _prediction_gallery(self, model: nn.Module, probs: np.ndarray, path: Path) -> Path:
+    def _prediction_gallery(self, model: nn.Module, probs: np.ndarray, path: Path, *, threshold: float | None = None) -> Path:
         """Truth against prediction on the first validation samples."""
         rows = []
         for i in range(min(6, len(self.val_ds))):
             inputs, mask = self.val_ds[i]
             rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=self.val_ds.truth(i), prediction=probs[i], label=f"validation {i}"))
-        return save_sample_gallery(rows, path, title="validation: truth vs prediction")
+        return save_sample_gallery(rows, path, title="validation: truth vs prediction", threshold=threshold)
 
 
 def run_training(config: TrainConfig, *, given: Sequence[str] | None = None) -> dict:
