@@ -75,7 +75,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Circle
+from matplotlib.patches import Circle, Patch
 from requests.adapters import HTTPAdapter
 from scipy import ndimage, optimize, spatial, special, signal as sp_signal
 
@@ -4747,6 +4747,19 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
+# MLflow 3's UI opens an experiment by its kind: a GenAI one on traces, a model-training one
+# on its runs. Without the tag it guesses, and an empty guess opens on "Traces 0".
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def mark_model_training(experiment: Any) -> None:
+    """Tag an MLflow experiment as model training (once), so that the UI opens on its runs."""
+    import mlflow
+
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
 class MlflowRun:
     """MLflow tracking for one training run (rank 0 only); inert when disabled.
 
@@ -4842,7 +4855,8 @@ class MlflowRun:
                         # may have created the experiment in between, which is as good.
                         if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                             raise
-                mlflow.set_experiment(self.cfg.experiment)
+                experiment = mlflow.set_experiment(self.cfg.experiment)
+                mark_model_training(experiment)
                 if resume_run_id:
                     run = mlflow.start_run(run_id=resume_run_id)
                 else:
@@ -5909,6 +5923,9 @@ def _completeness_axes(ax: Any) -> None:
     ax.set_ylabel("completeness")
 
 
+MIN_TYPE_BIN = 10  # objects: a per-type completeness point from fewer moves by 10 points or more
+
+
 def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike, *, summary_sep: dict | None = None,
                       summary_significance: dict | None = None) -> Path:
     """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
@@ -5941,8 +5958,11 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
         for name, colour in colours.items():
             curve = curves["overall"] if name == "overall" else curves["by_type"][name]
             y = np.array([np.nan if c is None else c for c in curve["completeness"]])
-            # Empty bins are skipped, not drawn as gaps, so sparse types still read as curves.
+            # Empty bins are skipped, not drawn as gaps, so sparse types still read as curves; a
+            # type's bin of fewer than MIN_TYPE_BIN objects is noise, and is left out.
             shown = np.isfinite(y)
+            if name != "overall" and "counts" in curve:
+                shown &= np.asarray(curve["counts"]) >= MIN_TYPE_BIN
             ax.plot(centres[shown], y[shown], style, marker=marker, ms=3, color=colour,
                     lw=2.2 if name == "overall" else 1.2)
             if name == "overall" and "low" in curve:
@@ -5965,9 +5985,17 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
         style_handles.append(Line2D([], [], color="grey", ls=":", marker="^", label="SExtractor (sep), overall"))
     if summary_significance is not None:
         style_handles.append(Line2D([], [], color="grey", ls="-.", marker="D", label="S_corr >= 5 alone, overall"))
-    legend = ax.legend(handles=type_handles, loc="lower right", fontsize=8)
+    # How many objects each bin holds, above it: a bin of 5 moves by 20 points.
+    counts = summary_net["completeness_by_snr"]["overall"].get("counts")
+    if counts:
+        for centre, count in zip(summary_net["completeness_by_snr"]["centres"], counts):
+            ax.annotate(str(count), (centre, 1.0), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7, color="0.35",
+                        xycoords=("data", "axes fraction"))
+        ax.annotate("objects per bin", (0.0, 1.0), xytext=(0, 14), textcoords="offset points", fontsize=7, color="0.35", xycoords="axes fraction")
+    style_handles.append(Patch(color="grey", alpha=0.2, label="95% Wilson band (overall)"))
+    legend = ax.legend(handles=type_handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="type", title_fontsize=8)
     ax.add_artist(legend)
-    ax.legend(handles=style_handles, loc="center right", fontsize=8)
+    ax.legend(handles=style_handles, loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8, title="detector", title_fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     return save_figure(fig, path)
 
@@ -7634,7 +7662,7 @@ def register_model(*, checkpoint: str | None, tracking_uri: str, experiment: str
         raise ConfigError(msg)
     try:
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
+        mark_model_training(mlflow.set_experiment(experiment))
         with mlflow.start_run(run_name=f"register {path.name}"):
             mlflow.set_tags({"astrid.checkpoint": str(path), "astrid.checkpoint_sha256": _sha256(path)})
             info = log_astrid_model(path, register=False)
@@ -7789,6 +7817,7 @@ def _mlflow_parent(cfg: TrainConfig, *, study: Any, sweep_dir: Path) -> str:
     with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
         experiment = client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg.tracking_uri))
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}", tags={"astrid.sweep": study.study_name, "sweep_dir": str(sweep_dir)})
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id

@@ -1377,6 +1377,8 @@ def test_quick_run_is_recorded_in_mlflow(quick_run, quick_mlflow):
     client, run = quick_mlflow
     assert run.info.status == "FINISHED"
     assert run.data.params["samples"] == "20" and run.data.params["epochs"] == "3"
+    # A model-training experiment: MLflow 3's UI opens it on its runs, not on GenAI traces.
+    assert client.get_experiment(run.info.experiment_id).tags[st.EXPERIMENT_KIND_TAG] == "custom_model_development"
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
     assert sorted(m.step for m in val_loss) == [1, 2, 3]
     history = json.loads((quick_run["run_dir"] / "history.json").read_text())
