@@ -7974,7 +7974,7 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
     for row in report["top"]:
         print(f"{row['number']:6d} {row['value']:22.4f}  {json.dumps(row['params'])}")
     if report["importances"]:
-        print(f"importances (fANOVA over {report['trials']['complete']} complete trials): " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
+        print(f"importances (Optuna's PED-ANOVA, over {report['trials']['complete']} complete trials): " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
     elif report["trials"]["complete"] < MIN_IMPORTANCE_TRIALS:
         print(f"importances: not computed from {report['trials']['complete']} complete trials (they need {MIN_IMPORTANCE_TRIALS})")
     print(f"sweep: {root / 'sweep.json'} ({report['trials']['complete']} complete, {report['trials']['pruned']} pruned)  |  MLflow parent run: {parent or 'none'}")
