@@ -5554,6 +5554,81 @@ def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[di
     return sorted(rows, key=lambda r: -r["score"])
 
 
+def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, float]]) -> list[dict]:
+    """The change at each (x, y) of the science grid, whether or not anything was detected there.
+
+    From ZOGY's score S = F_D D correlated with P_D, the optimal point-source statistic: a
+    change of science flux f peaks in S at f F_D^2 sum(P_D^2), so ``flux`` = S / (F_D^2 sum
+    P_D^2) in the science image's units, ``flux_error`` its calibrated noise S_noise over the
+    same (sky, sources and
+    registration included), and ``significance`` their ratio, S_corr (bilinear at the
+    position). ``score`` is the network's highest probability within 2 px. Positions
+    outside the frame or on missing pixels give empty values. This answers "is there
+    anything here?" and, through ``flux_error``, "how deep did we look here?" (5 times it is
+    the 5 sigma limit).
+    """
+    sub = found.pair.subtraction
+    unit = sub.flux_zeropoint**2 * float(np.sum(sub.psf**2))
+    near = ndimage.maximum_filter(found.prob, size=5)
+    h, w = sub.score.shape
+    rows = []
+    for x, y in positions:
+        inside = 0 <= x <= w - 1 and 0 <= y <= h - 1 and bool(sub.valid[int(round(y)), int(round(x))])
+        if not inside:
+            rows.append(dict(x=x, y=y, flux=None, flux_error=None, significance=None, score=None))
+            continue
+        at = np.array([[y], [x]])
+        score = float(ndimage.map_coordinates(sub.score, at, order=1)[0])
+        noise = float(ndimage.map_coordinates(sub.score_noise, at, order=1)[0])
+        rows.append(dict(x=x, y=y, flux=score / unit, flux_error=noise / unit, significance=score / noise if noise > 0 else None,
+                         score=float(near[int(round(y)), int(round(x))])))
+    return rows
+
+
+FORCED_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_error", "significance", "score")
+
+
+def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, float, float | None, float | None]]:
+    """Positions for forced photometry from a CSV with columns x, y (0-based pixels) or ra, dec (degrees, ICRS, through the science WCS)."""
+    import csv
+
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        msg = f"cannot read --positions {path} ({_one_line(exc)})"
+        raise DataError(msg) from None
+    if not rows:
+        msg = f"--positions {path}: no positions (give columns x,y or ra,dec)"
+        raise DataError(msg)
+    columns = set(rows[0])
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            if {"x", "y"} <= columns:
+                x, y = float(row["x"]), float(row["y"])
+                ra, dec = pixel_to_icrs(wcs, x, y) if wcs is not None else (None, None)
+            elif {"ra", "dec"} <= columns:
+                if wcs is None:
+                    msg = f"--positions {path} gives ra, dec, but the science image has no usable celestial WCS: give x, y"
+                    raise DataError(msg)
+                ra, dec = float(row["ra"]), float(row["dec"])
+                from astropy.coordinates import SkyCoord
+
+                x, y = (float(v) for v in wcs.world_to_pixel(SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")))
+            else:
+                msg = f"--positions {path}: needs the columns x,y or ra,dec (has {', '.join(sorted(columns))})"
+                raise DataError(msg)
+        except (TypeError, ValueError) as exc:
+            msg = f"--positions {path}:{line}: not a number ({_one_line(exc)})"
+            raise DataError(msg) from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            msg = f"--positions {path}:{line}: the position is not finite"
+            raise DataError(msg)
+        out.append((x, y, ra, dec))
+    return out
+
+
 # --- AstrID as an MLflow model: the pyfunc flavour that the rest of a survey system loads
 
 REGISTERED_MODEL = "astrid"  # the Model Registry's name for AstrID's models; alias CHAMPION_ALIAS marks the weights predict uses by default
@@ -7156,6 +7231,23 @@ def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | Non
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
 
 
+def write_forced_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
+    """forced.csv: per requested position, x, y, ra, dec, flux and flux_error (science image units), significance (S_corr) and the network's score."""
+    import csv
+    import io
+
+    def cell(value: Any, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FORCED_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(dict(x=cell(r["x"], ".3f"), y=cell(r["y"], ".3f"), ra=cell(r.get("ra"), ".7f"), dec=cell(r.get("dec"), ".7f"),
+                             flux=cell(r["flux"], ".6g"), flux_error=cell(r["flux_error"], ".6g"), significance=cell(r["significance"], ".2f"), score=cell(r["score"], ".6f")))
+    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
+
+
 def detection_table(rows: Sequence[dict], *, record: dict):
     """The detections as an astropy Table with units; `record` (how the pair was scaled, the model, the inputs) is its metadata."""
     from astropy.table import MaskedColumn, Table
@@ -7351,7 +7443,8 @@ def make_output_dir(out: Path) -> Path:
 
 def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: dict, flux_ratio: float | None = None,
                  seeing: tuple[float, float] | None = None, noise_reference: np.ndarray | None = None,
-                 noise_science: np.ndarray | None = None, made_with: dict | None = None) -> list[dict]:
+                 noise_science: np.ndarray | None = None, made_with: dict | None = None,
+                 positions: Sequence[tuple[float, float, float | None, float | None]] = ()) -> list[dict]:
     """Find the changes of one pair and write its outputs (PREDICTION_OUTPUTS) into `out`, as one set.
 
     `inputs` (science and reference as the user named them) goes into detections.json and
@@ -7385,6 +7478,11 @@ def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: di
         write_detections_ds9(out / "detections.reg", rows, wcs=wcs, staged=staged)
         write_probability_fits(out / "mask.fits", found.prob, wcs=wcs, threshold=p.threshold, checkpoint=p.checkpoint, staged=staged)
         write_significance_fits(out / "significance.fits", found.significance, found.valid, wcs=wcs, staged=staged)
+        if positions:
+            forced = forced_photometry(found, [(x, y) for x, y, _, _ in positions])
+            for row, (_, _, ra, dec) in zip(forced, positions):
+                row.update(ra=ra, dec=dec)
+            write_forced_csv(out / "forced.csv", forced, staged=staged)
         save_overlay(out / "overlay.png", sub.reference, sub.science, rows, statistics=sub.statistics, staged=staged)
     return rows
 
@@ -7407,9 +7505,10 @@ def run_prediction(
     science_noise: str | None = None,
     reference_noise: str | None = None,
     noise_kind: str = "sigma",
+    positions: str | None = None,
     overwrite: bool = False,
 ) -> list[dict]:
-    """Find what changed in a (reference, science) FITS pair.
+    """Find what changed in a (reference, science) FITS pair (and, with `positions`, measure the difference at given places).
 
     Writes detections.csv, detections.json (how the pair was put on one scale, and with
     what), detections.ecsv (the same catalogue as an astropy Table with units and that
@@ -7422,13 +7521,14 @@ def run_prediction(
     pair = read_pair(science, reference, reference_survey=reference_survey, max_pixels=max_pixels, cache_dir=cache_dir, timeout=timeout, retries=retries)
     noise = dict(noise_science=read_noise_map(science_noise, shape=pair.science.shape, kind=noise_kind, max_pixels=max_pixels, flag="--science-noise"),
                  noise_reference=read_noise_map(reference_noise, shape=pair.reference.shape, kind=noise_kind, max_pixels=max_pixels, flag="--reference-noise"))
+    places = read_positions(positions, wcs=pair.wcs_science) if positions else []
     out = make_output_dir(Path(output_dir))
     claim_output_dir(out, kind="prediction", overwrite=overwrite)
     # 2. The model and its operating threshold.
     predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
     # 3. The changes, and how the pair was put on one scale.
     inputs = dict(science=str(science), reference=str(reference or f"survey: {reference_survey}"))
-    rows = predict_pair(predictor, pair, out=out, inputs=inputs, flux_ratio=flux_ratio, seeing=tuple(seeing) if seeing else None, **noise)
+    rows = predict_pair(predictor, pair, out=out, inputs=inputs, flux_ratio=flux_ratio, seeing=tuple(seeing) if seeing else None, positions=places, **noise)
     record = json.loads((out / "detections.json").read_text())
     shift = record["registration"]
     print(f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} ({record['flux_ratio_source']}), "
@@ -8375,6 +8475,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the pair's stars)")
     predict.add_argument("--science-noise", help="FITS noise map of the science image, on its grid (see --noise-kind; default: local background RMS plus Poisson noise with the header's GAIN)")
     predict.add_argument("--reference-noise", help="FITS noise map of the reference image, on its grid (see --noise-kind)")
+    predict.add_argument("--positions", help="CSV of positions (columns x,y in 0-based px, or ra,dec in deg): forced photometry of the difference there, in forced.csv")
     predict.add_argument("--noise-kind", choices=NOISE_KINDS, default="sigma", help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 for no data)")
     sweep = command("sweep", "search training configurations with Optuna (TPE, pruning, MLflow)",
                     "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes that "
@@ -8481,14 +8582,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pairs:
             if args.reference or args.reference_survey:
                 return cli(lambda: _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey"), debug=args.debug)
-            if args.seeing or args.science_noise or args.reference_noise:
-                return cli(lambda: _refuse("--pairs: --seeing and noise maps are one pair's; give a seeing column in the list instead"), debug=args.debug)
+            if args.seeing or args.science_noise or args.reference_noise or args.positions:
+                return cli(lambda: _refuse("--pairs: --seeing, noise maps and --positions are one pair's; give a seeing column in the list instead"), debug=args.debug)
             keys = ("pairs", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "shard", "flux_ratio", "overwrite")
             return cli(lambda: run_pairs(**{k: getattr(args, k) for k in keys}), debug=args.debug)
         if args.shard:
             return cli(lambda: _refuse("--shard splits a --pairs list"), debug=args.debug)
         keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "seeing",
-                "science_noise", "reference_noise", "noise_kind", "overwrite")
+                "science_noise", "reference_noise", "noise_kind", "positions", "overwrite")
         return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
     if args.command == "export":
         return cli(lambda: export_weights(args.checkpoint, args.output), debug=args.debug)

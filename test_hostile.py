@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shlex
 import signal
 import subprocess
@@ -158,6 +159,11 @@ def paths(root) -> dict[str, str]:
     # A pair list with a 200 KB field, and a comparison that must survive a refused --overwrite.
     (root / "pairs_big.csv").write_text("science,reference,name\n" + f"sci.fits,ref.fits,{'x' * 200_000}\n")
     p["pairs_big"] = str(root / "pairs_big.csv")
+    # Forced photometry at both transients (by RA/Dec through the WCS) and at a blank place (by pixel).
+    wcs = st.WCS(header())
+    sky_positions = [st.pixel_to_icrs(wcs, x, y) for x, y, _ in TRANSIENTS]
+    (root / "positions_sky.csv").write_text("ra,dec\n" + "".join(f"{ra:.8f},{dec:.8f}\n" for ra, dec in sky_positions))
+    p["positions_sky"] = str(root / "positions_sky.csv")
     (root / "cmp").mkdir()
     (root / "cmp" / "comparison.json").write_text('{"kept": true}\n')
     p["cmp"] = str(root / "cmp")
@@ -176,6 +182,7 @@ ANSWERS = {  # exit 0, both transients found, and nothing else where nothing cha
     "gzip": PREDICT + " --science {sci_gz} --reference {ref}",
     "galactic-wcs": PREDICT + " --science {sci_gal} --reference {ref_gal}",
     "wild-crval": PREDICT + " --science {sci_wild} --reference {ref_wild}",
+    "forced-positions": PREDICT + " --science {sci} --reference {ref} --positions {positions_sky}",
 }
 REFUSALS = {  # id: (command, fragments of the one line)
     "rice-corrupt-tiles": (PREDICT + " --science {rice_corrupt} --reference {ref}", ("rice_corrupt.fits.fz", "not a readable FITS file")),
@@ -227,6 +234,15 @@ def test_a_hostile_input_still_gives_the_right_answer(forked, root, case):
     hits = found_transients(out)
     assert len(hits) == 2, f"{case}: {len(hits)} of 2 transients among {len(rows)} detections"
     assert len(rows) == 2, f"{case}: {len(rows) - 2} detections where nothing changed"
+
+
+@pytest.mark.slow
+def test_predict_positions_writes_forced_photometry_at_each_place(forked, root):
+    rows = list(Table.read(root / "out-forced-positions" / "forced.csv", format="ascii.csv"))
+    assert len(rows) == len(TRANSIENTS)
+    for row, (x, y, flux) in zip(rows, TRANSIENTS):
+        assert math.hypot(row["x"] - x, row["y"] - y) < 0.05  # RA/Dec went through the science WCS
+        assert row["significance"] > 30 and row["flux"] == pytest.approx(flux, rel=0.2) and row["score"] > 0.5
 
 
 @pytest.mark.slow

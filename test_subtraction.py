@@ -435,3 +435,31 @@ def test_one_change_of_each_type_is_typed_by_the_shipped_weights(tmp_path):
     st.write_detections_ds9(tmp_path / "d.reg", rows, wcs=None)
     regions = (tmp_path / "d.reg").read_text()
     assert "color=green text={" in regions and " asteroid: " in regions and "color=yellow" in regions and " variable_star: " in regions
+
+
+def test_forced_photometry_measures_a_known_change_and_nothing_where_there_is_none(tmp_path):
+    """predict --positions: the flux, its error and S_corr at given places, detected or not."""
+    n, x, y, snr = 96, 47.3, 50.6, 20.0
+    psf = st.PSF(3.0, 3.5)
+    unit = st.render_points((n, n), [x], [y], [1.0], psf)
+    variance = np.full((n, n), 2 * SIGMA**2)
+    flux = snr / st.matched_filter_snr(1.0, unit, variance)
+    rng = np.random.default_rng(41)
+    pair = st.subtract_pair(rng.normal(SKY, SIGMA, (n, n)), rng.normal(SKY, SIGMA, (n, n)) + flux * unit, flux_ratio=1.0, seeing=(3.0, 3.0))
+    found = st.PairDetections([], np.zeros((n, n)), pair.subtraction.significance, pair.subtraction.valid, pair)
+    at_source, blank, outside = st.forced_photometry(found, [(x, y), (20.0, 75.0), (-5.0, 10.0)])
+    assert at_source["flux"] == pytest.approx(flux, rel=0.15)
+    assert at_source["significance"] == pytest.approx(snr, rel=0.15)
+    assert at_source["flux_error"] == pytest.approx(flux / snr, rel=0.15)  # the 1-sigma flux limit of the pair
+    assert abs(blank["significance"]) < 4 and abs(blank["flux"]) < 4 * blank["flux_error"]
+    assert blank["flux_error"] == pytest.approx(at_source["flux_error"], rel=0.2)
+    assert outside["flux"] is None and outside["significance"] is None
+    st.write_forced_csv(tmp_path / "forced.csv", [at_source, blank, outside])
+    lines = (tmp_path / "forced.csv").read_text().splitlines()
+    assert lines[0] == ",".join(st.FORCED_COLUMNS) and lines[3].startswith("-5.000,10.000,,,,")
+    (tmp_path / "pos.csv").write_text("x,y\n47.3,50.6\n1e400,3\n")
+    with pytest.raises(st.DataError, match="not finite"):
+        st.read_positions(tmp_path / "pos.csv", wcs=None)
+    (tmp_path / "pos.csv").write_text("ra,dec\n150.0,2.0\n")
+    with pytest.raises(st.DataError, match="no usable celestial WCS"):
+        st.read_positions(tmp_path / "pos.csv", wcs=None)
