@@ -1819,6 +1819,10 @@ STAR_MATCH_RADIUS = 2.5  # px, after the coarse shift
 WINPOS_SIGMA = 1.5  # px: the centroid window (SExtractor uses the star's own FWHM / 2.35; 1.5 px suits seeing of 2-5 px)
 CORRELATION_PEAK_SIGMA = 8.0
 CROSS_CORRELATION_MINIMUM = 0.5  # px: without a star to confirm it, a smaller phase-correlation shift is noise
+# A pair put on one grid by its WCSs whose epochs each have this many stars, of which fewer than
+# UNREGISTERED_MATCHES coincide, cannot be registered, and is refused.
+UNREGISTERED_STARS = 10
+UNREGISTERED_MATCHES = 3
 
 
 class Registration(NamedTuple):
@@ -1947,6 +1951,9 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
     3. The reference is resampled (cubic spline) only if the fit moves some pixel of the
        frame by more than REGISTRATION_TOLERANCE px. Where the WCS and the stars disagree by
        more than WCS_STAR_DISAGREEMENT px, the stars win and `warning` says so.
+    4. A pair that the WCSs put on one grid but whose stars do not coincide there (fewer than
+       UNREGISTERED_MATCHES of at least UNREGISTERED_STARS) is refused: its headers do not
+       describe its pixels, and a difference would report every star.
     """
     reference, science = np.asarray(reference, dtype=np.float64), np.asarray(science, dtype=np.float64)
     method = "none"
@@ -1983,6 +1990,13 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
             matrix, offset, kept = _fit_star_transform(src, dst)
             n_stars = int(kept.sum())
             residual = float(np.sqrt(np.mean(np.sum((src[kept] @ matrix.T + offset - dst[kept]) ** 2, axis=1))))
+    if method == "wcs" and min(len(stars_r), len(stars_s)) >= UNREGISTERED_STARS and n_stars < UNREGISTERED_MATCHES:
+        # Both epochs have stars, the WCSs put them on one grid, and almost none coincide:
+        # the headers do not describe the pixels (a rotation, a scale, a position), or the
+        # frames are of different fields. Differencing them would report every star.
+        msg = (f"the epochs cannot be registered: after their WCSs, {n_stars} of {min(len(stars_r), len(stars_s))} stars coincide "
+               f"(within {STAR_MATCH_RADIUS:g} px); the WCSs do not describe the pixels, or the frames are of different fields")
+        raise DataError(msg)
     star_method = "stars" if n_stars else "cross-correlation"
     if n_stars == 0 and np.hypot(*coarse) < CROSS_CORRELATION_MINIMUM:
         # No star to confirm it: a sub-pixel phase-correlation peak on noise is no measurement.
@@ -5705,7 +5719,10 @@ def log_astrid_model(checkpoint: Path, *, register: bool = True) -> Any:
     import mlflow
     import mlflow.pyfunc
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        # MLflow advises type hints on predict: AstrID's inputs (arrays or paths, one pair or a
+        # DataFrame of pairs) are validated by pyfunc_predict itself.
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         code = Path(scratch) / "astrid_model.py"
         code.write_text(PYFUNC_CODE)
         info = mlflow.pyfunc.log_model(

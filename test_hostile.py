@@ -110,6 +110,17 @@ def paths(root) -> dict[str, str]:
     p["ref_gal"], p["sci_gal"] = write(root / "ref_gal.fits", reference, header(frame="galactic")), write(root / "sci_gal.fits", science, header(frame="galactic"))
     p["ref_wild"], p["sci_wild"] = write(root / "ref_wild.fits", reference, header(crval1=1e300)), write(root / "sci_wild.fits", science, header(crval1=1e300))
     p["ref_huge"], p["sci_huge"] = write(root / "ref_huge.fits", reference * 1e300), write(root / "sci_huge.fits", science * 1e300)
+    # References whose WCS does not describe their pixels: 20 px off (the stars fix it), rotated 30 deg or at 2x scale (they cannot).
+    off = header()
+    off["CRVAL1"] += 20 / 3600 / np.cos(np.radians(2.0))
+    p["ref_off20"] = write(root / "ref_off20.fits", reference, off)
+    turned = header()
+    c, s_ = np.cos(np.radians(30)), np.sin(np.radians(30))
+    turned["PC1_1"], turned["PC1_2"], turned["PC2_1"], turned["PC2_2"] = c, -s_, s_, c
+    p["ref_rot30"] = write(root / "ref_rot30.fits", reference, turned)
+    doubled = header()
+    doubled["CDELT1"], doubled["CDELT2"] = 2 * doubled["CDELT1"], 2 * doubled["CDELT2"]
+    p["ref_scale2"] = write(root / "ref_scale2.fits", reference, doubled)
     # A RICE-compressed frame whose tiles are overwritten with garbage after the header.
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(science.astype(np.float32), compression_type="RICE_1")]).writeto(root / "rice.fits.fz")
     raw = bytearray((root / "rice.fits.fz").read_bytes())
@@ -183,9 +194,12 @@ ANSWERS = {  # exit 0, both transients found, and nothing else where nothing cha
     "galactic-wcs": PREDICT + " --science {sci_gal} --reference {ref_gal}",
     "wild-crval": PREDICT + " --science {sci_wild} --reference {ref_wild}",
     "forced-positions": PREDICT + " --science {sci} --reference {ref} --positions {positions_sky}",
+    "wcs-off-by-20-px": PREDICT + " --science {sci} --reference {ref_off20}",
 }
 REFUSALS = {  # id: (command, fragments of the one line)
     "rice-corrupt-tiles": (PREDICT + " --science {rice_corrupt} --reference {ref}", ("rice_corrupt.fits.fz", "not a readable FITS file")),
+    "wcs-rotated-30-deg": (PREDICT + " --science {sci} --reference {ref_rot30}", ("the epochs cannot be registered", "stars coincide")),
+    "wcs-at-2x-scale": (PREDICT + " --science {sci} --reference {ref_scale2}", ("the epochs cannot be registered",)),
     "float64-at-1e300": (PREDICT + " --science {sci_huge} --reference {ref_huge}", ("no usable pixel", "1e+20")),
     "weights-times-1e30": (PREDICT + " --science {sci} --reference {ref} --checkpoint {ckpt_1e30}", ("finite but broken",)),
     "checkpoint-deflated-1gib": (PREDICT + " --science {sci} --reference {ref} --checkpoint {ckpt_bomb}", ("unpacks to 1.0 GiB",)),
@@ -234,6 +248,13 @@ def test_a_hostile_input_still_gives_the_right_answer(forked, root, case):
     hits = found_transients(out)
     assert len(hits) == 2, f"{case}: {len(hits)} of 2 transients among {len(rows)} detections"
     assert len(rows) == 2, f"{case}: {len(rows) - 2} detections where nothing changed"
+
+
+@pytest.mark.slow
+def test_a_wcs_the_stars_correct_is_registered_by_them_with_a_warning(forked, root):
+    record = json.loads((root / "out-wcs-off-by-20-px" / "detections.json").read_text())
+    assert record["registration"]["wcs_disagreement_px"] == pytest.approx(20, abs=0.5)
+    assert any("the WCSs and the stars disagree" in w for w in record["warnings"])
 
 
 @pytest.mark.slow
