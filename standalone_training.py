@@ -5693,8 +5693,10 @@ def pyfunc_model() -> Any:
     """AstrID as an ``mlflow.pyfunc.PythonModel``: loads its checkpoint artifact (``weights_only``), predicts with :func:`pyfunc_predict`."""
     import mlflow.pyfunc
 
+    # No type hints on predict: MLflow would turn them into a rigid input schema, and AstrID's
+    # inputs (arrays or paths, one pair or a DataFrame of pairs) are checked by pyfunc_predict.
+    # (MLflow warns that they are missing, once, when the class is made.)
     class AstridChanges(mlflow.pyfunc.PythonModel):
-        # No type hints on predict: MLflow would read them as an input schema.
         def load_context(self, context):
             self.predictor = load_predictor(checkpoint=context.artifacts["checkpoint"], threshold=None, device="auto")
 
@@ -5719,10 +5721,7 @@ def log_astrid_model(checkpoint: Path, *, register: bool = True) -> Any:
     import mlflow
     import mlflow.pyfunc
 
-    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
-        # MLflow advises type hints on predict: AstrID's inputs (arrays or paths, one pair or a
-        # DataFrame of pairs) are validated by pyfunc_predict itself.
-        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+    with tempfile.TemporaryDirectory() as scratch:
         code = Path(scratch) / "astrid_model.py"
         code.write_text(PYFUNC_CODE)
         info = mlflow.pyfunc.log_model(
