@@ -109,6 +109,10 @@ def paths(root) -> dict[str, str]:
     p["sci_gz"] = str(root / "sci.fits.gz")
     p["ref_gal"], p["sci_gal"] = write(root / "ref_gal.fits", reference, header(frame="galactic")), write(root / "sci_gal.fits", science, header(frame="galactic"))
     p["ref_wild"], p["sci_wild"] = write(root / "ref_wild.fits", reference, header(crval1=1e300)), write(root / "sci_wild.fits", science, header(crval1=1e300))
+    sip = header()
+    sip["CTYPE1"], sip["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
+    sip["A_ORDER"], sip["B_ORDER"], sip["A_2_0"], sip["B_0_2"] = 2, 2, 1e10, 0.0  # a distortion that maps no pixel back onto itself
+    p["ref_sip"], p["sci_sip"] = write(root / "ref_sip.fits", reference, sip), write(root / "sci_sip.fits", science, sip)
     p["ref_huge"], p["sci_huge"] = write(root / "ref_huge.fits", reference * 1e300), write(root / "sci_huge.fits", science * 1e300)
     # References whose WCS does not describe their pixels: 20 px off (the stars fix it), rotated 30 deg or at 2x scale (they cannot).
     off = header()
@@ -193,6 +197,7 @@ ANSWERS = {  # exit 0, both transients found, and nothing else where nothing cha
     "gzip": PREDICT + " --science {sci_gz} --reference {ref}",
     "galactic-wcs": PREDICT + " --science {sci_gal} --reference {ref_gal}",
     "wild-crval": PREDICT + " --science {sci_wild} --reference {ref_wild}",
+    "wild-sip": PREDICT + " --science {sci_sip} --reference {ref_sip}",
     "forced-positions": PREDICT + " --science {sci} --reference {ref} --positions {positions_sky}",
     "wcs-off-by-20-px": PREDICT + " --science {sci} --reference {ref_off20}",
 }
@@ -283,9 +288,11 @@ def test_any_celestial_frame_gives_icrs_coordinates_and_a_broken_wcs_gives_pixel
     centre = st.pixel_to_icrs(st.WCS(header(frame="galactic")), float(table["x"][0]), float(table["y"][0]))
     assert float(table["ra"][0]) == pytest.approx(centre[0], abs=1e-6) and float(table["dec"][0]) == pytest.approx(centre[1], abs=1e-6)
     assert "\nicrs\n" in (galactic / "detections.reg").read_text()
-    wild = root / "out-wild-crval"
-    assert Table.read(wild / "detections.ecsv")["ra"].mask.all()
-    assert "\nimage\n" in (wild / "detections.reg").read_text()
+    for case in ("wild-crval", "wild-sip"):
+        wild = root / f"out-{case}"
+        assert Table.read(wild / "detections.ecsv")["ra"].mask.all(), case
+        assert "\nimage\n" in (wild / "detections.reg").read_text(), case
+        assert "its celestial WCS is unusable" in forked[case].stderr, case
 
 
 @pytest.mark.slow
