@@ -6282,13 +6282,16 @@ def plot_comparison(arms: dict, path: Path, *, staged: list | None = None) -> Pa
     for k, (dataset, title) in enumerate(titles.items()):
         ax = fig.add_subplot(1, 2, k + 1)
         first = next(iter(arms.values()))[dataset]
-        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-") for name, arm in arms.items()]
-        lines += [("matched filter", first["baseline"]["curve"], "grey", "--"), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":")]
-        for label, curve, colour, style in lines:
-            x = np.asarray(curve["centres"])
+        # Arms that coincide stay visible: each its own marker, and a small offset along SNR.
+        markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-", markers[k % len(markers)], 1.0 + 0.02 * (k - (len(arms) - 1) / 2))
+                 for k, (name, arm) in enumerate(arms.items())]
+        lines += [("matched filter", first["baseline"]["curve"], "grey", "--", "o", 1.0), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":", "o", 1.0)]
+        for label, curve, colour, style, marker, shift in lines:
+            x = np.asarray(curve["centres"]) * shift
             y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
             shown = np.isfinite(y)
-            ax.plot(x[shown], y[shown], style, marker="o", ms=3, color=colour, label=label)
+            ax.plot(x[shown], y[shown], style, marker=marker, ms=4 if style == "-" else 3, mfc="none" if style == "-" else colour, color=colour, label=label)
             if style == "-":
                 ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
         _completeness_axes(ax)
@@ -8007,6 +8010,8 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
                 figures["param_importances.png"] = ov.plot_param_importances
             for name, plot in figures.items():
                 fig = plot(study).figure
+                if name == "optimization_history.png":  # Optuna labels it "Objective Value": say what was optimised
+                    fig.axes[0].set_ylabel(f"{SWEEP_OBJECTIVE.replace('_', ' ')} (best epoch)")
                 fig.tight_layout()
                 plots.append(save_figure(fig, sweep_dir / name, dpi=110, crop=False))
     report["plots"] = [str(p) for p in plots]

@@ -203,14 +203,18 @@ def test_a_bad_space_is_one_line(tmp_path, capsys):
 def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys):
     trials = tiny_sweep / "trials"
     client, _, children = _children(tiny_sweep)
-    # A finished trial's MLflow run: its best.pt artifact is fetched. (Other tests of this
-    # module add trials to the same study, some interrupted or pruned, so the newest child
-    # need not be one that finished.)
-    logged = next(r.info.run_id for r in children
-                  if r.info.status == "FINISHED" and any(a.path == "best.pt" for a in client.list_artifacts(r.info.run_id)))
-    args = ["compare", "--runs", f"a={trials / 'trial-0000'}", f"b={trials / 'trial-0001'}", f"b=mlflow:{logged}", "--eval-samples", "2",
-            "--eval-image-size", "32", "--device", "cpu", "--threads", "1", "--output-dir", str(tmp_path / "cmp"),
-            "--tracking-uri", f"sqlite:///{tiny_sweep / 'mlflow.db'}"]
+    # Trial 1's MLflow run: its best.pt artifact is fetched. (Other tests of this module add
+    # trials to the same study, so the run is found by its output directory.)
+    logged = next(r.info.run_id for r in children if r.data.params.get("output_dir", "").endswith("trial-0001"))
+    # A third model for arm a: trial 0's weights, nudged (the same model twice is one seed, and refused).
+    payload = st.load_checkpoint(trials / "trial-0000" / "best.pt")
+    payload["model"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in payload["model"].items()}
+    (tmp_path / "other").mkdir()
+    st.save_checkpoint(tmp_path / "other" / "best.pt", payload)
+    common = ["--eval-samples", "2", "--eval-image-size", "32", "--device", "cpu", "--threads", "1", "--tracking-uri", f"sqlite:///{tiny_sweep / 'mlflow.db'}"]
+    assert st.main(["compare", "--runs", f"a={trials / 'trial-0001'}", f"b=mlflow:{logged}", *common, "--output-dir", str(tmp_path / "dup")]) == 2
+    assert "the same model as --runs a=" in capsys.readouterr().err
+    args = ["compare", "--runs", f"a={tmp_path / 'other'}", f"b={trials / 'trial-0000'}", f"b=mlflow:{logged}", *common, "--output-dir", str(tmp_path / "cmp")]
     assert st.main(args) == 0
     report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert set(report["arms"]) == {"a", "b"} and len(report["runs"]["b"]) == 2  # one label, one arm: its runs are its seeds
