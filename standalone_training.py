@@ -7235,36 +7235,38 @@ def run_evaluation(
 
 
 
-def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
-    """detections.csv: x, y (0-based, x = column), ra, dec (deg, ICRS; empty without WCS), score, significance (signed S_corr), area_px, type, trail_length_px, trail_angle_deg (asteroids only)."""
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], *, staged: list | None = None) -> Path:
+    """A CSV of `rows` (dicts of already formatted cells) under a header of `columns`, written atomically."""
     import csv
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    for r in rows:
-        writer.writerow({**{k: r.get(k) for k in DETECTION_COLUMNS}, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}",
-                         "significance": f"{r['significance']:.2f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}",
-                         **{k: "" if r.get(k) is None else f"{r[k]:.1f}" for k in ("trail_length_px", "trail_angle_deg")}})
+    writer.writerows(rows)
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
+
+
+def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
+    """detections.csv: x, y (0-based, x = column), ra, dec (deg, ICRS; empty without WCS), score, significance (signed S_corr), area_px, type, trail_length_px, trail_angle_deg (asteroids only)."""
+    cells = [
+        {**{k: r.get(k) for k in DETECTION_COLUMNS}, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}",
+         "significance": f"{r['significance']:.2f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}",
+         **{k: "" if r.get(k) is None else f"{r[k]:.1f}" for k in ("trail_length_px", "trail_angle_deg")}}
+        for r in rows
+    ]
+    return write_csv(path, DETECTION_COLUMNS, cells, staged=staged)
 
 
 def write_forced_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
     """forced.csv: per requested position, x, y, ra, dec, flux and flux_error (science image units), significance (S_corr) and the network's score."""
-    import csv
-    import io
-
     def cell(value: Any, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FORCED_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow(dict(x=cell(r["x"], ".3f"), y=cell(r["y"], ".3f"), ra=cell(r.get("ra"), ".7f"), dec=cell(r.get("dec"), ".7f"),
-                             flux=cell(r["flux"], ".6g"), flux_error=cell(r["flux_error"], ".6g"), significance=cell(r["significance"], ".2f"), score=cell(r["score"], ".6f")))
-    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
+    cells = [dict(x=cell(r["x"], ".3f"), y=cell(r["y"], ".3f"), ra=cell(r.get("ra"), ".7f"), dec=cell(r.get("dec"), ".7f"),
+                  flux=cell(r["flux"], ".6g"), flux_error=cell(r["flux_error"], ".6g"), significance=cell(r["significance"], ".2f"), score=cell(r["score"], ".6f"))
+             for r in rows]
+    return write_csv(path, FORCED_COLUMNS, cells, staged=staged)
 
 
 def detection_table(rows: Sequence[dict], *, record: dict):
@@ -7702,9 +7704,6 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
     detections.csv for the whole list, detections.shard-I-of-N.csv for shard I of N.
     Returns the counts; a run with any failure exits non-zero once all pairs were tried.
     """
-    import csv
-    import io
-
     index, count = parse_shard(shard)
     todo = read_pairs(pairs)[index::count]
     out = make_output_dir(Path(output_dir))
@@ -7727,8 +7726,9 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
                     remove_stale_temporaries(pair_dir)  # what a killed run left; this shard alone writes here
                 ratio = pair["flux_ratio"] if pair["flux_ratio"] is not None else flux_ratio
                 key = prediction_key(predictor, science=pair["science"], reference=pair["reference"], flux_ratio=ratio, seeing=pair["seeing"])
-                stale = stale_prediction(pair_dir, key) if prediction_complete(pair_dir) else None
-                if prediction_complete(pair_dir) and not overwrite and stale is None:
+                complete = prediction_complete(pair_dir)
+                stale = stale_prediction(pair_dir, key) if complete else None
+                if complete and not overwrite and stale is None:
                     summary["skipped"].append(name)
                 else:
                     if stale and not overwrite:
@@ -7749,11 +7749,7 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=("pair", "directory") + DETECTION_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(combined)
-    atomic_write(out / combined_name, lambda f: f.write(buffer.getvalue().encode()))
+    write_csv(out / combined_name, ("pair", "directory") + DETECTION_COLUMNS, combined)
     counts = {k: len(v) for k, v in summary.items()}
     print(f"pairs {index}/{count}: {counts['done']} done, {counts['skipped']} skipped (complete already), {counts['failed']} failed; {len(combined)} detections -> {out / combined_name}")
     if interrupted:
