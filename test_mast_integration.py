@@ -491,8 +491,8 @@ def test_real_dataset_from_skyview_keeps_the_sample_contract(skyview, tmp_path):
     assert info["real_fraction"] == 1.0 and info["data_source"] == "mast"
     assert info["real_tiles"] == (300 // 64) ** 2  # m13.fits is 300x300 and full of real data
     inputs, mask = ds[0]
-    assert inputs.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
-    assert set(np.unique(mask.numpy())) <= {0.0, 1.0}
+    assert inputs.shape == (3, 64, 64) and mask.shape == (2, 64, 64)  # the change mask and the type labels
+    assert set(np.unique(mask[0].numpy())) <= {0.0, 1.0}
     raw = ds.raw(0)
     assert raw.reference.shape == (64, 64) and raw.fwhm_science >= raw.fwhm_reference > 0
     # Same (seed, i), same sample; the cache is reused without the server.

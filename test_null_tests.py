@@ -370,6 +370,27 @@ def test_the_training_sky_holds_null_pairs_and_plate_scans():
     assert 4 <= identical <= 20 and 4 <= plates <= 20
 
 
+def test_the_widened_sky_ramps_one_epoch_and_puts_bright_hosts_under_a_dark_sky():
+    """gradient_fraction: a linear ramp in one epoch only; bright_host_fraction: a dark sky with a bright galaxy that hosts the supernovae."""
+    ramp = st.sky_ramp((40, 64), rise=7.0, angle=np.radians(30))
+    assert np.ptp(ramp) == pytest.approx(7.0) and abs(ramp.mean()) < 1e-9
+    assert ramp[20, 63] > ramp[20, 0] and ramp[39, 32] > ramp[0, 32]  # rising along x and y at 30 degrees
+    styles = [st._draw_style(np.random.default_rng(k), st.SkyConfig(gradient_fraction=1.0)) for k in range(40)]
+    assert all(0.5 <= s_["gradient"]["sigma"] <= 20.0 for s_ in styles) and {s_["gradient"]["epoch"] for s_ in styles} == {"reference", "science"}
+    # In a sample, the ramp is in one epoch: the smoothed difference of the epochs is a plane.
+    sample = st.simulate_sky(np.random.default_rng(5), image_size=64, sky=st.SkyConfig(gradient_fraction=1.0, empty_fraction=1.0))
+    smooth = st.ndimage.median_filter(sample.science.astype(np.float64) - sample.reference, size=9)
+    plain = st.simulate_sky(np.random.default_rng(5), image_size=64, sky=st.SkyConfig(empty_fraction=1.0))
+    flat = st.ndimage.median_filter(plain.science.astype(np.float64) - plain.reference, size=9)
+    assert np.ptp(smooth[8:-8, 8:-8]) > 2 * np.ptp(flat[8:-8, 8:-8])
+    hosted = st.SkyConfig(bright_host_fraction=1.0)
+    ds = st.SyntheticAstronomicalDataset(12, image_size=64, sky=hosted, seed=8)
+    for i in range(len(ds)):
+        sample = ds.simulate(i)
+        assert np.median(sample.reference) < 400 and sample.reference.max() > 20 * np.median(sample.reference)
+    assert any(o["type"] == "supernova" for i in range(len(ds)) for o in ds.truth(i))
+
+
 def test_mixed_data_takes_the_asked_share_of_real_tiles(tmp_path):
     (tmp_path / "m13.fits").write_bytes(st.M13_FITS.read_bytes())
     real = st.MASTRealDataset(200, image_size=64, source="fits", fits_dir=tmp_path)

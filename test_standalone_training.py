@@ -158,16 +158,20 @@ def rounded(v: float) -> int:
 
 
 def test_sample_contract():
-    """ds[i] is (inputs [3,H,W] float32, mask [1,H,W] float32 in {0,1}); truth and raw agree."""
+    """ds[i] is (inputs [3,H,W] float32, labels [2,H,W] float32: the mask in {0,1}, then the type 1-4 where it is 1); truth and raw agree."""
     size = 64
     ds = SyntheticAstronomicalDataset(6, image_size=size, seed=5)
     assert len(ds) == 6
     for i in range(len(ds)):
-        inputs, mask = ds[i]
+        inputs, labels = ds[i]
+        mask, kinds = labels[:1], labels[1]
         assert inputs.dtype == torch.float32 and tuple(inputs.shape) == (3, size, size)
-        assert mask.dtype == torch.float32 and tuple(mask.shape) == (1, size, size)
+        assert labels.dtype == torch.float32 and tuple(labels.shape) == (2, size, size)
         assert torch.isfinite(inputs).all()
         assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+        assert bool(((kinds > 0) == (mask[0] > 0)).all())  # every changed pixel has a type, and only those
+        present = {ANOMALY_TYPES.index(o["type"]) + 1 for o in ds.truth(i) if o["type"] in ANOMALY_TYPES}
+        assert set(torch.unique(kinds).tolist()) - {0.0} <= present
 
         truth = ds.truth(i)
         for obj in truth:
@@ -594,8 +598,11 @@ def test_unet_output_shape(size, batch):
     model = st.StandaloneUNet().eval()
     with torch.no_grad():
         out = model(torch.randn(batch, 3, size, size))
-    assert tuple(out.shape) == (batch, 1, size, size)
+    assert tuple(out.shape) == (batch, 1 + len(ANOMALY_TYPES), size, size)  # the change logit, then one per type
     assert torch.isfinite(out).all()
+    with torch.no_grad():
+        alone = st.StandaloneUNet(types=0).eval()(torch.randn(batch, 3, size, size))
+    assert tuple(alone.shape) == (batch, 1, size, size)  # a checkpoint from before the type head
 
 
 @pytest.mark.parametrize("size", [40, 50])

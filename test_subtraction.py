@@ -427,14 +427,45 @@ def test_one_change_of_each_type_is_typed_by_the_shipped_weights(tmp_path):
     assert len(trail) == 1 and 70 <= trail[0]["x"] <= 100
     assert trail[0]["trail_length_px"] == pytest.approx(np.hypot(30, 14), rel=0.35)
     assert trail[0]["trail_angle_deg"] == pytest.approx(np.degrees(np.arctan2(14, 30)), abs=10)
+    # The type head gives each change its class probabilities; the rule's type rides along.
+    for d in found.detections:
+        p = [d[name] for name in st.TYPE_PROBABILITY_COLUMNS]
+        assert sum(p) == pytest.approx(1.0, abs=1e-6)
+        assert d["type"] == st.ANOMALY_TYPES[int(np.argmax(p))] or d["type"] == d["rule_type"] == "variable_star"
+        assert d["rule_type"] in st.ANOMALY_TYPES
     # The catalogue's columns and the DS9 regions carry the types.
     rows = st.detection_catalog(found.detections)
     st.write_detections_csv(tmp_path / "d.csv", rows)
     header = (tmp_path / "d.csv").read_text().splitlines()[0].split(",")
-    assert header == list(st.DETECTION_COLUMNS) and {"type", "trail_length_px", "trail_angle_deg"} <= set(header)
+    assert header == list(st.DETECTION_COLUMNS) and {"type", "p_real", *st.TYPE_PROBABILITY_COLUMNS, "trail_length_px", "trail_angle_deg"} <= set(header)
+    table = st.detection_table(rows, record={})
+    assert all(table[name].description for name in st.TYPE_PROBABILITY_COLUMNS) and not table["p_asteroid"].mask.any()
     st.write_detections_ds9(tmp_path / "d.reg", rows, wcs=None)
     regions = (tmp_path / "d.reg").read_text()
     assert "color=green text={" in regions and " asteroid: " in regions and "color=yellow" in regions and " variable_star: " in regions
+
+
+def test_a_change_takes_the_type_its_footprint_votes_for_and_an_old_model_keeps_the_rule(tmp_path):
+    """p_<type> is the change-probability-weighted mean over the footprint; a checkpoint without a type head loads and types by the rule."""
+    n = 48
+    rng = np.random.default_rng(3)
+    pair = st.subtract_pair(rng.normal(SKY, SIGMA, (n, n)), rng.normal(SKY, SIGMA, (n, n)), flux_ratio=1.0, seeing=(3.0, 3.0))
+    prob = np.zeros((n, n), np.float32)
+    prob[22:27, 22:27] = 0.9
+    type_prob = np.full((4, n, n), 0.25, np.float16)
+    type_prob[:, 22:27, 22:27] = np.array([0.1, 0.6, 0.2, 0.1], np.float16)[:, None, None]  # variable star where it changed
+    type_prob[:, 30:, 30:] = np.array([0.0, 0.0, 0.0, 1.0], np.float16)[:, None, None]  # an asteroid elsewhere, outside the footprint
+    detection = dict(x=24.0, y=24.0, peak=0.9, significance=8.0, sign=1, area_px=25)
+    [learned] = st.type_detections([detection], pair, type_prob=type_prob, prob=prob)
+    assert learned["type"] == "variable_star" and learned["p_variable_star"] == pytest.approx(0.6, abs=0.01)
+    assert learned["rule_type"] == "transient"  # blank sky to the rule
+    [ruled] = st.type_detections([detection], pair)
+    assert ruled["type"] == ruled["rule_type"] == "transient" and "p_transient" not in ruled
+    old = st.StandaloneUNet(width=4, types=0)
+    st.save_checkpoint(tmp_path / "old.pt", {"model": old.state_dict(), "model_config": old.config})
+    back = st.model_from_checkpoint(st.load_checkpoint(tmp_path / "old.pt"))
+    assert back.type_head is None and "types" not in back.config
+    assert st.model_from_checkpoint(st.load_checkpoint(st.DEFAULT_WEIGHTS)).config["types"] == len(st.ANOMALY_TYPES)
 
 
 def test_forced_photometry_measures_a_known_change_and_nothing_where_there_is_none(tmp_path):
