@@ -367,6 +367,36 @@ def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
     return f"{_fmt(value)} [{low}, {high}]"
 
 
+MIN_SNR50_OBJECTS = 10  # in each of the two SNR bins the 50% crossing lies between; fewer, and the SNR at 50% is printed as not measured
+
+
+def _snr50_bins(summary: dict) -> list[int] | None:
+    """The object counts of the two non-empty SNR bins that the SNR at 50% was interpolated between (one where the faintest bin reaches it), or None where it was never reached."""
+    value = summary["snr50"]["overall"]
+    if value is None or not math.isfinite(value):
+        return None
+    curve = summary["completeness_by_snr"]
+    bins = [(c, n) for c, n in zip(curve["centres"], curve["overall"]["counts"]) if n > 0]
+    after = next((k for k, (c, _) in enumerate(bins) if c >= value * (1 - 1e-9)), len(bins) - 1)
+    return [n for _, n in bins[max(after - 1, 0) : after + 1]]
+
+
+def _fmt_snr50(summary: dict) -> str:
+    """The SNR at 50% completeness with its bootstrap interval, or "not measured" where its bins hold too few objects (MIN_SNR50_OBJECTS)."""
+    bins = _snr50_bins(summary)
+    if bins is None:
+        return "not reached"
+    if min(bins) < MIN_SNR50_OBJECTS:
+        return "not measured"
+    return _fmt_interval(summary["snr50"]["overall"], summary["snr50_interval"]["overall"])
+
+
+def _fmt_snr50_bins(summary: dict) -> str:
+    """The counts of the two bins behind the SNR at 50%, as "n1 + n2"."""
+    bins = _snr50_bins(summary)
+    return "-" if bins is None else " + ".join(str(n) for n in bins)
+
+
 def _fmt_ratio(ratio: dict) -> str:
     """A `_ratio` with its Wilson interval."""
     return _fmt_interval(ratio["value"], ratio.get("interval", (None, None)))
@@ -7388,7 +7418,8 @@ def run_evaluation(
     print(f"{'':26s}" + "".join(f"{h:>22s}" for h in ("network", "S_corr >= 5 alone", "matched filter", "SExtractor (sep)")))
     rows = [
         ("completeness", lambda s: _fmt_ratio(s["completeness"]["overall"])),
-        ("SNR at 50% completeness", lambda s: _fmt_interval(s["snr50"]["overall"], s["snr50_interval"]["overall"])),
+        ("SNR at 50% completeness", _fmt_snr50),
+        ("  objects in its two bins", _fmt_snr50_bins),
         ("purity", lambda s: _fmt_ratio(s["purity"])),
         ("false detections / image", lambda s: _fmt(s["false_detections_per_image"]["value"])),
         ("bogus pass rate", lambda s: _fmt_ratio(s["bogus_pass_rate"]["overall"])),
@@ -7399,7 +7430,7 @@ def run_evaluation(
     if real and real["network"]:
         print(f"real pixels ({real['pairs']} pairs of {', '.join(real['frames'])}; seeing 1-1.5x, shifts <= {REAL_PIXEL_SHIFT} px, gradients <= {max(REAL_PIXEL_GRADIENTS):g} sigma):")
         peers = [real[k] for k in ("network", "significance_alone", "baseline", "sextractor")]
-        for name, cell in (("  completeness", rows[0][1]), ("  SNR at 50% completeness", rows[1][1]),
+        for name, cell in (("  completeness", rows[0][1]), ("  SNR at 50% completeness", rows[1][1]), ("    objects in its two bins", rows[2][1]),
                            ("  point sources, SNR >= 10", lambda s: _fmt_ratio(s["completeness_snr_ge_10"]["point"])),
                            ("  false detections / Mpix", lambda s: _fmt(s["false_per_megapixel"]))):
             print(f"{name:26s}" + "".join(f"{cell(s):>22s}" for s in peers))

@@ -1105,6 +1105,19 @@ def test_snr_at_completeness_rule(case):
         assert got == pytest.approx(expected)
 
 
+def test_the_snr_at_50_percent_is_printed_with_its_bins_or_as_not_measured():
+    """The console names the counts behind the SNR at 50%, and will not print one that rests on a handful of objects."""
+    def summary(counts, value=6.5, interval=(5.9, 7.1)):
+        return {"snr50": {"overall": value}, "snr50_interval": {"overall": list(interval)},
+                "completeness_by_snr": {"centres": [4.5, 5.5, 7.0, 9.0], "overall": {"counts": counts}}}
+
+    dense = summary([40, 30, 25, 60])
+    assert st._fmt_snr50(dense) == "6.500 [5.900, 7.100]" and st._fmt_snr50_bins(dense) == "30 + 25"  # between 5.5 and 7.0
+    assert st._fmt_snr50(summary([40, 30, 4, 60])) == "not measured" and st._fmt_snr50_bins(summary([40, 30, 4, 60])) == "30 + 4"
+    assert st._fmt_snr50_bins(summary([40, 0, 25, 60])) == "40 + 25"  # an empty bin is skipped, as the interpolation skips it
+    assert st._fmt_snr50(summary([40, 30, 25, 60], value=None)) == "not reached"
+
+
 @pytest.mark.parametrize("level", [0.0, -0.5, 1.5])
 def test_snr_at_completeness_rejects_bad_level(level):
     with pytest.raises(ValueError):
@@ -1419,7 +1432,7 @@ def test_best_checkpoint_loads_and_holds_the_run(quick_run):
     assert payload["config"]["samples"] == 20
     model = st.model_from_checkpoint(payload).eval()
     with torch.no_grad():
-        assert tuple(model(torch.zeros(1, 3, 64, 64)).shape) == (1, 1, 64, 64)
+        assert tuple(model(torch.zeros(1, 3, 64, 64)).shape) == (1, 1 + len(ANOMALY_TYPES), 64, 64)
 
 
 # ----------------------------------------------------------------------------
