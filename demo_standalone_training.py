@@ -1,4 +1,4 @@
-"""A walkthrough of AstrID: the data, a short training run, its evaluation (88 s on a 2-core VM).
+"""A walkthrough of AstrID: the data, a short training run, its evaluation (86 s on a 2-core VM).
 
 Run it from anywhere; everything it writes (the MLflow database included) goes under
 ``--output-dir``, so the working directory stays clean:
@@ -29,7 +29,7 @@ import standalone_training as st
 # Sizes: the demo run, and a smaller one for tests
 # ----------------------------------------------------------------------------
 
-# 88 s for the whole demo on this project's 2-core development VM (2026-12-02), and enough
+# 86 s for the whole demo on this project's 2-core development VM (median of 3, 2026-12-07), and enough
 # training for the network to match the matched filter's completeness on this set.
 DEMO_RUN = dict(samples=240, epochs=6, batch_size=8, test_samples=16)
 FAST_RUN = dict(samples=24, epochs=1, batch_size=8, test_samples=4)

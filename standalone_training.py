@@ -107,8 +107,20 @@ def _one_line(exc: BaseException, *, limit: int = 200) -> str:
     """Exception text squeezed onto one bounded line, for logs and user messages."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read when the first output is written: importing AstrID changes no process state.
+
+    Linux reports it in /proc/self/status; elsewhere it is read by setting it and putting it back.
+    """
+    with contextlib.suppress(OSError, ValueError, StopIteration, IndexError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write: Any, *, staged: list | None = None) -> Path:
@@ -128,7 +140,7 @@ def atomic_write(path: str | os.PathLike, write: Any, *, staged: list | None = N
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are for sharing
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are for sharing
         if staged is None:
             os.replace(tmp, path)
         else:

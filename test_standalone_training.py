@@ -1634,6 +1634,18 @@ def _top_level_names(node: ast.stmt) -> set[str]:
     return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
 
 
+def test_outputs_follow_the_umask_of_the_moment_they_are_written(tmp_path):
+    """Importing AstrID leaves the umask alone; the first output reads it, and files are as shareable as it allows."""
+    before = os.umask(0o027)
+    st._umask.cache_clear()
+    try:
+        path = st.atomic_write(tmp_path / "out.txt", lambda f: f.write(b"x"))
+        assert os.stat(path).st_mode & 0o777 == 0o640 and os.umask(0o027) == 0o027  # and the umask is still the user's
+    finally:
+        os.umask(before)
+        st._umask.cache_clear()
+
+
 def test_the_module_uses_no_name_above_the_line_that_defines_it():
     """Scrolling down standalone_training.py never meets a module-level name defined further down."""
     body = ast.parse(MODULE.read_text()).body
