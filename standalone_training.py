@@ -1849,6 +1849,18 @@ def _mesh_noise(values: np.ndarray, use: np.ndarray, *, side: int, filter_size: 
     return ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=order, mode="nearest")
 
 
+def _background_plane(background: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+    """The least-squares plane through a background map's valid pixels (None when it has too few to fit one)."""
+    rows, cols = np.nonzero(valid)
+    if rows.size < 3:
+        return None
+    step = max(1, rows.size // 20000)  # the map is smooth: a subsample fits the same plane
+    design = np.stack([np.ones(rows[::step].size), cols[::step], rows[::step]], axis=1).astype(np.float64)
+    (c, gx, gy), *_ = np.linalg.lstsq(design, background[rows[::step], cols[::step]], rcond=None)
+    yy, xx = np.mgrid[0 : background.shape[0], 0 : background.shape[1]]
+    return c + gx * xx + gy * yy
+
+
 def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Local background and noise maps of an image with NaN where it has no data.
 
@@ -1876,6 +1888,14 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
     side = int(max(8, min(mesh, min(data.shape) // 2)))
     filter_size = 3 if min(data.shape) >= 5 * side else 1
     background = sep.Background(data, mask=~valid, bw=side, bh=side, fw=filter_size, fh=filter_size).back()
+    # A sky ramp spreads each mesh's pixels over its rise, and the clipped mode then errs by a
+    # fraction of sigma that differs from mesh to mesh: under a 20 sigma ramp, residual bumps
+    # of a sigma that PSF filtering turns into false noise. The plane of the first pass is
+    # taken out, the meshes measure what is left, and the plane goes back into the background.
+    plane = _background_plane(background, valid)
+    if plane is not None:
+        background = plane + sep.Background(np.ascontiguousarray(np.where(valid, data - plane, 0.0)), mask=~valid, bw=side, bh=side,
+                                            fw=filter_size, fh=filter_size).back()
     pairs = valid[:, 1:] & valid[:, :-1]
     steps = np.zeros_like(data)
     steps[:, 1:] = np.where(pairs, (data[:, 1:] - data[:, :-1]) / math.sqrt(2.0), 0.0)
@@ -2277,16 +2297,18 @@ def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_referenc
     if inner.sum() < CALIBRATION_MIN_PIXELS:  # a cutout not much larger than its PSF: all of it
         inner = valid
     quiet = inner & ~ndimage.binary_dilation(sources, iterations=max(1, half // 3)) if sources is not None else inner
+    # The difference's own mesh background first: two epochs' backgrounds, each estimated on
+    # its own noise, differ smoothly under crowded or nebulous light or a sky ramp, and S sums
+    # such an offset over the whole PSF. Clipped mesh statistics leave point sources out of
+    # it. Only then is the noise measured: an offset left in would be read as noise, and a
+    # 20 sigma ramp in one epoch divided S by 2.5 (every faint change lost).
+    offset, _ = background_map(np.where(inner, raw, np.nan), mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True)
+    raw = np.where(valid, raw - offset, 0.0)
     sample = raw[quiet] if quiet.sum() >= CALIBRATION_MIN_PIXELS else raw[inner]
     calibration = robust_sigma(sample) if sample.size else 1.0
     # A difference with no noise of its own (a frame minus a copy of itself) is held to the
     # noise floor, so that round-off never becomes a change.
     calibration = max(calibration, DIFFERENCE_NOISE_FLOOR) if math.isfinite(calibration) else 1.0
-    # The difference's own mesh background: two epochs' backgrounds, each estimated on its own
-    # noise, differ smoothly under crowded or nebulous light, and S sums such an offset over
-    # the whole PSF. Clipped mesh statistics leave point sources out of it.
-    offset, _ = background_map(np.where(inner, raw, np.nan), mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True)
-    raw = np.where(valid, raw - offset, 0.0)
     # Where S_corr scatters more than that locally (a crowded core, a nebula's texture), 5
     # sigma must mean 5 sigma there too: its local RMS (a mesh over the source-free pixels)
     # divides it further. It never sharpens a region that scatters less.

@@ -90,6 +90,24 @@ def test_local_background_follows_ramps_and_glows(kind):
     assert np.median(rms) == pytest.approx(SIGMA, rel=0.1)
 
 
+def test_a_20_sigma_ramp_in_one_epoch_leaves_the_significance_of_a_change_as_it_was():
+    """The ramp is taken out as a plane before the meshes, and S_corr's noise is measured after its own offset:
+    a ramp costs no depth (it divided S by 2.5 before)."""
+    n, fwhm = 192, FWHM
+    stars, _ = star_field(n, stars=120, seed=7)
+    psf = st.PSF(fwhm, 3.5)
+    unit = st.render_points((n, n), [101.3], [88.6], [1.0], psf)
+    flux = 10.0 / st.matched_filter_snr(1.0, unit, np.full((n, n), 2 * SIGMA**2))
+    yy, xx = np.mgrid[:n, :n]
+    ramp = 20.0 * SIGMA * (xx + yy) / (2 * (n - 1))
+    science = noisy(stars + flux * unit, 11)
+    peaks = []
+    for slope in (0.0, 1.0):
+        pair = st.subtract_pair(noisy(stars, 12) + slope * ramp, science, flux_ratio=1.0, seeing=(fwhm, fwhm))
+        peaks.append(float(pair.subtraction.significance[86:92, 99:105].max()))
+    assert peaks[0] > 7.0 and peaks[1] == pytest.approx(peaks[0], rel=0.1)
+
+
 # ----------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------
