@@ -5708,7 +5708,7 @@ def type_detections(detections: Sequence[dict], pair: PairSubtraction, *, type_p
     With the type head's maps (`type_prob`, (types, H, W), and the change probability `prob`)
     each detection gets ``p_<type>`` (:func:`type_probabilities`) and its ``type`` is the most
     probable one, except where the rule finds a point source of the reference centred on the
-    change: that is a variable star unless the head calls it a trail (on the synthetic test
+    change: that is a variable star unless the head calls it a trail (on 100 synthetic test images
     this lifts type accuracy from 75.4% to 77.5%: the head confuses a star's brightening with
     a supernova's more often than the rule does). ``rule_type`` is always the rule's below,
     the baseline the head must beat, and the type of a model without a head.
