@@ -61,6 +61,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+import typing
 from typing import Any, Callable, NamedTuple, Sequence, TypedDict
 
 import numpy as np
@@ -74,11 +75,14 @@ from astropy.coordinates import Angle, SkyCoord
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Circle, Patch
 from requests.adapters import HTTPAdapter
-from scipy import ndimage, optimize, spatial, special, signal as sp_signal
+from scipy import ndimage, optimize, spatial, special
+
+# Imported where they are used, not here: matplotlib (only the figures need it) and
+# scipy.signal (only fftconvolve) cost about a second of every process's start, and most
+# processes (`--help`, predict on a list, the tests' CLI calls) draw nothing.
+if typing.TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("astrid")
 
@@ -893,6 +897,7 @@ def sersic_image(shape: tuple[int, int], galaxies: Sequence[dict], *, offset: Se
 
 def convolve_psf(image: np.ndarray, psf: PSF) -> np.ndarray:
     """Convolve an intrinsic image with a PSF's pixel-integrated stamp."""
+    from scipy import signal as sp_signal  # lazy: see the imports at the top
     return sp_signal.fftconvolve(image, psf.stamp, mode="same")
 
 
@@ -1777,6 +1782,7 @@ SIGNIFICANCE_GATE = 5.0
 
 def correlate_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
     """Cross-correlation of an image with a PSF stamp of odd sides (non-finite pixels count as 0)."""
+    from scipy import signal as sp_signal  # lazy: see the imports at the top
     clean = np.where(np.isfinite(image), image, 0.0)
     return sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")  # correlation = convolution with the flipped kernel
 
@@ -2367,6 +2373,7 @@ def fit_flux_ratio_pixels(reference: np.ndarray, science: np.ndarray, *, psf_ref
     far too sparse for a star-by-star fit. The error is formal, widened by the number of
     pixels per PSF (the matched pixels are correlated).
     """
+    from scipy import signal as sp_signal  # lazy: see the imports at the top
     valid = np.isfinite(reference) & np.isfinite(science)
     a = sp_signal.fftconvolve(np.where(valid, science, 0.0), psf_reference, mode="same")
     b = sp_signal.fftconvolve(np.where(valid, reference, 0.0), psf_science, mode="same")
@@ -6171,6 +6178,8 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     ``prediction`` (H, W) probabilities and a ``label``. Each column's colour scale is shown
     once, under it; with `threshold`, the prediction carries that probability's contour.
     """
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+    from matplotlib.lines import Line2D  # lazy: see the imports at the top
     with_prediction = any("prediction" in r for r in rows)
     columns = ["reference", "science", "difference", "truth mask"] + (["prediction"] if with_prediction else [])
     fig = Figure(figsize=(2.3 * len(columns), 2.3 * len(rows)))
@@ -6253,6 +6262,9 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
     Path
         The saved path.
     """
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+    from matplotlib.lines import Line2D  # lazy: see the imports at the top
+    from matplotlib.patches import Patch  # lazy: see the imports at the top
     # Figure, not pyplot: no global backend or state, so this is safe in workers and tests.
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
@@ -6325,6 +6337,7 @@ def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | o
     Path
         The saved path.
     """
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
     y_true = np.asarray(y_true, dtype=bool).ravel()
     y_score = np.asarray(y_score, dtype=float).ravel()
     if y_true.shape != y_score.shape:
@@ -6381,6 +6394,8 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
     Path
         The saved path.
     """
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+    from matplotlib.patches import Circle  # lazy: see the imports at the top
     if len(examples) == 0:
         msg = "no examples to plot"
         raise ValueError(msg)
@@ -6419,6 +6434,7 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
 
 def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = None) -> list[Path]:
     """Loss curves (a log axis when they span more than a decade, the best epoch marked), learning rate and validation metrics, on whole epochs."""
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
@@ -6458,6 +6474,9 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
     Block-averaged if large; pixel axes (0-based, as in detections.csv) and a colour bar on
     each panel (the science in units of its noise above the sky, the difference in sigma).
     """
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+    from matplotlib.lines import Line2D  # lazy: see the imports at the top
+    from matplotlib.patches import Circle  # lazy: see the imports at the top
     channels = normalize_pair(reference, science, statistics=statistics)
     factor = max(1, math.ceil(max(science.shape) / max_side))
     if factor > 1:
@@ -6490,6 +6509,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
 
 def plot_type_confusion(panels: dict[str, dict], path: Path) -> Path:
     """One confusion matrix per typer (`panels`: title -> :func:`summarise_types`' result), rows normalised to recall, each cell with its count."""
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
     fig = Figure(figsize=(4.6 * len(panels), 4.2))
     names = [t.replace("_", " ") for t in ANOMALY_TYPES]
     for k, (title, summary) in enumerate(panels.items()):
@@ -6512,6 +6532,7 @@ def plot_type_confusion(panels: dict[str, dict], path: Path) -> Path:
 
 def plot_comparison(arms: dict, path: Path, *, staged: list | None = None) -> Path:
     """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
     fig = Figure(figsize=(11, 4.2))
     colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
     titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
