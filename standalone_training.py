@@ -612,6 +612,7 @@ class TrainConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     type_weight: float = 0.3  # the type cross-entropy beside BCE + Dice (CombinedLoss); 0 trains the change head alone
+    null_tests: bool = True  # the end-of-run null battery (about 10 s of CPU); off, metrics.json and MLflow carry no null figures
     width: int = 16  # channels of the first U-Net level (16 -> 2.16M parameters)
     snr_min: float = SNR_RANGE[0]  # anomaly SNR range of the synthetic sky
     snr_max: float = SNR_RANGE[1]
@@ -1863,8 +1864,7 @@ def _background_plane(background: np.ndarray, valid: np.ndarray) -> np.ndarray |
     step = max(1, rows.size // 20000)  # the map is smooth: a subsample fits the same plane
     design = np.stack([np.ones(rows[::step].size), cols[::step], rows[::step]], axis=1).astype(np.float64)
     (c, gx, gy), *_ = np.linalg.lstsq(design, background[rows[::step], cols[::step]], rcond=None)
-    yy, xx = np.mgrid[0 : background.shape[0], 0 : background.shape[1]]
-    return c + gx * xx + gy * yy
+    return c + gx * np.arange(background.shape[1])[None, :] + gy * np.arange(background.shape[0])[:, None]
 
 
 def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -6881,8 +6881,9 @@ class TrainingDiverged(AstridError):
 
 def _test_headline(evaluation: dict) -> dict:
     """The figures of an end-of-run evaluation that metrics.json and MLflow carry as ``test``."""
-    network, baseline, null = evaluation["network"], evaluation["baseline"], evaluation["null"]["summary"]
-    return {
+    network, baseline = evaluation["network"], evaluation["baseline"]
+    null = evaluation["null"]["summary"] if "null" in evaluation else None
+    headline = {
         "pixel": evaluation["pixel"],
         "completeness": network["completeness"]["overall"]["value"],
         "purity": network["purity"]["value"],
@@ -6892,11 +6893,11 @@ def _test_headline(evaluation: dict) -> dict:
         "type_accuracy": evaluation["types"]["overall"]["accuracy"]["value"],
         "baseline_snr50": baseline["snr50"]["overall"],
         "baseline_false_detections_per_image": baseline["false_detections_per_image"]["value"],
-        "null_identical_detections": null["identical_detections"],
-        "null_noise_per_megapixel_max": null["noise_per_megapixel_max"],
-        "null_flux_per_megapixel_max": null["flux_per_megapixel_max"],
-        "null_refused": null["refused"],
     }
+    if null is not None:  # absent from a run with --no-null-tests
+        headline.update(null_identical_detections=null["identical_detections"], null_noise_per_megapixel_max=null["noise_per_megapixel_max"],
+                        null_flux_per_megapixel_max=null["flux_per_megapixel_max"], null_refused=null["refused"])
+    return headline
 
 
 class StandaloneTrainer:
@@ -7341,8 +7342,9 @@ class StandaloneTrainer:
         self._stop_if_signalled("the null battery")
         # Where nothing changed, nothing may be found: a short battery on a 128 px simulated
         # sky and the 160 px core of the real M13 plate (`evaluate` runs the full one).
-        evaluation["null"] = null_battery(model, null_frames(synthetic=1, image_size=128, real_size=160, seed=cfg.seed), threshold=threshold, device=self.device,
-                                          stop=lambda: self._signal is not None, **TRAINER_NULL_BATTERY)
+        if cfg.null_tests:
+            evaluation["null"] = null_battery(model, null_frames(synthetic=1, image_size=128, real_size=160, seed=cfg.seed), threshold=threshold,
+                                              device=self.device, stop=lambda: self._signal is not None, **TRAINER_NULL_BATTERY)
         self._stop_if_signalled("writing the evaluation")
         write_json(out / "evaluation" / "evaluation.json", evaluation)
         best_epoch = self.stopper.best_epoch
@@ -8679,6 +8681,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-domain-randomisation", dest="domain_randomisation", action="store_false", default=None, help="train on the plain simulated sky, not TRAINING_SKY")
     a("--plain-fraction", type=float, help="share of the training sky's fields drawn from the plain sky")
     a("--type-weight", type=float, help="weight of the type head's cross-entropy beside BCE + Dice (0: the change head alone learns)")
+    a("--no-null-tests", dest="null_tests", action="store_false", default=None, help="skip the end-of-run null battery (about 10 s of CPU)")
     a("--seed", type=int, help="seed of the data and the model, in [0, 2^32 - 1]")
     a("--device", help="auto | cpu | cuda | mps")
     a("--threads", type=int, help="torch threads per process (0: one per core)")

@@ -39,9 +39,11 @@ from conftest import cli_env, healthy, kill_group, start_mlflow_server
 from test_faults import IS_ROOT, MODULE, OFFLINE, PERMISSION_BITS_BIND, Job, describe, drive, exited, mlflow_client, nonblank_lines, strays, write_lying_fits
 
 # One epoch of 6 train / 2 validation samples of 32x32 px: the smallest run that writes everything.
-TINY = ["--samples", "8", "--epochs", "1", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--seed", "7", "--device", "cpu"]
+TINY = ["--samples", "8", "--epochs", "1", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--seed", "7", "--device", "cpu",
+        "--no-null-tests"]  # the null battery is not what these runs test (test_null_tests.py is), and it is 10 s of CPU each
 # Runs that lose their tracking server mid-run: ten short epochs, so the kill lands while they train.
-LONG = ["--samples", "24", "--epochs", "10", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--patience", "100", "--seed", "7", "--device", "cpu"]
+LONG = ["--samples", "24", "--epochs", "10", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--patience", "100", "--seed", "7", "--device", "cpu",
+        "--no-null-tests"]
 PRECIOUS = b"precious: must never be overwritten\n"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
