@@ -5428,11 +5428,11 @@ def _windows(n: int, *, tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN) 
 
 
 @torch.no_grad()
-def network_maps(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The change probability (N, H, W) and, from a model with a type head, the type probabilities (N, types, H, W) of its logits."""
+def network_maps(logits: torch.Tensor, *, types: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The change probability (N, H, W) of a model's logits and, with `types` and a type head, its type probabilities (N, types, H, W)."""
     logits = logits.float()
     change = F.logsigmoid(logits[:, 0]).exp()
-    return change, (torch.softmax(logits[:, 1:], dim=1) if logits.shape[1] > 1 else None)
+    return change, (torch.softmax(logits[:, 1:], dim=1) if types and logits.shape[1] > 1 else None)
 
 
 def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, batch_size: int = 16,
@@ -5447,7 +5447,7 @@ def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: tor
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size].to(device, non_blocking=True)
         with ctx:
-            change, kinds = network_maps(model(batch))
+            change, kinds = network_maps(model(batch), types=types)
         out.append(change.cpu().numpy())
         if kinds is not None:
             out_types.append(kinds.cpu().numpy())
@@ -5494,9 +5494,9 @@ def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray
             batch.append(np.pad(inputs, pad, mode="symmetric"))  # mirrored sky, never a flat band
         inputs = torch.from_numpy(np.stack(batch)).to(device, memory_format=torch.channels_last)
         with ctx:
-            change, kinds = network_maps(model(inputs))
+            change, kinds = network_maps(model(inputs), types=type_prob is not None)
         maps = change.cpu().numpy()
-        kinds = kinds.cpu().numpy() if kinds is not None and type_prob is not None else None
+        kinds = kinds.cpu().numpy() if kinds is not None else None
         for k, (((y0, h, wy), (x0, w, wx)), m) in enumerate(zip(tiles[start : start + per_batch], maps)):
             prob[y0 : y0 + h, x0 : x0 + w] = m[y0 - wy : y0 - wy + h, x0 - wx : x0 - wx + w]
             if kinds is not None:
@@ -6706,7 +6706,8 @@ def evaluate_model(
         "significance_alone": summarise_objects(scorr_results, truths),
         "significance_alone_rule": f"ZOGY's S_corr >= {SIGNIFICANCE_GATE:g}, deblended, both signs, no sharper than the PSF: detect_changes without the network",
         "types": summarise_types(types),
-        "types_typer": "the type head: the most probable p_<type> over each change's footprint" if type_probs is not None else TYPE_RULE,
+        "types_typer": ("the type head: the most probable p_<type> over each change's footprint, a variable star where the rule finds a point "
+                        "source of the reference centred on the change (unless the head sees a trail)") if type_probs is not None else TYPE_RULE,
         "types_by_rule": summarise_types(rule_types),
         "types_rule": TYPE_RULE,
     }
