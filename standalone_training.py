@@ -7565,7 +7565,8 @@ def detection_table(rows: Sequence[dict], *, record: dict):
         values = np.array([np.nan if r.get(name) is None else r[name] for r in rows], dtype=np.float64)
         table[name] = MaskedColumn(values, mask=np.isnan(values), unit=unit)
     table["type"].description = ("what changed: transient, variable_star, supernova or asteroid; the most probable p_<type> where the model has a type "
-                                 "head, else from the pair's cues (blank sky, a reference star, an extended source, a trail)")
+                                 "head (a variable star where a point source of the reference is centred on the change, unless the head sees a trail), "
+                                 "else from the pair's cues (blank sky, a reference star, an extended source, a trail)")
     table["p_real"].description = "the network's probability that the change is real, not bogus (the score)"
     for kind in ANOMALY_TYPES:
         table[f"p_{kind}"].description = f"the type head's probability that the change is a {kind.replace('_', ' ')}, over its footprint (masked: no type head)"
