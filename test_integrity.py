@@ -41,8 +41,8 @@ from test_faults import IS_ROOT, MODULE, OFFLINE, PERMISSION_BITS_BIND, Job, des
 # One epoch of 6 train / 2 validation samples of 32x32 px: the smallest run that writes everything.
 TINY = ["--samples", "8", "--epochs", "1", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--seed", "7", "--device", "cpu",
         "--no-null-tests"]  # the null battery is not what these runs test (test_null_tests.py is), and it is 10 s of CPU each
-# Runs that lose their tracking server mid-run: ten short epochs, so the kill lands while they train.
-LONG = ["--samples", "24", "--epochs", "10", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--patience", "100", "--seed", "7", "--device", "cpu",
+# Runs that lose their tracking server mid-run: short epochs, enough of them that the kill lands while they train.
+LONG = ["--samples", "24", "--batch-size", "4", "--test-samples", "4", "--image-size", "32", "--width", "8", "--patience", "100", "--seed", "7", "--device", "cpu",
         "--no-null-tests"]
 PRECIOUS = b"precious: must never be overwritten\n"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -144,7 +144,9 @@ def runs(tmp_path_factory) -> Jobs:
     - first / second / overwrite: train into one directory (planted symlinks too), again, then --overwrite.
     - twin_a, twin_b, twin_c: three first runs at once in a fresh directory, no --output-dir, default MLflow.
     - same_dir_a, same_dir_b: two runs started together into one --output-dir.
-    - server_dies(_optional): a real MLflow server, killed once both runs have a last.pt.
+    - server_dies(_optional): a real MLflow server, killed once both runs have a last.pt. The optional
+      run starts once the other has one (their starts never race on the fresh server, and a run
+      that cannot start is reported), and the other has 100 epochs, so it is still training at the kill.
     - api_500(_optional), api_hangs_optional: a server whose /health answers but whose API fails.
     - readonly_db(_optional): a read-only SQLite tracking store.
     - diverges: --lr 1e10.
@@ -201,8 +203,9 @@ def runs(tmp_path_factory) -> Jobs:
                 pytest.fail(f"mlflow server did not become healthy:\n{(root / 'server' / 'server.log').read_text()[-3000:]}")
             time.sleep(0.2)
         seen["server_url"] = server_url
-        for name, extra in (("server_dies", []), ("server_dies_optional", ["--mlflow-optional"])):
-            jobs[name] = Job(name, ["train", *LONG, "--no-energy", "--tracking-uri", server_url, *extra, "--output-dir", name], cwd=root)
+        server_runs = {name: ["train", *LONG, *extra, "--no-energy", "--tracking-uri", server_url, "--output-dir", name]
+                       for name, extra in (("server_dies", ["--epochs", "100"]), ("server_dies_optional", ["--epochs", "10", "--mlflow-optional"]))}
+        jobs["server_dies"] = Job("server_dies", server_runs["server_dies"], cwd=root)
 
         def launch(name: str, args: list[str], before: Callable[[], None] = lambda: None) -> Callable[[Job], None]:
             def action(job: Job) -> None:
@@ -218,8 +221,9 @@ def runs(tmp_path_factory) -> Jobs:
             seen["second"] = {n: (root / "twice" / n).read_bytes() for n in ("best.pt", "metrics.json", "config.json")}
             (root / "twice" / ".last.pt.k1ll3d_x.tmp").write_bytes(b"half a checkpoint")
 
-        def both_tracking() -> bool:
-            return all((root / n / "last.pt").exists() for n in ("server_dies", "server_dies_optional"))
+        def tracking(name: str) -> bool:
+            """A run past its first epoch, or one that ended without reaching it (the test reports it)."""
+            return (root / name / "last.pt").exists() or jobs[name].poll()
 
         def kill_server(job: Job) -> None:
             kill_group(server)
@@ -231,7 +235,10 @@ def runs(tmp_path_factory) -> Jobs:
                 (exited, launch("second", specs["first"], keep_first_run)),
                 (lambda job: jobs["second"].poll(), launch("overwrite", [*specs["first"], "--overwrite"], plant_stale_temporary)),
             ],
-            "server_dies": [(lambda job: both_tracking(), kill_server)],
+            "server_dies": [
+                (lambda job: tracking("server_dies"), launch("server_dies_optional", server_runs["server_dies_optional"])),
+                (lambda job: tracking("server_dies_optional"), kill_server),
+            ],
         }
         drive(jobs, steps, timeout=600)
         yield Jobs(jobs, root, seen, ro_ok)
@@ -334,7 +341,7 @@ def test_simultaneous_first_runs_each_track_their_own_run_in_one_new_database(ru
 @pytest.mark.slow
 def test_a_server_that_dies_mid_run_fails_it_in_one_line_after_saving_last_pt(runs):
     job, out = runs.jobs["server_dies"], runs.root / "server_dies"
-    assert "server killed" in runs.seen, "the server was never killed"
+    assert "server killed" in runs.seen, f"the server was never killed:\n{describe(job)}\n{describe(runs.jobs['server_dies_optional'])}"
     last = one_line_error(job)
     assert last.startswith("astrid: error: MLflow failed at epoch "), last
     assert last.endswith("server_dies/last.pt is saved: resume with --resume server_dies/last.pt"), last
