@@ -4726,7 +4726,7 @@ def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
 # which names what it replaces. Default run directories are made with an exclusive mkdir.
 
 TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
-                 "loss_curves.png", "learning_rate.png", "val_metrics.png", "predictions.png")
+                 "loss_curves.png", "learning_rate.png", "val_metrics.png", "energy.png", "predictions.png")
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png", "types.png")
 PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "significance.fits", "overlay.png")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
@@ -5133,6 +5133,25 @@ class EnergyMeter:
             log.warning("CodeCarbon could not start (%s): energy is not measured for this run", exc)
             self.result = {"status": "failed", "reason": str(exc)}
             self.tracker = None
+
+    def so_far(self) -> dict:
+        """Energy and emissions since start(), measured now, for one epoch's row; {} when not measured.
+
+        CodeCarbon's flush() takes a reading (and writes nothing: save_to_file is off); the
+        running totals it computed are read back with _prepare_emissions_data(), the accessor
+        codecarbon==3.3.2 has for them. Any failure here costs the row its energy, never the run.
+        """
+        if self.tracker is None:
+            return {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if self.tracker.flush() is None:
+                    return {}
+                data = self.tracker._prepare_emissions_data()
+            return {"energy_kwh_so_far": float(data.energy_consumed), "emissions_kg_so_far": float(data.emissions)}
+        except Exception:
+            return {}
 
     def stop(self) -> dict:
         if self.tracker is None:
@@ -6432,8 +6451,32 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
     return save_figure(fig, path)
 
 
+def plot_energy(history: list[dict]) -> Any:
+    """CodeCarbon's energy by epoch: each epoch's kWh as a bar, the running total as a line, kg CO2eq on the right."""
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+
+    epochs = [h["epoch"] for h in history]
+    total = np.array([h["energy_kwh_so_far"] for h in history])
+    emissions = np.array([h["emissions_kg_so_far"] for h in history])
+    # A laptop run spends milli- to watt-hours: the unit follows the total, not the other way round.
+    scale, energy_unit, mass_unit = next((f, e, m) for f, e, m in ((1.0, "kWh", "kg"), (1e3, "Wh", "g"), (1e6, "mWh", "mg"))
+                                         if total[-1] * f >= 1 or f == 1e6)
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    ax.bar(epochs, np.diff(total, prepend=0.0) * scale, color="0.75", label="each epoch (the first with the setup before it)")
+    ax.plot(epochs, total * scale, "o-", color="C3", label="so far")
+    ax.set(xlabel="epoch", ylabel=f"energy ({energy_unit})", title="energy (CodeCarbon, offline)", ylim=(0, 1.35 * total[-1] * scale))
+    ax.legend(loc="upper left", fontsize=8)  # above the line: the headroom is for it
+    if total[-1] > 0 and emissions[-1] > 0:  # offline mode: one carbon intensity, so one scale serves both
+        kg_per_kwh = emissions[-1] / total[-1]
+        right = ax.secondary_yaxis("right", functions=(lambda e: e * kg_per_kwh, lambda c: c / kg_per_kwh))
+        right.set_ylabel(f"{mass_unit} CO2eq ({kg_per_kwh:.3g} kg/kWh)")
+    return fig
+
+
 def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = None) -> list[Path]:
-    """Loss curves (a log axis when they span more than a decade, the best epoch marked), learning rate and validation metrics, on whole epochs."""
+    """Loss curves (a log axis when they span more than a decade, the best epoch marked), learning rate,
+    validation metrics and, when CodeCarbon measured the epochs, energy.png, on whole epochs."""
     from matplotlib.figure import Figure  # lazy: see the imports at the top
     from matplotlib.ticker import MaxNLocator
 
@@ -6458,6 +6501,9 @@ def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = Non
         ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel="validation (pixel level)", ylim=(0, 1.02), title="validation metrics")
     ax.legend(fontsize=8)
+    measured = [h for h in history if "energy_kwh_so_far" in h]
+    if measured:
+        figures["energy.png"] = plot_energy(measured)
     paths = []
     for name, fig in figures.items():
         for ax in fig.axes:
@@ -7265,6 +7311,8 @@ class StandaloneTrainer:
         if start_epoch > 0 and (self.output_dir / "best.pt").exists():
             best_state = load_checkpoint(self.output_dir / "best.pt")["model"]
         epoch = start_epoch
+        # The energy meter counts from this process's start: a resumed run adds what its history had.
+        spent = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k in ("energy_kwh_so_far", "emissions_kg_so_far")}
         for epoch in range(start_epoch, cfg.epochs):
             # 5. Train one epoch (a signal ends it early: save and stop).
             began = time.perf_counter()
@@ -7290,6 +7338,7 @@ class StandaloneTrainer:
                 "lr": self.scheduler.get_last_lr()[0],
                 "epoch_time_s": time.perf_counter() - began,
                 "train_samples_per_s": seen * dist.world_size / max(train_time, 1e-9),
+                **{k: v + spent.get(k, 0.0) for k, v in self.energy.so_far().items()},
             }
             self.history.append(row)
             monitored = row.get(cfg.monitor)

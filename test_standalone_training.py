@@ -1375,8 +1375,15 @@ def test_quick_run_metrics(quick_run):
     assert energy["status"] in ("measured", "failed"), energy
     if energy["status"] == "measured":
         assert energy["energy_kwh"] > 0
+        # Each epoch's row carries the running total, which only grows, and energy.png draws it.
+        history = json.loads((quick_run["run_dir"] / "history.json").read_text())
+        so_far = [row["energy_kwh_so_far"] for row in history]
+        assert 0 < so_far[0] <= so_far[1] <= so_far[2] <= energy["energy_kwh"], (so_far, energy)
+        assert all(row["emissions_kg_so_far"] > 0 for row in history)
+        assert is_png(quick_run["run_dir"] / "energy.png")
     else:
         assert energy["reason"]  # a failure says why
+        assert not (quick_run["run_dir"] / "energy.png").exists()
     assert metrics["data"]["real_fraction"] == 0.0
     assert 0 < metrics["threshold"] < 1
     assert metrics["epochs_run"] == 3 and 1 <= metrics["best_epoch"] <= 3
@@ -1406,7 +1413,8 @@ def test_quick_run_is_recorded_in_mlflow(quick_run, quick_mlflow):
     logged = {m.step: m.value for m in val_loss}
     assert [logged[row["epoch"]] for row in history] == pytest.approx([row["val_loss"] for row in history])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "config.json", "best.pt"} <= artifacts
+    assert {"metrics.json", "config.json", "best.pt", "loss_curves.png"} <= artifacts
+    assert ("energy.png" in artifacts) == (run.data.metrics.get("energy_kwh", 0) > 0)
     assert "evaluation" in artifacts
 
 
