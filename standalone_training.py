@@ -4911,6 +4911,18 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
+def _mlflow_http_limits(timeout: float) -> None:
+    """MLflow's client: no calls home, and a server that dies or hangs fails a call in about `timeout` x 3 s.
+
+    MLflow's default is minutes. Set, not defaulted: an earlier run in this process (a sweep's
+    trials) leaves its own --timeout here, and every process started from this one inherits it.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read at import: no calls home
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout)))
+
+
 # MLflow 3's UI opens an experiment by its kind: a GenAI one on traces, a model-training one
 # on its runs. Without the tag it guesses, and an empty guess opens on "Traces 0".
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -4991,14 +5003,7 @@ class MlflowRun:
         self._check_server()
         if not self.enabled:
             return
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read at import: no calls home
-        # A remote server that dies or hangs mid-run should fail a logging call within
-        # about --timeout x 3 seconds, not hang it for MLflow's default of minutes. Set, not
-        # defaulted: an earlier run in this process (a sweep's trials) leaves its own --timeout
-        # here, and every process started from this one inherits it.
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
-        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(self.cfg.timeout)))
+        _mlflow_http_limits(self.cfg.timeout)
 
         def begin() -> None:
             import mlflow
@@ -8258,25 +8263,73 @@ def suggest_config(trial: Any, space: dict[str, dict], base: TrainConfig) -> Tra
     return cfg
 
 
+def _parent_call(cfg: TrainConfig, when: str, call: Callable[[], Any]) -> Any:
+    """One parent-run call: a failure stops the command in one line, or, with --mlflow-optional, is a warning (None)."""
+    try:
+        return call()
+    except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
+        reason = f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+        if not cfg.mlflow_optional:
+            raise TrackingError(reason + "; pass --no-mlflow, or --mlflow-optional to go on without it") from None
+        log.warning("%s: continuing WITHOUT the parent run, as --mlflow-optional asked", reason)
+        return None
+
+
+def mlflow_parent_run(cfg: TrainConfig, *, run_name: str, tags: dict[str, str]) -> str:
+    """An MLflow run that a sweep's trials or a comparison's arms nest under; its id ("" without MLflow).
+
+    Made in `cfg`'s experiment (created, and marked as model training, if it is new). The runs
+    nested under it name it as their parent; `close_parent_run` logs its summary and ends it.
+    """
+    if not cfg.mlflow:
+        return ""
+    _mlflow_http_limits(cfg.timeout)
+    import mlflow
+
+    _quiet_loggers()
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+
+    def create() -> str:
+        with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg.tracking_uri))
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    return _parent_call(cfg, "the start of the parent run", create) or ""
+
+
+def close_parent_run(cfg: TrainConfig, run_id: str, *, metrics: dict[str, float | None], artifacts: Sequence[Path],
+                     documents: dict[str, dict] | None = None) -> None:
+    """Log a parent run's summary (its finite metrics, `documents` as JSON artifacts by name, files) and mark it finished."""
+    if not run_id:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+
+    def close() -> None:
+        for key, value in metrics.items():
+            if value is not None and math.isfinite(value):
+                client.log_metric(run_id, key, float(value))
+        for name, document in (documents or {}).items():
+            client.log_dict(run_id, document, name)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id)  # a rerun or another worker may log to it again
+
+    _parent_call(cfg, "the end of the parent run", close)
+
+
 def _mlflow_parent(cfg: TrainConfig, *, study: Any, sweep_dir: Path) -> str:
     """The sweep's MLflow parent run: made once per study, its id kept in the study."""
     if not cfg.mlflow:
         return ""
     parent = study.user_attrs.get("mlflow_parent_run_id", "")
-    if parent:
-        return parent
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-
-    _quiet_loggers()
-    client = mlflow.MlflowClient(cfg.tracking_uri)
-    with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg.tracking_uri))
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}", tags={"astrid.sweep": study.study_name, "sweep_dir": str(sweep_dir)})
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    return run.info.run_id
+    if not parent:
+        parent = mlflow_parent_run(cfg, run_name=f"sweep-{study.study_name}", tags={"astrid.sweep": study.study_name, "sweep_dir": str(sweep_dir)})
+        study.set_user_attr("mlflow_parent_run_id", parent)
+    return parent
 
 
 def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Path, parent_run_id: str) -> Callable[[Any], float]:
@@ -8418,16 +8471,9 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
         # A trial that fails for any reason but the user's Ctrl-C is recorded and the sweep goes on.
         study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=(TrainingDiverged, ConfigError, DataError))
     report = sweep_report(study, sweep_dir=root)
-    if parent:
-        import mlflow
-
-        client = mlflow.MlflowClient(base.tracking_uri)
-        if report["best"]:
-            client.log_metric(parent, f"best_{SWEEP_OBJECTIVE}", report["best"]["value"])
-            client.log_dict(parent, report["best"]["params"], "best_params.json")
-        for path in (root / "sweep.json", *report["plots"]):
-            client.log_artifact(parent, str(path))
-        client.set_terminated(parent)  # a rerun or another worker may log to it again
+    best = report["best"] or {}
+    close_parent_run(base, parent, metrics={f"best_{SWEEP_OBJECTIVE}": best.get("value")}, documents={"best_params.json": best["params"]} if best else {},
+                     artifacts=[root / "sweep.json", *report["plots"]])
     print(f"{'trial':>6s} {SWEEP_OBJECTIVE:>22s}  parameters")
     for row in report["top"]:
         print(f"{row['number']:6d} {row['value']:22.4f}  {json.dumps(row['params'])}")
@@ -8577,6 +8623,59 @@ def _resolve_run(spec: str, *, tracking_uri: str, scratch: Path) -> tuple[str, P
     return label or checkpoint.parent.name, checkpoint
 
 
+def _compare_runs(base: TrainConfig, *, out: Path, arms: Sequence[str], seeds: int, runs: Sequence[str], train_dir: Path,
+                  note: str, overwrite: bool, parent: str) -> tuple[dict[str, list[Path]], str, str]:
+    """A comparison's checkpoints by arm: each arm x seed trained here (nested under `parent`), or `runs`.
+
+    Returns the checkpoints, what they are (for the report) and the note, with any arm skipped.
+    """
+    checkpoints: dict[str, list[Path]] = {}
+    if runs:
+        seen: dict[str, str] = {}
+        for spec in runs:
+            label, path = _resolve_run(spec, tracking_uri=base.tracking_uri, scratch=out / "mlflow_runs")
+            key = _sha256(path)  # one model given twice (by path, by MLflow id, or copied) is one seed, not two
+            if key in seen:
+                msg = f"--runs {spec}: the same model as --runs {seen[key]}; each run of an arm must be another seed"
+                raise ConfigError(msg)
+            seen[key] = spec
+            checkpoints.setdefault(label, []).append(path)
+        return checkpoints, "given runs", note
+    tiles = len(MASTRealDataset(1, image_size=base.image_size, source="fits", fits_dir=train_dir, fallback=False).tiles)
+    planned = []
+    for arm in arms:
+        if arm == "real" and tiles < REAL_ONLY_MIN_TILES:
+            log.warning("real-only arm skipped: %d training tiles of %d px, fewer than %d", tiles, base.image_size, REAL_ONLY_MIN_TILES)
+            note += f" The real-only arm was skipped: {tiles} training tiles < {REAL_ONLY_MIN_TILES}."
+            continue
+        for k in range(seeds):
+            cfg = dataclasses.replace(base, **COMPARE_ARMS[arm], fits_dir=str(train_dir), seed=base.seed + k,
+                                      output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"), resume="", overwrite=overwrite)
+            cfg.validate()
+            claim_output_dir(Path(cfg.output_dir), kind="training run", overwrite=overwrite)  # refused now, not after the first arms trained
+            planned.append((arm, cfg))
+    for arm, cfg in planned:
+        log.info("compare: training arm %s, seed %d", arm, cfg.seed)
+        StandaloneTrainer(cfg, given=[], parent_run_id=parent).fit()
+        checkpoints.setdefault(arm, []).append(Path(cfg.output_dir) / "best.pt")
+    return checkpoints, f"{len(arms)} arms x {seeds} seeds, one configuration", note
+
+
+@contextlib.contextmanager
+def _parent_ends_if_failed(cfg: TrainConfig, run_id: str):
+    """A parent run that an error leaves FAILED (KILLED for Ctrl-C or a signal), not RUNNING for ever."""
+    try:
+        yield
+    except BaseException as exc:
+        if run_id:
+            import mlflow
+
+            with contextlib.suppress(Exception):  # the error on its way out is the one to report
+                status = "KILLED" if isinstance(exc, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED"
+                mlflow.MlflowClient(cfg.tracking_uri).set_terminated(run_id, status)
+        raise
+
+
 def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tuple(COMPARE_ARMS), seeds: int = 3,
                 runs: Sequence[str] = (), train_fits_dir: str = "", heldout_fits_dir: str = "",
                 eval_samples: int = 50, eval_image_size: int = 64, overwrite: bool = False) -> dict:
@@ -8584,7 +8683,7 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
 
     Without `train_fits_dir`/`heldout_fits_dir`, the M13 frame astropy ships is split in halves
     (`split_real_frame`): real tiles for training come from the left, injection-recovery on
-    the right.
+    the right. With MLflow, one parent run holds the arms' runs and the report.
     """
     if seeds < 1 or eval_samples < 1:
         msg = f"seeds and eval-samples must be >= 1, got {seeds} and {eval_samples}"
@@ -8612,64 +8711,39 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
         train_dir, heldout_dir = split_real_frame(M13_FITS, out / "real_frames")
         note = ("Real frames: the M13 DSS cutout astropy ships, split in halves: training tiles from its left half, "
                 "injection-recovery on its right half (same plate and seeing, no shared pixel).")
-
-    # 1. The runs: each arm x seed trained here, or the given run directories / MLflow runs.
-    checkpoints: dict[str, list[Path]] = {}
-    if runs:
-        kind = "given runs"
-        seen: dict[str, str] = {}
-        for spec in runs:
-            label, path = _resolve_run(spec, tracking_uri=base.tracking_uri, scratch=out / "mlflow_runs")
-            key = _sha256(path)  # one model given twice (by path, by MLflow id, or copied) is one seed, not two
-            if key in seen:
-                msg = f"--runs {spec}: the same model as --runs {seen[key]}; each run of an arm must be another seed"
-                raise ConfigError(msg)
-            seen[key] = spec
-            checkpoints.setdefault(label, []).append(path)
-    else:
-        kind = f"{len(arms)} arms x {seeds} seeds, one configuration"
-        tiles = len(MASTRealDataset(1, image_size=base.image_size, source="fits", fits_dir=train_dir, fallback=False).tiles)
-        planned = []
-        for arm in arms:
-            if arm == "real" and tiles < REAL_ONLY_MIN_TILES:
-                log.warning("real-only arm skipped: %d training tiles of %d px, fewer than %d", tiles, base.image_size, REAL_ONLY_MIN_TILES)
-                note += f" The real-only arm was skipped: {tiles} training tiles < {REAL_ONLY_MIN_TILES}."
-                continue
-            for k in range(seeds):
-                cfg = dataclasses.replace(base, **COMPARE_ARMS[arm], fits_dir=str(train_dir), seed=base.seed + k,
-                                          output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"), resume="", overwrite=overwrite)
-                cfg.validate()
-                claim_output_dir(Path(cfg.output_dir), kind="training run", overwrite=overwrite)  # refused now, not after the first arms trained
-                planned.append((arm, cfg))
-        for arm, cfg in planned:
-            log.info("compare: training arm %s, seed %d", arm, cfg.seed)
-            StandaloneTrainer(cfg, given=[]).fit()
-            checkpoints.setdefault(arm, []).append(Path(cfg.output_dir) / "best.pt")
-
-    # 2. Every model on the same three sets.
-    evaluations: dict[str, list[dict]] = {}
-    for label, paths in checkpoints.items():
-        for path in paths:
-            predictor = load_predictor(checkpoint=str(path), threshold=None, device=base.device)
-            log.info("compare: evaluating %s (%s)", label, path)
-            evaluations.setdefault(label, []).append(compare_evaluation(
-                predictor.model, threshold=predictor.threshold, heldout_dir=heldout_dir, samples=eval_samples,
-                image_size=eval_image_size, device=predictor.device))
-
-    # 3. The report.
-    report = {
-        "kind": kind, "note": note, "configuration": dataclasses.asdict(base) if not runs else None,
-        "evaluation": {"samples": eval_samples, "image_size": eval_image_size, "seed": DEFAULT_EVAL_SEED, "heldout_dir": str(heldout_dir), "train_dir": str(train_dir)},
-        "runs": {label: [str(p) for p in paths] for label, paths in checkpoints.items()},
-        "arms": {label: summarise_arm(evals) for label, evals in evaluations.items()},
-        "per_run": evaluations,
-    }
-    with output_set() as staged:
-        plot_comparison(report["arms"], out / "comparison.png", staged=staged)
-        write_json(out / "comparison.json", report, staged=staged)
-        atomic_write(out / "comparison.md", lambda f: f.write(comparison_markdown(report).encode()), staged=staged)
+    parent = mlflow_parent_run(base, run_name=f"compare-{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={"astrid.compare": str(out.resolve()), "arms": "given runs" if runs else ",".join(arms)})
+    with _parent_ends_if_failed(base, parent):
+        # 1. The runs: each arm x seed trained here, or the given run directories / MLflow runs.
+        checkpoints, kind, note = _compare_runs(base, out=out, arms=arms, seeds=seeds, runs=runs, train_dir=train_dir, note=note,
+                                                overwrite=overwrite, parent=parent)
+        # 2. Every model on the same three sets.
+        evaluations: dict[str, list[dict]] = {}
+        for label, paths in checkpoints.items():
+            for path in paths:
+                predictor = load_predictor(checkpoint=str(path), threshold=None, device=base.device)
+                log.info("compare: evaluating %s (%s)", label, path)
+                evaluations.setdefault(label, []).append(compare_evaluation(
+                    predictor.model, threshold=predictor.threshold, heldout_dir=heldout_dir, samples=eval_samples,
+                    image_size=eval_image_size, device=predictor.device))
+        # 3. The report, and the parent run's summary.
+        report = {
+            "kind": kind, "note": note, "configuration": dataclasses.asdict(base) if not runs else None,
+            "evaluation": {"samples": eval_samples, "image_size": eval_image_size, "seed": DEFAULT_EVAL_SEED, "heldout_dir": str(heldout_dir), "train_dir": str(train_dir)},
+            "runs": {label: [str(p) for p in paths] for label, paths in checkpoints.items()},
+            "arms": {label: summarise_arm(evals) for label, evals in evaluations.items()},
+            "per_run": evaluations,
+            "mlflow_parent_run_id": parent or None,
+        }
+        with output_set() as staged:
+            plot_comparison(report["arms"], out / "comparison.png", staged=staged)
+            write_json(out / "comparison.json", report, staged=staged)
+            atomic_write(out / "comparison.md", lambda f: f.write(comparison_markdown(report).encode()), staged=staged)
+        headline = {f"{label}_{dataset}_completeness": arm[dataset]["network"]["completeness"]["pooled"]["value"]
+                    for label, arm in report["arms"].items() for dataset in ("synthetic_test", "heldout_real")}
+        close_parent_run(base, parent, metrics=headline, artifacts=[out / name for name in COMPARISON_OUTPUTS])
     print(comparison_markdown(report))
-    print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}")
+    print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}  |  MLflow parent run: {parent or 'none'}")
     return report
 
 

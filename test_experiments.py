@@ -226,9 +226,32 @@ def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys
     text = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| network: a |" in text and "SExtractor" in text and "held-out real" in text
     assert (tmp_path / "cmp" / "comparison.png").is_file()
+    # Its MLflow parent run holds the report and each arm's pooled completeness.
+    parent = client.get_run(report["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["arms"] == "given runs"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(st.COMPARISON_OUTPUTS)
+    pooled = report["arms"]["b"]["heldout_real"]["network"]["completeness"]["pooled"]["value"]
+    assert parent.data.metrics.get("b_heldout_real_completeness") == pooled
     capsys.readouterr()
     assert st.main(args) == 2  # the output-directory rule: a comparison is never overwritten unasked
     assert "already holds a comparison" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_nests_the_runs_it_trains_under_one_parent_run(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["compare", *TINY, "--arms", "synthetic", "--seeds", "1", "--seed", "5", "--eval-samples", "2", "--eval-image-size", "32",
+            "--tracking-uri", uri, "--experiment", "cmp", "--output-dir", str(tmp_path / "cmp")]
+    assert st.main(args) == 0
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
+    parents = [r for r in runs if "astrid.compare" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name.startswith("compare-cmp-"), [r.info.run_name for r in runs]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert [r.info.run_name for r in children] == ["synthetic-seed5"] and children[0].info.status == "FINISHED"
+    assert parents[0].info.status == "FINISHED" and "synthetic_synthetic_test_completeness" in parents[0].data.metrics
 
 
 @pytest.mark.slow
