@@ -6518,37 +6518,68 @@ def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = Non
     return paths
 
 
+def overlay_wcs(wcs: WCS | None, shape: tuple[int, int], factor: int) -> WCS | None:
+    """The celestial WCS of the overlay's image (`shape` after block-averaging by `factor`), or None for pixel axes.
+
+    A stepped slice of the science WCS puts each block's sky position at its centre. A WCS
+    that cannot be sliced or gives no finite sky position at the image's corners is left out:
+    the overlay falls back to pixels, as detections.csv does without a WCS.
+    """
+    if wcs is None or not wcs.has_celestial:
+        return None
+    try:
+        view = wcs.celestial.slice((slice(0, shape[0] * factor, factor), slice(0, shape[1] * factor, factor))) if factor > 1 else wcs.celestial
+        corners = view.pixel_to_world_values([0, shape[1] - 1], [0, shape[0] - 1])
+    except Exception as exc:  # astropy raises several kinds for WCSs it cannot slice
+        log.debug("overlay in pixels: the science WCS could not be sliced (%s)", exc)
+        return None
+    return view if np.all(np.isfinite(corners)) else None
+
+
 def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024,
-                 staged: list | None = None) -> Path:
+                 wcs: WCS | None = None, staged: list | None = None) -> Path:
     """Science and difference images with the detections circled, numbered as the rows of detections.csv and coloured by type.
 
-    Block-averaged if large; pixel axes (0-based, as in detections.csv) and a colour bar on
-    each panel (the science in units of its noise above the sky, the difference in sigma).
+    Block-averaged if large; sky axes where the science epoch has a celestial WCS (`wcs`),
+    pixel axes (0-based, as in detections.csv) otherwise; a colour bar on each panel (the
+    science in units of its noise above the sky, the difference in sigma).
     """
     from matplotlib.figure import Figure  # lazy: see the imports at the top
     from matplotlib.lines import Line2D  # lazy: see the imports at the top
     from matplotlib.patches import Circle  # lazy: see the imports at the top
+    from matplotlib.patheffects import withStroke  # lazy: see the imports at the top
     channels = normalize_pair(reference, science, statistics=statistics)
     factor = max(1, math.ceil(max(science.shape) / max_side))
     if factor > 1:
         h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
         channels = channels[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
-    extent = (-0.5, channels.shape[2] * factor - 0.5, -0.5, channels.shape[1] * factor - 0.5)  # axes in the original pixels
+    sky = overlay_wcs(wcs, channels.shape[1:], factor)
+    # Pixel axes are in the original pixels (the image stretched over them); sky axes need the
+    # image's own block pixels, where a detection at pixel x sits at (x + 0.5) / factor - 0.5.
+    extent, scale = ((-0.5, channels.shape[2] * factor - 0.5, -0.5, channels.shape[1] * factor - 0.5), 1) if sky is None else (None, factor)
     fig = Figure(figsize=(12, 5.5))
-    axes = fig.subplots(1, 2)
-    for ax, image, title, unit, kwargs in (
-        (axes[0], channels[1], "science", "science (noise units above the sky)", dict(cmap="gray", vmin=-1, vmax=5)),
-        (axes[1], channels[2], "difference (science - scaled reference)", "difference (sigma)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
-    ):
+    for k, (image, title, unit, kwargs) in enumerate((
+        (channels[1], "science", "science (noise units above the sky)", dict(cmap="gray", vmin=-1, vmax=5)),
+        (channels[2], "difference (science - scaled reference)", "difference (sigma)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
+    )):
+        ax = fig.add_subplot(1, 2, k + 1, projection=sky)
         shown = ax.imshow(image, origin="lower", extent=extent, **kwargs)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=unit)
         for number, r in enumerate(rows, start=1):
             colour = DS9_COLOURS.get(r.get("type"), "lime")
-            ax.add_patch(Circle((r["x"], r["y"]), radius=max(4.0, 8.0 * factor), fill=False, color=colour, lw=1.2))
-            ax.annotate(str(number), (r["x"], r["y"]), xytext=(6, 6), textcoords="offset points", color=colour, fontsize=8, weight="bold")
+            centre = ((r["x"] + 0.5) / scale - 0.5, (r["y"] + 0.5) / scale - 0.5)
+            ax.add_patch(Circle(centre, radius=max(4.0, 8.0 * factor) / scale, fill=False, color=colour, lw=1.2))
+            ax.annotate(str(number), centre, xytext=(6, 6), textcoords="offset points", color=colour, fontsize=8, weight="bold",
+                        path_effects=[withStroke(linewidth=2, foreground="black")])  # legible on light and dark pixels alike
         ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
-        ax.set_xlabel("x (px)")
-        ax.set_ylabel("y (px)")
+        if sky is None:
+            ax.set_xlabel("x (px)")
+            ax.set_ylabel("y (px)")
+        else:
+            names = {"ra": "RA", "dec": "Dec", "lon": "longitude", "lat": "latitude"}
+            for axis, kind in enumerate(sky.world_axis_physical_types):
+                ax.coords[axis].set_axislabel(f"{names.get(kind.split('.')[-1], kind)} ({sky_frame(sky)})")
+            ax.coords.grid(color="white", alpha=0.25, ls=":")
     kinds = sorted({r.get("type") for r in rows if r.get("type") in DS9_COLOURS})
     if kinds:
         fig.legend(handles=[Line2D([], [], color=DS9_COLOURS[k], marker="o", ls="", fillstyle="none", label=k.replace("_", " ")) for k in kinds],
@@ -7841,7 +7872,7 @@ def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: di
             for row, (_, _, ra, dec) in zip(forced, positions):
                 row.update(ra=ra, dec=dec)
             write_forced_csv(out / "forced.csv", forced, staged=staged)
-        save_overlay(out / "overlay.png", sub.reference, sub.science, rows, statistics=sub.statistics, staged=staged)
+        save_overlay(out / "overlay.png", sub.reference, sub.science, rows, statistics=sub.statistics, wcs=wcs, staged=staged)
     return rows
 
 

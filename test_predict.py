@@ -369,6 +369,18 @@ def test_overlay_png_is_written(demo_outputs):
         assert (out / "overlay.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_overlay_has_sky_axes_whose_blocks_sit_where_the_science_wcs_puts_them():
+    wcs = WCS(fits.getheader(st.M13_FITS)).celestial
+    for factor in (1, 4):
+        sky = st.overlay_wcs(wcs, (300 // factor, 300 // factor), factor)
+        for i, j in ((0, 0), (10, 3), (70, 50)):
+            # Block (i, j) averages pixels i*f .. i*f + f - 1: its centre is at i*f + (f - 1) / 2.
+            block, pixels = sky.pixel_to_world(i, j), wcs.pixel_to_world(i * factor + (factor - 1) / 2, j * factor + (factor - 1) / 2)
+            assert block.separation(pixels).arcsec < 1e-6
+    assert st.overlay_wcs(None, (300, 300), 1) is None  # pixel axes, as detections.csv has without a WCS
+    assert st.overlay_wcs(WCS(naxis=2), (300, 300), 1) is None  # a WCS without a celestial frame
+
+
 # ----------------------------------------------------------------------------
 # Any size: odd shapes, x is the column, large frames across window seams
 # ----------------------------------------------------------------------------
