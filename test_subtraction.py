@@ -258,6 +258,23 @@ def test_two_transients_two_fwhm_apart_are_two_candidates():
     assert xs == pytest.approx([40.0, 40.0 + 2.3 * FWHM], abs=0.5)
 
 
+def test_label_maxima_agrees_with_scipy_and_says_where_a_label_is_missing():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(24)
+    values = rng.normal(size=(60, 70))  # continuous: no ties, whose pick scipy leaves to an unstable sort
+    labels, n = ndimage.label(rng.random((60, 70)) > 0.7)
+    index = rng.permutation(np.arange(1, n + 1))[: n // 2]
+    maxima, where = st.label_maxima(values, labels, index)
+    assert np.array_equal(maxima, ndimage.maximum(values, labels, index))
+    assert where == [tuple(int(v) for v in p) for p in ndimage.maximum_position(values, labels, index)]
+    tied = np.zeros((4, 4))
+    tied[1, 2] = tied[3, 0] = 1.0
+    assert st.label_maxima(tied, np.ones((4, 4), dtype=int), [1])[1] == [(1, 2)]  # ties: the first in raster order
+    maxima, where = st.label_maxima(values, labels, [n + 1])
+    assert maxima[0] == -np.inf and where == [(0, 0)]  # no pixel: no gate passes it
+
+
 # ----------------------------------------------------------------------------
 # The flux ratio: given, headers, stars, pixels, or a refusal that names them
 # ----------------------------------------------------------------------------
