@@ -1915,13 +1915,14 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
         # Without the sources: the wings of stars and galaxies have steep steps that clipping
         # keeps, and a crowded mesh would read them as noise. (sep refuses meshes that are
         # more than half masked, hence the meshes' own robust noise here.)
-        first = robust_sigma(steps[steps_valid])
-        sources = ndimage.binary_dilation(np.abs(data - background) > SOURCE_MASK_SIGMA * max(first, 1e-300), iterations=2)
+        overall = robust_sigma(steps[steps_valid])
+        sources = ndimage.binary_dilation(np.abs(data - background) > SOURCE_MASK_SIGMA * max(overall, 1e-300), iterations=2)
         quiet = steps_valid & ~sources & ~np.roll(sources, 1, axis=1)
         rms = _mesh_noise(steps, quiet if quiet.sum() >= 0.05 * steps_valid.sum() else steps_valid, side=side, filter_size=filter_size)
     # A mesh of coarsely quantised or constant pixels reads 0: the clipped standard deviation
     # of all the steps stands in there.
-    overall = robust_sigma(steps[steps_valid])
+    if correlated:
+        overall = robust_sigma(steps[steps_valid])
     floor = 0.1 * overall if overall > 0 else 1e-12 * max(float(np.max(np.abs(data))), 1.0)
     rms = np.where(np.isfinite(rms) & (rms >= floor), rms, max(overall, floor))
     return background, rms
@@ -2290,9 +2291,13 @@ def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_referenc
         if sx > 0 or sy > 0:
             gy, gx = np.gradient(image)
             variance += sx**2 * gx**2 + sy**2 * gy**2
+            del gy, gx
         variance += (flux_systematic * image) ** 2
     score = (score_n - score_r)[:h, :w]
-    variance = variance[:h, :w]
+    variance = variance[:h, :w].copy()
+    # The spectra and the padded maps are done with: at 4096 px they are over a gigabyte that
+    # the calibration's mesh statistics below would otherwise hold beside their own.
+    del pr, pn, pr2, pn2, denom2, kn_hat, kr_hat, score_n, score_r, image
     floor = 1e-6 * float(np.median(variance[valid])) if valid.any() else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         raw = np.where(valid & (variance > floor), score / np.sqrt(np.maximum(variance, floor)), 0.0)
@@ -2721,6 +2726,9 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
     lagged_r, lagged_s = _lagged_noise(ref), _lagged_noise(sci)
     sources = ((np.abs(np.nan_to_num(ref)) > SOURCE_MASK_SIGMA * np.maximum(rms_r, lagged_r))
                | (np.abs(np.nan_to_num(sci)) > SOURCE_MASK_SIGMA * np.maximum(rms_s, lagged_s)))
+    # What ZOGY needs is ref, sci and their variances: the full-frame maps behind them go now
+    # (a gigabyte at 4096 px, at the point where ZOGY's own spectra are the memory's peak).
+    del reference, science, original, maps, bg_r, bg_s, rms_r, rms_s, lagged_r, lagged_s
     subtraction = zogy_subtraction(
         ref, sci, psf_reference=stamp_r, psf_science=stamp_s, flux_ratio=scale["flux_ratio"],
         sigma_reference=float(np.median(np.sqrt(var_r[valid]))), sigma_science=float(np.median(np.sqrt(var_s[valid]))),
