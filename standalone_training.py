@@ -8909,6 +8909,65 @@ def _keyword_defaults(function: Callable) -> dict[str, Any]:
     return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
 
 
+def _flags_for(function: Callable[..., Any], args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
+    """The parsed flags whose names are parameters of `function`, with `fixed` over them.
+
+    A command's flag reaches its run function by its name alone: adding one is one
+    add_argument and one parameter, never a list of names to keep in step.
+    """
+    names = inspect.signature(function).parameters
+    return {**{k: v for k, v in vars(args).items() if k in names}, **fixed}
+
+
+def _refuse(msg: str) -> None:
+    """Refuse a combination of flags in one line, as cli() prints every AstridError."""
+    raise AstridError(msg)
+
+
+def _train_command(args: argparse.Namespace) -> Any:
+    return run_training(config_from_args(args), given=given_flags(args))
+
+
+def _sweep_command(args: argparse.Namespace) -> Any:
+    return run_sweep(config_from_args(args), **_flags_for(run_sweep, args, space_path=args.space, given=given_flags(args)))
+
+
+def _compare_command(args: argparse.Namespace) -> Any:
+    base = dataclasses.replace(config_from_args(args), output_dir="")  # the arms' run directories go under the comparison's
+    return run_compare(base, **_flags_for(run_compare, args, output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite)))
+
+
+def _predict_command(args: argparse.Namespace) -> Any:
+    """One pair (--science, --reference) or a list (--pairs): the flags of one cannot go with the other."""
+    if bool(args.science) == bool(args.pairs):
+        _refuse("predict: give exactly one of --science FITS (with --reference) or --pairs CSV")
+    if args.pairs:
+        if args.reference or args.reference_survey:
+            _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey")
+        if args.seeing or args.science_noise or args.reference_noise or args.positions:
+            _refuse("--pairs: --seeing, noise maps and --positions are one pair's; give a seeing column in the list instead")
+        return run_pairs(**_flags_for(run_pairs, args))
+    if args.shard:
+        _refuse("--shard splits a --pairs list")
+    return run_prediction(**_flags_for(run_prediction, args))
+
+
+def _evaluate_command(args: argparse.Namespace) -> Any:
+    return run_evaluation(**_flags_for(run_evaluation, args))
+
+
+def _export_command(args: argparse.Namespace) -> Any:
+    return export_weights(**_flags_for(export_weights, args))
+
+
+def _register_command(args: argparse.Namespace) -> Any:
+    return register_model(**_flags_for(register_model, args))
+
+
+def _fetch_command(args: argparse.Namespace) -> Any:
+    return run_fetch(**_flags_for(run_fetch, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: train, evaluate, predict, sweep, compare, export, register and fetch."""
     parser = argparse.ArgumentParser(prog="standalone_training.py", formatter_class=HelpFormatter,
@@ -8917,22 +8976,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks (before or after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    def command(name: str, summary: str, description: str, example: str, run: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+        """A subcommand whose parsed arguments main() hands to `run`."""
         sub = commands.add_parser(name, help=summary, description=textwrap.fill(description, 88), formatter_class=HelpFormatter,
                                   epilog="example:\n  " + example.replace("\n", "\n  "))
         # SUPPRESS: a --debug given before the command is not reset by this one's absence.
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        sub.set_defaults(run=run)
         return sub
 
     train = command("train", "train a model (see also run_standalone_training.py)",
                     "Train the U-Net on simulated (or real) pairs, with validation, early stopping, MLflow and CodeCarbon; "
                     "writes a run directory (checkpoints, metrics, plots, an end-of-run evaluation).",
-                    "python standalone_training.py train --samples 3000 --epochs 30 --batch-size 16 --patience 8")
+                    "python standalone_training.py train --samples 3000 --epochs 30 --batch-size 16 --patience 8", _train_command)
     add_train_arguments(train)
     evaluate = command("evaluate", "completeness, purity and bogus rejection vs the matched filter",
                        "Evaluate a checkpoint on a fresh simulated test set beside the matched filter and SExtractor, "
                        "and run the null battery (pairs in which nothing changed).",
-                       "python standalone_training.py evaluate --samples 200 --image-size 128 --output-dir evaluation")
+                       "python standalone_training.py evaluate --samples 200 --image-size 128 --output-dir evaluation", _evaluate_command)
     defaults = _keyword_defaults(run_evaluation)  # run_evaluation's signature holds evaluate's defaults
     evaluate.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     evaluate.add_argument("--samples", type=int, default=defaults["samples"], help="test images")
@@ -8949,7 +9010,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "Register, scale and subtract each pair (ZOGY), and report the significant changes the network calls real: "
                       "detections.csv/.json/.ecsv/.reg, mask.fits and overlay.png per pair.",
                       "python standalone_training.py predict --science new.fits --reference old.fits --output-dir found/\n"
-                      "python standalone_training.py predict --pairs pairs.csv --output-dir night/ --shard 0/4")
+                      "python standalone_training.py predict --pairs pairs.csv --output-dir night/ --shard 0/4", _predict_command)
     predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
     predict.add_argument("--pairs", help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory each")
     predict.add_argument("--shard", help="with --pairs: I/N takes every N-th pair from the I-th (0-based); under torchrun, RANK/WORLD_SIZE")
@@ -8973,7 +9034,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = command("sweep", "search training configurations with Optuna (TPE, pruning, MLflow)",
                     "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes that "
                     "parameter and drops it from the space. Rerunning continues the study.",
-                    "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline")
+                    "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline", _sweep_command)
     add_train_arguments(sweep)
     sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space")
     sweep.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)")
@@ -8984,7 +9045,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "Train each arm (synthetic, mix, real) with several seeds, or take given runs, and evaluate all on the same "
                       "synthetic test set and real-pixel injections; writes comparison.md/.json/.png.",
                       "python standalone_training.py compare --epochs 3 --output-dir cmp/\n"
-                      "python standalone_training.py compare --runs a=runs/one b=runs/two b=mlflow:RUN_ID --output-dir cmp/")
+                      "python standalone_training.py compare --runs a=runs/one b=runs/two b=mlflow:RUN_ID --output-dir cmp/", _compare_command)
     add_train_arguments(compare)
     compare.add_argument("--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (--seed, --seed + 1, ...)")
@@ -8996,21 +9057,21 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", "strip a checkpoint to shareable weights",
                      "Keep a checkpoint's weights, architecture, threshold and history (no optimiser state): a small file for "
                      "--checkpoint. Never onto a run's own best.pt or last.pt.",
-                     "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt")
+                     "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt", _export_command)
     export.add_argument("--checkpoint", required=True, help="a run's best.pt (or any AstrID checkpoint)")
     export.add_argument("--output", required=True, help="the weights file to write")
     export.add_argument("--threshold", type=float, help="record this operating threshold instead of the one the run chose (which is kept as chosen_threshold)")
     register = command("register", "register a checkpoint in MLflow's Model Registry (alias champion: the current model)",
                        "Log a checkpoint (default: the shipped weights) as AstrID's pyfunc model and register it as a version of "
                        "'astrid'; --alias points an alias at it, so other programs load models:/astrid@ALIAS.",
-                       "python standalone_training.py register --alias champion --tracking-uri http://127.0.0.1:5000")
+                       "python standalone_training.py register --alias champion --tracking-uri http://127.0.0.1:5000", _register_command)
     register.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     register.add_argument("--alias", help="e.g. champion: the alias that then names this version")
     register.add_argument("--tracking-uri", default=TrainConfig().tracking_uri, help="MLflow tracking URI")
     register.add_argument("--experiment", default=TrainConfig().experiment, help="MLflow experiment of the registering run")
     fetch = command("fetch", "fill the real-sky cache ahead of an offline run",
                     "Download survey cutouts (SkyView, HiPS, MAST) of the targets into the cache that --data mast reads offline.",
-                    "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300")
+                    "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300", _fetch_command)
     fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="names or 'RA DEC' in degrees")
     fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS), help="SkyView surveys, HiPS ids, TESS or HST")
     fetch.add_argument("--cache-dir", default="", help="the cache (default ~/.cache/astrid)")
@@ -9051,51 +9112,11 @@ def cli(run: Any, *, debug: bool) -> int:
         return 2
 
 
-def _refuse(msg: str) -> None:
-    """Refuse a combination of flags in one line, as cli() prints every AstridError."""
-    raise AstridError(msg)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command, and return its exit status."""
     args = build_parser().parse_args(argv)
     configure_logging(debug=args.debug)
-    if args.command == "train":
-        return cli(lambda: run_training(config_from_args(args), given=given_flags(args)), debug=args.debug)
-    if args.command == "sweep":
-        keys = ("trials", "storage", "study_name", "sweep_dir")
-        return cli(lambda: run_sweep(config_from_args(args), space_path=args.space, given=given_flags(args), **{k: getattr(args, k) for k in keys}), debug=args.debug)
-    if args.command == "compare":
-        keys = ("arms", "seeds", "runs", "train_fits_dir", "heldout_fits_dir", "eval_samples", "eval_image_size")
-        cfg = config_from_args(args)
-        return cli(lambda: run_compare(dataclasses.replace(cfg, output_dir=""), output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite),
-                                       **{k: getattr(args, k) for k in keys}), debug=args.debug)
-    if args.command == "predict":
-        if bool(args.science) == bool(args.pairs):
-            return cli(lambda: _refuse("predict: give exactly one of --science FITS (with --reference) or --pairs CSV"), debug=args.debug)
-        if args.pairs:
-            if args.reference or args.reference_survey:
-                return cli(lambda: _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey"), debug=args.debug)
-            if args.seeing or args.science_noise or args.reference_noise or args.positions:
-                return cli(lambda: _refuse("--pairs: --seeing, noise maps and --positions are one pair's; give a seeing column in the list instead"), debug=args.debug)
-            keys = ("pairs", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "shard", "flux_ratio", "overwrite")
-            return cli(lambda: run_pairs(**{k: getattr(args, k) for k in keys}), debug=args.debug)
-        if args.shard:
-            return cli(lambda: _refuse("--shard splits a --pairs list"), debug=args.debug)
-        keys = ("science", "reference", "reference_survey", "output_dir", "checkpoint", "threshold", "device", "max_pixels", "cache_dir", "timeout", "retries", "flux_ratio", "seeing",
-                "science_noise", "reference_noise", "noise_kind", "positions", "overwrite")
-        return cli(lambda: run_prediction(**{k: getattr(args, k) for k in keys}), debug=args.debug)
-    if args.command == "export":
-        return cli(lambda: export_weights(args.checkpoint, args.output, threshold=args.threshold), debug=args.debug)
-    if args.command == "register":
-        return cli(lambda: register_model(checkpoint=args.checkpoint, tracking_uri=args.tracking_uri, experiment=args.experiment, alias=args.alias), debug=args.debug)
-    if args.command == "fetch":
-        keys = ("targets", "surveys", "cache_dir", "pixels", "timeout", "retries")
-        return cli(lambda: run_fetch(**{k: getattr(args, k) for k in keys}), debug=args.debug)
-    if args.command == "evaluate":
-        keys = ("checkpoint", "samples", "seed", "image_size", "output_dir", "device", "threshold", "fits_dir", "null_tests", "real_pixels", "overwrite")
-        return cli(lambda: run_evaluation(**{k: getattr(args, k) for k in keys}), debug=args.debug)
-    return 2
+    return cli(lambda: args.run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1721,6 +1721,27 @@ def test_every_subcommand_help_has_a_description_an_example_help_and_defaults(co
         assert f"(default: {st.TrainConfig().seed})" in " ".join(text.split())
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_of_a_command_reaches_what_runs_it(command):
+    """No flag is parsed and then dropped: each names a parameter of the command's run function
+    (main passes the flags by name) or a TrainConfig field (config_from_args)."""
+    import dataclasses
+    import inspect
+
+    sub = st.build_parser()._subparsers._group_actions[0].choices[command]
+    takers = {"train": [st.run_training], "evaluate": [st.run_evaluation], "predict": [st.run_prediction, st.run_pairs],
+              "sweep": [st.run_sweep], "compare": [st.run_compare], "export": [st.export_weights], "register": [st.register_model],
+              "fetch": [st.run_fetch]}[command]
+    names = set().union(*(inspect.signature(f).parameters for f in takers))
+    if command in ("train", "sweep", "compare"):
+        names |= {f.name for f in dataclasses.fields(st.TrainConfig)}
+    if command == "sweep":
+        names.add("space")  # handed to run_sweep as space_path
+    flags = {a.dest for a in sub._actions if a.option_strings} - {"help", "debug"}
+    assert flags <= names, sorted(flags - names)
+    assert sub.get_default("run").__name__ == f"_{command}_command"
+
+
 @pytest.mark.parametrize("argv", [["--debug", "evaluate", "--samples", "0"], ["evaluate", "--debug", "--samples", "0"], ["evaluate", "--samples", "0", "--debug"]])
 def test_debug_is_accepted_before_or_after_the_command(argv, capsys):
     with pytest.raises(st.ConfigError, match="samples must be >= 1"):  # --debug: the traceback's exception, not the one line
