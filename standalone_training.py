@@ -8503,7 +8503,16 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
             pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
         )
     except Exception as exc:  # a bad URL, a missing driver or directory, a locked, read-only or foreign database (SQLAlchemy's errors included)
-        msg = f"cannot open the Optuna study {study_name!r} in {storage} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+        # Optuna wraps the database's own error ("attempt to write a readonly database") in a
+        # generic one about its commit: the innermost cause is what the user can act on.
+        cause = exc
+        for _ in range(10):  # chains are short; a cycle must not hang the error path
+            inner = cause.__cause__ or cause.__context__
+            if inner is None:
+                break
+            cause = inner
+        why = f"{type(exc).__name__}: {_one_line(exc, limit=120)}" + (f"; {type(cause).__name__}: {_one_line(cause, limit=120)}" if cause is not exc else "")
+        msg = f"cannot open the Optuna study {study_name!r} in {storage} ({why})"
         raise AstridError(msg) from None
     # One study, one space: trials drawn from two spaces are not comparable.
     recorded = study.user_attrs.get("space")

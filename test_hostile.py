@@ -23,10 +23,12 @@ import json
 import math
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,7 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def paths(root) -> dict[str, str]:
+def paths(root) -> Iterator[dict[str, str]]:
     """Every input file, made once."""
     p: dict[str, str] = {"root": str(root)}
     sky = static_sky()
@@ -171,6 +173,15 @@ def paths(root) -> dict[str, str]:
     study = optuna.create_study(study_name="changed", storage=f"sqlite:///{root / 'study.db'}")
     study.set_user_attr("space", {"lr": {"type": "float", "low": 0.002, "high": 0.02, "log": True}})
     p["study_db"] = f"sqlite:///{root / 'study.db'}"
+    # Storage that cannot be written: a study opened read-only (root writes through chmod, SQLite's
+    # read-only mode does not), and a database another process holds an exclusive lock on for
+    # as long as this module's tests run.
+    optuna.create_study(study_name="ro", storage=f"sqlite:///{root / 'ro.db'}")
+    p["study_db_read_only"] = f"sqlite:///file:{root / 'ro.db'}?mode=ro&uri=true"
+    locker = sqlite3.connect(root / "locked.db", isolation_level=None)
+    locker.execute("CREATE TABLE held (x)")
+    locker.execute("BEGIN EXCLUSIVE")
+    p["study_db_locked"] = f"sqlite:///{root / 'locked.db'}"
     # A pair list with a 200 KB field, and a comparison that must survive a refused --overwrite.
     (root / "pairs_big.csv").write_text("science,reference,name\n" + f"sci.fits,ref.fits,{'x' * 200_000}\n")
     p["pairs_big"] = str(root / "pairs_big.csv")
@@ -182,7 +193,8 @@ def paths(root) -> dict[str, str]:
     (root / "cmp").mkdir()
     (root / "cmp" / "comparison.json").write_text('{"kept": true}\n')
     p["cmp"] = str(root / "cmp")
-    return p
+    yield p
+    locker.close()  # the lock is held until every test of the module has run
 
 
 # ----------------------------------------------------------------------------
@@ -223,6 +235,9 @@ REFUSALS = {  # id: (command, fragments of the one line)
     }.items()},
     "space-changed-on-a-study": (f"sweep {TINY} --no-mlflow --space {{space_good}} --study-name changed --storage {{study_db}}", ("searched over another space", "lr")),
     "storage-garbage-url": (f"sweep {TINY} --no-mlflow --space {{space_good}} --storage garbage://", ("cannot open the Optuna study",)),
+    "storage-read-only": (f"sweep {TINY} --no-mlflow --space {{space_good}} --study-name ro --storage {{study_db_read_only}}",
+                          ("cannot open the Optuna study 'ro'", "attempt to write a readonly database")),
+    "storage-locked": (f"sweep {TINY} --no-mlflow --space {{space_good}} --storage {{study_db_locked}}", ("cannot open the Optuna study", "database is locked")),
     "storage-missing-directory": (f"sweep {TINY} --no-mlflow --space {{space_good}} --storage sqlite:///{{root}}/no/such/dir/s.db", ("cannot open the Optuna study",)),
     "pairs-200kb-field": ("predict --device cpu --pairs {pairs_big} --output-dir {out}", ("not a readable CSV pair list",)),
     "compare-one-run-three-times": ("compare --device cpu --no-mlflow --no-energy --runs a={ckpt} a={ckpt} a={ckpt} --output-dir {out}", ("the same model as --runs a=",)),
