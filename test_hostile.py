@@ -127,6 +127,7 @@ def paths(root) -> Iterator[dict[str, str]]:
     doubled = header()
     doubled["CDELT1"], doubled["CDELT2"] = 2 * doubled["CDELT1"], 2 * doubled["CDELT2"]
     p["ref_scale2"] = write(root / "ref_scale2.fits", reference, doubled)
+    p["ref_1deg"] = write(root / "ref_1deg.fits", reference, header(crval1=151.0))  # another field: a degree east
     # A RICE-compressed frame whose tiles are overwritten with garbage after the header.
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(science.astype(np.float32), compression_type="RICE_1")]).writeto(root / "rice.fits.fz")
     raw = bytearray((root / "rice.fits.fz").read_bytes())
@@ -216,6 +217,7 @@ ANSWERS = {  # exit 0, both transients found, and nothing else where nothing cha
 REFUSALS = {  # id: (command, fragments of the one line)
     "rice-corrupt-tiles": (PREDICT + " --science {rice_corrupt} --reference {ref}", ("rice_corrupt.fits.fz", "not a readable FITS file")),
     "wcs-rotated-30-deg": (PREDICT + " --science {sci} --reference {ref_rot30}", ("the epochs cannot be registered", "stars coincide")),
+    "wcs-one-degree-away": (PREDICT + " --science {sci} --reference {ref_1deg}", ("does not overlap the science frame on the sky",)),
     "wcs-at-2x-scale": (PREDICT + " --science {sci} --reference {ref_scale2}", ("the epochs cannot be registered",)),
     "float64-at-1e300": (PREDICT + " --science {sci_huge} --reference {ref_huge}", ("no usable pixel", "1e+20")),
     "weights-times-1e30": (PREDICT + " --science {sci} --reference {ref} --checkpoint {ckpt_1e30}", ("finite but broken",)),
