@@ -177,6 +177,8 @@ def output_set():
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # gone already once it was renamed into place
+
+
 STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's names (mkstemp's 8 characters)
 
 
@@ -297,6 +299,8 @@ def path_inside(directory, name, *, suffix=""):
         msg = f"refusing path outside {root}: {name!r}"
         raise DataError(msg)
     return path
+
+
 MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian per unit median absolute deviation
 
 
@@ -1427,6 +1431,8 @@ def _pixel_gaussian_jacobian(shape, amplitude, x0, y0, sigma, background):
     columns = [np.outer(gy, gx), amplitude * np.outer(gy, gx_x0), amplitude * np.outer(gy_y0, gx),
                amplitude * (np.outer(gy_sigma, gx) + np.outer(gy, gx_sigma)), np.ones(shape)]
     return np.column_stack([c.ravel() for c in columns])
+
+
 MIN_STAR_FWHM = 1.0  # px: anything sharper is a cosmic ray or a hot pixel, not a star's PSF
 
 
@@ -1563,6 +1569,8 @@ class FluxScale(NamedTuple):
     n_stars: int  # static stars that entered the fit
     agreeing: float  # fraction of them that agree with the fitted relation
     error: float | None = None  # half the width of the Theil-Sen slope's 95% interval
+
+
 FLUX_FIT_MIN_STARS = 10  # fewer static stars cannot pin the ratio down, nor vote out the stars that varied
 FLUX_FIT_MAX_STARS = 500  # the brightest this many: they hold the information, and Theil-Sen is O(n^2)
 FLUX_FIT_SYSTEMATIC = 0.05  # relative scatter allowed beyond the noise: seeing, crowding, colour
@@ -1653,6 +1661,8 @@ class PairStatistics(NamedTuple):
     sigma_difference: float  # robust noise of the scaled difference, measured on itself
     blur_reference: float = 0.0  # px, Gaussian sigma that brings the reference to the science seeing
     blur_science: float = 0.0  # px, likewise the science to the reference seeing (one of the two is 0)
+
+
 SEEING_TOLERANCE = 1.05  # FWHMs closer than this ratio are one seeing: measuring them is no more precise
 
 
@@ -3636,6 +3646,8 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
 def default_cache_dir() -> Path:
     """~/.cache/astrid, or $XDG_CACHE_HOME/astrid."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "astrid"
+
+
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz")
 
 
@@ -4334,6 +4346,8 @@ def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: f
     """
     snr = matched_filter_snr_map(difference, psf=psf, sigma=sigma)
     return find_components(np.abs(snr), threshold=threshold, valid=valid)
+
+
 SEP_THRESHOLD = 1.5  # sigma of the background RMS: SExtractor's DETECT_THRESH default
 SEP_MIN_AREA = 5  # px: SExtractor's DETECT_MINAREA default
 
@@ -4465,6 +4479,8 @@ def snr_at_completeness(bin_centres: Sequence[float], completeness: Sequence[flo
     c0, c1 = completeness[i - 1], completeness[i]
     log0, log1 = np.log(centres[i - 1]), np.log(centres[i])
     return float(np.exp(log0 + (level - c0) / (c1 - c0) * (log1 - log0)))
+
+
 CONFIDENCE = 0.95  # of every interval AstrID reports
 BOOTSTRAP_RESAMPLES = 200  # leaves 5 beyond each end of a 95% interval: coarse ends, cheap enough for every summary
 BOOTSTRAP_SEED = 20261128  # intervals repeat exactly; any seed works
@@ -5398,6 +5414,8 @@ def config_from_saved(saved: Any, *, path: str | os.PathLike = "checkpoint") -> 
         msg = f"{path}: saved configuration is invalid: {exc}"
         raise ConfigError(msg) from None
     return cfg
+
+
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "astrid_default.pt"
 
 

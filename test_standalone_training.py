@@ -1655,6 +1655,15 @@ def test_outputs_follow_the_umask_of_the_moment_they_are_written(tmp_path):
         st._umask.cache_clear()
 
 
+def test_no_module_constant_is_glued_to_the_function_above_it():
+    """A constant after a function or class stands apart (a blank line), so that it reads as the module's, not the function's."""
+    body = ast.parse(MODULE.read_text()).body
+    glued = [node.lineno for prev, node in zip(body, body[1:])
+             if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(prev, (ast.FunctionDef, ast.ClassDef))
+             and node.lineno == prev.end_lineno + 1]
+    assert glued == []
+
+
 def test_the_module_uses_no_name_above_the_line_that_defines_it():
     """Scrolling down standalone_training.py never meets a module-level name defined further down."""
     body = ast.parse(MODULE.read_text()).body
