@@ -38,27 +38,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime as _dt
 import functools
 import hashlib
+import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import signal
 import socket
 import sys
 import re
+import secrets
 import shutil
 import tempfile
 import textwrap
 import threading
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 import typing
@@ -69,20 +75,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import requests
+import sep
 import astropy
 from astropy import units as u
 from astropy.coordinates import Angle, SkyCoord
 from astropy.io import fits
+from astropy.table import MaskedColumn, Table
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
+from astropy.wcs.utils import wcs_to_celestial_frame
 from requests.adapters import HTTPAdapter
+from scipy import fft as sp_fft
 from scipy import ndimage, optimize, spatial, special
+from tqdm.auto import tqdm
 
 # Imported where they are used, not here: matplotlib (only the figures need it) and
 # scipy.signal (only fftconvolve) cost about a second of every process's start, and most
 # processes (`--help`, predict on a list, the tests' CLI calls) draw nothing.
 if typing.TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # annotations only
 
 log = logging.getLogger("astrid")
 
@@ -370,8 +381,6 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
 
 def _progress(iterable: Any, **kwargs: Any) -> Any:
     """tqdm over batches, on stderr, quiet when not attached to a terminal."""
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)
 
 
@@ -579,8 +588,6 @@ def check_threads(threads: int) -> None:
 
 def check_country(code: str) -> None:
     """Refuse a country CodeCarbon has no carbon intensity for: it would silently use the world average."""
-    import importlib.util
-
     spec = importlib.util.find_spec("codecarbon")
     if spec is None or not spec.submodule_search_locations:
         return  # no CodeCarbon: the energy meter says so itself
@@ -1602,7 +1609,7 @@ def fit_flux_scale(reference: np.ndarray, science: np.ndarray, *, aperture: int 
         the stars agreeing with the fit within their noise and FLUX_FIT_SYSTEMATIC: the
         epochs do not look like one field on two photometric scales.
     """
-    from scipy.stats import theilslopes
+    from scipy.stats import theilslopes  # lazy: 0.2 s of import, for this alone
 
     reference = np.asarray(reference, dtype=np.float64)
     science = np.asarray(science, dtype=np.float64)
@@ -1894,8 +1901,6 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
     -------
     (background, rms) : float64 arrays of the image's shape
     """
-    import sep
-
     valid = np.isfinite(image)
     if not valid.any():
         msg = "image has no finite pixels"
@@ -1985,7 +1990,6 @@ def find_stars(image: np.ndarray, *, background: np.ndarray, rms: np.ndarray, th
     order = np.argsort(heights)[::-1][:max_stars]
     if order.size == 0:
         return np.zeros((0, 3))
-    import sep
 
     # SExtractor's windowed centroid (XWIN_IMAGE): a Gaussian-weighted first moment iterated to
     # convergence, unbiased by the box edges that pull a plain moment toward the pixel centre.
@@ -2087,7 +2091,7 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
     if wcs_reference is not None and wcs_science is not None:
         same = reference.shape == science.shape and wcs_reference.wcs.compare(wcs_science.wcs, tolerance=1e-10)
         if not same:
-            from reproject import reproject_interp
+            from reproject import reproject_interp  # lazy: 0.3 s of import; only WCS registration needs it
 
             reference, footprint = reproject_interp((reference, wcs_reference), wcs_science, shape_out=science.shape, order="bicubic")
             reference[footprint < 0.999] = np.nan
@@ -2263,8 +2267,6 @@ def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_referenc
         correlated between pixels, which no per-pixel variance describes, and 5 sigma must
         mean 5 sigma there too.
     """
-    from scipy import fft as sp_fft
-
     valid = np.isfinite(reference) & np.isfinite(science)
     pad = max(psf_reference.shape + psf_science.shape)
     shape = tuple(sp_fft.next_fast_len(n + 2 * pad, real=True) for n in science.shape)
@@ -2515,8 +2517,6 @@ def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.
     S-weighted centroid of an elongated one; ``significance``: peak |S_corr|; ``sign``: +1 brighter, -1 fainter in the science epoch; ``segment``: its label)
     and the (H, W) int map of their pixels (0: none).
     """
-    import sep
-
     significance = np.nan_to_num(np.asarray(significance, dtype=np.float64), nan=0.0)
     if score is None or score_noise is None:
         data, err = significance, None
@@ -2837,8 +2837,6 @@ def sky_frame(wcs: Any) -> str | None:
     if wcs is None:
         return None
     try:
-        from astropy.wcs.utils import wcs_to_celestial_frame
-
         return wcs_to_celestial_frame(wcs).name
     except Exception:  # an unknown or broken frame
         return None
@@ -3075,8 +3073,8 @@ def _parse_coordinates(text):
 
 def _sesame(name, *, timeout):
     """One Sesame look-up under a socket timeout; unknown names are DataError."""
-    from astropy.coordinates.name_resolve import NameResolveError
-    from astropy.utils.data import conf as data_conf
+    from astropy.coordinates.name_resolve import NameResolveError  # lazy: with astroquery, for the real sky alone
+    from astropy.utils.data import conf as data_conf  # lazy: with astroquery, for the real sky alone
 
     try:
         with data_conf.set_temp("remote_timeout", timeout):
@@ -3215,8 +3213,8 @@ def survey_service(survey):
 
 def _fetch_skyview(coord, native, scale, *, pixels, timeout, dest, workdir):
     """SkyView cutout through astroquery's form client; the FITS link is downloaded by us."""
-    from astroquery.skyview import SkyViewClass
-    from astroquery.skyview import conf as skyview_conf
+    from astroquery.skyview import SkyViewClass  # lazy: the real sky alone needs astroquery
+    from astroquery.skyview import conf as skyview_conf  # lazy: the real sky alone needs astroquery
 
     client = _bounded(SkyViewClass(), timeout)
     # SkyViewClass.URL is frozen from conf at import; read conf now so set_temp redirects it.
@@ -3235,8 +3233,8 @@ def _fetch_skyview(coord, native, scale, *, pixels, timeout, dest, workdir):
 
 def _fetch_hips(coord, native, scale, *, pixels, timeout, dest, workdir):
     """Cutout of a HiPS survey (e.g. Pan-STARRS) from CDS hips2fits."""
-    from astroquery.hips2fits import conf as hips_conf
-    from astroquery.hips2fits import hips2fitsClass
+    from astroquery.hips2fits import conf as hips_conf  # lazy: the real sky alone needs astroquery
+    from astroquery.hips2fits import hips2fitsClass  # lazy: the real sky alone needs astroquery
 
     client = _bounded(hips2fitsClass(), timeout)
     servers = hips_conf.server
@@ -3251,7 +3249,7 @@ def _fetch_hips(coord, native, scale, *, pixels, timeout, dest, workdir):
 
 def _fetch_tesscut(coord, native, scale, *, pixels, timeout, dest, workdir):
     """Median over cadences of a TESS FFI cutout, saved as a plain image with its WCS."""
-    from astroquery.mast import TesscutClass
+    from astroquery.mast import TesscutClass  # lazy: the real sky alone needs astroquery
 
     # A TESScut cube holds every cadence of a sector; beyond ~50 px it runs to gigabytes.
     size = min(pixels, 50)
@@ -3274,7 +3272,7 @@ def _fetch_tesscut(coord, native, scale, *, pixels, timeout, dest, workdir):
 
 def _fetch_mast(coord, native, scale, *, pixels, timeout, dest, workdir):
     """Calibrated drizzled science image (HST drz/drc, JWST i2d) covering the position."""
-    from astroquery.mast import ObservationsClass
+    from astroquery.mast import ObservationsClass  # lazy: the real sky alone needs astroquery
 
     client = _bounded(ObservationsClass(), timeout)
     radius = pixels * scale * u.arcsec / 2
@@ -3325,7 +3323,7 @@ def _fetch_into_cache(coord, survey, path, *, timeout, retries, backoff, pixels,
     str
         The source URL that served the file.
     """
-    from astroquery import cache_conf
+    from astroquery import cache_conf  # lazy: the real sky alone needs astroquery
 
     service, native, scale = survey_service(survey)
     attempts = retries + 1
@@ -4377,8 +4375,6 @@ def sep_detections(difference: np.ndarray, *, threshold: float = SEP_THRESHOLD, 
         ``x``, ``y`` (0-based pixel centroid), ``peak`` (|peak| in RMS units), ``area_px``, ``sign``:
         the keys `match_objects` reads, like `find_components`.
     """
-    import sep
-
     data = np.ascontiguousarray(difference, dtype=np.float64)
     mask = ~np.isfinite(data) if valid is None else ~(np.asarray(valid, dtype=bool) & np.isfinite(data))
     data = np.where(mask, 0.0, data)
@@ -4494,7 +4490,7 @@ def wilson_interval(count: int, total: int, *, confidence: float = CONFIDENCE) -
     """
     if total <= 0:
         return math.nan, math.nan
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # lazy: 0.2 s of import, for this alone
 
     ci = binomtest(int(count), int(total)).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
@@ -4746,8 +4742,6 @@ class DistInfo:
 
 def threading_main() -> bool:
     """Signal handlers can only be installed from the main thread."""
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -4820,7 +4814,7 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
 def lock_run_dir(directory: Path) -> Any:
     """Hold DIR/.astrid.lock exclusively for the run's life: a second run into DIR, even one
     started in the same instant, is refused while the first runs. Returns the open lock file."""
-    import fcntl
+    import fcntl  # lazy: POSIX only
 
     handle = open(directory / ".astrid.lock", "a")
     try:
@@ -4834,8 +4828,6 @@ def lock_run_dir(directory: Path) -> Any:
 
 def new_run_dir(parent: Path) -> Path:
     """runs/<timestamp>-<6 hex>, made with an exclusive mkdir: two runs never share one."""
-    import secrets
-
     parent.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     while True:
@@ -4919,7 +4911,7 @@ def _sqlite_init_lock(tracking_uri: str, *, timeout: float):
     if not tracking_uri.startswith(prefix):
         yield
         return
-    import fcntl
+    import fcntl  # lazy: POSIX only
 
     lock_path = Path(tracking_uri[len(prefix) :].split("?")[0] + ".lock")
     try:
@@ -4975,7 +4967,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 def mark_model_training(experiment: Any) -> None:
     """Tag an MLflow experiment as model training (once), so that the UI opens on its runs."""
-    import mlflow
+    import mlflow  # lazy: 1 s of import; only tracking needs it
 
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -5011,7 +5003,7 @@ class MlflowRun:
         if "mlflow" in sys.modules:
             # Forget the run locally: MLflow's exit hook would otherwise call the dead server again.
             with contextlib.suppress(Exception):
-                from mlflow.tracking import fluent
+                from mlflow.tracking import fluent  # lazy: 1 s of import; only tracking needs it
 
                 fluent._active_run_stack.get().clear()
         if not self.cfg.mlflow_optional:
@@ -5031,7 +5023,6 @@ class MlflowRun:
         uri = self.cfg.tracking_uri
         if not uri.startswith(("http://", "https://")):
             return
-        import requests
 
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, self.cfg.timeout)).raise_for_status()
@@ -5051,7 +5042,7 @@ class MlflowRun:
         _mlflow_http_limits(self.cfg.timeout)
 
         def begin() -> None:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             _quiet_loggers()
             if not log.isEnabledFor(logging.DEBUG):
@@ -5087,7 +5078,7 @@ class MlflowRun:
 
     def log_metrics(self, metrics: dict, *, step: int | None = None) -> None:
         def call() -> None:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
             mlflow.log_metrics(clean, step=step)
@@ -5096,7 +5087,7 @@ class MlflowRun:
 
     def log_params(self, params: dict) -> None:
         def call() -> None:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             mlflow.log_params({k: str(v) for k, v in params.items()})
 
@@ -5104,7 +5095,7 @@ class MlflowRun:
 
     def set_tags(self, tags: dict) -> None:
         def call() -> None:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             mlflow.set_tags(tags)
 
@@ -5112,7 +5103,7 @@ class MlflowRun:
 
     def log_artifacts(self, paths: Sequence[Path], *, artifact_path: str | None = None) -> None:
         def call() -> None:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             for path in paths:
                 if Path(path).exists():
@@ -5129,7 +5120,7 @@ class MlflowRun:
             return
 
         def call() -> None:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             mlflow.end_run(status=status)
 
@@ -5165,7 +5156,7 @@ class EnergyMeter:
             return
         try:
             os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")  # its import speaks before log_level applies
-            from codecarbon import OfflineEmissionsTracker
+            from codecarbon import OfflineEmissionsTracker  # lazy: only energy tracking needs it
 
             logging.getLogger("codecarbon").setLevel(logging.ERROR)
             with warnings.catch_warnings():
@@ -5239,8 +5230,6 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
     It is serialised in memory first, so that a full disk surfaces as the OSError it is
     (torch's writer would turn it into an opaque RuntimeError).
     """
-    import io
-
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **payload}, buffer)
     return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
@@ -5254,8 +5243,6 @@ def _check_checkpoint_size(path: Path) -> None:
 
     ``weights_only`` stops code, not memory: a few MB of deflated zeros can declare a GiB tensor.
     """
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         return  # torch's legacy format, or not a checkpoint at all: torch.load names it
     try:
@@ -5274,7 +5261,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         msg = f"checkpoint not found: {path}"
         raise AstridError(msg)
-    import pickle
 
     _check_checkpoint_size(path)
     try:
@@ -5895,8 +5881,6 @@ FORCED_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_error", "significance", "
 
 def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, float, float | None, float | None]]:
     """Positions for forced photometry from a CSV with columns x, y (0-based pixels) or ra, dec (degrees, ICRS, through the science WCS)."""
-    import csv
-
     path = Path(path)
     try:
         rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
@@ -5918,7 +5902,6 @@ def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, fl
                     msg = f"--positions {path} gives ra, dec, but the science image has no usable celestial WCS: give x, y"
                     raise DataError(msg)
                 ra, dec = float(row["ra"]), float(row["dec"])
-                from astropy.coordinates import SkyCoord
 
                 x, y = (float(v) for v in wcs.world_to_pixel(SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")))
             else:
@@ -5958,7 +5941,7 @@ def pyfunc_predict(predictor: Any, model_input: Any) -> Any:
     FITS path or a 2-D array; a mapping of two arrays is one pair. Each pair goes the way of
     ``predict`` (registration, scaling, ZOGY, the network), at the checkpoint's threshold.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: only the pyfunc model's DataFrames need it
 
     if isinstance(model_input, pd.DataFrame):
         pairs = model_input.to_dict("records")
@@ -5982,7 +5965,7 @@ def pyfunc_predict(predictor: Any, model_input: Any) -> Any:
 
 def pyfunc_model() -> Any:
     """AstrID as an ``mlflow.pyfunc.PythonModel``: loads its checkpoint artifact (``weights_only``), predicts with :func:`pyfunc_predict`."""
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # lazy: 1 s of import; only tracking needs it
 
     # No type hints on predict: MLflow would turn them into a rigid input schema, and AstrID's
     # inputs (arrays or paths, one pair or a DataFrame of pairs) are checked by pyfunc_predict.
@@ -6009,8 +5992,8 @@ def log_astrid_model(checkpoint: Path, *, register: bool = True) -> Any:
     the changes of a pair (:func:`pyfunc_predict`). A registry that cannot register (a
     tracking store without one) leaves the model logged, with a warning.
     """
-    import mlflow
-    import mlflow.pyfunc
+    import mlflow  # lazy: 1 s of import; only tracking needs it
+    import mlflow.pyfunc  # lazy: 1 s of import; only tracking needs it
 
     with tempfile.TemporaryDirectory() as scratch:
         code = Path(scratch) / "astrid_model.py"
@@ -6529,7 +6512,7 @@ def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = Non
     """Loss curves (a log axis when they span more than a decade, the best epoch marked), learning rate,
     validation metrics and, when CodeCarbon measured the epochs, energy.png, on whole epochs."""
     from matplotlib.figure import Figure  # lazy: see the imports at the top
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: see the imports at the top
 
     epochs = [h["epoch"] for h in history]
     figures = {name: Figure(figsize=(5, 3.5)) for name in ("loss_curves.png", "learning_rate.png", "val_metrics.png")}
@@ -7643,9 +7626,6 @@ def run_evaluation(
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], *, staged: list | None = None) -> Path:
     """A CSV of `rows` (dicts of already formatted cells) under a header of `columns`, written atomically."""
-    import csv
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -7679,8 +7659,6 @@ def write_forced_csv(path: Path, rows: Sequence[dict], *, staged: list | None = 
 
 def detection_table(rows: Sequence[dict], *, record: dict):
     """The detections as an astropy Table with units; `record` (how the pair was scaled, the model, the inputs) is its metadata."""
-    from astropy.table import MaskedColumn, Table
-
     table = Table(meta=dict(record))
     table["x"] = np.array([r["x"] for r in rows], dtype=np.float64) * u.pix
     table["y"] = np.array([r["y"] for r in rows], dtype=np.float64) * u.pix
@@ -7712,8 +7690,6 @@ def detection_table(rows: Sequence[dict], *, record: dict):
 
 def write_detections_ecsv(path: Path, rows: Sequence[dict], *, record: dict, staged: list | None = None) -> Path:
     """detections.ecsv: :func:`detection_table`, readable with ``Table.read(path)``."""
-    import io
-
     buffer = io.StringIO()
     detection_table(rows, record=record).write(buffer, format="ascii.ecsv")
     return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()), staged=staged)
@@ -7764,7 +7740,7 @@ def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, ca
     if science_wcs is None:
         msg = "--reference-survey needs a science image with a celestial WCS"
         raise DataError(msg)
-    from reproject import reproject_interp
+    from reproject import reproject_interp  # lazy: 0.3 s of import; only WCS registration needs it
 
     ra, dec = pixel_to_icrs(science_wcs, (shape[1] - 1) / 2, (shape[0] - 1) / 2)
     if ra is None:
@@ -7983,8 +7959,6 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
     images. A pair's name (default: its science file's stem) names its output directory
     and its rows in the combined catalogue; names must be unique.
     """
-    import csv
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -8075,8 +8049,6 @@ def stale_prediction(directory: Path, key: dict) -> str | None:
 
 def _read_rows(path: Path) -> list[dict]:
     """The rows of a detections.csv, as dicts of strings."""
-    import csv
-
     return list(csv.DictReader(path.read_text().splitlines()))
 
 
@@ -8182,7 +8154,7 @@ def register_model(*, checkpoint: str | None, tracking_uri: str, experiment: str
     With ``--alias champion``, ``models:/astrid@champion`` is then what another program loads
     as "the current AstrID model".
     """
-    import mlflow
+    import mlflow  # lazy: 1 s of import; only tracking needs it
 
     path = checkpoint_or_default(checkpoint)
     load_predictor(checkpoint=str(path), threshold=None, device="cpu")  # refuse a broken file before anything is logged
@@ -8361,7 +8333,7 @@ def mlflow_parent_run(cfg: TrainConfig, *, run_name: str, tags: dict[str, str]) 
     if not cfg.mlflow:
         return ""
     _mlflow_http_limits(cfg.timeout)
-    import mlflow
+    import mlflow  # lazy: 1 s of import; only tracking needs it
 
     _quiet_loggers()
     client = mlflow.MlflowClient(cfg.tracking_uri)
@@ -8381,7 +8353,7 @@ def close_parent_run(cfg: TrainConfig, run_id: str, *, metrics: dict[str, float 
     """Log a parent run's summary (its finite metrics, `documents` as JSON artifacts by name, files) and mark it finished."""
     if not run_id:
         return
-    import mlflow
+    import mlflow  # lazy: 1 s of import; only tracking needs it
 
     client = mlflow.MlflowClient(cfg.tracking_uri)
 
@@ -8411,7 +8383,7 @@ def _mlflow_parent(cfg: TrainConfig, *, study: Any, sweep_dir: Path) -> str:
 
 def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Path, parent_run_id: str) -> Callable[[Any], float]:
     """One Optuna trial: an ordinary training run in sweep_dir/trial-NNNN, pruned on SWEEP_OBJECTIVE."""
-    import optuna
+    import optuna  # lazy: only sweeps need it
 
     def objective(trial: optuna.Trial) -> float:
         cfg = suggest_config(trial, space, base)
@@ -8445,7 +8417,7 @@ def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Pat
 
 def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
     """Best configuration, top trials, parameter importances and Optuna's plots, in sweep_dir."""
-    import optuna
+    import optuna  # lazy: only sweeps need it
 
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
@@ -8465,10 +8437,10 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
     write_json(sweep_dir / "sweep.json", report)
     plots = []
     if finished:
-        import matplotlib
+        import matplotlib  # lazy: see the imports at the top
 
         matplotlib.use("Agg")  # Optuna draws through pyplot: keep it to files on a headless machine
-        from optuna.visualization import matplotlib as ov
+        from optuna.visualization import matplotlib as ov  # lazy: only sweeps need it
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
@@ -8494,7 +8466,7 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
     The space is checked before the study is opened, and a study keeps the space it was made
     with: another space for the same study is refused.
     """
-    import optuna
+    import optuna  # lazy: only sweeps need it
 
     if trials < 1:
         msg = f"trials must be >= 1, got {trials}"
@@ -8694,7 +8666,7 @@ def _resolve_run(spec: str, *, tracking_uri: str, scratch: Path) -> tuple[str, P
     if where.startswith("mlflow:"):
         run_id = where[len("mlflow:"):]
         try:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.pt", tracking_uri=tracking_uri, dst_path=str(scratch / safe_filename(run_id)))
         except Exception as exc:  # MlflowException, a missing run or artifact, a dead server: one line
@@ -8754,7 +8726,7 @@ def _parent_ends_if_failed(cfg: TrainConfig, run_id: str):
         yield
     except BaseException as exc:
         if run_id:
-            import mlflow
+            import mlflow  # lazy: 1 s of import; only tracking needs it
 
             with contextlib.suppress(Exception):  # the error on its way out is the one to report
                 status = "KILLED" if isinstance(exc, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED"

@@ -1664,6 +1664,17 @@ def test_no_module_constant_is_glued_to_the_function_above_it():
     assert glued == []
 
 
+def test_every_import_below_the_top_says_why_it_is_there():
+    """Imports belong at the top; one inside a function is deliberately lazy (start-up time, an
+    optional library, one platform) and its line says so."""
+    source = MODULE.read_text()
+    lines, tree = source.splitlines(), ast.parse(source)
+    top = {id(node) for node in tree.body}
+    silent = [f"line {node.lineno}: {lines[node.lineno - 1].strip()}" for node in ast.walk(tree)
+              if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top and "#" not in lines[node.lineno - 1]]
+    assert silent == []
+
+
 def test_the_module_uses_no_name_above_the_line_that_defines_it():
     """Scrolling down standalone_training.py never meets a module-level name defined further down."""
     body = ast.parse(MODULE.read_text()).body
