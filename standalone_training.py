@@ -5002,6 +5002,8 @@ class MlflowRun:
         self.enabled, self.disabled_reason, self.failed_at = False, reason, when
         if "mlflow" in sys.modules:
             # Forget the run locally: MLflow's exit hook would otherwise call the dead server again.
+            # Private on purpose: mlflow==3.17.2 has no public call that forgets the active run
+            # without telling the server (end_run() would wait out the timeouts once more).
             with contextlib.suppress(Exception):
                 from mlflow.tracking import fluent  # lazy: 1 s of import; only tracking needs it
 
@@ -5128,7 +5130,11 @@ class MlflowRun:
 
 
 def _codecarbon_cpu_method(tracker: Any) -> str:
-    """How CodeCarbon measured the CPU: RAPL counters, or an estimate from TDP."""
+    """How CodeCarbon measured the CPU: RAPL counters, or an estimate from TDP.
+
+    Read from the tracker's private hardware list (codecarbon==3.3.2 says it nowhere public);
+    anything unexpected there reads "estimate".
+    """
     for hardware in getattr(tracker, "_hardware", []):
         mode = getattr(hardware, "_mode", None)
         if mode is not None and type(hardware).__name__ == "CPU":
