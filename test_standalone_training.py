@@ -1704,16 +1704,26 @@ def test_the_module_docstring_lists_every_section():
         assert name in listed, title
 
 
-@pytest.mark.parametrize("document", ["README.md", "STANDALONE_TRAINING.md", "docs/science.md", "docs/benchmarks/README.md"])
+def _heading_anchors(markdown: str) -> set[str]:
+    """The anchors a Markdown renderer gives the headings (GitHub's rule: lower case, punctuation dropped, spaces to hyphens)."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in markdown.splitlines() if re.match(r"#{1,6} ", line)}
+
+
+@pytest.mark.parametrize("document", ["README.md", "STANDALONE_TRAINING.md", "docs/notebook.md", "docs/science.md", "docs/benchmarks/README.md"])
 def test_every_link_of_a_document_is_a_file_of_the_repository(document):
-    """Relative links resolve inside the repository: nothing is cited that a clone lacks."""
+    """Relative links resolve inside the repository: nothing is cited that a clone lacks, and a
+    link to a heading of a Markdown file names one that is there."""
     path = HERE / document
     targets = re.findall(r"\]\(([^)\s]+)\)", path.read_text())
-    local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+://|#|mailto:", t)]
+    local = [t for t in targets if not re.match(r"[a-z]+://|#|mailto:", t)]
     assert local, f"{document} links to no file"
     for target in local:
-        resolved = (path.parent / target).resolve()
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve()
         assert resolved.exists() and resolved.is_relative_to(HERE), f"{document} links to {target}"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in _heading_anchors(resolved.read_text()), f"{document} links to {target}: no such heading"
 
 
 # ----------------------------------------------------------------------------
