@@ -2487,9 +2487,10 @@ def label_maxima(values: np.ndarray, labels: np.ndarray, index: Sequence[int]) -
     """The maximum of `values` on each label of `index`, and where it is ((row, column), the first in raster order on ties).
 
     What ``ndimage.maximum`` and ``ndimage.maximum_position`` give for labels that are present
-    (whose choice among tied pixels follows an unstable sort), without their argsort of the whole frame (2-3 s each on a 4096 px frame, a dozen calls per
-    predict): only the labelled pixels, a few percent of a frame, are sorted here. A label
-    with no pixel gets -inf at (0, 0), which no gate passes.
+    (whose pick among tied pixels follows an unstable sort), without their argsort of the
+    whole frame (2-3 s each on a 4096 px frame, a dozen calls per predict): only the labelled
+    pixels, a few percent of a frame, are sorted here. A label with no pixel gets -inf at
+    (0, 0), which no gate passes.
     """
     index = np.asarray(index, dtype=np.int64)
     flat = np.asarray(values).ravel()
@@ -6505,7 +6506,7 @@ def plot_energy(history: list[dict]) -> Any:
     ax = fig.subplots()
     ax.bar(epochs, np.diff(total, prepend=0.0) * scale, color="0.75", label="each epoch (the first with the setup before it)")
     ax.plot(epochs, total * scale, "o-", color="C3", label="so far")
-    ax.set(xlabel="epoch", ylabel=f"energy ({energy_unit})", title="energy (CodeCarbon, offline)", ylim=(0, 1.35 * total[-1] * scale))
+    ax.set(xlabel="epoch", ylabel=f"energy ({energy_unit})", title="energy (CodeCarbon, offline)", ylim=(0, 1.35 * total[-1] * scale or 1.0))
     ax.legend(loc="upper left", fontsize=8)  # above the line: the headroom is for it
     if total[-1] > 0 and emissions[-1] > 0:  # offline mode: one carbon intensity, so one scale serves both
         kg_per_kwh = emissions[-1] / total[-1]
