@@ -146,7 +146,8 @@ def runs(tmp_path_factory) -> Jobs:
     - same_dir_a, same_dir_b: two runs started together into one --output-dir.
     - server_dies(_optional): a real MLflow server, killed once both runs have a last.pt. The optional
       run starts once the other has one (their starts never race on the fresh server, and a run
-      that cannot start is reported), and the other has 100 epochs, so it is still training at the kill.
+      that cannot start is reported), and the other has 300 epochs, so that it is still training
+      at the kill however slowly the optional one starts (the kill ends it at its next epoch).
     - api_500(_optional), api_hangs_optional: a server whose /health answers but whose API fails.
     - readonly_db(_optional): a read-only SQLite tracking store.
     - diverges: --lr 1e10.
@@ -204,7 +205,7 @@ def runs(tmp_path_factory) -> Jobs:
             time.sleep(0.2)
         seen["server_url"] = server_url
         server_runs = {name: ["train", *LONG, *extra, "--no-energy", "--tracking-uri", server_url, "--output-dir", name]
-                       for name, extra in (("server_dies", ["--epochs", "100"]), ("server_dies_optional", ["--epochs", "10", "--mlflow-optional"]))}
+                       for name, extra in (("server_dies", ["--epochs", "300"]), ("server_dies_optional", ["--epochs", "10", "--mlflow-optional"]))}
         jobs["server_dies"] = Job("server_dies", server_runs["server_dies"], cwd=root)
 
         def launch(name: str, args: list[str], before: Callable[[], None] = lambda: None) -> Callable[[Job], None]:
