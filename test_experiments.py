@@ -231,7 +231,7 @@ def test_compare_on_two_tiny_runs_writes_both_files(tiny_sweep, tmp_path, capsys
     assert parent.info.status == "FINISHED" and parent.data.tags["arms"] == "given runs"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(st.COMPARISON_OUTPUTS)
     pooled = report["arms"]["b"]["heldout_real"]["network"]["completeness"]["pooled"]["value"]
-    assert parent.data.metrics.get("b_heldout_real_completeness") == pooled
+    assert pooled is not None and parent.data.metrics.get("b_heldout_real_completeness") == pooled
     capsys.readouterr()
     assert st.main(args) == 2  # the output-directory rule: a comparison is never overwritten unasked
     assert "already holds a comparison" in capsys.readouterr().err
