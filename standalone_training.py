@@ -1924,20 +1924,18 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
     steps_valid[:, 1:] = pairs
     if correlated or not steps_valid.any():  # a filtered map, or a single column: no neighbours to difference
         steps, steps_valid = np.ascontiguousarray(data - background), valid
+    overall = robust_sigma(steps[steps_valid])
     if correlated:
         rms = sep.Background(np.ascontiguousarray(steps), mask=~steps_valid, bw=side, bh=side, fw=filter_size, fh=filter_size).rms()
     else:
         # Without the sources: the wings of stars and galaxies have steep steps that clipping
         # keeps, and a crowded mesh would read them as noise. (sep refuses meshes that are
         # more than half masked, hence the meshes' own robust noise here.)
-        overall = robust_sigma(steps[steps_valid])
         sources = ndimage.binary_dilation(np.abs(data - background) > SOURCE_MASK_SIGMA * max(overall, 1e-300), iterations=2)
         quiet = steps_valid & ~sources & ~np.roll(sources, 1, axis=1)
         rms = _mesh_noise(steps, quiet if quiet.sum() >= 0.05 * steps_valid.sum() else steps_valid, side=side, filter_size=filter_size)
     # A mesh of coarsely quantised or constant pixels reads 0: the clipped standard deviation
     # of all the steps stands in there.
-    if correlated:
-        overall = robust_sigma(steps[steps_valid])
     floor = 0.1 * overall if overall > 0 else 1e-12 * max(float(np.max(np.abs(data))), 1.0)
     rms = np.where(np.isfinite(rms) & (rms >= floor), rms, max(overall, floor))
     return background, rms
@@ -2495,12 +2493,14 @@ def label_maxima(values: np.ndarray, labels: np.ndarray, index: Sequence[int]) -
     index = np.asarray(index, dtype=np.int64)
     flat = np.asarray(values).ravel()
     labelled = np.flatnonzero(labels)
+    if labelled.size == 0:
+        return np.full(index.size, -np.inf), [(0, 0)] * index.size
     found = np.asarray(labels).ravel()[labelled]
     order = np.lexsort((-flat[labelled], found))  # by label, then value downwards; stable, so ties keep raster order
     found, labelled = found[order], labelled[order]
-    first = np.minimum(np.searchsorted(found, index), max(found.size - 1, 0))
-    present = found[first] == index if found.size else np.zeros(index.size, dtype=bool)
-    best = np.where(present, labelled[first] if found.size else 0, 0)
+    first = np.minimum(np.searchsorted(found, index), found.size - 1)
+    present = found[first] == index
+    best = np.where(present, labelled[first], 0)
     rows, cols = np.unravel_index(best, np.shape(labels))
     return np.where(present, flat[best], -np.inf).astype(np.float64), list(zip(rows.tolist(), cols.tolist()))
 
@@ -4966,12 +4966,32 @@ def _mlflow_http_limits(timeout: float) -> None:
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def mark_model_training(experiment: Any) -> None:
+def mark_model_training(experiment: Any, client: Any = None) -> None:
     """Tag an MLflow experiment as model training (once), so that the UI opens on its runs."""
     import mlflow  # lazy: 1 s of import; only tracking needs it
 
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        (client or mlflow.MlflowClient()).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def ensure_experiment(client: Any, name: str, *, tracking_uri: str) -> Any:
+    """The MLflow experiment `name` through `client`: created if it is new, and marked as model training.
+
+    Callers on a SQLite store hold _sqlite_init_lock around it. A tracking server has no lock
+    of ours: a run started beside this one may create the experiment in between, which is as good.
+    """
+    import mlflow  # lazy: 1 s of import; only tracking needs it
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name, artifact_location=_artifact_location(tracking_uri))
+        except mlflow.exceptions.MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+    mark_model_training(experiment, client)
+    return experiment
 
 
 class MlflowRun:
@@ -5055,16 +5075,8 @@ class MlflowRun:
             # Two first runs at once in a fresh directory would both migrate the new database
             # ("table ... already exists") and both create the experiment: one at a time.
             with _sqlite_init_lock(self.cfg.tracking_uri, timeout=120.0):
-                if mlflow.get_experiment_by_name(self.cfg.experiment) is None:
-                    try:
-                        mlflow.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.cfg.tracking_uri))
-                    except mlflow.exceptions.MlflowException as exc:
-                        # A tracking server has no lock of ours: a run started beside this one
-                        # may have created the experiment in between, which is as good.
-                        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-                            raise
-                experiment = mlflow.set_experiment(self.cfg.experiment)
-                mark_model_training(experiment)
+                experiment = ensure_experiment(mlflow.MlflowClient(), self.cfg.experiment, tracking_uri=self.cfg.tracking_uri)
+                mlflow.set_experiment(experiment_id=experiment.experiment_id)
                 if resume_run_id:
                     run = mlflow.start_run(run_id=resume_run_id)
                 else:
@@ -8347,10 +8359,8 @@ def mlflow_parent_run(cfg: TrainConfig, *, run_name: str, tags: dict[str, str]) 
 
     def create() -> str:
         with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
-            experiment = client.get_experiment_by_name(cfg.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(cfg.tracking_uri))
-            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-            return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+            experiment = ensure_experiment(client, cfg.experiment, tracking_uri=cfg.tracking_uri)
+            return client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
 
     return _parent_call(cfg, "the start of the parent run", create) or ""
 
