@@ -124,6 +124,16 @@ def _one_line(exc: BaseException, *, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _innermost_cause(exc: BaseException) -> BaseException:
+    """The exception at the bottom of `exc`'s chain of causes (itself if it has none)."""
+    for _ in range(10):  # chains are short; a cycle must not hang the error path
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
 @functools.cache
 def _umask() -> int:
     """The process's umask, read when the first output is written: importing AstrID changes no process state.
@@ -8512,12 +8522,7 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
     except Exception as exc:  # a bad URL, a missing driver or directory, a locked, read-only or foreign database (SQLAlchemy's errors included)
         # Optuna wraps the database's own error ("attempt to write a readonly database") in a
         # generic one about its commit: the innermost cause is what the user can act on.
-        cause = exc
-        for _ in range(10):  # chains are short; a cycle must not hang the error path
-            inner = cause.__cause__ or cause.__context__
-            if inner is None:
-                break
-            cause = inner
+        cause = _innermost_cause(exc)
         why = f"{type(exc).__name__}: {_one_line(exc, limit=120)}" + (f"; {type(cause).__name__}: {_one_line(cause, limit=120)}" if cause is not exc else "")
         msg = f"cannot open the Optuna study {study_name!r} in {storage} ({why})"
         raise AstridError(msg) from None
