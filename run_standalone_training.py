@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=st.HelpFormatter)
     parser.add_argument("--mode", choices=["quick", "full", "custom"], default="quick", help="quick: 20 samples, 3 epochs, batch 4; full: 100, 20, 8; custom: your flags")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    st.add_train_arguments(parser)
+    st.add_training_flags(parser)
     args = parser.parse_args(argv)
     if args.mode == "custom":
         missing = [flag for flag in ("samples", "epochs", "batch_size") if getattr(args, flag) is None]

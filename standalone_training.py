@@ -1,29 +1,50 @@
 """AstrID: find what changed in the sky between a reference and a science image.
 
-One module, read top to bottom in the order data flows; each section is marked by a
-``# ----`` rule and uses only names defined above it:
+One module in two parts: a shared core, then a wing per workflow. It reads top to bottom
+and uses no name above the line that defines it; each section is marked by a ``# ----``
+rule. A helper that one workflow alone uses lives in that workflow's wing, so following
+a checkpoint through ``predict``, or a configuration through training, stays inside its
+wing and the core.
+
+The shared core, in the order data flows:
 
     Utilities            errors, atomic writes, JSON, safe paths, robust statistics
-    Configuration        SkyConfig, TrainConfig, presets, input checks, seeding
+    Configuration        SkyConfig, TrainConfig, presets, the limits inputs are checked against
     Sky simulation       PSFs, stars, galaxies, noise, changes and bogus, their truth records
     Normalisation and subtraction
                          seeing and flux scale of a pair, the one normalisation; then a real
                          pair's subtraction: pixels as data, local backgrounds, registration,
                          PSFs, the flux ratio from the best source, ZOGY's S_corr, candidates
     Real sky             FITS reading, network discipline, targets, the cache, surveys, tiling
-    Datasets             synthetic, real (injection-recovery), mixed
-    Model                the U-Net and its memory estimate
-    Loss                 BCE + Dice on logits
+    Datasets             synthetic, real (injection-recovery)
+    Model                the U-Net
+    Loss                 BCE + Dice on logits, and the type head's cross-entropy
     Metrics              pixel metrics, components, object matching, completeness, baselines
-    Training infrastructure
-                         device, processes, output directories, early stopping, MLflow,
-                         CodeCarbon, checkpoints and loading a predictor
-    Finding changes      probability maps in windows, the significance gate, null tests
-    Figures              every plot, one style, one save helper
-    Evaluation           a model on a labelled test set, the operating threshold
-    Trainer              StandaloneTrainer and run_training
-    Commands             evaluate, predict (one pair or many), export, sweep, compare
-    Command line         the parser and the entry point
+    Checkpoints and the predictor
+                         device placement, the output-directory rule, MLflow experiments,
+                         saving and loading checkpoints, Predictor and load_predictor
+    Finding changes      probability maps in windows, the significance gate, types, the
+                         MLflow pyfunc model, null tests
+    Figures              one style, one save helper, the figures several wings draw
+    Evaluation           a model on a labelled test set (training, evaluate and compare)
+    Parent runs          the MLflow run that holds a sweep's or a comparison's runs
+    The command line's plumbing
+                         the help format, flags by name, one subcommand's registration
+
+The wings, each with its writers, its figures and its add_<command>_arguments, which
+registers the command, its flags and the function that runs it:
+
+    Training wing        threads and seeds, the training data, memory, processes, run
+                         directories, early stopping, MLflow and CodeCarbon, the history
+                         plots, StandaloneTrainer, run_training, the train command
+    Evaluate wing        intervals, real-pixel injection-recovery, run_evaluation
+    Predict wing         forced photometry, the overlay, the catalogues and maps, one pair
+                         (run_prediction) or a list of pairs (run_pairs)
+    Sweep wing           the Optuna search space, its trials and its report
+    Compare wing         synthetic versus real training, arms and seeds
+    Export wing          shareable weights (export) and the MLflow Model Registry (register)
+    Fetch wing           the real-sky cache, filled ahead of an offline run
+    Command line         build_parser, which each wing fills, and main()
 
 The science the simulator, the masks and the metrics rely on is in docs/science.md;
 STANDALONE_TRAINING.md documents every command and figure. The archive plumbing (HTTP
@@ -31,7 +52,7 @@ adapters, retries, the cache manifest) stays in this module: it is a few hundred
 that only the real-sky datasets use, and one file keeps one import for users and tests.
 
 Run ``python standalone_training.py --help`` for the commands (train, evaluate, predict,
-fetch, sweep, compare).
+sweep, compare, export, register, fetch).
 """
 
 from __future__ import annotations
@@ -102,8 +123,21 @@ log = logging.getLogger("astrid")
 # Utilities: errors, files, JSON, safe paths, robust statistics
 # ----------------------------------------------------------------------------
 
+
 class AstridError(Exception):
     """A refusal the user can act on: printed as one line, never as a traceback."""
+
+
+class TrainingInterrupted(AstridError):
+    """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
+
+
+class TrainingPruned(AstridError):
+    """An ``on_epoch_end`` hook stopped the run (a sweep's pruner): best.pt so far is kept."""
+
+
+class TrainingDiverged(AstridError):
+    """The monitored metric was never finite: the NaN early stop ended the run with no model."""
 
 
 class DataError(AstridError, ValueError):
@@ -122,16 +156,6 @@ def _one_line(exc: BaseException, *, limit: int = 200) -> str:
     """Exception text squeezed onto one bounded line, for logs and user messages."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _innermost_cause(exc: BaseException) -> BaseException:
-    """The exception at the bottom of `exc`'s chain of causes (itself if it has none)."""
-    for _ in range(10):  # chains are short; a cycle must not hang the error path
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    return exc
 
 
 @functools.cache
@@ -399,51 +423,10 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
-    """`value [low, high]`; an open top (None) is printed as inf."""
-    low, high = interval
-    low, high = _fmt(low), ("inf" if high is None and low is not None else _fmt(high))
-    return f"{_fmt(value)} [{low}, {high}]"
-
-
-MIN_SNR50_OBJECTS = 10  # in each of the two SNR bins the 50% crossing lies between; fewer, and the SNR at 50% is printed as not measured
-
-
-def _snr50_bins(summary: dict) -> list[int] | None:
-    """The object counts of the two non-empty SNR bins that the SNR at 50% was interpolated between (one where the faintest bin reaches it), or None where it was never reached."""
-    value = summary["snr50"]["overall"]
-    if value is None or not math.isfinite(value):
-        return None
-    curve = summary["completeness_by_snr"]
-    bins = [(c, n) for c, n in zip(curve["centres"], curve["overall"]["counts"]) if n > 0]
-    after = next((k for k, (c, _) in enumerate(bins) if c >= value * (1 - 1e-9)), len(bins) - 1)
-    return [n for _, n in bins[max(after - 1, 0) : after + 1]]
-
-
-def _fmt_snr50(summary: dict) -> str:
-    """The SNR at 50% completeness with its bootstrap interval, or "not measured" where its bins hold too few objects (MIN_SNR50_OBJECTS)."""
-    bins = _snr50_bins(summary)
-    if bins is None:
-        return "not reached"
-    if min(bins) < MIN_SNR50_OBJECTS:
-        return "not measured"
-    return _fmt_interval(summary["snr50"]["overall"], summary["snr50_interval"]["overall"])
-
-
-def _fmt_snr50_bins(summary: dict) -> str:
-    """The counts of the two bins behind the SNR at 50%, as "n1 + n2"."""
-    bins = _snr50_bins(summary)
-    return "-" if bins is None else " + ".join(str(n) for n in bins)
-
-
-def _fmt_ratio(ratio: dict) -> str:
-    """A `_ratio` with its Wilson interval."""
-    return _fmt_interval(ratio["value"], ratio.get("interval", (None, None)))
-
-
 # ----------------------------------------------------------------------------
-# Configuration: what is simulated, how a run trains, and the limits every input is checked against
+# Configuration: what is simulated, the presets, and the limits every input is checked against
 # ----------------------------------------------------------------------------
+
 
 ANOMALY_TYPES = ("transient", "variable_star", "supernova", "asteroid")
 BOGUS_TYPES = ("cosmic_ray", "hot_pixel", "dipole")
@@ -581,36 +564,6 @@ def check_seed(seed: int) -> None:
         raise ConfigError(msg)
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
-    with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def check_threads(threads: int) -> None:
-    """More torch threads than cores only makes them wait for each other (7.6x slower measured at 999)."""
-    cores = usable_cores()
-    if threads > cores:
-        msg = f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
-        raise ConfigError(msg)
-
-
-def check_country(code: str) -> None:
-    """Refuse a country CodeCarbon has no carbon intensity for: it would silently use the world average."""
-    spec = importlib.util.find_spec("codecarbon")
-    if spec is None or not spec.submodule_search_locations:
-        return  # no CodeCarbon: the energy meter says so itself
-    table = Path(list(spec.submodule_search_locations)[0]) / "data" / "private_infra" / "global_energy_mix.json"
-    try:
-        known = json.loads(table.read_text())
-    except (OSError, ValueError):
-        return  # another CodeCarbon layout: it judges the code itself
-    if code not in known:
-        msg = f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
-        raise ConfigError(msg)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; written to config.json beside its outputs."""
@@ -728,33 +681,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch together."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Python's, NumPy's and torch's global random states, as tensors and plain data (weights_only loads them)."""
-    _, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), python=list(internal), python_gauss=gauss,
-                numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos), numpy_gauss=[int(has_gauss), float(cached)])
-
-
-def restore_rng(state: dict) -> None:
-    """Set the three global random states saved by rng_state (older checkpoints lack the NumPy position)."""
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(v) for v in state["python"]), state.get("python_gauss")))
-    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
-    # Position 624 makes NumPy regenerate its block: what an old checkpoint can restore.
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)), int(has_gauss), float(cached)))
-
-
 # ----------------------------------------------------------------------------
 # Sky simulation: PSFs, sources, noise, changes and bogus (docs/science.md, sections 2-3)
 # ----------------------------------------------------------------------------
+
 
 def psf_oversampling(fwhm: float) -> int:
     """Sub-pixels per pixel side for integrating a PSF over its pixels.
@@ -2768,6 +2698,7 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
 # Real sky: FITS files, survey cutouts and their cache (docs/science.md, section 6)
 # ----------------------------------------------------------------------------
 
+
 DEFAULT_PIXELS = 300  # px, SkyView's own default cutout size
 MANIFEST = "manifest.json"
 NAME_CACHE = "names.json"
@@ -2841,16 +2772,6 @@ def pixel_to_icrs(wcs: Any, x: float, y: float) -> tuple[float | None, float | N
     except Exception:  # astropy's WCS and coordinate layers raise many types on broken keywords
         return None, None
     return (ra, dec) if math.isfinite(ra) and math.isfinite(dec) else (None, None)
-
-
-def sky_frame(wcs: Any) -> str | None:
-    """The celestial frame a WCS is written in ('icrs', 'fk5', 'galactic', ...), or None without a usable one."""
-    if wcs is None:
-        return None
-    try:
-        return wcs_to_celestial_frame(wcs).name
-    except Exception:  # an unknown or broken frame
-        return None
 
 
 def _wcs_problem(wcs: Any, shape: tuple[int, int] | None) -> str | None:
@@ -3452,30 +3373,6 @@ def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retrie
     return frames, failures
 
 
-def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
-             pixels=DEFAULT_PIXELS, backoff=DEFAULT_BACKOFF):
-    """
-    Fill the cache for later offline runs (``standalone_training.py fetch``).
-
-    Parameters
-    ----------
-    targets, surveys, cache_dir, timeout, retries, pixels, backoff
-        As for `fetch_frames`.
-
-    Returns
-    -------
-    dict
-        ``{"cached": [...], "failed": [...]}``: one "target / survey: file" line per frame and
-        one "target / survey: reason" line per failure.
-    """
-    frames, failures = fetch_frames(targets, surveys, cache_dir=cache_dir, timeout=timeout,
-                                    retries=retries, pixels=pixels, backoff=backoff)
-    summary = {"cached": [f"{f.target} / {f.survey}: {f.path.name}" for f in frames],
-               "failed": [f"{f.target} / {f.survey}: {f.reason}" for f in failures]}
-    log.info("prefetch: %d cached, %d failed", len(frames), len(failures))
-    return summary
-
-
 # --- Tiling real frames
 
 class Tile(NamedTuple):
@@ -3530,8 +3427,9 @@ def tile_frame(data, *, tile_size, max_bad_fraction=0.25, max_saturated_fraction
 
 
 # ----------------------------------------------------------------------------
-# Datasets
+# Datasets: synthetic, real (injection-recovery)
 # ----------------------------------------------------------------------------
+
 
 # Independent seed streams: a test set never shares a sample with training or validation.
 SEED_STREAMS = {"train": 0, "test": 1, "demo": 2, "null": 3}
@@ -3812,87 +3710,10 @@ class MASTRealDataset(SyntheticAstronomicalDataset):
         return real_tile_pair(rng, tile, fwhm, self.sky)
 
 
-class MixedDataset(torch.utils.data.Dataset):
-    """Synthetic samples and real tiles in one set: injection-recovery on real pixels, mixed in.
-
-    Sample ``i`` is ``real[i]`` with probability `real_fraction`, decided by (seed, i) alone,
-    and ``synthetic[i]`` otherwise; both datasets hold as many samples as this one and
-    follow the sample contract, which this one forwards. When `real` fell back to synthetic
-    samples (no real tile could be had), every sample is synthetic and :meth:`provenance`
-    says so.
-    """
-
-    def __init__(self, synthetic: SyntheticAstronomicalDataset, real: MASTRealDataset, *, real_fraction: float, seed: int) -> None:
-        if len(synthetic) != len(real):
-            msg = f"synthetic and real datasets differ in length ({len(synthetic)} and {len(real)})"
-            raise ValueError(msg)
-        self.synthetic, self.real = synthetic, real
-        draws = np.random.default_rng([seed, 0x6D6978]).random(len(real))  # "mix"
-        self.is_real = (draws < real_fraction) & bool(real.tiles)
-
-    def __len__(self) -> int:
-        return len(self.synthetic)
-
-    def _source(self, i: int) -> SyntheticAstronomicalDataset:
-        return self.real if self.is_real[i] else self.synthetic
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._source(i)[i]
-
-    def truth(self, i: int) -> list[Truth]:
-        return self._source(i).truth(i)
-
-    def raw(self, i: int) -> RawPair:
-        return self._source(i).raw(i)
-
-    def provenance(self) -> dict:
-        """Where the samples came from: the real dataset's record, with the mixed counts."""
-        real = int(self.is_real.sum())
-        record = self.real.provenance()
-        label = self.real.source if self.real.tiles else f"synthetic (fallback from {self.real.source})"
-        return {**record, "data_source": f"mix: synthetic + {label}", "real_fraction": real / len(self), "real_samples": real, "synthetic_samples": len(self) - real}
-
-
-class Subset(torch.utils.data.Subset):
-    """torch's Subset that also forwards the sample contract's truth() and raw()."""
-
-    def truth(self, i: int) -> list[Truth]:
-        return self.dataset.truth(int(self.indices[i]))
-
-    def raw(self, i: int) -> RawPair:
-        return self.dataset.raw(int(self.indices[i]))
-
-
-def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
-    """Train, validation and test sets plus a record of where the samples came from.
-
-    Train and validation split one pool by a seeded permutation; the test set comes from
-    an independent seed stream, so it never overlaps either.
-    """
-    snr = (cfg.snr_min, cfg.snr_max)
-    training_sky = dataclasses.replace(TRAINING_SKY, plain_fraction=cfg.plain_fraction) if cfg.domain_randomisation else SkyConfig()
-    synthetic = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr, sky=training_sky)
-    if cfg.data == "synthetic":
-        pool = synthetic
-        info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
-    else:
-        source = cfg.data if cfg.data != "mix" else ("fits" if cfg.fits_dir else "mast")
-        pool = MASTRealDataset(
-            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=source, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
-            cache_dir=cfg.cache_dir, timeout=cfg.timeout, retries=cfg.retries, fallback=cfg.fallback, snr_range=snr,
-        )
-        if cfg.data == "mix":
-            pool = MixedDataset(synthetic, pool, real_fraction=cfg.real_fraction, seed=cfg.seed)
-        info = pool.provenance()
-    test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
-    order = np.random.default_rng(cfg.seed).permutation(len(pool))
-    n_val = max(1, round(len(pool) * cfg.val_fraction))
-    return Subset(pool, order[n_val:]), Subset(pool, order[:n_val]), test, info
-
-
 # ----------------------------------------------------------------------------
 # Model: a U-Net over (reference, science, difference)
 # ----------------------------------------------------------------------------
+
 
 def _norm(channels: int) -> nn.BatchNorm2d:
     """The normalisation layer of every block."""
@@ -3990,14 +3811,7 @@ def count_parameters(model: nn.Module) -> int:
 # Measured peak of one AdamW step on CPU, per (width x side^2 x batch): 144-151 bytes
 # (width 16-32, 256 px); rounded up for allocator slack.
 ACTIVATION_BYTES = 200
-SAMPLE_BYTES = 5 * 4  # a cached sample: 3 input channels, the mask and the type labels, float32
 TEST_SAMPLE_BYTES = 64  # per px of a test sample during evaluation: tensors, raw pair (float64), probabilities
-
-
-def unet_parameters(width: int) -> int:
-    """Parameters of StandaloneUNet(width), counted on the meta device: nothing is allocated."""
-    with torch.device("meta"):
-        return count_parameters(StandaloneUNet(width=width))
 
 
 def available_memory() -> int | None:
@@ -4037,19 +3851,10 @@ def check_memory(parts: dict[str, int], *, device: torch.device | None = None) -
             raise AstridError(msg)
 
 
-def training_memory(cfg: TrainConfig) -> dict[str, int]:
-    """Estimated peak bytes of a training run, by what needs them."""
-    px = cfg.image_size**2
-    return {
-        "model": 16 * unet_parameters(cfg.width),  # weights, gradients and AdamW's two moments, float32
-        "activations": ACTIVATION_BYTES * cfg.width * px * cfg.batch_size,
-        "data": SAMPLE_BYTES * px * cfg.samples + TEST_SAMPLE_BYTES * px * cfg.test_samples,
-    }
-
-
 # ----------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------
+
 
 class CombinedLoss(nn.Module):
     """Weighted BCE + soft Dice on the change logit, plus a cross-entropy on the type logits.
@@ -4095,6 +3900,7 @@ class CombinedLoss(nn.Module):
 # ----------------------------------------------------------------------------
 # Metrics: pixels, components, object matching, completeness, the classical baselines (docs/science.md, section 5)
 # ----------------------------------------------------------------------------
+
 
 def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0.5) -> dict[str, float | None]:
     """Pixel-level metrics from scikit-learn; None where undefined (no positives, or non-finite scores).
@@ -4680,8 +4486,9 @@ def summarise_types(records: Sequence[tuple[str, str, float]]) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# Training infrastructure: device, processes, output directories, early stopping, tracking, checkpoints
+# Checkpoints and the predictor: device placement, output directories, tracking, saving and loading
 # ----------------------------------------------------------------------------
+
 
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
     """The one place the device is chosen: auto prefers CUDA, then MPS, then CPU."""
@@ -4728,55 +4535,12 @@ def autocast_context(device: torch.device) -> tuple[contextlib.AbstractContextMa
     return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    """torchrun's view of this process: rank 0 alone logs, tracks energy and writes files."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        if "RANK" not in os.environ:
-            return cls()
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def threading_main() -> bool:
-    """Signal handlers can only be installed from the main thread."""
-    return threading.current_thread() is threading.main_thread()
-
-
-def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
-    """A checksum of every rank's parameters: DDP ranks must end identical."""
-    digest = hashlib.sha256()
-    for tensor in model.parameters():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    mine = digest.hexdigest()[:16]
-    if not dist.enabled:
-        return [mine]
-    gathered = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, mine)
-    return list(gathered)
-
-
 # --- Output directories: one rule for train, evaluate and predict
 #
 # A directory that already holds a command's outputs is refused; it is reused only by
 # `train --resume` (which continues the run inside it) or by an explicit --overwrite,
 # which names what it replaces. Default run directories are made with an exclusive mkdir.
 
-TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
-                 "loss_curves.png", "learning_rate.png", "val_metrics.png", "energy.png", "predictions.png")
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png", "types.png")
 PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "significance.fits", "overlay.png")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
@@ -4820,83 +4584,6 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
         for name in gone:
             (directory / name).unlink()
     return found
-
-
-def lock_run_dir(directory: Path) -> Any:
-    """Hold DIR/.astrid.lock exclusively for the run's life: a second run into DIR, even one
-    started in the same instant, is refused while the first runs. Returns the open lock file."""
-    import fcntl  # lazy: POSIX only
-
-    handle = open(directory / ".astrid.lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        msg = f"{directory} is in use by another run right now: wait for it to end, or choose another --output-dir"
-        raise AstridError(msg) from None
-    return handle
-
-
-def new_run_dir(parent: Path) -> Path:
-    """runs/<timestamp>-<6 hex>, made with an exclusive mkdir: two runs never share one."""
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    while True:
-        path = parent / f"{stamp}-{secrets.token_hex(3)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-# --- Early stopping
-
-class EarlyStopping:
-    """Stop when the monitored metric has not improved for `patience` epochs.
-
-    Improvement means strictly better than the best by more than `min_delta`; the best
-    starts at +inf (mode "min") or -inf ("max"). A NaN metric stops the run at once and
-    is never recorded as best. The state survives a resume.
-    """
-
-    def __init__(self, *, patience: int, min_delta: float = 0.0, mode: str = "min") -> None:
-        if mode not in ("min", "max"):
-            msg = f"mode must be 'min' or 'max', got {mode!r}"
-            raise ValueError(msg)
-        if patience < 1 or min_delta < 0:
-            msg = f"need patience >= 1 and min_delta >= 0, got {patience} and {min_delta}"
-            raise ValueError(msg)
-        self.patience, self.min_delta, self.mode = patience, min_delta, mode
-        self.best = math.inf if mode == "min" else -math.inf
-        self.best_epoch = -1
-        self.bad_epochs = 0
-        self.stop_reason = ""
-
-    def step(self, value: float, epoch: int) -> bool:
-        """Record one epoch's metric; return True if it is a new best."""
-        if not math.isfinite(value):
-            self.stop_reason = f"monitored metric is {value} at epoch {epoch}"
-            return False
-        better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
-        if better:
-            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
-            return True
-        self.bad_epochs += 1
-        if self.bad_epochs >= self.patience:
-            self.stop_reason = f"no improvement of {self.mode} beyond {self.min_delta} for {self.patience} epochs (best {self.best:.5g} at epoch {self.best_epoch})"
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return bool(self.stop_reason)
-
-    def state_dict(self) -> dict:
-        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, stop_reason=self.stop_reason)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
-        self.bad_epochs, self.stop_reason = int(state["bad_epochs"]), str(state["stop_reason"])
 
 
 # --- Tracking: MLflow and CodeCarbon
@@ -5002,250 +4689,6 @@ def ensure_experiment(client: Any, name: str, *, tracking_uri: str) -> Any:
         experiment = client.get_experiment_by_name(name)
     mark_model_training(experiment, client)
     return experiment
-
-
-class MlflowRun:
-    """MLflow tracking for one training run (rank 0 only); inert when disabled.
-
-    The tracking URI defaults to MLflow's embedded ``sqlite:///mlflow.db`` in the working
-    directory. A remote server is checked before training starts: unreachable, the run
-    fails at once with one line, unless the user asked to continue without MLflow.
-
-    Every call into MLflow goes through :meth:`_call`: a failure at any point (a server that
-    errors, hangs or dies, a read-only database) never kills the run with a traceback.
-    With --mlflow-optional tracking stops there, and when and why are logged and kept in
-    :meth:`record` (metrics.json); without it, :class:`TrackingError` ends the run in one line.
-    """
-
-    def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
-        self.cfg = cfg
-        self.enabled = enabled and cfg.mlflow
-        self.run_id = ""
-        self.failed_at: str | None = None  # "start", "epoch N" or "the end of training"
-        self.disabled_reason = "" if self.enabled else ("--no-mlflow" if not cfg.mlflow else "not rank 0")
-
-    def record(self) -> dict:
-        """What metrics.json says about tracking."""
-        return {"enabled": self.enabled, "reason_off": self.disabled_reason, "failed_at": self.failed_at}
-
-    def _give_up(self, reason: str, when: str) -> None:
-        """Tracking failed: stop it, or stop the run (TrackingError) unless --mlflow-optional."""
-        self.enabled, self.disabled_reason, self.failed_at = False, reason, when
-        if "mlflow" in sys.modules:
-            # Forget the run locally: MLflow's exit hook would otherwise call the dead server again.
-            # Private on purpose: mlflow==3.17.2 has no public call that forgets the active run
-            # without telling the server (end_run() would wait out the timeouts once more).
-            with contextlib.suppress(Exception):
-                from mlflow.tracking import fluent  # lazy: 1 s of import; only tracking needs it
-
-                fluent._active_run_stack.get().clear()
-        if not self.cfg.mlflow_optional:
-            raise TrackingError(reason + "; fix it, pass --no-mlflow, or --mlflow-optional to train on without it") from None
-        log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
-
-    def _call(self, when: str, call: Any) -> None:
-        """Run one tracking call (nothing if disabled); a failure goes to _give_up."""
-        if not self.enabled:
-            return
-        try:
-            call()
-        except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
-            self._give_up(f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})", when)
-
-    def _check_server(self) -> None:
-        uri = self.cfg.tracking_uri
-        if not uri.startswith(("http://", "https://")):
-            return
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, self.cfg.timeout)).raise_for_status()
-        except requests.RequestException as exc:
-            reason = f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})"
-            if not self.cfg.mlflow_optional:
-                raise AstridError(reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it") from None
-            log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
-            self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
-
-    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "", parent_run_id: str = "") -> None:
-        if not self.enabled:
-            return
-        self._check_server()
-        if not self.enabled:
-            return
-        _mlflow_http_limits(self.cfg.timeout)
-
-        def begin() -> None:
-            import mlflow  # lazy: 1 s of import; only tracking needs it
-
-            _quiet_loggers()
-            if not log.isEnabledFor(logging.DEBUG):
-                # Its failures reach the user as AstrID's one line; its own ERROR records carry tracebacks.
-                logging.getLogger("mlflow").setLevel(logging.CRITICAL)
-            mlflow.set_tracking_uri(self.cfg.tracking_uri)
-            # Two first runs at once in a fresh directory would both migrate the new database
-            # ("table ... already exists") and both create the experiment: one at a time.
-            with _sqlite_init_lock(self.cfg.tracking_uri, timeout=120.0):
-                experiment = ensure_experiment(mlflow.MlflowClient(), self.cfg.experiment, tracking_uri=self.cfg.tracking_uri)
-                mlflow.set_experiment(experiment_id=experiment.experiment_id)
-                if resume_run_id:
-                    run = mlflow.start_run(run_id=resume_run_id)
-                else:
-                    run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id or None)
-                    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-                self.run_id = run.info.run_id
-                mlflow.set_tags(tags)
-
-        self._call("start", begin)
-
-    @staticmethod
-    def _when(step: int | None) -> str:
-        return f"epoch {step}" if step is not None else "the end of training"
-
-    def log_metrics(self, metrics: dict, *, step: int | None = None) -> None:
-        def call() -> None:
-            import mlflow  # lazy: 1 s of import; only tracking needs it
-
-            clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-            mlflow.log_metrics(clean, step=step)
-
-        self._call(self._when(step), call)
-
-    def log_params(self, params: dict) -> None:
-        def call() -> None:
-            import mlflow  # lazy: 1 s of import; only tracking needs it
-
-            mlflow.log_params({k: str(v) for k, v in params.items()})
-
-        self._call("the end of training", call)
-
-    def set_tags(self, tags: dict) -> None:
-        def call() -> None:
-            import mlflow  # lazy: 1 s of import; only tracking needs it
-
-            mlflow.set_tags(tags)
-
-        self._call("the end of training", call)
-
-    def log_artifacts(self, paths: Sequence[Path], *, artifact_path: str | None = None) -> None:
-        def call() -> None:
-            import mlflow  # lazy: 1 s of import; only tracking needs it
-
-            for path in paths:
-                if Path(path).exists():
-                    mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-        self._call("the end of training", call)
-
-    def log_model(self, log_it: Callable[[], Any]) -> None:
-        """Log the run's model with `log_it` (the trainer's is :func:`log_astrid_model`), under the run's MLflow policy like every other call."""
-        self._call("the end of training", log_it)
-
-    def end(self, status: str) -> None:
-        if not self.run_id:
-            return
-
-        def call() -> None:
-            import mlflow  # lazy: 1 s of import; only tracking needs it
-
-            mlflow.end_run(status=status)
-
-        self._call("the end of the run", call)
-
-
-def _codecarbon_cpu_method(tracker: Any) -> str:
-    """How CodeCarbon measured the CPU: RAPL counters, or an estimate from TDP.
-
-    Read from the tracker's private hardware list (codecarbon==3.3.2 says it nowhere public);
-    anything unexpected there reads "estimate".
-    """
-    for hardware in getattr(tracker, "_hardware", []):
-        mode = getattr(hardware, "_mode", None)
-        if mode is not None and type(hardware).__name__ == "CPU":
-            names = {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate", "cpu_load": "TDP x CPU load estimate"}
-            return names.get(str(mode), str(mode))
-    return "estimate"
-
-
-class EnergyMeter:
-    """CodeCarbon's offline tracker around training (rank 0 only); inert when disabled.
-
-    Offline mode uses the configured country's carbon intensity and needs no network.
-    Without RAPL counters (most VMs and non-Intel laptops) CodeCarbon estimates CPU
-    power from its TDP; that is said once in the log and recorded as the method.
-    """
-
-    def __init__(self, cfg: TrainConfig, *, enabled: bool, output_dir: Path) -> None:
-        self.enabled = enabled and cfg.energy
-        self.cfg, self.output_dir = cfg, output_dir
-        self.tracker = None
-        self.result: dict = {"status": "disabled" if not cfg.energy else "not tracked on this rank"}
-
-    def start(self) -> None:
-        if not self.enabled:
-            return
-        try:
-            os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")  # its import speaks before log_level applies
-            from codecarbon import OfflineEmissionsTracker  # lazy: only energy tracking needs it
-
-            logging.getLogger("codecarbon").setLevel(logging.ERROR)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.tracker = OfflineEmissionsTracker(
-                    country_iso_code=self.cfg.country,
-                    output_dir=str(self.output_dir),
-                    save_to_file=False,
-                    log_level="error",
-                    measure_power_secs=15,
-                    tracking_mode="process",
-                )
-                self.tracker.start()
-        except Exception as exc:  # energy is an add-on: say so loudly and train on
-            log.warning("CodeCarbon could not start (%s): energy is not measured for this run", exc)
-            self.result = {"status": "failed", "reason": str(exc)}
-            self.tracker = None
-
-    def so_far(self) -> dict:
-        """Energy and emissions since start(), measured now, for one epoch's row; {} when not measured.
-
-        CodeCarbon's flush() takes a reading (and writes nothing: save_to_file is off); the
-        running totals it computed are read back with _prepare_emissions_data(), the accessor
-        codecarbon==3.3.2 has for them. Any failure here costs the row its energy, never the run.
-        """
-        if self.tracker is None:
-            return {}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if self.tracker.flush() is None:
-                    return {}
-                data = self.tracker._prepare_emissions_data()
-            return {"energy_kwh_so_far": float(data.energy_consumed), "emissions_kg_so_far": float(data.emissions)}
-        except Exception:
-            return {}
-
-    def stop(self) -> dict:
-        if self.tracker is None:
-            return self.result
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.tracker.stop()
-            data = self.tracker.final_emissions_data
-            method = _codecarbon_cpu_method(self.tracker)
-            self.result = {
-                "status": "measured",
-                "energy_kwh": float(data.energy_consumed),
-                "emissions_kg_co2eq": float(data.emissions),
-                "duration_s": float(data.duration),
-                "country": self.cfg.country,
-                "cpu_power_method": method,
-            }
-            log.info("energy: %.3g kWh, %.3g kg CO2eq over %.0f s (CPU power: %s)", data.energy_consumed, data.emissions, data.duration, method)
-        except Exception as exc:
-            log.warning("CodeCarbon failed while stopping (%s): energy is not recorded", exc)
-            self.result = {"status": "failed", "reason": str(exc)}
-        self.tracker = None
-        return self.result
 
 
 # --- Checkpoints
@@ -5475,6 +4918,7 @@ def load_predictor(*, checkpoint: str | None, threshold: float | None, device: s
 # Finding changes: windows over a pair, the significance gate, null tests
 # ----------------------------------------------------------------------------
 
+
 PREDICT_TILE = 1536  # px, the largest network window (a multiple of 16): at most ~1 GB of activations (410 B per px at width 16)
 
 
@@ -5606,11 +5050,6 @@ def raw_pair(raw: RawPair) -> PairSubtraction:
                          gain_reference=gain(raw.reference), gain_science=gain(raw.science))
 
 
-def raw_subtraction(raw: RawPair) -> Subtraction:
-    """ZOGY's subtraction of a dataset's raw pair (:func:`raw_pair`): what :func:`detect_changes` takes."""
-    return raw_pair(raw).subtraction
-
-
 def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, threshold: float,
                    valid: np.ndarray | None = None, gate: float | None = None) -> list[dict]:
     """What AstrID reports: the significant changes of the difference that the network calls real.
@@ -5721,7 +5160,6 @@ TRAIL_ELONGATION = 1.4
 REFERENCE_SOURCE_SIGMA = 4.0  # the reference's brightest pixel within 2 px of a change, in its pixel noise, above which the change sits on a source
 STAR_OFFSET = 1.2  # px: a variable star's change is centred on the reference star's peak; a supernova's is off its host's centre
 STAR_CONCENTRATION = 0.6  # of the PSF's light within 1.5 px relative to 5 px: a source less concentrated is extended (a host galaxy)
-DS9_COLOURS = {"transient": "cyan", "variable_star": "yellow", "supernova": "magenta", "asteroid": "green"}  # one colour per type: DS9 regions and the overlay
 
 
 def _concentration(image: np.ndarray, x: float, y: float) -> float | None:
@@ -5872,78 +5310,6 @@ def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[di
                          area_px=det["area_px"], type=det.get("type", "anomaly"), p_real=det["peak"], **{k: det.get(k) for k in TYPE_PROBABILITY_COLUMNS},
                          trail_length_px=det.get("trail_length_px"), trail_angle_deg=det.get("trail_angle_deg")))
     return sorted(rows, key=lambda r: -r["score"])
-
-
-def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, float]]) -> list[dict]:
-    """The change at each (x, y) of the science grid, whether or not anything was detected there.
-
-    From ZOGY's score S = F_D D correlated with P_D, the optimal point-source statistic: a
-    change of science flux f peaks in S at f F_D^2 sum(P_D^2), so ``flux`` = S / (F_D^2 sum
-    P_D^2) in the science image's units, ``flux_error`` its calibrated noise S_noise over the
-    same (sky, sources and
-    registration included), and ``significance`` their ratio, S_corr (bilinear at the
-    position). ``score`` is the network's highest probability within 2 px. Positions
-    outside the frame or on missing pixels give empty values. This answers "is there
-    anything here?" and, through ``flux_error``, "how deep did we look here?" (5 times it is
-    the 5 sigma limit).
-    """
-    sub = found.pair.subtraction
-    unit = sub.flux_zeropoint**2 * float(np.sum(sub.psf**2))
-    near = ndimage.maximum_filter(found.prob, size=5)
-    h, w = sub.score.shape
-    rows = []
-    for x, y in positions:
-        inside = 0 <= x <= w - 1 and 0 <= y <= h - 1 and bool(sub.valid[int(round(y)), int(round(x))])
-        if not inside:
-            rows.append(dict(x=x, y=y, flux=None, flux_error=None, significance=None, score=None))
-            continue
-        at = np.array([[y], [x]])
-        score = float(ndimage.map_coordinates(sub.score, at, order=1)[0])
-        noise = float(ndimage.map_coordinates(sub.score_noise, at, order=1)[0])
-        rows.append(dict(x=x, y=y, flux=score / unit, flux_error=noise / unit, significance=score / noise if noise > 0 else None,
-                         score=float(near[int(round(y)), int(round(x))])))
-    return rows
-
-
-FORCED_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_error", "significance", "score")
-
-
-def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, float, float | None, float | None]]:
-    """Positions for forced photometry from a CSV with columns x, y (0-based pixels) or ra, dec (degrees, ICRS, through the science WCS)."""
-    path = Path(path)
-    try:
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        msg = f"cannot read --positions {path} ({_one_line(exc)})"
-        raise DataError(msg) from None
-    if not rows:
-        msg = f"--positions {path}: no positions (give columns x,y or ra,dec)"
-        raise DataError(msg)
-    columns = set(rows[0])
-    out = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            if {"x", "y"} <= columns:
-                x, y = float(row["x"]), float(row["y"])
-                ra, dec = pixel_to_icrs(wcs, x, y) if wcs is not None else (None, None)
-            elif {"ra", "dec"} <= columns:
-                if wcs is None:
-                    msg = f"--positions {path} gives ra, dec, but the science image has no usable celestial WCS: give x, y"
-                    raise DataError(msg)
-                ra, dec = float(row["ra"]), float(row["dec"])
-
-                x, y = (float(v) for v in wcs.world_to_pixel(SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")))
-            else:
-                msg = f"--positions {path}: needs the columns x,y or ra,dec (has {', '.join(sorted(columns))})"
-                raise DataError(msg)
-        except (TypeError, ValueError) as exc:
-            msg = f"--positions {path}:{line}: not a number ({_one_line(exc)})"
-            raise DataError(msg) from None
-        if not (math.isfinite(x) and math.isfinite(y)):
-            msg = f"--positions {path}:{line}: the position is not finite"
-            raise DataError(msg)
-        out.append((x, y, ra, dec))
-    return out
 
 
 # --- AstrID as an MLflow model: the pyfunc flavour that the rest of a survey system loads
@@ -6212,6 +5578,7 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
 # Figures: one style, one save helper
 # ----------------------------------------------------------------------------
 
+
 TYPE_COLOURS = {
     "transient": "tab:red",
     "variable_star": "tab:orange",
@@ -6221,8 +5588,6 @@ TYPE_COLOURS = {
     "hot_pixel": "yellow",
     "dipole": "lime",
 }
-
-
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, crop: bool = True, staged: list | None = None) -> Path:
@@ -6237,8 +5602,6 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, crop: b
     if fig.canvas.manager is not None:
         sys.modules["matplotlib.pyplot"].close(fig)
     return path
-
-
 
 
 def _mark_truth(ax, truth: Sequence[Truth]) -> None:
@@ -6514,139 +5877,6 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
     return save_figure(fig, path)
 
 
-def plot_energy(history: list[dict]) -> Any:
-    """CodeCarbon's energy by epoch: each epoch's kWh as a bar, the running total as a line, kg CO2eq on the right."""
-    from matplotlib.figure import Figure  # lazy: see the imports at the top
-
-    epochs = [h["epoch"] for h in history]
-    total = np.array([h["energy_kwh_so_far"] for h in history])
-    emissions = np.array([h["emissions_kg_so_far"] for h in history])
-    # A laptop run spends milli- to watt-hours: the unit follows the total, not the other way round.
-    scale, energy_unit, mass_unit = next((f, e, m) for f, e, m in ((1.0, "kWh", "kg"), (1e3, "Wh", "g"), (1e6, "mWh", "mg"))
-                                         if total[-1] * f >= 1 or f == 1e6)
-    fig = Figure(figsize=(5, 3.5))
-    ax = fig.subplots()
-    ax.bar(epochs, np.diff(total, prepend=0.0) * scale, color="0.75", label="each epoch (the first with the setup before it)")
-    ax.plot(epochs, total * scale, "o-", color="C3", label="so far")
-    ax.set(xlabel="epoch", ylabel=f"energy ({energy_unit})", title="energy (CodeCarbon, offline)", ylim=(0, 1.35 * total[-1] * scale or 1.0))
-    ax.legend(loc="upper left", fontsize=8)  # above the line: the headroom is for it
-    if total[-1] > 0 and emissions[-1] > 0:  # offline mode: one carbon intensity, so one scale serves both
-        kg_per_kwh = emissions[-1] / total[-1]
-        right = ax.secondary_yaxis("right", functions=(lambda e: e * kg_per_kwh, lambda c: c / kg_per_kwh))
-        right.set_ylabel(f"{mass_unit} CO2eq ({kg_per_kwh:.3g} kg/kWh)")
-    return fig
-
-
-def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = None) -> list[Path]:
-    """Loss curves (a log axis when they span more than a decade, the best epoch marked), learning rate,
-    validation metrics and, when CodeCarbon measured the epochs, energy.png, on whole epochs."""
-    from matplotlib.figure import Figure  # lazy: see the imports at the top
-    from matplotlib.ticker import MaxNLocator  # lazy: see the imports at the top
-
-    epochs = [h["epoch"] for h in history]
-    figures = {name: Figure(figsize=(5, 3.5)) for name in ("loss_curves.png", "learning_rate.png", "val_metrics.png")}
-    ax = figures["loss_curves.png"].subplots()
-    losses = [v for h in history for v in (h["train_loss"], h["val_loss"]) if v is not None and math.isfinite(v) and v > 0]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
-    if losses and max(losses) > 10 * min(losses):  # one spike would flatten the rest on a linear axis
-        ax.set_yscale("log")
-    if best_epoch is not None and best_epoch in epochs:
-        ax.axvline(best_epoch, color="0.5", ls=":", lw=1.2, label=f"best epoch ({best_epoch})")
-    ax.set(xlabel="epoch", ylabel="BCE + Dice loss", title="loss")
-    ax.legend()
-    ax = figures["learning_rate.png"].subplots()
-    ax.plot(epochs, [h["lr"] for h in history], "o-")
-    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="one-cycle schedule")
-    ax = figures["val_metrics.png"].subplots()
-    for key in ("average_precision", "f1", "mcc", "precision", "recall", "roc_auc"):
-        values = [h.get(f"val_{key}") for h in history]
-        ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=key.replace("_", " "))
-    ax.set(xlabel="epoch", ylabel="validation (pixel level)", ylim=(0, 1.02), title="validation metrics")
-    ax.legend(fontsize=8)
-    measured = [h for h in history if "energy_kwh_so_far" in h]
-    if measured:
-        figures["energy.png"] = plot_energy(measured)
-    paths = []
-    for name, fig in figures.items():
-        for ax in fig.axes:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.tight_layout()
-        paths.append(save_figure(fig, out / name, dpi=110, crop=False))
-    return paths
-
-
-def overlay_wcs(wcs: WCS | None, shape: tuple[int, int], factor: int) -> WCS | None:
-    """The celestial WCS of the overlay's image (`shape` after block-averaging by `factor`), or None for pixel axes.
-
-    A stepped slice of the science WCS puts each block's sky position at its centre. A WCS
-    that cannot be sliced or gives no finite sky position at the image's corners is left out:
-    the overlay falls back to pixels, as detections.csv does without a WCS.
-    """
-    if wcs is None or not wcs.has_celestial:
-        return None
-    try:
-        view = wcs.celestial.slice((slice(0, shape[0] * factor, factor), slice(0, shape[1] * factor, factor))) if factor > 1 else wcs.celestial
-        corners = view.pixel_to_world_values([0, shape[1] - 1], [0, shape[0] - 1])
-    except Exception as exc:  # astropy raises several kinds for WCSs it cannot slice
-        log.debug("overlay in pixels: the science WCS could not be sliced (%s)", exc)
-        return None
-    return view if np.all(np.isfinite(corners)) else None
-
-
-def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024,
-                 wcs: WCS | None = None, staged: list | None = None) -> Path:
-    """Science and difference images with the detections circled, numbered as the rows of detections.csv and coloured by type.
-
-    Block-averaged if large; sky axes where the science epoch has a celestial WCS (`wcs`),
-    pixel axes (0-based, as in detections.csv) otherwise; a colour bar on each panel (the
-    science in units of its noise above the sky, the difference in sigma).
-    """
-    from matplotlib.figure import Figure  # lazy: see the imports at the top
-    from matplotlib.lines import Line2D  # lazy: see the imports at the top
-    from matplotlib.patches import Circle  # lazy: see the imports at the top
-    from matplotlib.patheffects import withStroke  # lazy: see the imports at the top
-    channels = normalize_pair(reference, science, statistics=statistics)
-    factor = max(1, math.ceil(max(science.shape) / max_side))
-    if factor > 1:
-        h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
-        channels = channels[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
-    sky = overlay_wcs(wcs, channels.shape[1:], factor)
-    # Pixel axes are in the original pixels (the image stretched over them); sky axes need the
-    # image's own block pixels, where a detection at pixel x sits at (x + 0.5) / factor - 0.5.
-    extent, scale = ((-0.5, channels.shape[2] * factor - 0.5, -0.5, channels.shape[1] * factor - 0.5), 1) if sky is None else (None, factor)
-    fig = Figure(figsize=(12, 5.5))
-    for k, (image, title, unit, kwargs) in enumerate((
-        (channels[1], "science", "science (noise units above the sky)", dict(cmap="gray", vmin=-1, vmax=5)),
-        (channels[2], "difference (science - scaled reference)", "difference (sigma)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
-    )):
-        ax = fig.add_subplot(1, 2, k + 1, projection=sky)
-        shown = ax.imshow(image, origin="lower", extent=extent, **kwargs)
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=unit)
-        for number, r in enumerate(rows, start=1):
-            colour = DS9_COLOURS.get(r.get("type"), "lime")
-            centre = ((r["x"] + 0.5) / scale - 0.5, (r["y"] + 0.5) / scale - 0.5)
-            ax.add_patch(Circle(centre, radius=max(4.0, 8.0 * factor) / scale, fill=False, color=colour, lw=1.2))
-            ax.annotate(str(number), centre, xytext=(6, 6), textcoords="offset points", color=colour, fontsize=8, weight="bold",
-                        path_effects=[withStroke(linewidth=2, foreground="black")])  # legible on light and dark pixels alike
-        ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
-        if sky is None:
-            ax.set_xlabel("x (px)")
-            ax.set_ylabel("y (px)")
-        else:
-            names = {"ra": "RA", "dec": "Dec", "lon": "longitude", "lat": "latitude"}
-            for axis, kind in enumerate(sky.world_axis_physical_types):
-                ax.coords[axis].set_axislabel(f"{names.get(kind.split('.')[-1], kind)} ({sky_frame(sky)})")
-            ax.coords.grid(color="white", alpha=0.25, ls=":")
-    kinds = sorted({r.get("type") for r in rows if r.get("type") in DS9_COLOURS})
-    if kinds:
-        fig.legend(handles=[Line2D([], [], color=DS9_COLOURS[k], marker="o", ls="", fillstyle="none", label=k.replace("_", " ")) for k in kinds],
-                   loc="lower center", ncol=len(kinds), fontsize=8, frameon=False)
-    fig.text(0.01, 0.01, "numbers: rows of detections.csv", fontsize=8, color="0.3")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save_figure(fig, path, dpi=110, staged=staged)
-
-
 def plot_type_confusion(panels: dict[str, dict], path: Path) -> Path:
     """One confusion matrix per typer (`panels`: title -> :func:`summarise_types`' result), rows normalised to recall, each cell with its count."""
     from matplotlib.figure import Figure  # lazy: see the imports at the top
@@ -6670,111 +5900,9 @@ def plot_type_confusion(panels: dict[str, dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_comparison(arms: dict, path: Path, *, staged: list | None = None) -> Path:
-    """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
-    from matplotlib.figure import Figure  # lazy: see the imports at the top
-    fig = Figure(figsize=(11, 4.2))
-    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
-    titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
-    for k, (dataset, title) in enumerate(titles.items()):
-        ax = fig.add_subplot(1, 2, k + 1)
-        first = next(iter(arms.values()))[dataset]
-        # Arms that coincide stay visible: each its own marker, and a small offset along SNR.
-        markers = ("o", "s", "^", "D", "v", "P", "X", "*")
-        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-", markers[k % len(markers)], 1.0 + 0.02 * (k - (len(arms) - 1) / 2))
-                 for k, (name, arm) in enumerate(arms.items())]
-        lines += [("matched filter", first["baseline"]["curve"], "grey", "--", "o", 1.0), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":", "o", 1.0)]
-        for label, curve, colour, style, marker, shift in lines:
-            x = np.asarray(curve["centres"]) * shift
-            y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
-            shown = np.isfinite(y)
-            ax.plot(x[shown], y[shown], style, marker=marker, ms=4 if style == "-" else 3, mfc="none" if style == "-" else colour, color=colour, label=label)
-            if style == "-":
-                ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
-        _completeness_axes(ax)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    return save_figure(fig, path, staged=staged)
-
-
 # ----------------------------------------------------------------------------
-# Evaluation: a model on a labelled test set
+# Evaluation: a model on a labelled test set, shared by training, evaluate and compare
 # ----------------------------------------------------------------------------
-
-def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[Truth]], *,
-                     significances: Sequence[np.ndarray] | None = None,
-                     thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
-                     radius: float = MATCH_RADIUS) -> tuple[float, list[dict]]:
-    """Probability threshold with the best object-level F1 on a validation set.
-
-    F1 is the harmonic mean of completeness and purity, both pooled over all images (not
-    averaged per image, so that images with few objects do not dominate). With no detections
-    purity is undefined and F1 is taken as 0. Ties go to the higher threshold: fewer false
-    detections for the same score.
-
-    Parameters
-    ----------
-    prob_maps : sequence of ndarray, shape (H, W)
-        Network probability maps.
-    truths : list of list of dict
-        Their truth tables.
-    significances : sequence of ndarray, shape (H, W), optional
-        The difference's significance maps: detections then go through `detect_changes`, as
-        everywhere else; without them, the plain components of the maps count.
-    thresholds : array_like
-        Candidate thresholds, each in (0, 1].
-    radius : float
-        Matching radius in pixels, as in `match_objects`.
-
-    Returns
-    -------
-    best_threshold : float
-    table : list of dict
-        One row per threshold, ascending: ``threshold``, ``completeness``, ``purity``, ``f1``,
-        ``n_recovered``, ``n_anomalies``, ``n_real``, ``n_detections``,
-        ``false_detections_per_image``.
-    """
-    if len(prob_maps) != len(truths) or len(truths) == 0:
-        msg = f"need equally many (>0) maps and truth tables, got {len(prob_maps)}, {len(truths)}"
-        raise ValueError(msg)
-    thresholds = np.unique(np.asarray(thresholds, dtype=float))
-    if thresholds.size == 0 or thresholds[0] <= 0 or thresholds[-1] > 1:
-        msg = f"thresholds must be non-empty and within (0, 1], got {thresholds}"
-        raise ValueError(msg)
-    if significances is not None and len(significances) != len(prob_maps):
-        msg = f"{len(significances)} significance maps for {len(prob_maps)} probability maps"
-        raise ValueError(msg)
-
-    def detections(i: int, threshold: float) -> list[dict]:
-        if significances is None:
-            return find_components(prob_maps[i], threshold=threshold)
-        return detect_changes(prob_maps[i], significances[i], threshold=threshold)
-
-    table = []
-    for threshold in thresholds:
-        results = [match_objects(detections(i, threshold), t, radius=radius)
-                   for i, t in enumerate(truths)]
-        n_recovered = sum(int(np.count_nonzero(r.recovered)) for r in results)
-        n_anomalies = sum(len(r.recovered) for r in results)
-        n_real = sum(int(np.count_nonzero(r.real)) for r in results)
-        n_detections = sum(len(r.real) for r in results)
-        completeness = n_recovered / n_anomalies if n_anomalies else math.nan
-        purity = n_real / n_detections if n_detections else math.nan
-        f1 = (2 * completeness * purity / (completeness + purity)
-              if completeness + purity > 0 else 0.0)  # NaN > 0 is False: no detections -> 0
-        table.append({
-            "threshold": float(threshold), "completeness": _json_float(completeness),
-            "purity": _json_float(purity), "f1": float(f1), "n_recovered": n_recovered,
-            "n_anomalies": n_anomalies, "n_real": n_real, "n_detections": n_detections,
-            "false_detections_per_image": (n_detections - n_real) / len(truths),
-        })
-    # Ascending order plus ">=" hands ties to the higher threshold.
-    best = table[0]
-    for row in table[1:]:
-        if row["f1"] >= best["f1"]:
-            best = row
-    return best["threshold"], table
 
 
 def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[Truth], detections: list[dict], match: MatchResult) -> list[dict]:
@@ -6866,158 +5994,788 @@ def evaluate_model(
     return result
 
 
-# --- Real pixels: injection-recovery on frames the model never saw
-
-REAL_PIXEL_SNRS = (3.0, 60.0)  # injected matched-filter SNRs, log-uniform
-REAL_PIXEL_SOURCES = 10  # injected point sources per pair
-REAL_PIXEL_PAIRS = 24  # pairs per frame, each with its own noise, seeing, shift, gradient and sources
-REAL_PIXEL_GRADIENTS = (0.0, 2.0, 5.0, 20.0)  # sigma, corner to corner, in the reference epoch
-REAL_PIXEL_SEEING = (1.0, 1.5)  # science FWHM / frame FWHM
-REAL_PIXEL_SHIFT = 0.5  # px: the largest residual shift of the science epoch, either axis
-REAL_PIXEL_SEPARATION = 12  # px between injected sources, and from the edges
+# ----------------------------------------------------------------------------
+# Parent runs: the MLflow run that holds a sweep's or a comparison's runs
+# ----------------------------------------------------------------------------
 
 
-def real_pixel_frames(*, fits_dir: str | os.PathLike = "") -> list[NullFrame]:
-    """Real frames for injection-recovery: the right half of astropy's M13 cutout (its left half is `compare`'s training data) and `fits_dir`'s frames."""
-    frames = []
-    if M13_FITS.is_file():
-        data = read_fits_image(M13_FITS)[0]
-        frames.append(NullFrame("M13 right half (DSS, astropy's SkyView cutout)", data[:, data.shape[1] // 2:]))
-    if fits_dir:
-        loaded, _ = load_fits_dir(fits_dir)
-        frames += [NullFrame(f"{f.target} ({f.survey})", f.data) for f in loaded]
-    return frames
+def _parent_call(cfg: TrainConfig, when: str, call: Callable[[], Any]) -> Any:
+    """One parent-run call: a failure stops the command in one line, or, with --mlflow-optional, is a warning (None)."""
+    try:
+        return call()
+    except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
+        reason = f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+        if not cfg.mlflow_optional:
+            raise TrackingError(reason + "; pass --no-mlflow, or --mlflow-optional to go on without it") from None
+        log.warning("%s: continuing WITHOUT the parent run, as --mlflow-optional asked", reason)
+        return None
 
 
-def _real_pixel_pair(frame: np.ndarray, rng: np.random.Generator, *, sigma: float, fwhm: float, gradient: float,
-                     sources: int) -> tuple[np.ndarray, np.ndarray, list[Truth], dict]:
-    """Two epochs of one real frame and what was injected into the second (:func:`real_pixel_evaluation`)."""
-    h, w = frame.shape
-    fill = float(np.nanmedian(frame))
-    clean = np.where(np.isfinite(frame), frame, fill)
-    noise_reference, noise_science = rng.normal(0.0, sigma, frame.shape), rng.normal(0.0, sigma, frame.shape)
-    reference = clean + noise_reference
-    seeing = float(rng.uniform(*REAL_PIXEL_SEEING))
-    science = ndimage.gaussian_filter(clean, math.sqrt(max(seeing**2 - 1.0, 0.0)) * fwhm / 2.3548) if seeing > 1.0 else clean.copy()
-    shift = rng.uniform(-REAL_PIXEL_SHIFT, REAL_PIXEL_SHIFT, 2)
-    science = ndimage.shift(science, shift[::-1], order=3, mode="nearest") + noise_science
-    angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[:h, :w]
-    ramp = (np.cos(angle) * (xx - w / 2) + np.sin(angle) * (yy - h / 2)) / max(abs(np.cos(angle)) * w + abs(np.sin(angle)) * h, 1.0)
-    reference = reference + gradient * sigma * ramp
-    # The matched-filter SNR of each source on this pair: the peak of its PSF-filtered image
-    # over the robust noise of the PSF-filtered difference of the two epochs' noise, with a
-    # Moffat of the science epoch's FWHM: what an ideal detector, subtracting the static sky
-    # perfectly, would see. An ideal 5 sigma detector reaches 50% at SNR 5.
-    psf = PSF(fwhm * seeing, ASSUMED_MOFFAT_BETA)
-    filtered_noise = robust_sigma(correlate_psf(noise_science - noise_reference, psf.stamp))
-    unit_peak = float(np.max(correlate_psf(render_points((31, 31), np.array([15.0]), np.array([15.0]), np.array([1.0]), psf), psf.stamp)))
-    smooth = ndimage.median_filter(clean, size=9)
-    margin = REAL_PIXEL_SEPARATION
-    truth: list[Truth] = []
-    for _ in range(200 * sources):
-        if len(truth) == sources:
-            break
-        x, y = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-        if any(math.hypot(x - t["x"], y - t["y"]) < REAL_PIXEL_SEPARATION for t in truth) or not np.isfinite(frame[int(y), int(x)]):
-            continue
-        snr = float(np.exp(rng.uniform(*np.log(REAL_PIXEL_SNRS))))
-        on_structure = bool(smooth[int(y), int(x)] - fill > 3 * sigma)  # a galaxy, a cluster's glow, a nebula
-        truth.append(Truth(type="transient", x=float(x), y=float(y), snr=snr, flux=snr * filtered_noise / unit_peak, on_structure=on_structure))
-    if truth:
-        science = science + render_points(frame.shape, np.array([t["x"] for t in truth]), np.array([t["y"] for t in truth]),
-                                          np.array([t["flux"] for t in truth]), psf)
-    missing = ~np.isfinite(frame)
-    reference[missing], science[missing] = np.nan, np.nan
-    return reference, science, truth, dict(seeing_ratio=seeing, shift_px=[float(v) for v in shift], gradient_sigma=gradient)
+def mlflow_parent_run(cfg: TrainConfig, *, run_name: str, tags: dict[str, str]) -> str:
+    """An MLflow run that a sweep's trials or a comparison's arms nest under; its id ("" without MLflow).
 
-
-def real_pixel_evaluation(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_EVAL_SEED,
-                          pairs: int = REAL_PIXEL_PAIRS, sources: int = REAL_PIXEL_SOURCES, stop: Callable[[], bool] | None = None) -> dict:
-    """Injection-recovery on real pixels: the network beside S_corr alone, the matched filter and SExtractor, on the same pairs.
-
-    Each frame makes `pairs` pairs. Both epochs are the frame plus independent Gaussian noise
-    at its own robust noise; the science epoch is blurred to 1-1.5x the frame's seeing and
-    shifted by up to half a pixel on each axis; the reference gets a linear sky gradient of 0,
-    2, 5 or 20 sigma corner to corner (in turn); `sources` point sources go into the science
-    epoch at matched-filter SNRs drawn log-uniformly from REAL_PIXEL_SNRS, on blank sky or on
-    the frame's structure (a galaxy, a glow: ``host`` in the truth). The network's detections
-    are ``predict``'s (:func:`find_changes`); S_corr alone is :func:`significance_detections` of
-    the same subtraction; the matched filter and SExtractor read the plain difference, as in
-    :func:`evaluate_model`. A detection within MATCH_RADIUS of a source recovers it; any other
-    is false, counted per megapixel of pixels with data in both epochs.
+    Made in `cfg`'s experiment (created, and marked as model training, if it is new). The runs
+    nested under it name it as their parent; `close_parent_run` logs its summary and ends it.
     """
-    model.eval()
-    results: dict[str, list[MatchResult]] = {k: [] for k in ("network", "significance_alone", "baseline", "sextractor")}
-    truths, megapixels, cases = [], 0.0, []
-    typed: dict[str, list[str]] = {"blank_sky": [], "on_structure": []}  # what each recovered injection was typed as
-    for k, frame in enumerate(frames):
-        sigma = robust_background(frame.data)[1]
-        fwhm = measure_psf_fwhm(frame.data).fwhm
-        for r in range(pairs):
-            if stop is not None and stop():
-                break
-            rng = np.random.default_rng([seed, SEED_STREAMS["test"], k, r])
-            gradient = REAL_PIXEL_GRADIENTS[r % len(REAL_PIXEL_GRADIENTS)]
-            reference, science, truth, case = _real_pixel_pair(frame.data, rng, sigma=sigma, fwhm=fwhm, gradient=gradient, sources=sources)
-            try:
-                found = find_changes(model, reference, science, threshold=threshold, device=device)
-            except DataError as exc:
-                cases.append(dict(frame=frame.name, **case, refused=_one_line(exc)))
-                continue
-            difference = np.nan_to_num(science - reference)
-            psf = PSF(fwhm * case["seeing_ratio"], ASSUMED_MOFFAT_BETA).stamp
-            detections = {
-                "network": found.detections,
-                "significance_alone": significance_detections(found.pair.subtraction),
-                "baseline": baseline_detections(difference, psf=psf, valid=found.valid),
-                "sextractor": sep_detections(difference, valid=found.valid),
+    if not cfg.mlflow:
+        return ""
+    _mlflow_http_limits(cfg.timeout)
+    import mlflow  # lazy: 1 s of import; only tracking needs it
+
+    _quiet_loggers()
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+
+    def create() -> str:
+        with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
+            experiment = ensure_experiment(client, cfg.experiment, tracking_uri=cfg.tracking_uri)
+            return client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    return _parent_call(cfg, "the start of the parent run", create) or ""
+
+
+def close_parent_run(cfg: TrainConfig, run_id: str, *, metrics: dict[str, float | None], artifacts: Sequence[Path],
+                     documents: dict[str, dict] | None = None) -> None:
+    """Log a parent run's summary (its finite metrics, `documents` as JSON artifacts by name, files) and mark it finished."""
+    if not run_id:
+        return
+    import mlflow  # lazy: 1 s of import; only tracking needs it
+
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+
+    def close() -> None:
+        for key, value in metrics.items():
+            if value is not None and math.isfinite(value):
+                client.log_metric(run_id, key, float(value))
+        for name, document in (documents or {}).items():
+            client.log_dict(run_id, document, name)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id)  # a rerun or another worker may log to it again
+
+    _parent_call(cfg, "the end of the parent run", close)
+
+
+# ----------------------------------------------------------------------------
+# The command line's plumbing: the help format, flags by name, a subcommand's registration
+# ----------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written, and each option's default after its help (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" not in text and action.option_strings and action.default not in (None, False, "", [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _flags_for(function: Callable[..., Any], args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
+    """The parsed flags whose names are parameters of `function`, with `fixed` over them.
+
+    A command's flag reaches its run function by its name alone: adding one is one
+    add_argument and one parameter, never a list of names to keep in step.
+    """
+    names = inspect.signature(function).parameters
+    return {**{k: v for k, v in vars(args).items() if k in names}, **fixed}
+
+
+def add_command(commands: Any, name: str, summary: str, description: str, example: str,
+                run: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+    """A subcommand of `commands` (the parser's add_subparsers) whose parsed arguments main() hands to `run`."""
+    sub = commands.add_parser(name, help=summary, description=textwrap.fill(description, 88), formatter_class=HelpFormatter,
+                              epilog="example:\n  " + example.replace("\n", "\n  "))
+    # SUPPRESS: a --debug given before the command is not reset by this one's absence.
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    sub.set_defaults(run=run)
+    return sub
+
+
+# ----------------------------------------------------------------------------
+# Training wing: threads, seeds, data, memory, run directories, early stopping, tracking, the trainer
+# ----------------------------------------------------------------------------
+
+# --- Threads, the carbon-intensity country, seeds and RNG state
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """More torch threads than cores only makes them wait for each other (7.6x slower measured at 999)."""
+    cores = usable_cores()
+    if threads > cores:
+        msg = f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
+        raise ConfigError(msg)
+
+
+def check_country(code: str) -> None:
+    """Refuse a country CodeCarbon has no carbon intensity for: it would silently use the world average."""
+    spec = importlib.util.find_spec("codecarbon")
+    if spec is None or not spec.submodule_search_locations:
+        return  # no CodeCarbon: the energy meter says so itself
+    table = Path(list(spec.submodule_search_locations)[0]) / "data" / "private_infra" / "global_energy_mix.json"
+    try:
+        known = json.loads(table.read_text())
+    except (OSError, ValueError):
+        return  # another CodeCarbon layout: it judges the code itself
+    if code not in known:
+        msg = f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
+        raise ConfigError(msg)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch together."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's global random states, as tensors and plain data (weights_only loads them)."""
+    _, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), python=list(internal), python_gauss=gauss,
+                numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos), numpy_gauss=[int(has_gauss), float(cached)])
+
+
+def restore_rng(state: dict) -> None:
+    """Set the three global random states saved by rng_state (older checkpoints lack the NumPy position)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), state.get("python_gauss")))
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    # Position 624 makes NumPy regenerate its block: what an old checkpoint can restore.
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)), int(has_gauss), float(cached)))
+
+
+# --- The training data: simulated and real tiles mixed, split into training and validation
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Synthetic samples and real tiles in one set: injection-recovery on real pixels, mixed in.
+
+    Sample ``i`` is ``real[i]`` with probability `real_fraction`, decided by (seed, i) alone,
+    and ``synthetic[i]`` otherwise; both datasets hold as many samples as this one and
+    follow the sample contract, which this one forwards. When `real` fell back to synthetic
+    samples (no real tile could be had), every sample is synthetic and :meth:`provenance`
+    says so.
+    """
+
+    def __init__(self, synthetic: SyntheticAstronomicalDataset, real: MASTRealDataset, *, real_fraction: float, seed: int) -> None:
+        if len(synthetic) != len(real):
+            msg = f"synthetic and real datasets differ in length ({len(synthetic)} and {len(real)})"
+            raise ValueError(msg)
+        self.synthetic, self.real = synthetic, real
+        draws = np.random.default_rng([seed, 0x6D6978]).random(len(real))  # "mix"
+        self.is_real = (draws < real_fraction) & bool(real.tiles)
+
+    def __len__(self) -> int:
+        return len(self.synthetic)
+
+    def _source(self, i: int) -> SyntheticAstronomicalDataset:
+        return self.real if self.is_real[i] else self.synthetic
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._source(i)[i]
+
+    def truth(self, i: int) -> list[Truth]:
+        return self._source(i).truth(i)
+
+    def raw(self, i: int) -> RawPair:
+        return self._source(i).raw(i)
+
+    def provenance(self) -> dict:
+        """Where the samples came from: the real dataset's record, with the mixed counts."""
+        real = int(self.is_real.sum())
+        record = self.real.provenance()
+        label = self.real.source if self.real.tiles else f"synthetic (fallback from {self.real.source})"
+        return {**record, "data_source": f"mix: synthetic + {label}", "real_fraction": real / len(self), "real_samples": real, "synthetic_samples": len(self) - real}
+
+
+class Subset(torch.utils.data.Subset):
+    """torch's Subset that also forwards the sample contract's truth() and raw()."""
+
+    def truth(self, i: int) -> list[Truth]:
+        return self.dataset.truth(int(self.indices[i]))
+
+    def raw(self, i: int) -> RawPair:
+        return self.dataset.raw(int(self.indices[i]))
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
+    """Train, validation and test sets plus a record of where the samples came from.
+
+    Train and validation split one pool by a seeded permutation; the test set comes from
+    an independent seed stream, so it never overlaps either.
+    """
+    snr = (cfg.snr_min, cfg.snr_max)
+    training_sky = dataclasses.replace(TRAINING_SKY, plain_fraction=cfg.plain_fraction) if cfg.domain_randomisation else SkyConfig()
+    synthetic = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr, sky=training_sky)
+    if cfg.data == "synthetic":
+        pool = synthetic
+        info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
+    else:
+        source = cfg.data if cfg.data != "mix" else ("fits" if cfg.fits_dir else "mast")
+        pool = MASTRealDataset(
+            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=source, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
+            cache_dir=cfg.cache_dir, timeout=cfg.timeout, retries=cfg.retries, fallback=cfg.fallback, snr_range=snr,
+        )
+        if cfg.data == "mix":
+            pool = MixedDataset(synthetic, pool, real_fraction=cfg.real_fraction, seed=cfg.seed)
+        info = pool.provenance()
+    test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
+    order = np.random.default_rng(cfg.seed).permutation(len(pool))
+    n_val = max(1, round(len(pool) * cfg.val_fraction))
+    return Subset(pool, order[n_val:]), Subset(pool, order[:n_val]), test, info
+
+
+# --- Memory: what a training configuration needs
+SAMPLE_BYTES = 5 * 4  # a cached sample: 3 input channels, the mask and the type labels, float32
+
+
+def unet_parameters(width: int) -> int:
+    """Parameters of StandaloneUNet(width), counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return count_parameters(StandaloneUNet(width=width))
+
+
+def training_memory(cfg: TrainConfig) -> dict[str, int]:
+    """Estimated peak bytes of a training run, by what needs them."""
+    px = cfg.image_size**2
+    return {
+        "model": 16 * unet_parameters(cfg.width),  # weights, gradients and AdamW's two moments, float32
+        "activations": ACTIVATION_BYTES * cfg.width * px * cfg.batch_size,
+        "data": SAMPLE_BYTES * px * cfg.samples + TEST_SAMPLE_BYTES * px * cfg.test_samples,
+    }
+
+
+# --- Processes: torchrun's ranks and the main thread
+
+@dataclass(frozen=True)
+class DistInfo:
+    """torchrun's view of this process: rank 0 alone logs, tracks energy and writes files."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        if "RANK" not in os.environ:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    return threading.current_thread() is threading.main_thread()
+
+
+def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
+    """A checksum of every rank's parameters: DDP ranks must end identical."""
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    if not dist.enabled:
+        return [mine]
+    gathered = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return list(gathered)
+
+
+# --- Run directories and their locks
+
+TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
+                 "loss_curves.png", "learning_rate.png", "val_metrics.png", "energy.png", "predictions.png")
+
+
+def lock_run_dir(directory: Path) -> Any:
+    """Hold DIR/.astrid.lock exclusively for the run's life: a second run into DIR, even one
+    started in the same instant, is refused while the first runs. Returns the open lock file."""
+    import fcntl  # lazy: POSIX only
+
+    handle = open(directory / ".astrid.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        msg = f"{directory} is in use by another run right now: wait for it to end, or choose another --output-dir"
+        raise AstridError(msg) from None
+    return handle
+
+
+def new_run_dir(parent: Path) -> Path:
+    """runs/<timestamp>-<6 hex>, made with an exclusive mkdir: two runs never share one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    while True:
+        path = parent / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+# --- Early stopping
+
+class EarlyStopping:
+    """Stop when the monitored metric has not improved for `patience` epochs.
+
+    Improvement means strictly better than the best by more than `min_delta`; the best
+    starts at +inf (mode "min") or -inf ("max"). A NaN metric stops the run at once and
+    is never recorded as best. The state survives a resume.
+    """
+
+    def __init__(self, *, patience: int, min_delta: float = 0.0, mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            msg = f"mode must be 'min' or 'max', got {mode!r}"
+            raise ValueError(msg)
+        if patience < 1 or min_delta < 0:
+            msg = f"need patience >= 1 and min_delta >= 0, got {patience} and {min_delta}"
+            raise ValueError(msg)
+        self.patience, self.min_delta, self.mode = patience, min_delta, mode
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.stop_reason = ""
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record one epoch's metric; return True if it is a new best."""
+        if not math.isfinite(value):
+            self.stop_reason = f"monitored metric is {value} at epoch {epoch}"
+            return False
+        better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+            return True
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            self.stop_reason = f"no improvement of {self.mode} beyond {self.min_delta} for {self.patience} epochs (best {self.best:.5g} at epoch {self.best_epoch})"
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.stop_reason)
+
+    def state_dict(self) -> dict:
+        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, stop_reason=self.stop_reason)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.bad_epochs, self.stop_reason = int(state["bad_epochs"]), str(state["stop_reason"])
+
+
+# --- Tracking: the run's MLflow run and its CodeCarbon meter
+
+class MlflowRun:
+    """MLflow tracking for one training run (rank 0 only); inert when disabled.
+
+    The tracking URI defaults to MLflow's embedded ``sqlite:///mlflow.db`` in the working
+    directory. A remote server is checked before training starts: unreachable, the run
+    fails at once with one line, unless the user asked to continue without MLflow.
+
+    Every call into MLflow goes through :meth:`_call`: a failure at any point (a server that
+    errors, hangs or dies, a read-only database) never kills the run with a traceback.
+    With --mlflow-optional tracking stops there, and when and why are logged and kept in
+    :meth:`record` (metrics.json); without it, :class:`TrackingError` ends the run in one line.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
+        self.cfg = cfg
+        self.enabled = enabled and cfg.mlflow
+        self.run_id = ""
+        self.failed_at: str | None = None  # "start", "epoch N" or "the end of training"
+        self.disabled_reason = "" if self.enabled else ("--no-mlflow" if not cfg.mlflow else "not rank 0")
+
+    def record(self) -> dict:
+        """What metrics.json says about tracking."""
+        return {"enabled": self.enabled, "reason_off": self.disabled_reason, "failed_at": self.failed_at}
+
+    def _give_up(self, reason: str, when: str) -> None:
+        """Tracking failed: stop it, or stop the run (TrackingError) unless --mlflow-optional."""
+        self.enabled, self.disabled_reason, self.failed_at = False, reason, when
+        if "mlflow" in sys.modules:
+            # Forget the run locally: MLflow's exit hook would otherwise call the dead server again.
+            # Private on purpose: mlflow==3.17.2 has no public call that forgets the active run
+            # without telling the server (end_run() would wait out the timeouts once more).
+            with contextlib.suppress(Exception):
+                from mlflow.tracking import fluent  # lazy: 1 s of import; only tracking needs it
+
+                fluent._active_run_stack.get().clear()
+        if not self.cfg.mlflow_optional:
+            raise TrackingError(reason + "; fix it, pass --no-mlflow, or --mlflow-optional to train on without it") from None
+        log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
+
+    def _call(self, when: str, call: Any) -> None:
+        """Run one tracking call (nothing if disabled); a failure goes to _give_up."""
+        if not self.enabled:
+            return
+        try:
+            call()
+        except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
+            self._give_up(f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})", when)
+
+    def _check_server(self) -> None:
+        uri = self.cfg.tracking_uri
+        if not uri.startswith(("http://", "https://")):
+            return
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, self.cfg.timeout)).raise_for_status()
+        except requests.RequestException as exc:
+            reason = f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})"
+            if not self.cfg.mlflow_optional:
+                raise AstridError(reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it") from None
+            log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
+            self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
+
+    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "", parent_run_id: str = "") -> None:
+        if not self.enabled:
+            return
+        self._check_server()
+        if not self.enabled:
+            return
+        _mlflow_http_limits(self.cfg.timeout)
+
+        def begin() -> None:
+            import mlflow  # lazy: 1 s of import; only tracking needs it
+
+            _quiet_loggers()
+            if not log.isEnabledFor(logging.DEBUG):
+                # Its failures reach the user as AstrID's one line; its own ERROR records carry tracebacks.
+                logging.getLogger("mlflow").setLevel(logging.CRITICAL)
+            mlflow.set_tracking_uri(self.cfg.tracking_uri)
+            # Two first runs at once in a fresh directory would both migrate the new database
+            # ("table ... already exists") and both create the experiment: one at a time.
+            with _sqlite_init_lock(self.cfg.tracking_uri, timeout=120.0):
+                experiment = ensure_experiment(mlflow.MlflowClient(), self.cfg.experiment, tracking_uri=self.cfg.tracking_uri)
+                mlflow.set_experiment(experiment_id=experiment.experiment_id)
+                if resume_run_id:
+                    run = mlflow.start_run(run_id=resume_run_id)
+                else:
+                    run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id or None)
+                    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+                self.run_id = run.info.run_id
+                mlflow.set_tags(tags)
+
+        self._call("start", begin)
+
+    @staticmethod
+    def _when(step: int | None) -> str:
+        return f"epoch {step}" if step is not None else "the end of training"
+
+    def log_metrics(self, metrics: dict, *, step: int | None = None) -> None:
+        def call() -> None:
+            import mlflow  # lazy: 1 s of import; only tracking needs it
+
+            clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+            mlflow.log_metrics(clean, step=step)
+
+        self._call(self._when(step), call)
+
+    def log_params(self, params: dict) -> None:
+        def call() -> None:
+            import mlflow  # lazy: 1 s of import; only tracking needs it
+
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+
+        self._call("the end of training", call)
+
+    def set_tags(self, tags: dict) -> None:
+        def call() -> None:
+            import mlflow  # lazy: 1 s of import; only tracking needs it
+
+            mlflow.set_tags(tags)
+
+        self._call("the end of training", call)
+
+    def log_artifacts(self, paths: Sequence[Path], *, artifact_path: str | None = None) -> None:
+        def call() -> None:
+            import mlflow  # lazy: 1 s of import; only tracking needs it
+
+            for path in paths:
+                if Path(path).exists():
+                    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+        self._call("the end of training", call)
+
+    def log_model(self, log_it: Callable[[], Any]) -> None:
+        """Log the run's model with `log_it` (the trainer's is :func:`log_astrid_model`), under the run's MLflow policy like every other call."""
+        self._call("the end of training", log_it)
+
+    def end(self, status: str) -> None:
+        if not self.run_id:
+            return
+
+        def call() -> None:
+            import mlflow  # lazy: 1 s of import; only tracking needs it
+
+            mlflow.end_run(status=status)
+
+        self._call("the end of the run", call)
+
+
+def _codecarbon_cpu_method(tracker: Any) -> str:
+    """How CodeCarbon measured the CPU: RAPL counters, or an estimate from TDP.
+
+    Read from the tracker's private hardware list (codecarbon==3.3.2 says it nowhere public);
+    anything unexpected there reads "estimate".
+    """
+    for hardware in getattr(tracker, "_hardware", []):
+        mode = getattr(hardware, "_mode", None)
+        if mode is not None and type(hardware).__name__ == "CPU":
+            names = {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate", "cpu_load": "TDP x CPU load estimate"}
+            return names.get(str(mode), str(mode))
+    return "estimate"
+
+
+class EnergyMeter:
+    """CodeCarbon's offline tracker around training (rank 0 only); inert when disabled.
+
+    Offline mode uses the configured country's carbon intensity and needs no network.
+    Without RAPL counters (most VMs and non-Intel laptops) CodeCarbon estimates CPU
+    power from its TDP; that is said once in the log and recorded as the method.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, enabled: bool, output_dir: Path) -> None:
+        self.enabled = enabled and cfg.energy
+        self.cfg, self.output_dir = cfg, output_dir
+        self.tracker = None
+        self.result: dict = {"status": "disabled" if not cfg.energy else "not tracked on this rank"}
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")  # its import speaks before log_level applies
+            from codecarbon import OfflineEmissionsTracker  # lazy: only energy tracking needs it
+
+            logging.getLogger("codecarbon").setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.tracker = OfflineEmissionsTracker(
+                    country_iso_code=self.cfg.country,
+                    output_dir=str(self.output_dir),
+                    save_to_file=False,
+                    log_level="error",
+                    measure_power_secs=15,
+                    tracking_mode="process",
+                )
+                self.tracker.start()
+        except Exception as exc:  # energy is an add-on: say so loudly and train on
+            log.warning("CodeCarbon could not start (%s): energy is not measured for this run", exc)
+            self.result = {"status": "failed", "reason": str(exc)}
+            self.tracker = None
+
+    def so_far(self) -> dict:
+        """Energy and emissions since start(), measured now, for one epoch's row; {} when not measured.
+
+        CodeCarbon's flush() takes a reading (and writes nothing: save_to_file is off); the
+        running totals it computed are read back with _prepare_emissions_data(), the accessor
+        codecarbon==3.3.2 has for them. Any failure here costs the row its energy, never the run.
+        """
+        if self.tracker is None:
+            return {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if self.tracker.flush() is None:
+                    return {}
+                data = self.tracker._prepare_emissions_data()
+            return {"energy_kwh_so_far": float(data.energy_consumed), "emissions_kg_so_far": float(data.emissions)}
+        except Exception:
+            return {}
+
+    def stop(self) -> dict:
+        if self.tracker is None:
+            return self.result
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.tracker.stop()
+            data = self.tracker.final_emissions_data
+            method = _codecarbon_cpu_method(self.tracker)
+            self.result = {
+                "status": "measured",
+                "energy_kwh": float(data.energy_consumed),
+                "emissions_kg_co2eq": float(data.emissions),
+                "duration_s": float(data.duration),
+                "country": self.cfg.country,
+                "cpu_power_method": method,
             }
-            for name, found_here in detections.items():
-                results[name].append(match_objects(found_here, truth))
-            for where, on in (("blank_sky", False), ("on_structure", True)):
-                typed[where] += [assigned for _, assigned, _ in type_records(found.detections, [t for t in truth if bool(t.get("on_structure")) == on])]
-            truths.append(truth)
-            megapixels += float(found.valid.sum()) / 1e6
-            cases.append(dict(frame=frame.name, **case, sources=len(truth), network=len(found.detections)))
-    report = dict(frames=[f.name for f in frames], pairs=len(truths), megapixels=megapixels, cases=cases,
-                  recipe=dict(snr_range=list(REAL_PIXEL_SNRS), sources_per_pair=sources, gradients_sigma=list(REAL_PIXEL_GRADIENTS),
-                              seeing_ratio=list(REAL_PIXEL_SEEING), max_shift_px=REAL_PIXEL_SHIFT))
-    # Every injection is a point source: on blank sky it is a transient; on a galaxy or a glow
-    # a supernova is as right an answer (a new point source on an extended one).
-    report["types"] = {where: {kind: _ratio(names.count(kind), len(names)) for kind in ANOMALY_TYPES} for where, names in typed.items()}
-    for name, matched in results.items():
-        summary = summarise_objects(matched, truths) if truths else None
-        if summary is not None:
-            n_false = sum(m.n_false for m in matched)
-            summary["false_per_megapixel"] = n_false / megapixels if megapixels else None
-            # Sources at SNR >= 7 on the frame's structure (the bright-galaxy case of a supernova search).
-            on = [bool(ok) for m, truth in zip(matched, truths) for i, ok in zip(m.anomaly_index, m.recovered)
-                  if truth[i].get("on_structure") and truth[i]["snr"] >= 7]
-            summary["on_structure_snr_ge_7"] = _ratio(sum(on), len(on))
-        report[name] = summary
-    return report
+            log.info("energy: %.3g kWh, %.3g kg CO2eq over %.0f s (CPU power: %s)", data.energy_consumed, data.emissions, data.duration, method)
+        except Exception as exc:
+            log.warning("CodeCarbon failed while stopping (%s): energy is not recorded", exc)
+            self.result = {"status": "failed", "reason": str(exc)}
+        self.tracker = None
+        return self.result
 
 
-# ----------------------------------------------------------------------------
-# Trainer
-# ----------------------------------------------------------------------------
+# --- Validation's subtraction
+
+def raw_subtraction(raw: RawPair) -> Subtraction:
+    """ZOGY's subtraction of a dataset's raw pair (:func:`raw_pair`): what :func:`detect_changes` takes."""
+    return raw_pair(raw).subtraction
+
+
+# --- The history plots
+
+def plot_energy(history: list[dict]) -> Any:
+    """CodeCarbon's energy by epoch: each epoch's kWh as a bar, the running total as a line, kg CO2eq on the right."""
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+
+    epochs = [h["epoch"] for h in history]
+    total = np.array([h["energy_kwh_so_far"] for h in history])
+    emissions = np.array([h["emissions_kg_so_far"] for h in history])
+    # A laptop run spends milli- to watt-hours: the unit follows the total, not the other way round.
+    scale, energy_unit, mass_unit = next((f, e, m) for f, e, m in ((1.0, "kWh", "kg"), (1e3, "Wh", "g"), (1e6, "mWh", "mg"))
+                                         if total[-1] * f >= 1 or f == 1e6)
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    ax.bar(epochs, np.diff(total, prepend=0.0) * scale, color="0.75", label="each epoch (the first with the setup before it)")
+    ax.plot(epochs, total * scale, "o-", color="C3", label="so far")
+    ax.set(xlabel="epoch", ylabel=f"energy ({energy_unit})", title="energy (CodeCarbon, offline)", ylim=(0, 1.35 * total[-1] * scale or 1.0))
+    ax.legend(loc="upper left", fontsize=8)  # above the line: the headroom is for it
+    if total[-1] > 0 and emissions[-1] > 0:  # offline mode: one carbon intensity, so one scale serves both
+        kg_per_kwh = emissions[-1] / total[-1]
+        right = ax.secondary_yaxis("right", functions=(lambda e: e * kg_per_kwh, lambda c: c / kg_per_kwh))
+        right.set_ylabel(f"{mass_unit} CO2eq ({kg_per_kwh:.3g} kg/kWh)")
+    return fig
+
+
+def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = None) -> list[Path]:
+    """Loss curves (a log axis when they span more than a decade, the best epoch marked), learning rate,
+    validation metrics and, when CodeCarbon measured the epochs, energy.png, on whole epochs."""
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+    from matplotlib.ticker import MaxNLocator  # lazy: see the imports at the top
+
+    epochs = [h["epoch"] for h in history]
+    figures = {name: Figure(figsize=(5, 3.5)) for name in ("loss_curves.png", "learning_rate.png", "val_metrics.png")}
+    ax = figures["loss_curves.png"].subplots()
+    losses = [v for h in history for v in (h["train_loss"], h["val_loss"]) if v is not None and math.isfinite(v) and v > 0]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    if losses and max(losses) > 10 * min(losses):  # one spike would flatten the rest on a linear axis
+        ax.set_yscale("log")
+    if best_epoch is not None and best_epoch in epochs:
+        ax.axvline(best_epoch, color="0.5", ls=":", lw=1.2, label=f"best epoch ({best_epoch})")
+    ax.set(xlabel="epoch", ylabel="BCE + Dice loss", title="loss")
+    ax.legend()
+    ax = figures["learning_rate.png"].subplots()
+    ax.plot(epochs, [h["lr"] for h in history], "o-")
+    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="one-cycle schedule")
+    ax = figures["val_metrics.png"].subplots()
+    for key in ("average_precision", "f1", "mcc", "precision", "recall", "roc_auc"):
+        values = [h.get(f"val_{key}") for h in history]
+        ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=key.replace("_", " "))
+    ax.set(xlabel="epoch", ylabel="validation (pixel level)", ylim=(0, 1.02), title="validation metrics")
+    ax.legend(fontsize=8)
+    measured = [h for h in history if "energy_kwh_so_far" in h]
+    if measured:
+        figures["energy.png"] = plot_energy(measured)
+    paths = []
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        paths.append(save_figure(fig, out / name, dpi=110, crop=False))
+    return paths
+
+
+# --- The operating threshold
+
+def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[Truth]], *,
+                     significances: Sequence[np.ndarray] | None = None,
+                     thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
+                     radius: float = MATCH_RADIUS) -> tuple[float, list[dict]]:
+    """Probability threshold with the best object-level F1 on a validation set.
+
+    F1 is the harmonic mean of completeness and purity, both pooled over all images (not
+    averaged per image, so that images with few objects do not dominate). With no detections
+    purity is undefined and F1 is taken as 0. Ties go to the higher threshold: fewer false
+    detections for the same score.
+
+    Parameters
+    ----------
+    prob_maps : sequence of ndarray, shape (H, W)
+        Network probability maps.
+    truths : list of list of dict
+        Their truth tables.
+    significances : sequence of ndarray, shape (H, W), optional
+        The difference's significance maps: detections then go through `detect_changes`, as
+        everywhere else; without them, the plain components of the maps count.
+    thresholds : array_like
+        Candidate thresholds, each in (0, 1].
+    radius : float
+        Matching radius in pixels, as in `match_objects`.
+
+    Returns
+    -------
+    best_threshold : float
+    table : list of dict
+        One row per threshold, ascending: ``threshold``, ``completeness``, ``purity``, ``f1``,
+        ``n_recovered``, ``n_anomalies``, ``n_real``, ``n_detections``,
+        ``false_detections_per_image``.
+    """
+    if len(prob_maps) != len(truths) or len(truths) == 0:
+        msg = f"need equally many (>0) maps and truth tables, got {len(prob_maps)}, {len(truths)}"
+        raise ValueError(msg)
+    thresholds = np.unique(np.asarray(thresholds, dtype=float))
+    if thresholds.size == 0 or thresholds[0] <= 0 or thresholds[-1] > 1:
+        msg = f"thresholds must be non-empty and within (0, 1], got {thresholds}"
+        raise ValueError(msg)
+    if significances is not None and len(significances) != len(prob_maps):
+        msg = f"{len(significances)} significance maps for {len(prob_maps)} probability maps"
+        raise ValueError(msg)
+
+    def detections(i: int, threshold: float) -> list[dict]:
+        if significances is None:
+            return find_components(prob_maps[i], threshold=threshold)
+        return detect_changes(prob_maps[i], significances[i], threshold=threshold)
+
+    table = []
+    for threshold in thresholds:
+        results = [match_objects(detections(i, threshold), t, radius=radius)
+                   for i, t in enumerate(truths)]
+        n_recovered = sum(int(np.count_nonzero(r.recovered)) for r in results)
+        n_anomalies = sum(len(r.recovered) for r in results)
+        n_real = sum(int(np.count_nonzero(r.real)) for r in results)
+        n_detections = sum(len(r.real) for r in results)
+        completeness = n_recovered / n_anomalies if n_anomalies else math.nan
+        purity = n_real / n_detections if n_detections else math.nan
+        f1 = (2 * completeness * purity / (completeness + purity)
+              if completeness + purity > 0 else 0.0)  # NaN > 0 is False: no detections -> 0
+        table.append({
+            "threshold": float(threshold), "completeness": _json_float(completeness),
+            "purity": _json_float(purity), "f1": float(f1), "n_recovered": n_recovered,
+            "n_anomalies": n_anomalies, "n_real": n_real, "n_detections": n_detections,
+            "false_detections_per_image": (n_detections - n_real) / len(truths),
+        })
+    # Ascending order plus ">=" hands ties to the higher threshold.
+    best = table[0]
+    for row in table[1:]:
+        if row["f1"] >= best["f1"]:
+            best = row
+    return best["threshold"], table
+
+
+# --- The trainer
 
 # The end-of-run null battery: the identical pair, equal and unequal depths at the frame's own
 # noise, the extreme flux ratios, a blurred science epoch and a strong gradient.
 TRAINER_NULL_BATTERY = dict(levels=(1.0,), ratios=(1 / 3, 3.0), flux_ratios=(0.1, 10.0), seeing_ratios=(1.5,), gradients=(20.0,), shifts=(), correlated=False)
-
-
-class TrainingInterrupted(AstridError):
-    """SIGINT/SIGTERM stopped training after a step; last.pt holds the state to resume."""
-
-
-class TrainingPruned(AstridError):
-    """An ``on_epoch_end`` hook stopped the run (a sweep's pruner): best.pt so far is kept."""
-
-
-class TrainingDiverged(AstridError):
-    """The monitored metric was never finite: the NaN early stop ended the run with no model."""
 
 
 def _test_headline(evaluation: dict) -> dict:
@@ -7562,11 +7320,272 @@ def run_training(config: TrainConfig, *, given: Sequence[str] | None = None) -> 
     return metrics
 
 
-# ----------------------------------------------------------------------------
-# Command: evaluate
-# ----------------------------------------------------------------------------
+# --- The train command
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Training flags, shared by train, sweep, compare and the runner.
+
+    Every flag defaults to None (so that the flags a user typed are known, given_flags); its
+    help names the TrainConfig default it stands for.
+    """
+    defaults = TrainConfig()
+
+    def a(flag: str, *, help: str, **kwargs: Any) -> None:
+        dest = kwargs.get("dest", flag.lstrip("-").replace("-", "_"))
+        value = getattr(defaults, dest, None)
+        shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if kwargs.get("action") not in ("store_true", "store_false") and value not in (None, "", ()):
+            help += f" (default: {' '.join(shown) if isinstance(shown, tuple) else shown})"
+        parser.add_argument(flag, help=help, **kwargs)
+
+    a("--samples", type=int, help="samples generated (train + validation)")
+    a("--epochs", type=int, help="training epochs (early stopping may end sooner)")
+    a("--batch-size", type=int, help="samples per optimiser step (per process under torchrun)")
+    a("--image-size", type=int, help="px, a multiple of 16")
+    a("--lr", type=float, help="peak learning rate of the one-cycle schedule")
+    a("--val-fraction", type=float, help="share of the samples held out for validation")
+    a("--test-samples", type=int, help="fresh samples for the final test")
+    a("--patience", type=int, help="early-stopping patience in epochs")
+    a("--width", type=int, help="U-Net base width (16 -> 2.16M parameters)")
+    a("--snr-min", type=float, help="lowest matched-filter SNR of an injected change")
+    a("--snr-max", type=float, help="highest matched-filter SNR of an injected change")
+    a("--no-domain-randomisation", dest="domain_randomisation", action="store_false", default=None, help="train on the plain simulated sky, not TRAINING_SKY")
+    a("--plain-fraction", type=float, help="share of the training sky's fields drawn from the plain sky")
+    a("--type-weight", type=float, help="weight of the type head's cross-entropy beside BCE + Dice (0: the change head alone learns)")
+    a("--no-null-tests", dest="null_tests", action="store_false", default=None, help="skip the end-of-run null battery (about 10 s of CPU)")
+    a("--seed", type=int, help="seed of the data and the model, in [0, 2^32 - 1]")
+    a("--device", help="auto | cpu | cuda | mps")
+    a("--threads", type=int, help="torch threads per process (0: one per core)")
+    a("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
+    a("--output-dir", help="default runs/<timestamp>-<random>; one that holds a run is refused")
+    a("--overwrite", action="store_true", default=None, help="replace the run already in --output-dir (its files are deleted first)")
+    a("--tracking-uri", help="MLflow tracking URI")
+    a("--experiment", help="MLflow experiment name")
+    a("--no-mlflow", dest="mlflow", action="store_false", default=None, help="no MLflow tracking")
+    a("--mlflow-optional", action="store_true", default=None, help="train on without MLflow if its server is unreachable")
+    a("--no-energy", dest="energy", action="store_false", default=None, help="no CodeCarbon energy tracking")
+    a("--country", help="ISO alpha-3 code for CodeCarbon's carbon intensity")
+    a("--data", help="synthetic | mast | fits | mix (real tiles from --fits-dir, else the MAST/SkyView cache, mixed with synthetic ones)")
+    a("--real-fraction", type=float, help="--data mix: share of real samples")
+    a("--fits-dir", help="--data fits: a directory of your own FITS frames")
+    a("--cache-dir", help="--data mast: the real-sky cache (default ~/.cache/astrid)")
+    a("--targets", nargs="+", help="--data mast: names or 'RA DEC' (default: famous targets and empty fields)")
+    a("--surveys", nargs="+", help="--data mast: e.g. 'DSS2 Red' 'SDSS r' TESS HST PanSTARRS/DR1/r")
+    a("--timeout", type=float, help="s per network request (<= 60)")
+    a("--retries", type=int, help="extra attempts after a network failure")
+    a("--no-fallback", dest="fallback", action="store_false", default=None, help="a failed real-data source is fatal")
+    a("--resume", help="continue from a checkpoint (last.pt)")
+    a("--init-weights", help="start a new run from these weights (fine-tuning)")
 
 
+def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> TrainConfig:
+    """A preset, then whatever flags the user gave, on top of the defaults."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
+    return dataclasses.replace(TrainConfig(), **{**(preset or {}), **overrides})
+
+
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """TrainConfig fields the user typed: every training flag defaults to None, so only those are set."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return [k for k, v in vars(args).items() if k in names and v is not None]
+
+
+def _train_command(args: argparse.Namespace) -> Any:
+    return run_training(config_from_args(args), given=given_flags(args))
+
+
+def add_train_arguments(commands: Any) -> None:
+    """The train command: training flags, on the defaults of TrainConfig."""
+    train = add_command(commands, "train", "train a model (see also run_standalone_training.py)",
+                    "Train the U-Net on simulated (or real) pairs, with validation, early stopping, MLflow and CodeCarbon; "
+                    "writes a run directory (checkpoints, metrics, plots, an end-of-run evaluation).",
+                    "python standalone_training.py train --samples 3000 --epochs 30 --batch-size 16 --patience 8", _train_command)
+    add_training_flags(train)
+
+
+# ----------------------------------------------------------------------------
+# Evaluate wing: figures with their intervals, real-pixel injection-recovery, the evaluate command
+# ----------------------------------------------------------------------------
+
+# --- A figure beside its interval and the counts it rests on
+
+def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
+    """`value [low, high]`; an open top (None) is printed as inf."""
+    low, high = interval
+    low, high = _fmt(low), ("inf" if high is None and low is not None else _fmt(high))
+    return f"{_fmt(value)} [{low}, {high}]"
+
+
+MIN_SNR50_OBJECTS = 10  # in each of the two SNR bins the 50% crossing lies between; fewer, and the SNR at 50% is printed as not measured
+
+
+def _snr50_bins(summary: dict) -> list[int] | None:
+    """The object counts of the two non-empty SNR bins that the SNR at 50% was interpolated between (one where the faintest bin reaches it), or None where it was never reached."""
+    value = summary["snr50"]["overall"]
+    if value is None or not math.isfinite(value):
+        return None
+    curve = summary["completeness_by_snr"]
+    bins = [(c, n) for c, n in zip(curve["centres"], curve["overall"]["counts"]) if n > 0]
+    after = next((k for k, (c, _) in enumerate(bins) if c >= value * (1 - 1e-9)), len(bins) - 1)
+    return [n for _, n in bins[max(after - 1, 0) : after + 1]]
+
+
+def _fmt_snr50(summary: dict) -> str:
+    """The SNR at 50% completeness with its bootstrap interval, or "not measured" where its bins hold too few objects (MIN_SNR50_OBJECTS)."""
+    bins = _snr50_bins(summary)
+    if bins is None:
+        return "not reached"
+    if min(bins) < MIN_SNR50_OBJECTS:
+        return "not measured"
+    return _fmt_interval(summary["snr50"]["overall"], summary["snr50_interval"]["overall"])
+
+
+def _fmt_snr50_bins(summary: dict) -> str:
+    """The counts of the two bins behind the SNR at 50%, as "n1 + n2"."""
+    bins = _snr50_bins(summary)
+    return "-" if bins is None else " + ".join(str(n) for n in bins)
+
+
+def _fmt_ratio(ratio: dict) -> str:
+    """A `_ratio` with its Wilson interval."""
+    return _fmt_interval(ratio["value"], ratio.get("interval", (None, None)))
+
+
+# --- Real pixels: injection-recovery on frames the model never saw
+
+REAL_PIXEL_SNRS = (3.0, 60.0)  # injected matched-filter SNRs, log-uniform
+REAL_PIXEL_SOURCES = 10  # injected point sources per pair
+REAL_PIXEL_PAIRS = 24  # pairs per frame, each with its own noise, seeing, shift, gradient and sources
+REAL_PIXEL_GRADIENTS = (0.0, 2.0, 5.0, 20.0)  # sigma, corner to corner, in the reference epoch
+REAL_PIXEL_SEEING = (1.0, 1.5)  # science FWHM / frame FWHM
+REAL_PIXEL_SHIFT = 0.5  # px: the largest residual shift of the science epoch, either axis
+REAL_PIXEL_SEPARATION = 12  # px between injected sources, and from the edges
+
+
+def real_pixel_frames(*, fits_dir: str | os.PathLike = "") -> list[NullFrame]:
+    """Real frames for injection-recovery: the right half of astropy's M13 cutout (its left half is `compare`'s training data) and `fits_dir`'s frames."""
+    frames = []
+    if M13_FITS.is_file():
+        data = read_fits_image(M13_FITS)[0]
+        frames.append(NullFrame("M13 right half (DSS, astropy's SkyView cutout)", data[:, data.shape[1] // 2:]))
+    if fits_dir:
+        loaded, _ = load_fits_dir(fits_dir)
+        frames += [NullFrame(f"{f.target} ({f.survey})", f.data) for f in loaded]
+    return frames
+
+
+def _real_pixel_pair(frame: np.ndarray, rng: np.random.Generator, *, sigma: float, fwhm: float, gradient: float,
+                     sources: int) -> tuple[np.ndarray, np.ndarray, list[Truth], dict]:
+    """Two epochs of one real frame and what was injected into the second (:func:`real_pixel_evaluation`)."""
+    h, w = frame.shape
+    fill = float(np.nanmedian(frame))
+    clean = np.where(np.isfinite(frame), frame, fill)
+    noise_reference, noise_science = rng.normal(0.0, sigma, frame.shape), rng.normal(0.0, sigma, frame.shape)
+    reference = clean + noise_reference
+    seeing = float(rng.uniform(*REAL_PIXEL_SEEING))
+    science = ndimage.gaussian_filter(clean, math.sqrt(max(seeing**2 - 1.0, 0.0)) * fwhm / 2.3548) if seeing > 1.0 else clean.copy()
+    shift = rng.uniform(-REAL_PIXEL_SHIFT, REAL_PIXEL_SHIFT, 2)
+    science = ndimage.shift(science, shift[::-1], order=3, mode="nearest") + noise_science
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[:h, :w]
+    ramp = (np.cos(angle) * (xx - w / 2) + np.sin(angle) * (yy - h / 2)) / max(abs(np.cos(angle)) * w + abs(np.sin(angle)) * h, 1.0)
+    reference = reference + gradient * sigma * ramp
+    # The matched-filter SNR of each source on this pair: the peak of its PSF-filtered image
+    # over the robust noise of the PSF-filtered difference of the two epochs' noise, with a
+    # Moffat of the science epoch's FWHM: what an ideal detector, subtracting the static sky
+    # perfectly, would see. An ideal 5 sigma detector reaches 50% at SNR 5.
+    psf = PSF(fwhm * seeing, ASSUMED_MOFFAT_BETA)
+    filtered_noise = robust_sigma(correlate_psf(noise_science - noise_reference, psf.stamp))
+    unit_peak = float(np.max(correlate_psf(render_points((31, 31), np.array([15.0]), np.array([15.0]), np.array([1.0]), psf), psf.stamp)))
+    smooth = ndimage.median_filter(clean, size=9)
+    margin = REAL_PIXEL_SEPARATION
+    truth: list[Truth] = []
+    for _ in range(200 * sources):
+        if len(truth) == sources:
+            break
+        x, y = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
+        if any(math.hypot(x - t["x"], y - t["y"]) < REAL_PIXEL_SEPARATION for t in truth) or not np.isfinite(frame[int(y), int(x)]):
+            continue
+        snr = float(np.exp(rng.uniform(*np.log(REAL_PIXEL_SNRS))))
+        on_structure = bool(smooth[int(y), int(x)] - fill > 3 * sigma)  # a galaxy, a cluster's glow, a nebula
+        truth.append(Truth(type="transient", x=float(x), y=float(y), snr=snr, flux=snr * filtered_noise / unit_peak, on_structure=on_structure))
+    if truth:
+        science = science + render_points(frame.shape, np.array([t["x"] for t in truth]), np.array([t["y"] for t in truth]),
+                                          np.array([t["flux"] for t in truth]), psf)
+    missing = ~np.isfinite(frame)
+    reference[missing], science[missing] = np.nan, np.nan
+    return reference, science, truth, dict(seeing_ratio=seeing, shift_px=[float(v) for v in shift], gradient_sigma=gradient)
+
+
+def real_pixel_evaluation(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_EVAL_SEED,
+                          pairs: int = REAL_PIXEL_PAIRS, sources: int = REAL_PIXEL_SOURCES, stop: Callable[[], bool] | None = None) -> dict:
+    """Injection-recovery on real pixels: the network beside S_corr alone, the matched filter and SExtractor, on the same pairs.
+
+    Each frame makes `pairs` pairs. Both epochs are the frame plus independent Gaussian noise
+    at its own robust noise; the science epoch is blurred to 1-1.5x the frame's seeing and
+    shifted by up to half a pixel on each axis; the reference gets a linear sky gradient of 0,
+    2, 5 or 20 sigma corner to corner (in turn); `sources` point sources go into the science
+    epoch at matched-filter SNRs drawn log-uniformly from REAL_PIXEL_SNRS, on blank sky or on
+    the frame's structure (a galaxy, a glow: ``host`` in the truth). The network's detections
+    are ``predict``'s (:func:`find_changes`); S_corr alone is :func:`significance_detections` of
+    the same subtraction; the matched filter and SExtractor read the plain difference, as in
+    :func:`evaluate_model`. A detection within MATCH_RADIUS of a source recovers it; any other
+    is false, counted per megapixel of pixels with data in both epochs.
+    """
+    model.eval()
+    results: dict[str, list[MatchResult]] = {k: [] for k in ("network", "significance_alone", "baseline", "sextractor")}
+    truths, megapixels, cases = [], 0.0, []
+    typed: dict[str, list[str]] = {"blank_sky": [], "on_structure": []}  # what each recovered injection was typed as
+    for k, frame in enumerate(frames):
+        sigma = robust_background(frame.data)[1]
+        fwhm = measure_psf_fwhm(frame.data).fwhm
+        for r in range(pairs):
+            if stop is not None and stop():
+                break
+            rng = np.random.default_rng([seed, SEED_STREAMS["test"], k, r])
+            gradient = REAL_PIXEL_GRADIENTS[r % len(REAL_PIXEL_GRADIENTS)]
+            reference, science, truth, case = _real_pixel_pair(frame.data, rng, sigma=sigma, fwhm=fwhm, gradient=gradient, sources=sources)
+            try:
+                found = find_changes(model, reference, science, threshold=threshold, device=device)
+            except DataError as exc:
+                cases.append(dict(frame=frame.name, **case, refused=_one_line(exc)))
+                continue
+            difference = np.nan_to_num(science - reference)
+            psf = PSF(fwhm * case["seeing_ratio"], ASSUMED_MOFFAT_BETA).stamp
+            detections = {
+                "network": found.detections,
+                "significance_alone": significance_detections(found.pair.subtraction),
+                "baseline": baseline_detections(difference, psf=psf, valid=found.valid),
+                "sextractor": sep_detections(difference, valid=found.valid),
+            }
+            for name, found_here in detections.items():
+                results[name].append(match_objects(found_here, truth))
+            for where, on in (("blank_sky", False), ("on_structure", True)):
+                typed[where] += [assigned for _, assigned, _ in type_records(found.detections, [t for t in truth if bool(t.get("on_structure")) == on])]
+            truths.append(truth)
+            megapixels += float(found.valid.sum()) / 1e6
+            cases.append(dict(frame=frame.name, **case, sources=len(truth), network=len(found.detections)))
+    report = dict(frames=[f.name for f in frames], pairs=len(truths), megapixels=megapixels, cases=cases,
+                  recipe=dict(snr_range=list(REAL_PIXEL_SNRS), sources_per_pair=sources, gradients_sigma=list(REAL_PIXEL_GRADIENTS),
+                              seeing_ratio=list(REAL_PIXEL_SEEING), max_shift_px=REAL_PIXEL_SHIFT))
+    # Every injection is a point source: on blank sky it is a transient; on a galaxy or a glow
+    # a supernova is as right an answer (a new point source on an extended one).
+    report["types"] = {where: {kind: _ratio(names.count(kind), len(names)) for kind in ANOMALY_TYPES} for where, names in typed.items()}
+    for name, matched in results.items():
+        summary = summarise_objects(matched, truths) if truths else None
+        if summary is not None:
+            n_false = sum(m.n_false for m in matched)
+            summary["false_per_megapixel"] = n_false / megapixels if megapixels else None
+            # Sources at SNR >= 7 on the frame's structure (the bright-galaxy case of a supernova search).
+            on = [bool(ok) for m, truth in zip(matched, truths) for i, ok in zip(m.anomaly_index, m.recovered)
+                  if truth[i].get("on_structure") and truth[i]["snr"] >= 7]
+            summary["on_structure_snr_ge_7"] = _ratio(sum(on), len(on))
+        report[name] = summary
+    return report
+
+
+# --- The evaluate command
 
 def run_evaluation(
     *,
@@ -7647,11 +7666,200 @@ def run_evaluation(
     return result
 
 
-# ----------------------------------------------------------------------------
-# Command: predict, on one pair or a list of pairs
-# ----------------------------------------------------------------------------
+def _keyword_defaults(function: Callable) -> dict[str, Any]:
+    """A function's keyword defaults, for a parser that offers the same ones."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
 
 
+def _evaluate_command(args: argparse.Namespace) -> Any:
+    return run_evaluation(**_flags_for(run_evaluation, args))
+
+
+def add_evaluate_arguments(commands: Any) -> None:
+    """The evaluate command: its defaults are run_evaluation's keyword defaults."""
+    evaluate = add_command(commands, "evaluate", "completeness, purity and bogus rejection vs the matched filter",
+                       "Evaluate a checkpoint on a fresh simulated test set beside the matched filter and SExtractor, "
+                       "and run the null battery (pairs in which nothing changed).",
+                       "python standalone_training.py evaluate --samples 200 --image-size 128 --output-dir evaluation", _evaluate_command)
+    defaults = _keyword_defaults(run_evaluation)  # run_evaluation's signature holds evaluate's defaults
+    evaluate.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
+    evaluate.add_argument("--samples", type=int, default=defaults["samples"], help="test images")
+    evaluate.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the test images, in [0, 2^32 - 1]")
+    evaluate.add_argument("--image-size", type=int, default=defaults["image_size"], help="px, a multiple of 16")
+    evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
+    evaluate.add_argument("--device", default=defaults["device"], help="auto | cpu | cuda | mps")
+    evaluate.add_argument("--output-dir", default=defaults["output_dir"], help="one that holds an evaluation is refused")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the evaluation already in --output-dir")
+    evaluate.add_argument("--fits-dir", default=defaults["fits_dir"], help="more real frames, for the real-pixel injection-recovery and the null tests")
+    evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
+    evaluate.add_argument("--no-real-pixels", dest="real_pixels", action="store_false", help="skip the injection-recovery on real frames")
+
+
+# ----------------------------------------------------------------------------
+# Predict wing: one pair or a list of pairs; forced photometry, the catalogues, maps and overlay
+# ----------------------------------------------------------------------------
+
+# --- Sky axes and forced photometry
+
+def sky_frame(wcs: Any) -> str | None:
+    """The celestial frame a WCS is written in ('icrs', 'fk5', 'galactic', ...), or None without a usable one."""
+    if wcs is None:
+        return None
+    try:
+        return wcs_to_celestial_frame(wcs).name
+    except Exception:  # an unknown or broken frame
+        return None
+
+
+DS9_COLOURS = {"transient": "cyan", "variable_star": "yellow", "supernova": "magenta", "asteroid": "green"}  # one colour per type: DS9 regions and the overlay
+
+
+def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, float]]) -> list[dict]:
+    """The change at each (x, y) of the science grid, whether or not anything was detected there.
+
+    From ZOGY's score S = F_D D correlated with P_D, the optimal point-source statistic: a
+    change of science flux f peaks in S at f F_D^2 sum(P_D^2), so ``flux`` = S / (F_D^2 sum
+    P_D^2) in the science image's units, ``flux_error`` its calibrated noise S_noise over the
+    same (sky, sources and
+    registration included), and ``significance`` their ratio, S_corr (bilinear at the
+    position). ``score`` is the network's highest probability within 2 px. Positions
+    outside the frame or on missing pixels give empty values. This answers "is there
+    anything here?" and, through ``flux_error``, "how deep did we look here?" (5 times it is
+    the 5 sigma limit).
+    """
+    sub = found.pair.subtraction
+    unit = sub.flux_zeropoint**2 * float(np.sum(sub.psf**2))
+    near = ndimage.maximum_filter(found.prob, size=5)
+    h, w = sub.score.shape
+    rows = []
+    for x, y in positions:
+        inside = 0 <= x <= w - 1 and 0 <= y <= h - 1 and bool(sub.valid[int(round(y)), int(round(x))])
+        if not inside:
+            rows.append(dict(x=x, y=y, flux=None, flux_error=None, significance=None, score=None))
+            continue
+        at = np.array([[y], [x]])
+        score = float(ndimage.map_coordinates(sub.score, at, order=1)[0])
+        noise = float(ndimage.map_coordinates(sub.score_noise, at, order=1)[0])
+        rows.append(dict(x=x, y=y, flux=score / unit, flux_error=noise / unit, significance=score / noise if noise > 0 else None,
+                         score=float(near[int(round(y)), int(round(x))])))
+    return rows
+
+
+FORCED_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_error", "significance", "score")
+
+
+def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, float, float | None, float | None]]:
+    """Positions for forced photometry from a CSV with columns x, y (0-based pixels) or ra, dec (degrees, ICRS, through the science WCS)."""
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        msg = f"cannot read --positions {path} ({_one_line(exc)})"
+        raise DataError(msg) from None
+    if not rows:
+        msg = f"--positions {path}: no positions (give columns x,y or ra,dec)"
+        raise DataError(msg)
+    columns = set(rows[0])
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            if {"x", "y"} <= columns:
+                x, y = float(row["x"]), float(row["y"])
+                ra, dec = pixel_to_icrs(wcs, x, y) if wcs is not None else (None, None)
+            elif {"ra", "dec"} <= columns:
+                if wcs is None:
+                    msg = f"--positions {path} gives ra, dec, but the science image has no usable celestial WCS: give x, y"
+                    raise DataError(msg)
+                ra, dec = float(row["ra"]), float(row["dec"])
+
+                x, y = (float(v) for v in wcs.world_to_pixel(SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")))
+            else:
+                msg = f"--positions {path}: needs the columns x,y or ra,dec (has {', '.join(sorted(columns))})"
+                raise DataError(msg)
+        except (TypeError, ValueError) as exc:
+            msg = f"--positions {path}:{line}: not a number ({_one_line(exc)})"
+            raise DataError(msg) from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            msg = f"--positions {path}:{line}: the position is not finite"
+            raise DataError(msg)
+        out.append((x, y, ra, dec))
+    return out
+
+
+# --- The overlay
+
+def overlay_wcs(wcs: WCS | None, shape: tuple[int, int], factor: int) -> WCS | None:
+    """The celestial WCS of the overlay's image (`shape` after block-averaging by `factor`), or None for pixel axes.
+
+    A stepped slice of the science WCS puts each block's sky position at its centre. A WCS
+    that cannot be sliced or gives no finite sky position at the image's corners is left out:
+    the overlay falls back to pixels, as detections.csv does without a WCS.
+    """
+    if wcs is None or not wcs.has_celestial:
+        return None
+    try:
+        view = wcs.celestial.slice((slice(0, shape[0] * factor, factor), slice(0, shape[1] * factor, factor))) if factor > 1 else wcs.celestial
+        corners = view.pixel_to_world_values([0, shape[1] - 1], [0, shape[0] - 1])
+    except Exception as exc:  # astropy raises several kinds for WCSs it cannot slice
+        log.debug("overlay in pixels: the science WCS could not be sliced (%s)", exc)
+        return None
+    return view if np.all(np.isfinite(corners)) else None
+
+
+def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024,
+                 wcs: WCS | None = None, staged: list | None = None) -> Path:
+    """Science and difference images with the detections circled, numbered as the rows of detections.csv and coloured by type.
+
+    Block-averaged if large; sky axes where the science epoch has a celestial WCS (`wcs`),
+    pixel axes (0-based, as in detections.csv) otherwise; a colour bar on each panel (the
+    science in units of its noise above the sky, the difference in sigma).
+    """
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+    from matplotlib.lines import Line2D  # lazy: see the imports at the top
+    from matplotlib.patches import Circle  # lazy: see the imports at the top
+    from matplotlib.patheffects import withStroke  # lazy: see the imports at the top
+    channels = normalize_pair(reference, science, statistics=statistics)
+    factor = max(1, math.ceil(max(science.shape) / max_side))
+    if factor > 1:
+        h, w = (science.shape[0] // factor) * factor, (science.shape[1] // factor) * factor
+        channels = channels[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+    sky = overlay_wcs(wcs, channels.shape[1:], factor)
+    # Pixel axes are in the original pixels (the image stretched over them); sky axes need the
+    # image's own block pixels, where a detection at pixel x sits at (x + 0.5) / factor - 0.5.
+    extent, scale = ((-0.5, channels.shape[2] * factor - 0.5, -0.5, channels.shape[1] * factor - 0.5), 1) if sky is None else (None, factor)
+    fig = Figure(figsize=(12, 5.5))
+    for k, (image, title, unit, kwargs) in enumerate((
+        (channels[1], "science", "science (noise units above the sky)", dict(cmap="gray", vmin=-1, vmax=5)),
+        (channels[2], "difference (science - scaled reference)", "difference (sigma)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
+    )):
+        ax = fig.add_subplot(1, 2, k + 1, projection=sky)
+        shown = ax.imshow(image, origin="lower", extent=extent, **kwargs)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=unit)
+        for number, r in enumerate(rows, start=1):
+            colour = DS9_COLOURS.get(r.get("type"), "lime")
+            centre = ((r["x"] + 0.5) / scale - 0.5, (r["y"] + 0.5) / scale - 0.5)
+            ax.add_patch(Circle(centre, radius=max(4.0, 8.0 * factor) / scale, fill=False, color=colour, lw=1.2))
+            ax.annotate(str(number), centre, xytext=(6, 6), textcoords="offset points", color=colour, fontsize=8, weight="bold",
+                        path_effects=[withStroke(linewidth=2, foreground="black")])  # legible on light and dark pixels alike
+        ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
+        if sky is None:
+            ax.set_xlabel("x (px)")
+            ax.set_ylabel("y (px)")
+        else:
+            names = {"ra": "RA", "dec": "Dec", "lon": "longitude", "lat": "latitude"}
+            for axis, kind in enumerate(sky.world_axis_physical_types):
+                ax.coords[axis].set_axislabel(f"{names.get(kind.split('.')[-1], kind)} ({sky_frame(sky)})")
+            ax.coords.grid(color="white", alpha=0.25, ls=":")
+    kinds = sorted({r.get("type") for r in rows if r.get("type") in DS9_COLOURS})
+    if kinds:
+        fig.legend(handles=[Line2D([], [], color=DS9_COLOURS[k], marker="o", ls="", fillstyle="none", label=k.replace("_", " ")) for k in kinds],
+                   loc="lower center", ncol=len(kinds), fontsize=8, frameon=False)
+    fig.text(0.01, 0.01, "numbers: rows of detections.csv", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save_figure(fig, path, dpi=110, staged=staged)
+
+
+# --- Writers, the pair's inputs and one pair's prediction
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], *, staged: list | None = None) -> Path:
     """A CSV of `rows` (dicts of already formatted cells) under a header of `columns`, written atomically."""
@@ -8177,64 +8385,72 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
     return summary
 
 
-def register_model(*, checkpoint: str | None, tracking_uri: str, experiment: str, alias: str | None) -> dict:
-    """Log a checkpoint (the shipped weights by default) as AstrID's pyfunc model in its own MLflow run, register it, and point `alias` at it.
+# --- The predict command
 
-    With ``--alias champion``, ``models:/astrid@champion`` is then what another program loads
-    as "the current AstrID model".
-    """
-    import mlflow  # lazy: 1 s of import; only tracking needs it
-
-    path = checkpoint_or_default(checkpoint)
-    load_predictor(checkpoint=str(path), threshold=None, device="cpu")  # refuse a broken file before anything is logged
-    if alias is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", alias):
-        msg = f"--alias {alias!r}: an alias is a letter followed by letters, digits, '_' or '-' (at most 64)"
-        raise ConfigError(msg)
-    try:
-        mlflow.set_tracking_uri(tracking_uri)
-        mark_model_training(mlflow.set_experiment(experiment))
-        with mlflow.start_run(run_name=f"register {path.name}"):
-            mlflow.set_tags({"astrid.checkpoint": str(path), "astrid.checkpoint_sha256": _sha256(path)})
-            info = log_astrid_model(path, register=False)
-        version = mlflow.register_model(info.model_uri, REGISTERED_MODEL)
-        if alias:
-            mlflow.MlflowClient(tracking_uri).set_registered_model_alias(REGISTERED_MODEL, alias, version.version)
-    except Exception as exc:  # MlflowException, a dead server, a read-only store: one line
-        msg = f"cannot register {path} in {tracking_uri} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
-        raise AstridError(msg) from None
-    where = f"models:/{REGISTERED_MODEL}@{alias}" if alias else f"models:/{REGISTERED_MODEL}/{version.version}"
-    print(f"registered {path} as {REGISTERED_MODEL} version {version.version}: mlflow.pyfunc.load_model({where!r})")
-    return dict(version=int(version.version), uri=where)
+def _refuse(msg: str) -> None:
+    """Refuse a combination of flags in one line, as cli() prints every AstridError."""
+    raise AstridError(msg)
 
 
-def export_weights(checkpoint: str, output: str, *, threshold: float | None = None) -> Path:
-    """A small, shareable checkpoint: fp32 weights, architecture, threshold and provenance only.
+def _predict_command(args: argparse.Namespace) -> Any:
+    """One pair (--science, --reference) or a list (--pairs): the flags of one cannot go with the other."""
+    if bool(args.science) == bool(args.pairs):
+        _refuse("predict: give exactly one of --science FITS (with --reference) or --pairs CSV")
+    if args.pairs:
+        if args.reference or args.reference_survey:
+            _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey")
+        if args.seeing or args.science_noise or args.reference_noise or args.positions:
+            _refuse("--pairs: --seeing, noise maps and --positions are one pair's; give a seeing column in the list instead")
+        return run_pairs(**_flags_for(run_pairs, args))
+    if args.shard:
+        _refuse("--shard splits a --pairs list")
+    return run_prediction(**_flags_for(run_prediction, args))
 
-    `threshold` replaces the operating threshold the run chose (the checkpoint's ``threshold``);
-    the run's own choice is kept as ``chosen_threshold``.
-    """
-    if threshold is not None:
-        check_threshold(threshold)
-    target = Path(output)
-    in_a_run = any((target.parent / name).exists() for name in RUN_MARKERS["training run"])
-    if (target.exists() and target.resolve() == Path(checkpoint).resolve()) or (in_a_run and target.name in ("best.pt", "last.pt")):
-        msg = (f"export --output {output}: refusing to write onto a run's checkpoint (best.pt and last.pt keep the optimiser state "
-               "and history that --resume needs); choose another file name")
-        raise AstridError(msg)
-    payload = load_checkpoint(checkpoint)
-    model_from_checkpoint(payload, path=checkpoint)  # refuse a mismatched file before writing
-    keep = ("model", "model_config", "config", "epoch", "threshold", "history")
-    exported = {k: payload[k] for k in keep if k in payload}
-    if threshold is not None:
-        exported.update(threshold=float(threshold), chosen_threshold=payload.get("threshold"))
-    path = save_checkpoint(Path(output), exported)
-    print(f"weights: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    return path
+
+def add_predict_arguments(commands: Any) -> None:
+    """The predict command: one pair (--science, --reference) or a list (--pairs)."""
+    predict = add_command(commands, "predict", "find what changed in your own (reference, science) FITS pair, or a list of pairs",
+                      "Register, scale and subtract each pair (ZOGY), and report the significant changes the network calls real: "
+                      "detections.csv/.json/.ecsv/.reg, mask.fits and overlay.png per pair.",
+                      "python standalone_training.py predict --science new.fits --reference old.fits --output-dir found/\n"
+                      "python standalone_training.py predict --pairs pairs.csv --output-dir night/ --shard 0/4", _predict_command)
+    predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
+    predict.add_argument("--pairs", help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory each")
+    predict.add_argument("--shard", help="with --pairs: I/N takes every N-th pair from the I-th (0-based); under torchrun, RANK/WORLD_SIZE")
+    predict.add_argument("--reference", help="FITS image of the same field: on the same grid, or any grid when both images carry a celestial WCS")
+    predict.add_argument("--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)")
+    predict.add_argument("--output-dir", required=True, help="one that holds a prediction is refused")
+    predict.add_argument("--overwrite", action="store_true", help="replace the prediction already in --output-dir")
+    predict.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
+    predict.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images with more pixels, before reading them")
+    predict.add_argument("--cache-dir", default="", help="--reference-survey: the survey cache (default ~/.cache/astrid)")
+    predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="--reference-survey: s per network request (<= 60)")
+    predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="--reference-survey: extra attempts after a network failure")
+    predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: the headers' zero points, else fitted on the pair's stars, else on the PSF-matched pixels of its bright sources)")
+    predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the pair's stars)")
+    predict.add_argument("--science-noise", help="FITS noise map of the science image, on its grid (see --noise-kind; default: local background RMS plus Poisson noise with the header's GAIN)")
+    predict.add_argument("--reference-noise", help="FITS noise map of the reference image, on its grid (see --noise-kind)")
+    predict.add_argument("--positions", help="CSV of positions (columns x,y in 0-based px, or ra,dec in deg): forced photometry of the difference there, in forced.csv")
+    predict.add_argument("--noise-kind", choices=NOISE_KINDS, default="sigma", help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 for no data)")
 
 
 # ----------------------------------------------------------------------------
-# Command: sweep, an Optuna search over training configurations
+# Sweep wing: an Optuna search over training configurations
 # ----------------------------------------------------------------------------
+
+# --- A storage error's cause, the search space and its trials
+
+def _innermost_cause(exc: BaseException) -> BaseException:
+    """The exception at the bottom of `exc`'s chain of causes (itself if it has none)."""
+    for _ in range(10):  # chains are short; a cycle must not hang the error path
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
 
 DEFAULT_SWEEP_SPACE = Path(__file__).resolve().parent / "sweep_space.json"
 SWEEP_OBJECTIVE = "val_average_precision"  # maximised: unlike val_loss, it does not change scale with the loss weights
@@ -8339,62 +8555,6 @@ def suggest_config(trial: Any, space: dict[str, dict], base: TrainConfig) -> Tra
     cfg = dataclasses.replace(base, **values)
     cfg.validate()
     return cfg
-
-
-def _parent_call(cfg: TrainConfig, when: str, call: Callable[[], Any]) -> Any:
-    """One parent-run call: a failure stops the command in one line, or, with --mlflow-optional, is a warning (None)."""
-    try:
-        return call()
-    except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
-        reason = f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
-        if not cfg.mlflow_optional:
-            raise TrackingError(reason + "; pass --no-mlflow, or --mlflow-optional to go on without it") from None
-        log.warning("%s: continuing WITHOUT the parent run, as --mlflow-optional asked", reason)
-        return None
-
-
-def mlflow_parent_run(cfg: TrainConfig, *, run_name: str, tags: dict[str, str]) -> str:
-    """An MLflow run that a sweep's trials or a comparison's arms nest under; its id ("" without MLflow).
-
-    Made in `cfg`'s experiment (created, and marked as model training, if it is new). The runs
-    nested under it name it as their parent; `close_parent_run` logs its summary and ends it.
-    """
-    if not cfg.mlflow:
-        return ""
-    _mlflow_http_limits(cfg.timeout)
-    import mlflow  # lazy: 1 s of import; only tracking needs it
-
-    _quiet_loggers()
-    client = mlflow.MlflowClient(cfg.tracking_uri)
-
-    def create() -> str:
-        with _sqlite_init_lock(cfg.tracking_uri, timeout=120.0):
-            experiment = ensure_experiment(client, cfg.experiment, tracking_uri=cfg.tracking_uri)
-            return client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
-
-    return _parent_call(cfg, "the start of the parent run", create) or ""
-
-
-def close_parent_run(cfg: TrainConfig, run_id: str, *, metrics: dict[str, float | None], artifacts: Sequence[Path],
-                     documents: dict[str, dict] | None = None) -> None:
-    """Log a parent run's summary (its finite metrics, `documents` as JSON artifacts by name, files) and mark it finished."""
-    if not run_id:
-        return
-    import mlflow  # lazy: 1 s of import; only tracking needs it
-
-    client = mlflow.MlflowClient(cfg.tracking_uri)
-
-    def close() -> None:
-        for key, value in metrics.items():
-            if value is not None and math.isfinite(value):
-                client.log_metric(run_id, key, float(value))
-        for name, document in (documents or {}).items():
-            client.log_dict(run_id, document, name)
-        for path in artifacts:
-            client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id)  # a rerun or another worker may log to it again
-
-    _parent_call(cfg, "the end of the parent run", close)
 
 
 def _mlflow_parent(cfg: TrainConfig, *, study: Any, sweep_dir: Path) -> str:
@@ -8565,9 +8725,61 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
     return report
 
 
+# --- The sweep command
+
+def _sweep_command(args: argparse.Namespace) -> Any:
+    return run_sweep(config_from_args(args), **_flags_for(run_sweep, args, space_path=args.space, given=given_flags(args)))
+
+
+def add_sweep_arguments(commands: Any) -> None:
+    """The sweep command: training flags (each fixes its parameter) and the study's own."""
+    sweep = add_command(commands, "sweep", "search training configurations with Optuna (TPE, pruning, MLflow)",
+                    "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes that "
+                    "parameter and drops it from the space. Rerunning continues the study.",
+                    "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline", _sweep_command)
+    add_training_flags(sweep)
+    sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space")
+    sweep.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)")
+    sweep.add_argument("--storage", default="sqlite:///sweeps.db", help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study")
+    sweep.add_argument("--study-name", default="astrid-baseline", help="the Optuna study (a study keeps the space it was made with)")
+    sweep.add_argument("--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)")
+
+
 # ----------------------------------------------------------------------------
-# Command: compare, synthetic versus real training
+# Compare wing: synthetic versus real training
 # ----------------------------------------------------------------------------
+
+# --- The comparison's figure
+
+def plot_comparison(arms: dict, path: Path, *, staged: list | None = None) -> Path:
+    """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
+    from matplotlib.figure import Figure  # lazy: see the imports at the top
+    fig = Figure(figsize=(11, 4.2))
+    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
+    titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
+    for k, (dataset, title) in enumerate(titles.items()):
+        ax = fig.add_subplot(1, 2, k + 1)
+        first = next(iter(arms.values()))[dataset]
+        # Arms that coincide stay visible: each its own marker, and a small offset along SNR.
+        markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-", markers[k % len(markers)], 1.0 + 0.02 * (k - (len(arms) - 1) / 2))
+                 for k, (name, arm) in enumerate(arms.items())]
+        lines += [("matched filter", first["baseline"]["curve"], "grey", "--", "o", 1.0), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":", "o", 1.0)]
+        for label, curve, colour, style, marker, shift in lines:
+            x = np.asarray(curve["centres"]) * shift
+            y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
+            shown = np.isfinite(y)
+            ax.plot(x[shown], y[shown], style, marker=marker, ms=4 if style == "-" else 3, mfc="none" if style == "-" else colour, color=colour, label=label)
+            if style == "-":
+                ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
+        _completeness_axes(ax)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path, staged=staged)
+
+
+# --- Arms, seeds and their summaries
 
 COMPARE_ARMS = {  # arm -> how its training data differs from the shared configuration
     "synthetic": dict(data="synthetic"),
@@ -8827,9 +9039,153 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
     return report
 
 
+# --- The compare command
+
+def _compare_command(args: argparse.Namespace) -> Any:
+    base = dataclasses.replace(config_from_args(args), output_dir="")  # the arms' run directories go under the comparison's
+    return run_compare(base, **_flags_for(run_compare, args, output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite)))
+
+
+def add_compare_arguments(commands: Any) -> None:
+    """The compare command: training flags for every arm, and the comparison's own."""
+    compare = add_command(commands, "compare", "synthetic vs real training: arms x seeds (or --runs), evaluated alike",
+                      "Train each arm (synthetic, mix, real) with several seeds, or take given runs, and evaluate all on the same "
+                      "synthetic test set and real-pixel injections; writes comparison.md/.json/.png.",
+                      "python standalone_training.py compare --epochs 3 --output-dir cmp/\n"
+                      "python standalone_training.py compare --runs a=runs/one b=runs/two b=mlflow:RUN_ID --output-dir cmp/", _compare_command)
+    add_training_flags(compare)
+    compare.add_argument("--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (--seed, --seed + 1, ...)")
+    compare.add_argument("--runs", nargs="+", default=[], help="compare these instead: [LABEL=]RUN_DIR or [LABEL=]mlflow:RUN_ID; one label, one arm")
+    compare.add_argument("--train-fits-dir", default="", help="real frames for training (default: the left half of M13)")
+    compare.add_argument("--heldout-fits-dir", default="", help="real frames kept out of training, for injection-recovery (default: M13's right half)")
+    compare.add_argument("--eval-samples", type=int, default=50, help="images per test set")
+    compare.add_argument("--eval-image-size", type=int, default=64, help="px of the test images, a multiple of 16")
+
+
 # ----------------------------------------------------------------------------
-# Command line
+# Export wing: shareable weights and the MLflow Model Registry
 # ----------------------------------------------------------------------------
+
+
+def register_model(*, checkpoint: str | None, tracking_uri: str, experiment: str, alias: str | None) -> dict:
+    """Log a checkpoint (the shipped weights by default) as AstrID's pyfunc model in its own MLflow run, register it, and point `alias` at it.
+
+    With ``--alias champion``, ``models:/astrid@champion`` is then what another program loads
+    as "the current AstrID model".
+    """
+    import mlflow  # lazy: 1 s of import; only tracking needs it
+
+    path = checkpoint_or_default(checkpoint)
+    load_predictor(checkpoint=str(path), threshold=None, device="cpu")  # refuse a broken file before anything is logged
+    if alias is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", alias):
+        msg = f"--alias {alias!r}: an alias is a letter followed by letters, digits, '_' or '-' (at most 64)"
+        raise ConfigError(msg)
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        mark_model_training(mlflow.set_experiment(experiment))
+        with mlflow.start_run(run_name=f"register {path.name}"):
+            mlflow.set_tags({"astrid.checkpoint": str(path), "astrid.checkpoint_sha256": _sha256(path)})
+            info = log_astrid_model(path, register=False)
+        version = mlflow.register_model(info.model_uri, REGISTERED_MODEL)
+        if alias:
+            mlflow.MlflowClient(tracking_uri).set_registered_model_alias(REGISTERED_MODEL, alias, version.version)
+    except Exception as exc:  # MlflowException, a dead server, a read-only store: one line
+        msg = f"cannot register {path} in {tracking_uri} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+        raise AstridError(msg) from None
+    where = f"models:/{REGISTERED_MODEL}@{alias}" if alias else f"models:/{REGISTERED_MODEL}/{version.version}"
+    print(f"registered {path} as {REGISTERED_MODEL} version {version.version}: mlflow.pyfunc.load_model({where!r})")
+    return dict(version=int(version.version), uri=where)
+
+
+def export_weights(checkpoint: str, output: str, *, threshold: float | None = None) -> Path:
+    """A small, shareable checkpoint: fp32 weights, architecture, threshold and provenance only.
+
+    `threshold` replaces the operating threshold the run chose (the checkpoint's ``threshold``);
+    the run's own choice is kept as ``chosen_threshold``.
+    """
+    if threshold is not None:
+        check_threshold(threshold)
+    target = Path(output)
+    in_a_run = any((target.parent / name).exists() for name in RUN_MARKERS["training run"])
+    if (target.exists() and target.resolve() == Path(checkpoint).resolve()) or (in_a_run and target.name in ("best.pt", "last.pt")):
+        msg = (f"export --output {output}: refusing to write onto a run's checkpoint (best.pt and last.pt keep the optimiser state "
+               "and history that --resume needs); choose another file name")
+        raise AstridError(msg)
+    payload = load_checkpoint(checkpoint)
+    model_from_checkpoint(payload, path=checkpoint)  # refuse a mismatched file before writing
+    keep = ("model", "model_config", "config", "epoch", "threshold", "history")
+    exported = {k: payload[k] for k in keep if k in payload}
+    if threshold is not None:
+        exported.update(threshold=float(threshold), chosen_threshold=payload.get("threshold"))
+    path = save_checkpoint(Path(output), exported)
+    print(f"weights: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
+
+
+# --- The export and register commands
+
+def _export_command(args: argparse.Namespace) -> Any:
+    return export_weights(**_flags_for(export_weights, args))
+
+
+def add_export_arguments(commands: Any) -> None:
+    """The export command."""
+    export = add_command(commands, "export", "strip a checkpoint to shareable weights",
+                     "Keep a checkpoint's weights, architecture, threshold and history (no optimiser state): a small file for "
+                     "--checkpoint. Never onto a run's own best.pt or last.pt.",
+                     "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt", _export_command)
+    export.add_argument("--checkpoint", required=True, help="a run's best.pt (or any AstrID checkpoint)")
+    export.add_argument("--output", required=True, help="the weights file to write")
+    export.add_argument("--threshold", type=float, help="record this operating threshold instead of the one the run chose (which is kept as chosen_threshold)")
+
+
+def _register_command(args: argparse.Namespace) -> Any:
+    return register_model(**_flags_for(register_model, args))
+
+
+def add_register_arguments(commands: Any) -> None:
+    """The register command."""
+    register = add_command(commands, "register", "register a checkpoint in MLflow's Model Registry (alias champion: the current model)",
+                       "Log a checkpoint (default: the shipped weights) as AstrID's pyfunc model and register it as a version of "
+                       "'astrid'; --alias points an alias at it, so other programs load models:/astrid@ALIAS.",
+                       "python standalone_training.py register --alias champion --tracking-uri http://127.0.0.1:5000", _register_command)
+    register.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
+    register.add_argument("--alias", help="e.g. champion: the alias that then names this version")
+    register.add_argument("--tracking-uri", default=TrainConfig().tracking_uri, help="MLflow tracking URI")
+    register.add_argument("--experiment", default=TrainConfig().experiment, help="MLflow experiment of the registering run")
+
+
+# ----------------------------------------------------------------------------
+# Fetch wing: the real-sky cache, filled ahead of an offline run
+# ----------------------------------------------------------------------------
+
+
+def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
+             pixels=DEFAULT_PIXELS, backoff=DEFAULT_BACKOFF):
+    """
+    Fill the cache for later offline runs (``standalone_training.py fetch``).
+
+    Parameters
+    ----------
+    targets, surveys, cache_dir, timeout, retries, pixels, backoff
+        As for `fetch_frames`.
+
+    Returns
+    -------
+    dict
+        ``{"cached": [...], "failed": [...]}``: one "target / survey: file" line per frame and
+        one "target / survey: reason" line per failure.
+    """
+    frames, failures = fetch_frames(targets, surveys, cache_dir=cache_dir, timeout=timeout,
+                                    retries=retries, pixels=pixels, backoff=backoff)
+    summary = {"cached": [f"{f.target} / {f.survey}: {f.path.name}" for f in frames],
+               "failed": [f"{f.target} / {f.survey}: {f.reason}" for f in failures]}
+    log.info("prefetch: %d cached, %d failed", len(frames), len(failures))
+    return summary
+
+
+# --- The fetch command
 
 def run_fetch(*, targets: Sequence[str], surveys: Sequence[str], cache_dir: str, pixels: int, timeout: float, retries: int) -> dict:
     """Prefetch cutouts into the cache; fails (one line) only if nothing at all was cached."""
@@ -8846,147 +9202,26 @@ def run_fetch(*, targets: Sequence[str], surveys: Sequence[str], cache_dir: str,
     return summary
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and examples as written, and each option's default after its help (where it has one)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "%(default)" not in text and action.option_strings and action.default not in (None, False, "", [], argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Training flags, shared by `standalone_training.py train` and the runner.
-
-    Every flag defaults to None (so that the flags a user typed are known, given_flags); its
-    help names the TrainConfig default it stands for.
-    """
-    defaults = TrainConfig()
-
-    def a(flag: str, *, help: str, **kwargs: Any) -> None:
-        dest = kwargs.get("dest", flag.lstrip("-").replace("-", "_"))
-        value = getattr(defaults, dest, None)
-        shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-        if kwargs.get("action") not in ("store_true", "store_false") and value not in (None, "", ()):
-            help += f" (default: {' '.join(shown) if isinstance(shown, tuple) else shown})"
-        parser.add_argument(flag, help=help, **kwargs)
-
-    a("--samples", type=int, help="samples generated (train + validation)")
-    a("--epochs", type=int, help="training epochs (early stopping may end sooner)")
-    a("--batch-size", type=int, help="samples per optimiser step (per process under torchrun)")
-    a("--image-size", type=int, help="px, a multiple of 16")
-    a("--lr", type=float, help="peak learning rate of the one-cycle schedule")
-    a("--val-fraction", type=float, help="share of the samples held out for validation")
-    a("--test-samples", type=int, help="fresh samples for the final test")
-    a("--patience", type=int, help="early-stopping patience in epochs")
-    a("--width", type=int, help="U-Net base width (16 -> 2.16M parameters)")
-    a("--snr-min", type=float, help="lowest matched-filter SNR of an injected change")
-    a("--snr-max", type=float, help="highest matched-filter SNR of an injected change")
-    a("--no-domain-randomisation", dest="domain_randomisation", action="store_false", default=None, help="train on the plain simulated sky, not TRAINING_SKY")
-    a("--plain-fraction", type=float, help="share of the training sky's fields drawn from the plain sky")
-    a("--type-weight", type=float, help="weight of the type head's cross-entropy beside BCE + Dice (0: the change head alone learns)")
-    a("--no-null-tests", dest="null_tests", action="store_false", default=None, help="skip the end-of-run null battery (about 10 s of CPU)")
-    a("--seed", type=int, help="seed of the data and the model, in [0, 2^32 - 1]")
-    a("--device", help="auto | cpu | cuda | mps")
-    a("--threads", type=int, help="torch threads per process (0: one per core)")
-    a("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
-    a("--output-dir", help="default runs/<timestamp>-<random>; one that holds a run is refused")
-    a("--overwrite", action="store_true", default=None, help="replace the run already in --output-dir (its files are deleted first)")
-    a("--tracking-uri", help="MLflow tracking URI")
-    a("--experiment", help="MLflow experiment name")
-    a("--no-mlflow", dest="mlflow", action="store_false", default=None, help="no MLflow tracking")
-    a("--mlflow-optional", action="store_true", default=None, help="train on without MLflow if its server is unreachable")
-    a("--no-energy", dest="energy", action="store_false", default=None, help="no CodeCarbon energy tracking")
-    a("--country", help="ISO alpha-3 code for CodeCarbon's carbon intensity")
-    a("--data", help="synthetic | mast | fits | mix (real tiles from --fits-dir, else the MAST/SkyView cache, mixed with synthetic ones)")
-    a("--real-fraction", type=float, help="--data mix: share of real samples")
-    a("--fits-dir", help="--data fits: a directory of your own FITS frames")
-    a("--cache-dir", help="--data mast: the real-sky cache (default ~/.cache/astrid)")
-    a("--targets", nargs="+", help="--data mast: names or 'RA DEC' (default: famous targets and empty fields)")
-    a("--surveys", nargs="+", help="--data mast: e.g. 'DSS2 Red' 'SDSS r' TESS HST PanSTARRS/DR1/r")
-    a("--timeout", type=float, help="s per network request (<= 60)")
-    a("--retries", type=int, help="extra attempts after a network failure")
-    a("--no-fallback", dest="fallback", action="store_false", default=None, help="a failed real-data source is fatal")
-    a("--resume", help="continue from a checkpoint (last.pt)")
-    a("--init-weights", help="start a new run from these weights (fine-tuning)")
-
-
-def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> TrainConfig:
-    """A preset, then whatever flags the user gave, on top of the defaults."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
-    return dataclasses.replace(TrainConfig(), **{**(preset or {}), **overrides})
-
-
-def given_flags(args: argparse.Namespace) -> list[str]:
-    """TrainConfig fields the user typed: every training flag defaults to None, so only those are set."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return [k for k, v in vars(args).items() if k in names and v is not None]
-
-
-def _keyword_defaults(function: Callable) -> dict[str, Any]:
-    """A function's keyword defaults, for a parser that offers the same ones."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
-
-
-def _flags_for(function: Callable[..., Any], args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
-    """The parsed flags whose names are parameters of `function`, with `fixed` over them.
-
-    A command's flag reaches its run function by its name alone: adding one is one
-    add_argument and one parameter, never a list of names to keep in step.
-    """
-    names = inspect.signature(function).parameters
-    return {**{k: v for k, v in vars(args).items() if k in names}, **fixed}
-
-
-def _refuse(msg: str) -> None:
-    """Refuse a combination of flags in one line, as cli() prints every AstridError."""
-    raise AstridError(msg)
-
-
-def _train_command(args: argparse.Namespace) -> Any:
-    return run_training(config_from_args(args), given=given_flags(args))
-
-
-def _sweep_command(args: argparse.Namespace) -> Any:
-    return run_sweep(config_from_args(args), **_flags_for(run_sweep, args, space_path=args.space, given=given_flags(args)))
-
-
-def _compare_command(args: argparse.Namespace) -> Any:
-    base = dataclasses.replace(config_from_args(args), output_dir="")  # the arms' run directories go under the comparison's
-    return run_compare(base, **_flags_for(run_compare, args, output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite)))
-
-
-def _predict_command(args: argparse.Namespace) -> Any:
-    """One pair (--science, --reference) or a list (--pairs): the flags of one cannot go with the other."""
-    if bool(args.science) == bool(args.pairs):
-        _refuse("predict: give exactly one of --science FITS (with --reference) or --pairs CSV")
-    if args.pairs:
-        if args.reference or args.reference_survey:
-            _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey")
-        if args.seeing or args.science_noise or args.reference_noise or args.positions:
-            _refuse("--pairs: --seeing, noise maps and --positions are one pair's; give a seeing column in the list instead")
-        return run_pairs(**_flags_for(run_pairs, args))
-    if args.shard:
-        _refuse("--shard splits a --pairs list")
-    return run_prediction(**_flags_for(run_prediction, args))
-
-
-def _evaluate_command(args: argparse.Namespace) -> Any:
-    return run_evaluation(**_flags_for(run_evaluation, args))
-
-
-def _export_command(args: argparse.Namespace) -> Any:
-    return export_weights(**_flags_for(export_weights, args))
-
-
-def _register_command(args: argparse.Namespace) -> Any:
-    return register_model(**_flags_for(register_model, args))
-
-
 def _fetch_command(args: argparse.Namespace) -> Any:
     return run_fetch(**_flags_for(run_fetch, args))
+
+
+def add_fetch_arguments(commands: Any) -> None:
+    """The fetch command: its defaults are the real-sky defaults."""
+    fetch = add_command(commands, "fetch", "fill the real-sky cache ahead of an offline run",
+                    "Download survey cutouts (SkyView, HiPS, MAST) of the targets into the cache that --data mast reads offline.",
+                    "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300", _fetch_command)
+    fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="names or 'RA DEC' in degrees")
+    fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS), help="SkyView surveys, HiPS ids, TESS or HST")
+    fetch.add_argument("--cache-dir", default="", help="the cache (default ~/.cache/astrid)")
+    fetch.add_argument("--pixels", type=int, default=DEFAULT_PIXELS, help="cutout side in px")
+    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="s per network request (<= 60)")
+    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="extra attempts after a network failure")
+
+
+# ----------------------------------------------------------------------------
+# Command line: the parser the wings fill, and the entry point
+# ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -8996,109 +9231,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="python standalone_training.py COMMAND --help shows each command's options, defaults and an example.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (before or after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, summary: str, description: str, example: str, run: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
-        """A subcommand whose parsed arguments main() hands to `run`."""
-        sub = commands.add_parser(name, help=summary, description=textwrap.fill(description, 88), formatter_class=HelpFormatter,
-                                  epilog="example:\n  " + example.replace("\n", "\n  "))
-        # SUPPRESS: a --debug given before the command is not reset by this one's absence.
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        sub.set_defaults(run=run)
-        return sub
-
-    train = command("train", "train a model (see also run_standalone_training.py)",
-                    "Train the U-Net on simulated (or real) pairs, with validation, early stopping, MLflow and CodeCarbon; "
-                    "writes a run directory (checkpoints, metrics, plots, an end-of-run evaluation).",
-                    "python standalone_training.py train --samples 3000 --epochs 30 --batch-size 16 --patience 8", _train_command)
-    add_train_arguments(train)
-    evaluate = command("evaluate", "completeness, purity and bogus rejection vs the matched filter",
-                       "Evaluate a checkpoint on a fresh simulated test set beside the matched filter and SExtractor, "
-                       "and run the null battery (pairs in which nothing changed).",
-                       "python standalone_training.py evaluate --samples 200 --image-size 128 --output-dir evaluation", _evaluate_command)
-    defaults = _keyword_defaults(run_evaluation)  # run_evaluation's signature holds evaluate's defaults
-    evaluate.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
-    evaluate.add_argument("--samples", type=int, default=defaults["samples"], help="test images")
-    evaluate.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the test images, in [0, 2^32 - 1]")
-    evaluate.add_argument("--image-size", type=int, default=defaults["image_size"], help="px, a multiple of 16")
-    evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
-    evaluate.add_argument("--device", default=defaults["device"], help="auto | cpu | cuda | mps")
-    evaluate.add_argument("--output-dir", default=defaults["output_dir"], help="one that holds an evaluation is refused")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace the evaluation already in --output-dir")
-    evaluate.add_argument("--fits-dir", default=defaults["fits_dir"], help="more real frames, for the real-pixel injection-recovery and the null tests")
-    evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
-    evaluate.add_argument("--no-real-pixels", dest="real_pixels", action="store_false", help="skip the injection-recovery on real frames")
-    predict = command("predict", "find what changed in your own (reference, science) FITS pair, or a list of pairs",
-                      "Register, scale and subtract each pair (ZOGY), and report the significant changes the network calls real: "
-                      "detections.csv/.json/.ecsv/.reg, mask.fits and overlay.png per pair.",
-                      "python standalone_training.py predict --science new.fits --reference old.fits --output-dir found/\n"
-                      "python standalone_training.py predict --pairs pairs.csv --output-dir night/ --shard 0/4", _predict_command)
-    predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
-    predict.add_argument("--pairs", help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory each")
-    predict.add_argument("--shard", help="with --pairs: I/N takes every N-th pair from the I-th (0-based); under torchrun, RANK/WORLD_SIZE")
-    predict.add_argument("--reference", help="FITS image of the same field: on the same grid, or any grid when both images carry a celestial WCS")
-    predict.add_argument("--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)")
-    predict.add_argument("--output-dir", required=True, help="one that holds a prediction is refused")
-    predict.add_argument("--overwrite", action="store_true", help="replace the prediction already in --output-dir")
-    predict.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
-    predict.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
-    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images with more pixels, before reading them")
-    predict.add_argument("--cache-dir", default="", help="--reference-survey: the survey cache (default ~/.cache/astrid)")
-    predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="--reference-survey: s per network request (<= 60)")
-    predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="--reference-survey: extra attempts after a network failure")
-    predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: the headers' zero points, else fitted on the pair's stars, else on the PSF-matched pixels of its bright sources)")
-    predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the pair's stars)")
-    predict.add_argument("--science-noise", help="FITS noise map of the science image, on its grid (see --noise-kind; default: local background RMS plus Poisson noise with the header's GAIN)")
-    predict.add_argument("--reference-noise", help="FITS noise map of the reference image, on its grid (see --noise-kind)")
-    predict.add_argument("--positions", help="CSV of positions (columns x,y in 0-based px, or ra,dec in deg): forced photometry of the difference there, in forced.csv")
-    predict.add_argument("--noise-kind", choices=NOISE_KINDS, default="sigma", help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 for no data)")
-    sweep = command("sweep", "search training configurations with Optuna (TPE, pruning, MLflow)",
-                    "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes that "
-                    "parameter and drops it from the space. Rerunning continues the study.",
-                    "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline", _sweep_command)
-    add_train_arguments(sweep)
-    sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space")
-    sweep.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)")
-    sweep.add_argument("--storage", default="sqlite:///sweeps.db", help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study")
-    sweep.add_argument("--study-name", default="astrid-baseline", help="the Optuna study (a study keeps the space it was made with)")
-    sweep.add_argument("--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)")
-    compare = command("compare", "synthetic vs real training: arms x seeds (or --runs), evaluated alike",
-                      "Train each arm (synthetic, mix, real) with several seeds, or take given runs, and evaluate all on the same "
-                      "synthetic test set and real-pixel injections; writes comparison.md/.json/.png.",
-                      "python standalone_training.py compare --epochs 3 --output-dir cmp/\n"
-                      "python standalone_training.py compare --runs a=runs/one b=runs/two b=mlflow:RUN_ID --output-dir cmp/", _compare_command)
-    add_train_arguments(compare)
-    compare.add_argument("--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)")
-    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (--seed, --seed + 1, ...)")
-    compare.add_argument("--runs", nargs="+", default=[], help="compare these instead: [LABEL=]RUN_DIR or [LABEL=]mlflow:RUN_ID; one label, one arm")
-    compare.add_argument("--train-fits-dir", default="", help="real frames for training (default: the left half of M13)")
-    compare.add_argument("--heldout-fits-dir", default="", help="real frames kept out of training, for injection-recovery (default: M13's right half)")
-    compare.add_argument("--eval-samples", type=int, default=50, help="images per test set")
-    compare.add_argument("--eval-image-size", type=int, default=64, help="px of the test images, a multiple of 16")
-    export = command("export", "strip a checkpoint to shareable weights",
-                     "Keep a checkpoint's weights, architecture, threshold and history (no optimiser state): a small file for "
-                     "--checkpoint. Never onto a run's own best.pt or last.pt.",
-                     "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt", _export_command)
-    export.add_argument("--checkpoint", required=True, help="a run's best.pt (or any AstrID checkpoint)")
-    export.add_argument("--output", required=True, help="the weights file to write")
-    export.add_argument("--threshold", type=float, help="record this operating threshold instead of the one the run chose (which is kept as chosen_threshold)")
-    register = command("register", "register a checkpoint in MLflow's Model Registry (alias champion: the current model)",
-                       "Log a checkpoint (default: the shipped weights) as AstrID's pyfunc model and register it as a version of "
-                       "'astrid'; --alias points an alias at it, so other programs load models:/astrid@ALIAS.",
-                       "python standalone_training.py register --alias champion --tracking-uri http://127.0.0.1:5000", _register_command)
-    register.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
-    register.add_argument("--alias", help="e.g. champion: the alias that then names this version")
-    register.add_argument("--tracking-uri", default=TrainConfig().tracking_uri, help="MLflow tracking URI")
-    register.add_argument("--experiment", default=TrainConfig().experiment, help="MLflow experiment of the registering run")
-    fetch = command("fetch", "fill the real-sky cache ahead of an offline run",
-                    "Download survey cutouts (SkyView, HiPS, MAST) of the targets into the cache that --data mast reads offline.",
-                    "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300", _fetch_command)
-    fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="names or 'RA DEC' in degrees")
-    fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS), help="SkyView surveys, HiPS ids, TESS or HST")
-    fetch.add_argument("--cache-dir", default="", help="the cache (default ~/.cache/astrid)")
-    fetch.add_argument("--pixels", type=int, default=DEFAULT_PIXELS, help="cutout side in px")
-    fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="s per network request (<= 60)")
-    fetch.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="extra attempts after a network failure")
+    for add_arguments in (add_train_arguments, add_evaluate_arguments, add_predict_arguments, add_sweep_arguments,
+                          add_compare_arguments, add_export_arguments, add_register_arguments, add_fetch_arguments):
+        add_arguments(commands)  # each wing registers its command, its flags and the function that runs it
     return parser
 
 

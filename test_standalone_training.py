@@ -1692,16 +1692,53 @@ def test_the_module_uses_no_name_above_the_line_that_defines_it():
     assert forward == []
 
 
+def _sections(text: str) -> list[tuple[int, str]]:
+    """The module's `# ----` sections: (line of the title, the title's name before its colon)."""
+    return [(text[:m.start()].count("\n") + 2, m.group(1).split(":")[0])
+            for m in re.finditer(r"^# -{70,}\n# ([^\n]+)\n# -{70,}$", text, flags=re.M)]
+
+
 def test_the_module_docstring_lists_every_section():
-    """Each `# ----` section of the module is named in the module docstring's map."""
+    """Each `# ----` section of the module, core or wing, is named in the module docstring's map."""
     text = MODULE.read_text()
-    titles = re.findall(r"^# -{70,}\n# ([^\n]+)\n# -{70,}$", text, flags=re.M)
-    assert len(titles) >= 14
+    names = [name for _, name in _sections(text)]
+    assert len(names) >= 20 and sum(name.endswith(" wing") for name in names) == 7
     listed = ast.get_docstring(ast.parse(text)).lower()
-    for title in titles:
-        head, _, rest = title.lower().partition(":")
-        name = rest.split(",")[0].split()[0] if head == "command" else head  # "Command: predict, ..." lists predict
-        assert name in listed, title
+    for name in names:
+        assert name.lower() in listed, name
+
+
+def test_no_helper_sits_more_than_one_wing_above_the_one_wing_that_uses_it():
+    """A definition that one workflow alone uses lives in that workflow's wing, or one wing above it.
+
+    The measure is the wing, not the line: a line count changes with every edit above it,
+    while the wing is what a reader follows (a checkpoint through predict, a configuration
+    through training). The shared core counts as wing 0 and the wings as 1, 2, ... in file
+    order, so one wing of slack lets the core keep what belongs to the model (its loss)
+    though only training uses it, and nothing sits further from its workflow. The entry
+    point (`Command line`) reaches every wing by design: its uses are not counted.
+    """
+    text = MODULE.read_text()
+    sections = _sections(text)
+    wings = [name for _, name in sections if name.endswith(" wing")]
+    assert wings[:1] == ["Training wing"] and sections[-1][1] == "Command line"
+
+    def wing_at(line: int) -> int | None:
+        name = [name for start, name in sections if start <= line][-1] if line > sections[0][0] else ""
+        return None if name == "Command line" else wings.index(name) + 1 if name in wings else 0
+
+    body = [node for node in ast.parse(text).body if not isinstance(node, (ast.Import, ast.ImportFrom))]
+    home = {name: wing_at(node.lineno) for node in body for name in _top_level_names(node)}
+    users: dict[str, set[int]] = {}
+    for node in body:
+        at = wing_at(node.lineno)
+        for use in ast.walk(node):
+            if at is not None and isinstance(use, ast.Name) and use.id in home and use.id not in _top_level_names(node):
+                users.setdefault(use.id, set()).add(at)
+    far = sorted(f"{name} (wing {home[name]}, used only in wing {next(iter(used))})" for name, used in users.items()
+                 if home[name] is not None and len(used) == 1 and next(iter(used)) - home[name] > 1)
+    assert far == []
+    assert users["CombinedLoss"] == {1} and home["CombinedLoss"] == 0  # the rule can see a helper one wing above its user
 
 
 def _heading_anchors(markdown: str) -> set[str]:
