@@ -169,7 +169,9 @@ def describe_metrics(result: dict) -> None:
     print(f"\nIn words, on {result['n_images']} fresh images "
           f"(baseline: {result['baseline_rule']}):")
     for name, meaning, higher, fmt, a, b in rows:
-        print(f"  - {name} ({meaning}): network {fmt(a)}, baseline {fmt(b)}: {_verdict(a, b, higher_is_better=higher)}.")
+        print(
+            f"  - {name} ({meaning}): network {fmt(a)}, baseline {fmt(b)}: {_verdict(a, b, higher_is_better=higher)}."
+        )
     print("The matched filter is the classical optimum for a point source in pure noise, so it")
     print("is hard to beat on completeness; the network earns its place by rejecting bogus, i.e.")
     print("fewer false detections. A few epochs on a few images give noisy numbers: for real ones")
@@ -182,8 +184,18 @@ def evaluate(cfg: st.TrainConfig, out: Path, *, samples: int) -> dict:
     print("at the operating threshold chosen on validation, beside a matched-filter baseline.")
     print("(The training run already tested pairs in which nothing changed; `evaluate` on its own")
     print("also runs the full null battery and injection-recovery on real pixels: a minute more.)\n")
-    result = st.run_evaluation(checkpoint=str(checkpoint), samples=samples, seed=st.DEFAULT_EVAL_SEED, image_size=EVAL_IMAGE_SIZE,
-                               output_dir=str(out / "evaluation"), device=cfg.device, threshold=None, overwrite=cfg.overwrite, null_tests=False, real_pixels=False)
+    result = st.run_evaluation(
+        checkpoint=str(checkpoint),
+        samples=samples,
+        seed=st.DEFAULT_EVAL_SEED,
+        image_size=EVAL_IMAGE_SIZE,
+        output_dir=str(out / "evaluation"),
+        device=cfg.device,
+        threshold=None,
+        overwrite=cfg.overwrite,
+        null_tests=False,
+        real_pixels=False,
+    )
     describe_metrics(result)
     return result
 
@@ -243,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="demo_output", help="where everything goes (default: demo_output)")
     parser.add_argument("--fast", action="store_true", help="an even smaller run (24 samples, 1 epoch), for tests")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not track the run in MLflow")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo in --output-dir (refused without it)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a previous demo in --output-dir (refused without it)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     st.configure_logging(debug=args.debug)

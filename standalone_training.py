@@ -228,11 +228,17 @@ STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's 
 
 
 def remove_stale_temporaries(directory: Path, *, of: str | None = None) -> list[str]:
-    """Delete what atomic_write leaves when killed mid-write (only the temporaries `of` one file's name, if given); call only where no write is in progress."""
+    """Delete what atomic_write leaves when killed mid-write (only the temporaries `of` one file's name, if given);
+    call only where no write is in progress."""
     removed = []
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
-            if STALE_TEMPORARY.match(path.name) and (of is None or path.name.startswith(f".{of}.")) and path.is_file() and not path.is_symlink():
+            if (
+                STALE_TEMPORARY.match(path.name)
+                and (of is None or path.name.startswith(f".{of}."))
+                and path.is_file()
+                and not path.is_symlink()
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed.append(path.name)
@@ -492,15 +498,18 @@ class SkyConfig:
     # Domain randomisation: skies unlike the default one, so that a model learns what a change
     # is rather than what this simulator's sky looks like. All off by default: the test and
     # evaluation sky stays the documented one (TRAINING_SKY turns them on).
-    reference_depth: tuple[float, float] | None = None  # reference/science exposure ratio, log-uniform; None -> reference_exposures
+    # reference/science exposure ratio, log-uniform; None -> reference_exposures
+    reference_depth: tuple[float, float] | None = None
     nebulosity_fraction: float = 0.0  # fields with a smooth structured background (nebula, cirrus)
     correlated_noise_fraction: float = 0.0  # fields whose noise is correlated between pixels (resampled frames)
     plate_fraction: float = 0.0  # fields seen through a photographic plate: non-linear, saturating, integer
     identical_fraction: float = 0.0  # null pairs: the science epoch is the reference itself
     quiet_fraction: float = 0.0  # null pairs: two noisy epochs of one static sky, no anomaly, no bogus
     plain_fraction: float = 0.0  # fields drawn from the plain SkyConfig() instead (same SNR range)
-    gradient_fraction: float = 0.0  # fields with a linear sky ramp in one epoch (scattered light, twilight): 0.5-20 sigma corner to corner
-    bright_host_fraction: float = 0.0  # fields with a bright galaxy under a dark sky (a nearby host): the contrast of a supernova search
+    # fields with a linear sky ramp in one epoch (scattered light, twilight): 0.5-20 sigma corner to corner
+    gradient_fraction: float = 0.0
+    # fields with a bright galaxy under a dark sky (a nearby host): the contrast of a supernova search
+    bright_host_fraction: float = 0.0
 
     def validate(self) -> None:
         lo, hi = self.snr_range
@@ -586,7 +595,8 @@ class TrainConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     type_weight: float = 0.3  # the type cross-entropy beside BCE + Dice (CombinedLoss); 0 trains the change head alone
-    null_tests: bool = True  # the end-of-run null battery (about 10 s of CPU); off, metrics.json and MLflow carry no null figures
+    # the end-of-run null battery (about 10 s of CPU); off, metrics.json and MLflow carry no null figures
+    null_tests: bool = True
     width: int = 16  # channels of the first U-Net level (16 -> 2.16M parameters)
     snr_min: float = SNR_RANGE[0]  # anomaly SNR range of the synthetic sky
     snr_max: float = SNR_RANGE[1]
@@ -618,9 +628,15 @@ class TrainConfig:
         """Raise ValueError naming the first field out of range."""
         for field in dataclasses.fields(self):  # every number finite and of its type, before any range
             value = getattr(self, field.name)
-            expected = {"int": int, "float": (int, float)}.get(field.type if isinstance(field.type, str) else field.type.__name__)
+            expected = {"int": int, "float": (int, float)}.get(
+                field.type if isinstance(field.type, str) else field.type.__name__
+            )
             if expected and (isinstance(value, bool) or not isinstance(value, expected) or not math.isfinite(value)):
-                msg = f"{field.name.replace('_', '-')} must be a finite {'integer' if expected is int else 'number'}, got {value!r}"
+                msg = (
+                    f"{field.name.replace('_', '-')} must be a finite "
+                    f"{'integer' if expected is int else 'number'}, "
+                    f"got {value!r}"
+                )
                 raise ConfigError(msg)
         check_seed(self.seed)
         for name in ("weight_decay", "min_delta", "bce_weight", "dice_weight", "type_weight"):
@@ -628,7 +644,10 @@ class TrainConfig:
                 msg = f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 raise ConfigError(msg)
         if self.bce_weight + self.dice_weight <= 0:
-            msg = f"bce-weight + dice-weight must be > 0 (the loss would be constant), got {self.bce_weight} and {self.dice_weight}"
+            msg = (
+                f"bce-weight + dice-weight must be > 0 (the loss would be constant), got {self.bce_weight} and "
+                f"{self.dice_weight}"
+            )
             raise ConfigError(msg)
         if self.grad_clip <= 0:
             msg = f"grad-clip must be > 0, got {self.grad_clip}"
@@ -772,7 +791,9 @@ class PSF:
         return stamp
 
 
-def render_points_box(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: PSF) -> tuple[np.ndarray, tuple[slice, slice]]:
+def render_points_box(
+    shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: PSF
+) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Like :func:`render_points`, but only the part of the frame the sources touch.
 
     Returns the rendered box and the (rows, columns) slices that place it in the frame:
@@ -813,7 +834,9 @@ def trail_points(x1: float, y1: float, x2: float, y2: float, *, step: float = 0.
     return x1 + t * (x2 - x1), y1 + t * (y2 - y1)
 
 
-def sersic_image(shape: tuple[int, int], galaxies: Sequence[dict], *, offset: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+def sersic_image(
+    shape: tuple[int, int], galaxies: Sequence[dict], *, offset: Sequence[float] = (0.0, 0.0)
+) -> np.ndarray:
     """Intrinsic (not yet PSF-convolved) Sersic galaxies, each with a 3x-oversampled core.
 
     Each galaxy dict has x, y (px), flux (e-), half_light_radius (px), n (Sersic index),
@@ -850,6 +873,7 @@ def sersic_image(shape: tuple[int, int], galaxies: Sequence[dict], *, offset: Se
 def convolve_psf(image: np.ndarray, psf: PSF) -> np.ndarray:
     """Convolve an intrinsic image with a PSF's pixel-integrated stamp."""
     from scipy import signal as sp_signal  # lazy: see the imports at the top
+
     return sp_signal.fftconvolve(image, psf.stamp, mode="same")
 
 
@@ -858,7 +882,9 @@ def matched_filter_snr(flux: float, profile: np.ndarray, variance: np.ndarray) -
     return float(abs(flux) * math.sqrt(np.sum(profile**2 / variance)))
 
 
-def flux_for_snr(snr: float, profile: np.ndarray, base_variance: np.ndarray, *, sign: float = 1.0, shot_noise: bool = True) -> float:
+def flux_for_snr(
+    snr: float, profile: np.ndarray, base_variance: np.ndarray, *, sign: float = 1.0, shot_noise: bool = True
+) -> float:
     """Signed flux change whose matched-filter SNR is `snr`, counting its own shot noise.
 
     With `shot_noise` (pixels in e-), the variance of the difference includes the
@@ -896,8 +922,7 @@ def _distance_to_segments(points: np.ndarray, starts: np.ndarray, ends: np.ndarr
     length2 = np.sum(d**2, axis=1)
     rel = points[:, None, :] - starts[None, :, :]
     # Zero-length segments (point objects) take t = 0, i.e. the plain point distance.
-    t = np.divide(np.sum(rel * d[None], axis=2), length2[None], out=np.zeros(rel.shape[:2]),
-                  where=length2[None] > 0)
+    t = np.divide(np.sum(rel * d[None], axis=2), length2[None], out=np.zeros(rel.shape[:2]), where=length2[None] > 0)
     closest = starts[None] + np.clip(t, 0.0, 1.0)[..., None] * d[None]
     return np.linalg.norm(points[:, None, :] - closest, axis=2)
 
@@ -957,7 +982,14 @@ class SkySample(NamedTuple):
     psf_science: PSF
 
 
-def observe(rng: np.random.Generator, model_reference: np.ndarray, model_science: np.ndarray, sky: SkyConfig, *, reference_exposures: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def observe(
+    rng: np.random.Generator,
+    model_reference: np.ndarray,
+    model_science: np.ndarray,
+    sky: SkyConfig,
+    *,
+    reference_exposures: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Noisy (reference, science) from their expected counts in e-.
 
     Poisson noise on sky and sources plus Gaussian read noise; the reference is the mean of
@@ -967,16 +999,34 @@ def observe(rng: np.random.Generator, model_reference: np.ndarray, model_science
     """
     n_ref = sky.reference_exposures if reference_exposures is None else reference_exposures
     science = rng.poisson(np.maximum(model_science, 0)) + rng.normal(0, sky.read_noise, model_science.shape)
-    reference = rng.poisson(np.maximum(model_reference, 0) * n_ref) + rng.normal(0, sky.read_noise * math.sqrt(n_ref), model_reference.shape)
+    reference = rng.poisson(np.maximum(model_reference, 0) * n_ref) + rng.normal(
+        0, sky.read_noise * math.sqrt(n_ref), model_reference.shape
+    )
     return reference / n_ref, science
 
 
 def _draw_style(rng: np.random.Generator, sky: SkyConfig) -> dict:
     """The randomised choices of one field; draws nothing from `rng` when randomisation is off."""
-    style = dict(reference_depth=None, nebulosity=None, correlated_noise=None, plate=None, null=None, gradient=None, bright_host=None)
+    style = dict(
+        reference_depth=None,
+        nebulosity=None,
+        correlated_noise=None,
+        plate=None,
+        null=None,
+        gradient=None,
+        bright_host=None,
+    )
     widened = (sky.gradient_fraction, sky.bright_host_fraction)
-    if sky.reference_depth is None and not any((sky.nebulosity_fraction, sky.correlated_noise_fraction, sky.plate_fraction, sky.identical_fraction, sky.quiet_fraction,
-                                                *widened)):
+    if sky.reference_depth is None and not any(
+        (
+            sky.nebulosity_fraction,
+            sky.correlated_noise_fraction,
+            sky.plate_fraction,
+            sky.identical_fraction,
+            sky.quiet_fraction,
+            *widened,
+        )
+    ):
         return style
     if sky.reference_depth is not None:
         style["reference_depth"] = float(_log_uniform(rng, *sky.reference_depth))
@@ -986,7 +1036,8 @@ def _draw_style(rng: np.random.Generator, sky: SkyConfig) -> dict:
     if u[1] < sky.correlated_noise_fraction:
         style["correlated_noise"] = float(rng.uniform(0.4, 1.0))  # px, Gaussian kernel sigma of the resampling
     if u[2] < sky.plate_fraction:
-        style["plate"] = float(_log_uniform(rng, 0.3, 3.0))  # noise sigma in density units: the quantisation step's scale
+        # noise sigma in density units: the quantisation step's scale
+        style["plate"] = float(_log_uniform(rng, 0.3, 3.0))
     if u[3] < sky.identical_fraction:
         style["null"] = "identical"
     elif u[3] < sky.identical_fraction + sky.quiet_fraction:
@@ -994,16 +1045,23 @@ def _draw_style(rng: np.random.Generator, sky: SkyConfig) -> dict:
     if any(widened):  # drawn only by skies that ask, so that older randomised skies keep their samples
         v = rng.uniform(size=2)
         if v[0] < sky.gradient_fraction:
-            style["gradient"] = dict(sigma=float(_log_uniform(rng, 0.5, 20.0)), angle=float(rng.uniform(0, 2 * math.pi)),
-                                     epoch=str(rng.choice(["reference", "science"])))
+            style["gradient"] = dict(
+                sigma=float(_log_uniform(rng, 0.5, 20.0)),
+                angle=float(rng.uniform(0, 2 * math.pi)),
+                epoch=str(rng.choice(["reference", "science"])),
+            )
         if v[1] < sky.bright_host_fraction:
-            style["bright_host"] = dict(sky_level=float(_log_uniform(rng, 20.0, 300.0)), flux=float(_log_uniform(rng, 3e5, 3e6)),
-                                        half_light_radius=float(rng.uniform(2.0, 8.0)))
+            style["bright_host"] = dict(
+                sky_level=float(_log_uniform(rng, 20.0, 300.0)),
+                flux=float(_log_uniform(rng, 3e5, 3e6)),
+                half_light_radius=float(rng.uniform(2.0, 8.0)),
+            )
     return style
 
 
 def sky_ramp(shape: tuple[int, int], *, rise: float, angle: float) -> np.ndarray:
-    """A linear sky gradient that rises by `rise` from one side of the frame to the other, towards `angle` (radians from the x axis), zero on average."""
+    """A linear sky gradient that rises by `rise` from one side of the frame to the other, towards `angle` (radians
+    from the x axis), zero on average."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     along = (xx - (shape[1] - 1) / 2) * math.cos(angle) + (yy - (shape[0] - 1) / 2) * math.sin(angle)
     return rise * along / max(float(np.ptp(along)), 1e-9)
@@ -1075,7 +1133,9 @@ def _place_anomaly(
         star = variable_candidates.pop()
         # Brighter or fainter; inject_anomalies stops a fade at 95% of the star.
         sign = -1.0 if rng.random() < 0.5 else 1.0
-        return Truth(type=kind, x=float(sx[star] + shift[0]), y=float(sy[star] + shift[1]), reference_flux=float(sflux[star])), sign
+        return Truth(
+            type=kind, x=float(sx[star] + shift[0]), y=float(sy[star] + shift[1]), reference_flux=float(sflux[star])
+        ), sign
     if kind == "supernova":
         host = hosts_left.pop() if hosts_left else galaxies[int(rng.integers(len(galaxies)))]
         radius = 1.5 * host["half_light_radius"] * rng.uniform()
@@ -1090,7 +1150,15 @@ def _place_anomaly(
         half = np.array([math.cos(angle), math.sin(angle)]) * length / 2
         x1, y1 = np.clip([cx - half[0], cy - half[1]], 0, size - 1)
         x2, y2 = np.clip([cx + half[0], cy + half[1]], 0, size - 1)
-        return Truth(type=kind, x=float((x1 + x2) / 2), y=float((y1 + y2) / 2), x1=float(x1), y1=float(y1), x2=float(x2), y2=float(y2)), 1.0
+        return Truth(
+            type=kind,
+            x=float((x1 + x2) / 2),
+            y=float((y1 + y2) / 2),
+            x1=float(x1),
+            y1=float(y1),
+            x2=float(x2),
+            y2=float(y2),
+        ), 1.0
     msg = f"unknown anomaly type {kind!r}; expected one of {', '.join(ANOMALY_TYPES)}"
     raise ValueError(msg)
 
@@ -1131,7 +1199,8 @@ def inject_anomalies(
     is measured with the final variance: later injections add shot noise to earlier ones.
     """
     shape = science.shape
-    science, variance = np.array(science, dtype=np.float64), np.array(variance, dtype=np.float64)  # copies: added to in place
+    # copies: added to in place
+    science, variance = np.array(science, dtype=np.float64), np.array(variance, dtype=np.float64)
     sx, sy, sflux = stars
     inside = (sx >= 2) & (sx < shape[1] - 2) & (sy >= 2) & (sy < shape[0] - 2)
     variable_candidates = list(rng.permutation(np.flatnonzero(inside)))
@@ -1140,15 +1209,25 @@ def inject_anomalies(
     for kind in ANOMALY_TYPES:
         for _ in range(counts[kind]):
             snr = float(_log_uniform(rng, *sky.snr_range))
-            placed = _place_anomaly(rng, kind, size=shape[0], shift=shift, stars=stars, galaxies=galaxies,
-                                    variable_candidates=variable_candidates, hosts_left=hosts_left, sky=sky)
+            placed = _place_anomaly(
+                rng,
+                kind,
+                size=shape[0],
+                shift=shift,
+                stars=stars,
+                galaxies=galaxies,
+                variable_candidates=variable_candidates,
+                hosts_left=hosts_left,
+                sky=sky,
+            )
             if placed is None:
                 continue
             obj, sign = placed
             profile, where = _anomaly_profile(obj, shape, psf)
             flux = flux_for_snr(snr, profile, variance[where], sign=sign, shot_noise=shot_noise)
             if kind == "variable_star" and flux < -0.95 * obj["reference_flux"]:
-                flux = flux_for_snr(snr, profile, variance[where], shot_noise=shot_noise)  # too faint to fade that much: it brightens
+                # too faint to fade that much: it brightens
+                flux = flux_for_snr(snr, profile, variance[where], shot_noise=shot_noise)
             science[where] += flux * profile
             if shot_noise:
                 variance[where] += flux * profile
@@ -1160,8 +1239,15 @@ def inject_anomalies(
     return science, variance, truth
 
 
-def _add_detector_bogus(rng: np.random.Generator, *, science: np.ndarray, reference: np.ndarray, variance: np.ndarray,
-                        sky: SkyConfig, area: float) -> list[Truth]:
+def _add_detector_bogus(
+    rng: np.random.Generator,
+    *,
+    science: np.ndarray,
+    reference: np.ndarray,
+    variance: np.ndarray,
+    sky: SkyConfig,
+    area: float,
+) -> list[Truth]:
     """Cosmic rays (1-3 px, one epoch) and hot pixels / bad columns, added in place."""
     shape = science.shape
     bogus = []
@@ -1179,7 +1265,16 @@ def _add_detector_bogus(rng: np.random.Generator, *, science: np.ndarray, refere
         target = science if in_science else reference
         for py, px in pixels:
             target[py, px] += amplitude * rng.uniform(0.5, 1.0)
-        bogus.append(dict(type="cosmic_ray", x=float(np.mean([p[1] for p in pixels])), y=float(np.mean([p[0] for p in pixels])), snr=snr, epoch="science" if in_science else "reference", n_pixels=len(pixels)))
+        bogus.append(
+            dict(
+                type="cosmic_ray",
+                x=float(np.mean([p[1] for p in pixels])),
+                y=float(np.mean([p[0] for p in pixels])),
+                snr=snr,
+                epoch="science" if in_science else "reference",
+                n_pixels=len(pixels),
+            )
+        )
     for _ in range(rng.poisson(sky.hot_pixels_per_field * area)):
         x, y = int(rng.integers(0, shape[1])), int(rng.integers(0, shape[0]))
         snr = float(_log_uniform(rng, *sky.bogus_snr_range))
@@ -1191,15 +1286,35 @@ def _add_detector_bogus(rng: np.random.Generator, *, science: np.ndarray, refere
             y1 = max(y1, y0 + 4)
             target[y0:y1, x] += amplitude * 0.3
             y1 = min(y1, shape[0]) - 1
-            bogus.append(dict(type="hot_pixel", x=float(x), y=(y0 + y1) / 2, snr=snr * 0.3, shape="column", x1=float(x), y1=float(y0), x2=float(x), y2=float(y1)))
+            bogus.append(
+                dict(
+                    type="hot_pixel",
+                    x=float(x),
+                    y=(y0 + y1) / 2,
+                    snr=snr * 0.3,
+                    shape="column",
+                    x1=float(x),
+                    y1=float(y0),
+                    x2=float(x),
+                    y2=float(y1),
+                )
+            )
         else:
             target[y, x] += amplitude
             bogus.append(dict(type="hot_pixel", x=float(x), y=float(y), snr=snr, shape="pixel"))
     return bogus
 
 
-def _static_residuals(residual: np.ndarray, *, variance: np.ndarray, stars: tuple[np.ndarray, np.ndarray, np.ndarray],
-                      galaxies: Sequence[dict], shift: Sequence[float], psf: PSF, truth: Sequence[Truth]) -> list[Truth]:
+def _static_residuals(
+    residual: np.ndarray,
+    *,
+    variance: np.ndarray,
+    stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+    galaxies: Sequence[dict],
+    shift: Sequence[float],
+    psf: PSF,
+    truth: Sequence[Truth],
+) -> list[Truth]:
     """Dipoles and rings: static sources that leave a >= 5 sigma residual in the difference.
 
     The residual (science minus reference of the static scene, noise-free) comes from the
@@ -1220,13 +1335,18 @@ def _static_residuals(residual: np.ndarray, *, variance: np.ndarray, stars: tupl
     on_frame = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
     variables = np.array([(o["x"], o["y"]) for o in truth if o["type"] == "variable_star"]).reshape(-1, 2)
     # The variable star itself is an anomaly, not bogus.
-    is_variable = ((np.abs(x[:, None] - variables[:, 0]) < 0.5) & (np.abs(y[:, None] - variables[:, 1]) < 0.5)).any(axis=1)
+    is_variable = ((np.abs(x[:, None] - variables[:, 0]) < 0.5) & (np.abs(y[:, None] - variables[:, 1]) < 0.5)).any(
+        axis=1
+    )
     ix, iy = np.where(on_frame, ix, 0), np.where(on_frame, iy, 0)  # off-frame ones read (0, 0), then drop out
     snr = significance[iy, ix]
     flux = np.concatenate([sflux, np.zeros(len(galaxies))])
     bright_enough = ~is_star | (flux * peak_psf >= 5.0 * sigma[iy, ix])
     listed = np.flatnonzero(on_frame & ~is_variable & (snr >= 5.0) & bright_enough)
-    return [dict(type="dipole", x=float(x[k]), y=float(y[k]), snr=float(snr[k]), source="star" if is_star[k] else "galaxy") for k in listed]
+    return [
+        dict(type="dipole", x=float(x[k]), y=float(y[k]), snr=float(snr[k]), source="star" if is_star[k] else "galaxy")
+        for k in listed
+    ]
 
 
 def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -> SkySample:
@@ -1275,10 +1395,19 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
         )
         for _ in range(n_gal)
     ]
-    if style["bright_host"] is not None:  # a nearby galaxy, near the middle: the field's supernovae take it in turn with the others
-        galaxies.append(dict(x=rng.uniform(0.2, 0.8) * image_size, y=rng.uniform(0.2, 0.8) * image_size, flux=style["bright_host"]["flux"],
-                             half_light_radius=style["bright_host"]["half_light_radius"], n=rng.uniform(1.0, 4.0), axis_ratio=rng.uniform(0.5, 1.0),
-                             angle=rng.uniform(0, math.pi)))
+    # a nearby galaxy, near the middle: the field's supernovae take it in turn with the others
+    if style["bright_host"] is not None:
+        galaxies.append(
+            dict(
+                x=rng.uniform(0.2, 0.8) * image_size,
+                y=rng.uniform(0.2, 0.8) * image_size,
+                flux=style["bright_host"]["flux"],
+                half_light_radius=style["bright_host"]["half_light_radius"],
+                n=rng.uniform(1.0, 4.0),
+                axis_ratio=rng.uniform(0.5, 1.0),
+                angle=rng.uniform(0, math.pi),
+            )
+        )
 
     def static_scene(psf: PSF, offset: np.ndarray) -> np.ndarray:
         galaxy_light = convolve_psf(sersic_image(shape, galaxies, offset=offset), psf) if galaxies else 0.0
@@ -1302,8 +1431,15 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
         counts = dict.fromkeys(ANOMALY_TYPES, 0)
     unsaturated = sflux * psf_ref.stamp.max() < sky.saturation / 4
     model_sci, base_variance, truth = inject_anomalies(
-        rng, counts=counts, stars=(sx[unsaturated], sy[unsaturated], sflux[unsaturated]), galaxies=galaxies, shift=shift, psf=psf_sci,
-        science=model_sci, variance=base_variance, sky=sky,
+        rng,
+        counts=counts,
+        stars=(sx[unsaturated], sy[unsaturated], sflux[unsaturated]),
+        galaxies=galaxies,
+        shift=shift,
+        psf=psf_sci,
+        science=model_sci,
+        variance=base_variance,
+        sky=sky,
     )
 
     # 4. Noise: Poisson on sky + sources, Gaussian read noise; the reference is a coadd.
@@ -1322,9 +1458,18 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
 
     # 5. Bogus: what went wrong in the camera or the subtraction; never labelled.
     if not style["null"]:
-        truth += _add_detector_bogus(rng, science=science, reference=reference, variance=base_variance, sky=sky, area=area)
-    truth += _static_residuals(static_sci - static_ref, variance=base_variance, stars=(sx, sy, sflux), galaxies=galaxies, shift=shift,
-                               psf=psf_ref, truth=truth)
+        truth += _add_detector_bogus(
+            rng, science=science, reference=reference, variance=base_variance, sky=sky, area=area
+        )
+    truth += _static_residuals(
+        static_sci - static_ref,
+        variance=base_variance,
+        stars=(sx, sy, sflux),
+        galaxies=galaxies,
+        shift=shift,
+        psf=psf_ref,
+        truth=truth,
+    )
     np.minimum(science, sky.saturation, out=science)
     np.minimum(reference, sky.saturation, out=reference)
     if style["plate"] is not None:
@@ -1335,16 +1480,23 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
 
     mask = anomaly_mask(shape, truth, psf_sci.fwhm)
     return SkySample(
-        reference.astype(np.float32), science.astype(np.float32), base_variance.astype(np.float32), mask, truth, psf_ref, psf_sci
+        reference.astype(np.float32),
+        science.astype(np.float32),
+        base_variance.astype(np.float32),
+        mask,
+        truth,
+        psf_ref,
+        psf_sci,
     )
 
 
 # ----------------------------------------------------------------------------
-# Normalisation and subtraction: one normalisation everywhere; registration, backgrounds, ZOGY (docs/science.md, sections 4, 8)
+# Normalisation and subtraction: one normalisation; registration, backgrounds, ZOGY (docs/science.md, sections 4, 8)
 # ----------------------------------------------------------------------------
 
 
 # --- PSF width and the seeing of a pair, measured on the stars
+
 
 class PsfEstimate(NamedTuple):
     """PSF width of a tile and whether it was measured or is the default."""
@@ -1356,6 +1508,7 @@ class PsfEstimate(NamedTuple):
 
 def _pixel_gaussian(shape, amplitude, x0, y0, sigma, background):
     """Circular Gaussian integrated over each pixel (flux = amplitude), plus a constant."""
+
     def edges(n, centre):
         e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
         return 0.5 * np.diff(special.erf(e))
@@ -1365,9 +1518,10 @@ def _pixel_gaussian(shape, amplitude, x0, y0, sigma, background):
 
 def _pixel_gaussian_jacobian(shape, amplitude, x0, y0, sigma, background):
     """Derivatives of :func:`_pixel_gaussian` by (amplitude, x0, y0, sigma, background), one column each."""
+
     def edges(n, centre):
         e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
-        density = np.exp(-e**2) / np.sqrt(np.pi)  # d/de of erf(e) / 2
+        density = np.exp(-(e**2)) / np.sqrt(np.pi)  # d/de of erf(e) / 2
         profile = 0.5 * np.diff(special.erf(e))
         d_centre = -np.diff(density) / (np.sqrt(2.0) * sigma)
         d_sigma = -np.diff(density * e) / sigma
@@ -1375,8 +1529,13 @@ def _pixel_gaussian_jacobian(shape, amplitude, x0, y0, sigma, background):
 
     gy, gy_y0, gy_sigma = edges(shape[0], y0)
     gx, gx_x0, gx_sigma = edges(shape[1], x0)
-    columns = [np.outer(gy, gx), amplitude * np.outer(gy, gx_x0), amplitude * np.outer(gy_y0, gx),
-               amplitude * (np.outer(gy_sigma, gx) + np.outer(gy, gx_sigma)), np.ones(shape)]
+    columns = [
+        np.outer(gy, gx),
+        amplitude * np.outer(gy, gx_x0),
+        amplitude * np.outer(gy_y0, gx),
+        amplitude * (np.outer(gy_sigma, gx) + np.outer(gy, gx_sigma)),
+        np.ones(shape),
+    ]
     return np.column_stack([c.ravel() for c in columns])
 
 
@@ -1410,7 +1569,7 @@ def _psf_candidates(tile, *, default, threshold, max_stars):
         near = (np.abs(ys - y) <= 2 * box) & (np.abs(xs - x) <= 2 * box)
         if near.sum() > 1:
             continue
-        ring = img[y - 1:y + 2, x - 1:x + 2] - background
+        ring = img[y - 1 : y + 2, x - 1 : x + 2] - background
         if img[y, x] >= top or np.sum(ring >= 0.98 * height) > 3:  # the peak counts once
             continue
         candidates.append((y, x))
@@ -1419,7 +1578,7 @@ def _psf_candidates(tile, *, default, threshold, max_stars):
 
 def _fit_fwhm(img, y, x, box, background):
     """FWHM in pixels of one star's pixel-integrated Gaussian fit, or None if it fails."""
-    stamp = img[y - box:y + box + 1, x - box:x + box + 1]
+    stamp = img[y - box : y + box + 1, x - box : x + box + 1]
     shape = stamp.shape
 
     def residual(p):
@@ -1468,8 +1627,7 @@ def measure_psf_fwhm(tile, *, default=2.5, threshold=20.0, min_stars=3, max_star
     peak at the tile's maximum), since clipped cores widen the fit.
     """
     img, background, box, candidates = _psf_candidates(tile, default=default, threshold=threshold, max_stars=max_stars)
-    fwhms = [f for f in (_fit_fwhm(img, y, x, box, background) for y, x in candidates)
-             if f is not None]
+    fwhms = [f for f in (_fit_fwhm(img, y, x, box, background) for y, x in candidates) if f is not None]
     if len(fwhms) < min_stars:
         log.debug("PSF: %d usable stars, using default FWHM %.2f px", len(fwhms), default)
         return PsfEstimate(float(default), False, len(fwhms))
@@ -1493,12 +1651,20 @@ def measure_seeing(reference, science, *, default=2.5, threshold=20.0, min_stars
         Reference and science; both ``measured=False`` (and the default FWHM) when fewer than
         `min_stars` stars could be fitted in both epochs.
     """
-    img, background, box, candidates = _psf_candidates(reference, default=default, threshold=threshold, max_stars=max_stars)
+    img, background, box, candidates = _psf_candidates(
+        reference, default=default, threshold=threshold, max_stars=max_stars
+    )
     other = np.asarray(science, dtype=np.float64)
     other_background = np.nanmedian(other) if np.isfinite(other).any() else 0.0
     other = np.where(np.isfinite(other), other, other_background)
-    pairs = [(a, b) for a, b in ((_fit_fwhm(img, y, x, box, background), _fit_fwhm(other, y, x, box, other_background)) for y, x in candidates)
-             if a is not None and b is not None]
+    pairs = [
+        (a, b)
+        for a, b in (
+            (_fit_fwhm(img, y, x, box, background), _fit_fwhm(other, y, x, box, other_background))
+            for y, x in candidates
+        )
+        if a is not None and b is not None
+    ]
     if len(pairs) < min_stars:
         fallback = PsfEstimate(float(default), False, len(pairs))
         return fallback, fallback
@@ -1508,6 +1674,7 @@ def measure_seeing(reference, science, *, default=2.5, threshold=20.0, min_stars
 
 
 # --- Photometric scale: science ~ a x reference + b, fitted on the static stars
+
 
 class FluxScale(NamedTuple):
     """The fitted flux ratio of two epochs: science ~ ratio x reference + offset."""
@@ -1523,7 +1690,9 @@ FLUX_FIT_MAX_STARS = 500  # the brightest this many: they hold the information, 
 FLUX_FIT_SYSTEMATIC = 0.05  # relative scatter allowed beyond the noise: seeing, crowding, colour
 
 
-def fit_flux_scale(reference: np.ndarray, science: np.ndarray, *, aperture: int | None = None, detection_sigma: float = 10.0) -> FluxScale:
+def fit_flux_scale(
+    reference: np.ndarray, science: np.ndarray, *, aperture: int | None = None, detection_sigma: float = 10.0
+) -> FluxScale:
     """Fit the flux ratio science / reference on the static stars of a registered pair.
 
     Survey pipelines fit this relation before differencing (the flux ratio of hotpants and
@@ -1577,18 +1746,25 @@ def fit_flux_scale(reference: np.ndarray, science: np.ndarray, *, aperture: int 
     sums_r, sums_s = sums_r[brightest], sums_s[brightest]
     advice = "give --flux-ratio (1 if the epochs share one photometric scale)"
     if sums_r.size < FLUX_FIT_MIN_STARS:
-        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} static stars above {detection_sigma:g} sigma, need {FLUX_FIT_MIN_STARS}; {advice}"
+        msg = (
+            f"cannot fit the flux ratio between the epochs: {sums_r.size} static stars above {detection_sigma:g} "
+            f"sigma, need {FLUX_FIT_MIN_STARS}; {advice}"
+        )
         raise DataError(msg)
     ratio, intercept, low, high = (float(v) for v in theilslopes(sums_s, sums_r))
     noise = np.sqrt(box**2 * (sig_s**2 + ratio**2 * sig_r**2) + (FLUX_FIT_SYSTEMATIC * ratio * sums_r) ** 2)
     agreeing = float(np.mean(np.abs(sums_s - ratio * sums_r - intercept) <= 3 * noise))
     if not (ratio > 0 and agreeing >= 0.5):
-        msg = f"cannot fit the flux ratio between the epochs: {sums_r.size} stars give a ratio of {ratio:.3g}, but only {agreeing:.0%} of them agree with it; {advice}"
+        msg = (
+            f"cannot fit the flux ratio between the epochs: {sums_r.size} stars give a ratio of {ratio:.3g}, but "
+            f"only {agreeing:.0%} of them agree with it; {advice}"
+        )
         raise DataError(msg)
     return FluxScale(ratio, int(sums_r.size), agreeing, 0.5 * (high - low))
 
 
 # --- One normalisation
+
 
 class PairStatistics(NamedTuple):
     """How a pair is put on one scale: each epoch's background and noise, and their difference's.
@@ -1621,7 +1797,9 @@ def matching_blur(fwhm_reference: float | None, fwhm_science: float | None) -> t
     AstrID's kernel is a Gaussian of sigma sqrt(FWHM_b^2 - FWHM_s^2) / 2.3548, exact for
     Gaussian PSFs and close in the core for Moffat ones. Unknown FWHMs mean no blur.
     """
-    if not (fwhm_reference and fwhm_science) or max(fwhm_reference, fwhm_science) < SEEING_TOLERANCE * min(fwhm_reference, fwhm_science):
+    if not (fwhm_reference and fwhm_science) or max(fwhm_reference, fwhm_science) < SEEING_TOLERANCE * min(
+        fwhm_reference, fwhm_science
+    ):
         return 0.0, 0.0
     sigma = math.sqrt(abs(fwhm_science**2 - fwhm_reference**2)) / 2.3548
     return (sigma, 0.0) if fwhm_science > fwhm_reference else (0.0, sigma)
@@ -1655,8 +1833,14 @@ def scaled_difference(reference: np.ndarray, science: np.ndarray, statistics: Pa
     return _blurred(science, s.blur_science) - s.flux_ratio * _blurred(reference, s.blur_reference) - s.offset
 
 
-def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: float = 1.0,
-                    fwhm_reference: float | None = None, fwhm_science: float | None = None) -> PairStatistics:
+def pair_statistics(
+    reference: np.ndarray,
+    science: np.ndarray,
+    *,
+    flux_ratio: float = 1.0,
+    fwhm_reference: float | None = None,
+    fwhm_science: float | None = None,
+) -> PairStatistics:
     """Background and noise of both epochs and of their scaled difference (once per image, even when tiled).
 
     Parameters
@@ -1697,7 +1881,9 @@ def pair_statistics(reference: np.ndarray, science: np.ndarray, *, flux_ratio: f
     return unshifted._replace(offset=offset, sigma_difference=sig_d)
 
 
-def normalize_pair(reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics | None = None) -> np.ndarray:
+def normalize_pair(
+    reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics | None = None
+) -> np.ndarray:
     """Network input from a registered pair in any pixel units: (3, H, W) float32.
 
     Channels are reference, science and difference. Each epoch has its median
@@ -1741,8 +1927,10 @@ SIGNIFICANCE_GATE = 5.0
 def correlate_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
     """Cross-correlation of an image with a PSF stamp of odd sides (non-finite pixels count as 0)."""
     from scipy import signal as sp_signal  # lazy: see the imports at the top
+
     clean = np.where(np.isfinite(image), image, 0.0)
-    return sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")  # correlation = convolution with the flipped kernel
+    # correlation = convolution with the flipped kernel
+    return sp_signal.fftconvolve(clean, psf[::-1, ::-1], mode="same")
 
 
 # --- Pixels that are data
@@ -1775,7 +1963,8 @@ def as_data(image: np.ndarray) -> np.ndarray:
         core = ndimage.binary_erosion(zero, structure=block, border_value=1)
         missing |= zero & ndimage.binary_dilation(core, structure=block)
     data[missing] = np.nan
-    sample = data[:: max(1, data.shape[0] // 512), :: max(1, data.shape[1] // 512)]  # a regular subsample: cheap on large frames
+    # a regular subsample: cheap on large frames
+    sample = data[:: max(1, data.shape[0] // 512), :: max(1, data.shape[1] // 512)]
     sigma = robust_sigma(sample)
     if np.isfinite(sigma) and sigma > 0:
         with np.errstate(invalid="ignore"):
@@ -1789,7 +1978,8 @@ def as_data(image: np.ndarray) -> np.ndarray:
 # star does not move a mesh's clipped statistics, small enough to follow scattered light,
 # moonlight gradients and nebulae. Smaller frames use meshes of half their side.
 BACKGROUND_MESH = 64
-SOURCE_MASK_SIGMA = 3.0  # pixels this far above the background (and 2 px around them) are kept out of the noise estimate
+# pixels this far above the background (and 2 px around them) are kept out of the noise estimate
+SOURCE_MASK_SIGMA = 3.0
 
 
 def _mesh_noise(values: np.ndarray, use: np.ndarray, *, side: int, filter_size: int) -> np.ndarray:
@@ -1799,7 +1989,9 @@ def _mesh_noise(values: np.ndarray, use: np.ndarray, *, side: int, filter_size: 
     grid = np.full((ny, nx), np.nan)
     for i in range(ny):
         for j in range(nx):
-            block = values[i * side:(i + 1) * side, j * side:(j + 1) * side][use[i * side:(i + 1) * side, j * side:(j + 1) * side]]
+            block = values[i * side : (i + 1) * side, j * side : (j + 1) * side][
+                use[i * side : (i + 1) * side, j * side : (j + 1) * side]
+            ]
             if block.size >= 50:  # fewer values measure no noise; the mesh takes its neighbours'
                 grid[i, j] = robust_sigma(block)
     if np.isnan(grid).all():
@@ -1824,7 +2016,9 @@ def _background_plane(background: np.ndarray, valid: np.ndarray) -> np.ndarray |
     return c + gx * np.arange(background.shape[1])[None, :] + gy * np.arange(background.shape[0])[:, None]
 
 
-def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def background_map(
+    image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Local background and noise maps of an image with NaN where it has no data.
 
     The background is ``sep.Background`` (SExtractor as a library): a sigma-clipped mode in
@@ -1833,9 +2027,9 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
     spline-interpolated. The noise is measured the same way on the differences of
     neighbouring pixels (divided by sqrt 2), in which a gradient, a glow or a galaxy cancels
     and only the pixel noise is left; clipped, and measured again away from the pixels of
-    sources (SOURCE_MASK_SIGMA), they survive quantisation and crowding too. A map whose noise is `correlated` on purpose (a filtered map such
-    as S_corr, where neighbours share most of their noise) has it measured on its own pixels,
-    as the background is. Missing pixels are masked out of every mesh.
+    sources (SOURCE_MASK_SIGMA), they survive quantisation and crowding too. A map whose noise is `correlated` on
+    purpose (a filtered map such as S_corr, where neighbours share most of their noise) has it measured on its own
+    pixels, as the background is. Missing pixels are masked out of every mesh.
 
     Returns
     -------
@@ -1855,8 +2049,17 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
     # taken out, the meshes measure what is left, and the plane goes back into the background.
     plane = _background_plane(background, valid)
     if plane is not None:
-        background = plane + sep.Background(np.ascontiguousarray(np.where(valid, data - plane, 0.0)), mask=~valid, bw=side, bh=side,
-                                            fw=filter_size, fh=filter_size).back()
+        background = (
+            plane
+            + sep.Background(
+                np.ascontiguousarray(np.where(valid, data - plane, 0.0)),
+                mask=~valid,
+                bw=side,
+                bh=side,
+                fw=filter_size,
+                fh=filter_size,
+            ).back()
+        )
     pairs = valid[:, 1:] & valid[:, :-1]
     steps = np.zeros_like(data)
     steps[:, 1:] = np.where(pairs, (data[:, 1:] - data[:, :-1]) / math.sqrt(2.0), 0.0)
@@ -1866,14 +2069,20 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
         steps, steps_valid = np.ascontiguousarray(data - background), valid
     overall = robust_sigma(steps[steps_valid])
     if correlated:
-        rms = sep.Background(np.ascontiguousarray(steps), mask=~steps_valid, bw=side, bh=side, fw=filter_size, fh=filter_size).rms()
+        rms = sep.Background(
+            np.ascontiguousarray(steps), mask=~steps_valid, bw=side, bh=side, fw=filter_size, fh=filter_size
+        ).rms()
     else:
         # Without the sources: the wings of stars and galaxies have steep steps that clipping
         # keeps, and a crowded mesh would read them as noise. (sep refuses meshes that are
         # more than half masked, hence the meshes' own robust noise here.)
-        sources = ndimage.binary_dilation(np.abs(data - background) > SOURCE_MASK_SIGMA * max(overall, 1e-300), iterations=2)
+        sources = ndimage.binary_dilation(
+            np.abs(data - background) > SOURCE_MASK_SIGMA * max(overall, 1e-300), iterations=2
+        )
         quiet = steps_valid & ~sources & ~np.roll(sources, 1, axis=1)
-        rms = _mesh_noise(steps, quiet if quiet.sum() >= 0.05 * steps_valid.sum() else steps_valid, side=side, filter_size=filter_size)
+        rms = _mesh_noise(
+            steps, quiet if quiet.sum() >= 0.05 * steps_valid.sum() else steps_valid, side=side, filter_size=filter_size
+        )
     # A mesh of coarsely quantised or constant pixels reads 0: the clipped standard deviation
     # of all the steps stands in there.
     floor = 0.1 * overall if overall > 0 else 1e-12 * max(float(np.max(np.abs(data))), 1.0)
@@ -1883,10 +2092,12 @@ def background_map(image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated
 
 # --- Registration: the reference on the science grid
 
-REGISTRATION_TOLERANCE = 0.02  # px: a smaller residual moves no star visibly, and resampling would only correlate the noise
+# px: a smaller residual moves no star visibly, and resampling would only correlate the noise
+REGISTRATION_TOLERANCE = 0.02
 WCS_STAR_DISAGREEMENT = 1.0  # px: beyond this, the stars' registration wins over the WCS, with a warning
 STAR_MATCH_RADIUS = 2.5  # px, after the coarse shift
-WINPOS_SIGMA = 1.5  # px: the centroid window (SExtractor uses the star's own FWHM / 2.35; 1.5 px suits seeing of 2-5 px)
+# px: the centroid window (SExtractor uses the star's own FWHM / 2.35; 1.5 px suits seeing of 2-5 px)
+WINPOS_SIGMA = 1.5
 CORRELATION_PEAK_SIGMA = 8.0
 CROSS_CORRELATION_MINIMUM = 0.5  # px: without a star to confirm it, a smaller phase-correlation shift is noise
 # A pair put on one grid by its WCSs whose epochs each have this many stars, of which fewer than
@@ -1909,8 +2120,9 @@ class Registration(NamedTuple):
     warning: str | None
 
 
-def find_stars(image: np.ndarray, *, background: np.ndarray, rms: np.ndarray, threshold: float = 10.0,
-               max_stars: int = 400) -> np.ndarray:
+def find_stars(
+    image: np.ndarray, *, background: np.ndarray, rms: np.ndarray, threshold: float = 10.0, max_stars: int = 400
+) -> np.ndarray:
     """(x, y, peak) of the brightest point-like sources, centroided to a fraction of a pixel.
 
     Local maxima of the 3x3-smoothed, background-subtracted image above `threshold` times the
@@ -1931,7 +2143,9 @@ def find_stars(image: np.ndarray, *, background: np.ndarray, rms: np.ndarray, th
 
     # SExtractor's windowed centroid (XWIN_IMAGE): a Gaussian-weighted first moment iterated to
     # convergence, unbiased by the box edges that pull a plain moment toward the pixel centre.
-    x, y, flag = sep.winpos(np.ascontiguousarray(sub), xs[order].astype(np.float64), ys[order].astype(np.float64), WINPOS_SIGMA)
+    x, y, flag = sep.winpos(
+        np.ascontiguousarray(sub), xs[order].astype(np.float64), ys[order].astype(np.float64), WINPOS_SIGMA
+    )
     good = (flag == 0) & (np.hypot(x - xs[order], y - ys[order]) < 1.5)
     return np.column_stack([x[good], y[good], heights[order][good]])
 
@@ -1944,6 +2158,7 @@ def cross_correlation_shift(reference: np.ndarray, science: np.ndarray) -> tuple
     peak is refined by a parabola through its neighbours. A peak below CORRELATION_PEAK_SIGMA
     times the surface's noise (pure noise reaches about 5 on a megapixel) gives no shift.
     """
+
     def prepared(image):
         sigma = robust_sigma(image)
         return np.arcsinh(image / (sigma if sigma > 0 else 1.0))
@@ -1996,15 +2211,27 @@ def _resample(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.n
     fill = float(np.nanmedian(image))
     matrix_rc = matrix[::-1, ::-1]  # (x, y) -> (row, column) order
     offset_rc = offset[::-1]
-    out = ndimage.affine_transform(np.where(valid, image, fill), matrix_rc, offset=offset_rc, order=3, mode="constant", cval=fill)
-    coverage = ndimage.affine_transform(valid.astype(np.float64), matrix_rc, offset=offset_rc, order=1, mode="constant", cval=0.0)
+    out = ndimage.affine_transform(
+        np.where(valid, image, fill), matrix_rc, offset=offset_rc, order=3, mode="constant", cval=fill
+    )
+    coverage = ndimage.affine_transform(
+        valid.astype(np.float64), matrix_rc, offset=offset_rc, order=1, mode="constant", cval=0.0
+    )
     out[coverage < 0.999] = np.nan
     return out
 
 
-def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: Any = None, wcs_science: Any = None,
-                  companions: Sequence[np.ndarray] = (), backgrounds: tuple | None = None) -> tuple[np.ndarray, Registration, list[np.ndarray]]:
-    """The reference resampled onto the science grid, how, and `companions` (maps on the reference's grid, such as its noise) with it.
+def register_pair(
+    reference: np.ndarray,
+    science: np.ndarray,
+    *,
+    wcs_reference: Any = None,
+    wcs_science: Any = None,
+    companions: Sequence[np.ndarray] = (),
+    backgrounds: tuple | None = None,
+) -> tuple[np.ndarray, Registration, list[np.ndarray]]:
+    """The reference resampled onto the science grid, how, and `companions` (maps on the reference's grid, such as its
+    noise) with it.
 
     `backgrounds`, the :func:`background_map` of (reference, science) when the caller has them,
     saves measuring them again; the reference's is remeasured if the WCS reprojects it. A
@@ -2031,9 +2258,14 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
         if not same:
             from reproject import reproject_interp  # lazy: 0.3 s of import; only WCS registration needs it
 
-            reference, footprint = reproject_interp((reference, wcs_reference), wcs_science, shape_out=science.shape, order="bicubic")
+            reference, footprint = reproject_interp(
+                (reference, wcs_reference), wcs_science, shape_out=science.shape, order="bicubic"
+            )
             reference[footprint < 0.999] = np.nan
-            companions = [reproject_interp((c, wcs_reference), wcs_science, shape_out=science.shape, order="bilinear")[0] for c in companions]
+            companions = [
+                reproject_interp((c, wcs_reference), wcs_science, shape_out=science.shape, order="bilinear")[0]
+                for c in companions
+            ]
             if not np.isfinite(reference).any():
                 msg = "the reference does not overlap the science frame on the sky (their WCSs share no pixel)"
                 raise DataError(msg)
@@ -2041,8 +2273,11 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
         if not same:
             backgrounds = None if backgrounds is None else (background_map(reference), backgrounds[1])
     if reference.shape != science.shape:
-        msg = (f"reference {reference.shape[1]}x{reference.shape[0]} and science {science.shape[1]}x{science.shape[0]} px differ in shape, "
-               "and without a celestial WCS in both they cannot be put on one grid")
+        msg = (
+            f"reference {reference.shape[1]}x{reference.shape[0]} and science {science.shape[1]}x{science.shape[0]} "
+            "px differ in shape, "
+            "and without a celestial WCS in both they cannot be put on one grid"
+        )
         raise DataError(msg)
     (bg_r, rms_r), (bg_s, rms_s) = backgrounds or (background_map(reference), background_map(science))
     sub_r = np.where(np.isfinite(reference) & np.isfinite(science), reference - bg_r, 0.0)
@@ -2052,7 +2287,9 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
     stars_s = find_stars(science, background=bg_s, rms=rms_s)
     matrix, offset, n_stars, residual = np.eye(2), -coarse, 0, None
     if len(stars_r) and len(stars_s):
-        distance, index = spatial.cKDTree(stars_r[:, :2]).query(stars_s[:, :2] - coarse, distance_upper_bound=STAR_MATCH_RADIUS)
+        distance, index = spatial.cKDTree(stars_r[:, :2]).query(
+            stars_s[:, :2] - coarse, distance_upper_bound=STAR_MATCH_RADIUS
+        )
         matched = np.isfinite(distance)
         if matched.any():
             src, dst = stars_s[matched, :2], stars_r[index[matched], :2]
@@ -2063,8 +2300,12 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
         # Both epochs have stars, the WCSs put them on one grid, and almost none coincide:
         # the headers do not describe the pixels (a rotation, a scale, a position), or the
         # frames are of different fields. Differencing them would report every star.
-        msg = (f"the epochs cannot be registered: after their WCSs, {n_stars} of {min(len(stars_r), len(stars_s))} stars coincide "
-               f"(within {STAR_MATCH_RADIUS:g} px); the WCSs do not describe the pixels, or the frames are of different fields")
+        msg = (
+            f"the epochs cannot be registered: after their WCSs, {n_stars} of {min(len(stars_r), len(stars_s))} stars "
+            "coincide "
+            f"(within {STAR_MATCH_RADIUS:g} px); the WCSs do not describe the pixels, or the frames are of different "
+            "fields"
+        )
         raise DataError(msg)
     star_method = "stars" if n_stars else "cross-correlation"
     if n_stars == 0 and np.hypot(*coarse) < CROSS_CORRELATION_MINIMUM:
@@ -2072,7 +2313,10 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
         matrix, offset, star_method = np.eye(2), np.zeros(2), "none"
     centre = np.array([(science.shape[1] - 1) / 2, (science.shape[0] - 1) / 2])
     centre_shift = centre - (matrix @ centre + offset)  # science - reference at the centre
-    corners = np.array([[0, 0], [science.shape[1] - 1, 0], [0, science.shape[0] - 1], [science.shape[1] - 1, science.shape[0] - 1]], dtype=float)
+    corners = np.array(
+        [[0, 0], [science.shape[1] - 1, 0], [0, science.shape[0] - 1], [science.shape[1] - 1, science.shape[0] - 1]],
+        dtype=float,
+    )
     largest = float(np.max(np.hypot(*(corners @ matrix.T + offset - corners).T)))
     warning = None
     disagreement = float(np.hypot(*centre_shift)) if method == "wcs" and star_method != "none" else None
@@ -2084,9 +2328,15 @@ def register_pair(reference: np.ndarray, science: np.ndarray, *, wcs_reference: 
     method = "+".join(m for m in (method, star_method) if m != "none") or "none"
     (a, b), (c, d) = matrix
     registration = Registration(
-        method=method, dx=float(centre_shift[0]), dy=float(centre_shift[1]),
-        rotation_deg=float(math.degrees(math.atan2(c - b, a + d))), scale=float(math.sqrt(abs(a * d - b * c))),
-        n_stars=n_stars, residual_px=residual, wcs_disagreement_px=disagreement, warning=warning,
+        method=method,
+        dx=float(centre_shift[0]),
+        dy=float(centre_shift[1]),
+        rotation_deg=float(math.degrees(math.atan2(c - b, a + d))),
+        scale=float(math.sqrt(abs(a * d - b * c))),
+        n_stars=n_stars,
+        residual_px=residual,
+        wcs_disagreement_px=disagreement,
+        warning=warning,
     )
     return reference, registration, list(companions)
 
@@ -2110,9 +2360,14 @@ def empirical_psf(image: np.ndarray, *, stars: np.ndarray, background: np.ndarra
     stamps = []
     for (x, y, _), near in zip(stars, neighbours):
         ix, iy = int(round(x)), int(round(y))
-        if len(near) > 1 or not (radius + 1 <= iy < image.shape[0] - radius - 1 and radius + 1 <= ix < image.shape[1] - radius - 1):
+        if len(near) > 1 or not (
+            radius + 1 <= iy < image.shape[0] - radius - 1 and radius + 1 <= ix < image.shape[1] - radius - 1
+        ):
             continue
-        cut = image[iy - radius - 1:iy + radius + 2, ix - radius - 1:ix + radius + 2] - background[iy - radius - 1:iy + radius + 2, ix - radius - 1:ix + radius + 2]
+        cut = (
+            image[iy - radius - 1 : iy + radius + 2, ix - radius - 1 : ix + radius + 2]
+            - background[iy - radius - 1 : iy + radius + 2, ix - radius - 1 : ix + radius + 2]
+        )
         if not np.isfinite(cut).all():
             continue
         centred = ndimage.shift(cut, (iy - y, ix - x), order=3, mode="nearest")[1:-1, 1:-1]
@@ -2131,7 +2386,7 @@ def _transfer_function(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     h, w = psf.shape
     padded = np.zeros(shape)
     ry, rx = min(h // 2, shape[0] // 2 - 1), min(w // 2, shape[1] // 2 - 1)
-    core = psf[h // 2 - ry:h // 2 + ry + 1, w // 2 - rx:w // 2 + rx + 1]
+    core = psf[h // 2 - ry : h // 2 + ry + 1, w // 2 - rx : w // 2 + rx + 1]
     padded[: 2 * ry + 1, : 2 * rx + 1] = core / core.sum()
     padded = np.roll(padded, (-ry, -rx), axis=(0, 1))
     return np.fft.rfft2(padded)
@@ -2139,29 +2394,44 @@ def _transfer_function(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 # --- Optimal subtraction (ZOGY) and its calibrated score
 
+
 class Subtraction(NamedTuple):
     """ZOGY's products for a registered pair (Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27)."""
 
     difference: np.ndarray  # D, the proper difference: white noise of unit variance where the model holds
     psf: np.ndarray  # P_D, D's PSF as a centred unit-sum stamp
     flux_zeropoint: float  # F_D: D's flux per unit science flux of a change
-    score: np.ndarray  # S (D correlated with P_D, the optimal point-source statistic), less its calibrated local background
+    # S (D correlated with P_D, the optimal point-source statistic), less its calibrated local background
+    score: np.ndarray
     score_noise: np.ndarray  # S's calibrated standard deviation: score / score_noise is S_corr
     significance: np.ndarray  # S_corr, calibrated: unit variance on noise, signed, 0 where there is no data
-    calibration: float  # robust noise of the uncalibrated S_corr on source-free pixels: 1 where the noise model is exact
-    local_calibration: np.ndarray  # (H, W) the further local division, >= 1 where S_corr scatters more than that locally
+    # robust noise of the uncalibrated S_corr on source-free pixels: 1 where the noise model is exact
+    calibration: float
+    # (H, W) the further local division, >= 1 where S_corr scatters more than that locally
+    local_calibration: np.ndarray
     valid: np.ndarray  # bool: both epochs have data
 
 
 ZOGY_EPSILON = 1e-12  # relative floor of the Fourier denominator, where both PSFs' transforms vanish
-CALIBRATION_MIN_PIXELS = 2000  # source-free pixels needed to calibrate S_corr there (about 100 independent PSF footprints); else all inner pixels
+# source-free pixels needed to calibrate S_corr there (about 100 independent PSF footprints); else all inner pixels
+CALIBRATION_MIN_PIXELS = 2000
 
 
-def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_reference: np.ndarray, psf_science: np.ndarray,
-                     sigma_reference: float, sigma_science: float, flux_ratio: float,
-                     variance_reference: np.ndarray, variance_science: np.ndarray,
-                     astrometric_sigma: tuple[float, float] = (0.0, 0.0), flux_systematic: float = 0.0,
-                     sources: np.ndarray | None = None) -> Subtraction:
+def zogy_subtraction(
+    reference: np.ndarray,
+    science: np.ndarray,
+    *,
+    psf_reference: np.ndarray,
+    psf_science: np.ndarray,
+    sigma_reference: float,
+    sigma_science: float,
+    flux_ratio: float,
+    variance_reference: np.ndarray,
+    variance_science: np.ndarray,
+    astrometric_sigma: tuple[float, float] = (0.0, 0.0),
+    flux_systematic: float = 0.0,
+    sources: np.ndarray | None = None,
+) -> Subtraction:
     """
     Proper image subtraction of a registered, background-subtracted pair.
 
@@ -2229,13 +2499,17 @@ def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_referenc
     psf_d = np.fft.fftshift(inverse(fn * pr * pn / (flux_zeropoint * np.sqrt(denom2))))
     cy, cx = shape[0] // 2, shape[1] // 2
     half = max(psf_reference.shape[0], psf_science.shape[0]) // 2
-    psf_d = psf_d[cy - half:cy + half + 1, cx - half:cx + half + 1]
+    psf_d = psf_d[cy - half : cy + half + 1, cx - half : cx + half + 1]
     kn_hat = fn * np.conj(pn) * pr2 / denom2
     kr_hat = fn**2 * np.conj(pr) * pn2 / denom2
     score_n, score_r = inverse(kn_hat * n_hat), inverse(kr_hat * r_hat)
     del n_hat, r_hat
-    variance = inverse(sp_fft.rfft2(padded(variance_science), workers=-1) * sp_fft.rfft2(inverse(kn_hat) ** 2, workers=-1))
-    variance += inverse(sp_fft.rfft2(padded(variance_reference), workers=-1) * sp_fft.rfft2(inverse(kr_hat) ** 2, workers=-1))
+    variance = inverse(
+        sp_fft.rfft2(padded(variance_science), workers=-1) * sp_fft.rfft2(inverse(kn_hat) ** 2, workers=-1)
+    )
+    variance += inverse(
+        sp_fft.rfft2(padded(variance_reference), workers=-1) * sp_fft.rfft2(inverse(kr_hat) ** 2, workers=-1)
+    )
     sx, sy = astrometric_sigma
     for image in (score_n, score_r):
         if sx > 0 or sy > 0:
@@ -2263,7 +2537,9 @@ def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_referenc
     # such an offset over the whole PSF. Clipped mesh statistics leave point sources out of
     # it. Only then is the noise measured: an offset left in would be read as noise, and a
     # 20 sigma ramp in one epoch divided S by 2.5 (every faint change lost).
-    offset, _ = background_map(np.where(inner, raw, np.nan), mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True)
+    offset, _ = background_map(
+        np.where(inner, raw, np.nan), mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True
+    )
     raw = np.where(valid, raw - offset, 0.0)
     sample = raw[quiet] if quiet.sum() >= CALIBRATION_MIN_PIXELS else raw[inner]
     calibration = robust_sigma(sample) if sample.size else 1.0
@@ -2273,13 +2549,25 @@ def zogy_subtraction(reference: np.ndarray, science: np.ndarray, *, psf_referenc
     # Where S_corr scatters more than that locally (a crowded core, a nebula's texture), 5
     # sigma must mean 5 sigma there too: its local RMS (a mesh over the source-free pixels)
     # divides it further. It never sharpens a region that scatters less.
-    _, local = background_map(np.where(quiet if quiet.sum() >= CALIBRATION_MIN_PIXELS else inner, raw / calibration, np.nan),
-                              mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True)
+    _, local = background_map(
+        np.where(quiet if quiet.sum() >= CALIBRATION_MIN_PIXELS else inner, raw / calibration, np.nan),
+        mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]),
+        correlated=True,
+    )
     calibration = calibration * np.maximum(local, 1.0)
     noise = np.sqrt(np.maximum(variance, floor)) * calibration
     significance = raw / calibration
-    return Subtraction(difference, psf_d / psf_d.sum(), flux_zeropoint, raw * np.sqrt(np.maximum(variance, floor)), noise, significance,
-                       float(np.median(calibration[valid])) if valid.any() else 1.0, calibration, valid)
+    return Subtraction(
+        difference,
+        psf_d / psf_d.sum(),
+        flux_zeropoint,
+        raw * np.sqrt(np.maximum(variance, floor)),
+        noise,
+        significance,
+        float(np.median(calibration[valid])) if valid.any() else 1.0,
+        calibration,
+        valid,
+    )
 
 
 # --- The flux ratio of a pair, from the best source there is
@@ -2316,8 +2604,9 @@ def header_flux_ratio(header_reference: Any, header_science: Any) -> tuple[float
     return None
 
 
-def fit_flux_ratio_pixels(reference: np.ndarray, science: np.ndarray, *, psf_reference: np.ndarray,
-                          psf_science: np.ndarray) -> tuple[float, float, int]:
+def fit_flux_ratio_pixels(
+    reference: np.ndarray, science: np.ndarray, *, psf_reference: np.ndarray, psf_science: np.ndarray
+) -> tuple[float, float, int]:
     """Flux ratio from the PSF-matched pixels of the bright sources, as ZOGY fits it: (ratio, error, sources).
 
     The background-subtracted science epoch convolved with the reference PSF and the reference
@@ -2329,17 +2618,28 @@ def fit_flux_ratio_pixels(reference: np.ndarray, science: np.ndarray, *, psf_ref
     pixels per PSF (the matched pixels are correlated).
     """
     from scipy import signal as sp_signal  # lazy: see the imports at the top
+
     valid = np.isfinite(reference) & np.isfinite(science)
     a = sp_signal.fftconvolve(np.where(valid, science, 0.0), psf_reference, mode="same")
     b = sp_signal.fftconvolve(np.where(valid, reference, 0.0), psf_science, mode="same")
-    inner = ndimage.binary_erosion(valid, structure=np.ones((3, 3), bool), iterations=max(psf_reference.shape[0], psf_science.shape[0]) // 2 + 1, border_value=0)
+    inner = ndimage.binary_erosion(
+        valid,
+        structure=np.ones((3, 3), bool),
+        iterations=max(psf_reference.shape[0], psf_science.shape[0]) // 2 + 1,
+        border_value=0,
+    )
     sa, sb = robust_sigma(a[inner]), robust_sigma(b[inner])
     top_r, top_s = np.nanmax(reference), np.nanmax(science)
-    unsaturated = ~ndimage.maximum_filter((reference >= top_r) | (science >= top_s), size=max(psf_science.shape[0], psf_reference.shape[0])).astype(bool)
+    unsaturated = ~ndimage.maximum_filter(
+        (reference >= top_r) | (science >= top_s), size=max(psf_science.shape[0], psf_reference.shape[0])
+    ).astype(bool)
     use = inner & unsaturated & (a > PIXEL_FIT_SIGMA * sa) & (b > PIXEL_FIT_SIGMA * sb)
     sources = int(ndimage.label(use)[1])
     if use.sum() < PIXEL_FIT_MIN_PIXELS:
-        msg = f"{int(use.sum())} PSF-matched pixels above {PIXEL_FIT_SIGMA:g} sigma in both epochs, need {PIXEL_FIT_MIN_PIXELS}"
+        msg = (
+            f"{int(use.sum())} PSF-matched pixels above {PIXEL_FIT_SIGMA:g} sigma in both epochs, need "
+            f"{PIXEL_FIT_MIN_PIXELS}"
+        )
         raise DataError(msg)
     x, y = b[use], a[use]
     kept = np.ones(x.size, dtype=bool)
@@ -2360,8 +2660,17 @@ def fit_flux_ratio_pixels(reference: np.ndarray, science: np.ndarray, *, psf_ref
     return float(slope), error, sources
 
 
-def pair_flux_ratio(reference: np.ndarray, science: np.ndarray, *, given: float | None = None, header_reference: Any = None, header_science: Any = None,
-                    psf_reference: np.ndarray, psf_science: np.ndarray, aperture: int) -> dict:
+def pair_flux_ratio(
+    reference: np.ndarray,
+    science: np.ndarray,
+    *,
+    given: float | None = None,
+    header_reference: Any = None,
+    header_science: Any = None,
+    psf_reference: np.ndarray,
+    psf_science: np.ndarray,
+    aperture: int,
+) -> dict:
     """The flux ratio of a background-subtracted pair and where it came from, in this order.
 
     1. `given` (``--flux-ratio`` or a pairs list's ``flux_ratio`` column);
@@ -2384,17 +2693,33 @@ def pair_flux_ratio(reference: np.ndarray, science: np.ndarray, *, given: float 
         return dict(flux_ratio=calibrated[0], flux_ratio_source=f"headers ({calibrated[1]})", flux_ratio_error=None)
     try:
         fit = fit_flux_scale(reference, science, aperture=aperture)
-        return dict(flux_ratio=fit.ratio, flux_ratio_source="fitted on the stars", flux_ratio_error=fit.error,
-                    flux_fit_stars=fit.n_stars, flux_fit_agreeing=fit.agreeing)
+        return dict(
+            flux_ratio=fit.ratio,
+            flux_ratio_source="fitted on the stars",
+            flux_ratio_error=fit.error,
+            flux_fit_stars=fit.n_stars,
+            flux_fit_agreeing=fit.agreeing,
+        )
     except DataError as exc:
         stars = _one_line(exc).removeprefix("cannot fit the flux ratio between the epochs: ").split("; give")[0]
     try:
-        ratio, error, sources = fit_flux_ratio_pixels(reference, science, psf_reference=psf_reference, psf_science=psf_science)
+        ratio, error, sources = fit_flux_ratio_pixels(
+            reference, science, psf_reference=psf_reference, psf_science=psf_science
+        )
     except DataError as exc:
-        msg = (f"cannot find the flux ratio of the epochs: no zero points in both headers ({', '.join(ZEROPOINT_KEYS)} or FLUXMAG0); "
-               f"star fit: {stars}; pixel fit: {_one_line(exc)}; give --flux-ratio (1 if the epochs share one photometric scale)")
+        msg = (
+            f"cannot find the flux ratio of the epochs: no zero points in both headers ({', '.join(ZEROPOINT_KEYS)} "
+            "or FLUXMAG0); "
+            f"star fit: {stars}; pixel fit: {_one_line(exc)}; give --flux-ratio (1 if the epochs share one "
+            "photometric scale)"
+        )
         raise DataError(msg) from None
-    return dict(flux_ratio=ratio, flux_ratio_source="fitted on the PSF-matched pixels", flux_ratio_error=error, flux_fit_sources=sources)
+    return dict(
+        flux_ratio=ratio,
+        flux_ratio_source="fitted on the PSF-matched pixels",
+        flux_ratio_error=error,
+        flux_fit_sources=sources,
+    )
 
 
 # --- Candidates: the significant peaks of S_corr, deblended
@@ -2412,17 +2737,20 @@ DEBLEND_NOISE_WINDOW = 15  # px: the local minimum of S's noise over this window
 
 def _peak_centroid(image: np.ndarray, x: int, y: int) -> tuple[float, float]:
     """(x, y) of a peak pixel refined by the first moment of the 3x3 box around it, above the box's minimum."""
-    box = image[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+    box = image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
     weights = np.clip(box - box.min(), 0.0, None)
     total = float(weights.sum())
     if not total > 0:
         return float(x), float(y)
-    rows, cols = np.mgrid[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2][:, :box.shape[0], :box.shape[1]]
+    rows, cols = np.mgrid[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2][:, : box.shape[0], : box.shape[1]]
     return float((weights * cols).sum() / total), float((weights * rows).sum() / total)
 
 
-def label_maxima(values: np.ndarray, labels: np.ndarray, index: Sequence[int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The maximum of `values` on each label of `index`, and where it is ((row, column), the first in raster order on ties).
+def label_maxima(
+    values: np.ndarray, labels: np.ndarray, index: Sequence[int]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The maximum of `values` on each label of `index`, and where it is ((row, column), the first in raster order on
+    ties).
 
     What ``ndimage.maximum`` and ``ndimage.maximum_position`` give for labels that are present
     (whose pick among tied pixels follows an unstable sort), without their argsort of the
@@ -2445,8 +2773,14 @@ def label_maxima(values: np.ndarray, labels: np.ndarray, index: Sequence[int]) -
     return np.where(present, flat[best], -np.inf).astype(np.float64), list(zip(rows.tolist(), cols.tolist()))
 
 
-def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.ndarray | None = None,
-                            score: np.ndarray | None = None, score_noise: np.ndarray | None = None) -> tuple[list[dict], np.ndarray]:
+def significance_candidates(
+    significance: np.ndarray,
+    *,
+    gate: float,
+    valid: np.ndarray | None = None,
+    score: np.ndarray | None = None,
+    score_noise: np.ndarray | None = None,
+) -> tuple[list[dict], np.ndarray]:
     """Sources of |S_corr| >= `gate`, both signs, deblended, and their segmentation map.
 
     With ZOGY's `score` S and its noise (S_corr = S / noise), the pixels above the gate are
@@ -2455,9 +2789,8 @@ def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.
     sources), so S_corr alone would merge neighbours. Without them, S_corr serves both.
 
     Returns the candidates (``x``, ``y``: the peak of S, refined by a 3x3 moment, or the
-    S-weighted centroid of an elongated one; ``significance``: peak |S_corr|; ``sign``: +1 brighter, -1 fainter in the science epoch; ``segment``: its label)
-    and the (H, W) int map of their pixels (0: none).
-    """
+    S-weighted centroid of an elongated one; ``significance``: peak |S_corr|; ``sign``: +1 brighter, -1 fainter in the
+    science epoch; ``segment``: its label) and the (H, W) int map of their pixels (0: none)."""
     significance = np.nan_to_num(np.asarray(significance, dtype=np.float64), nan=0.0)
     if score is None or score_noise is None:
         data, err = significance, None
@@ -2467,7 +2800,9 @@ def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.
         # island is then a superset of S_corr's, and each candidate must still reach the gate
         # in S_corr itself.
         data = np.nan_to_num(np.asarray(score, dtype=np.float64))
-        err = np.ascontiguousarray(ndimage.minimum_filter(np.asarray(score_noise, dtype=np.float64), size=DEBLEND_NOISE_WINDOW))
+        err = np.ascontiguousarray(
+            ndimage.minimum_filter(np.asarray(score_noise, dtype=np.float64), size=DEBLEND_NOISE_WINDOW)
+        )
     mask = None if valid is None else np.ascontiguousarray(~np.asarray(valid, dtype=bool))
     segments = np.zeros(significance.shape, dtype=np.int32)
     candidates = []
@@ -2475,8 +2810,18 @@ def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.
     for sign in (1.0, -1.0):
         if not (sign * significance >= gate).any():
             continue
-        objects, seg = sep.extract(np.ascontiguousarray(sign * data), gate, err=err, mask=mask, minarea=1, filter_kernel=None,
-                                   deblend_nthresh=DEBLEND_LEVELS, deblend_cont=DEBLEND_CONTRAST, clean=False, segmentation_map=True)
+        objects, seg = sep.extract(
+            np.ascontiguousarray(sign * data),
+            gate,
+            err=err,
+            mask=mask,
+            minarea=1,
+            filter_kernel=None,
+            deblend_nthresh=DEBLEND_LEVELS,
+            deblend_cont=DEBLEND_CONTRAST,
+            clean=False,
+            segmentation_map=True,
+        )
         base = len(candidates)
         segments[seg > 0] = seg[seg > 0] + base
         labels = np.arange(1, len(objects) + 1)
@@ -2489,8 +2834,18 @@ def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.
             elongated = float(o["a"] / max(o["b"], 1e-3))
             if elongated >= ELONGATED:  # a trail's position is its middle, not its brightest point
                 x, y = float(o["x"]), float(o["y"])
-            candidates.append(dict(x=x, y=y, significance=float(peak), sign=int(sign), segment=base + k + 1, elongation=elongated,
-                                   a=float(o["a"]), theta=float(o["theta"])))
+            candidates.append(
+                dict(
+                    x=x,
+                    y=y,
+                    significance=float(peak),
+                    sign=int(sign),
+                    segment=base + k + 1,
+                    elongation=elongated,
+                    a=float(o["a"]),
+                    theta=float(o["theta"]),
+                )
+            )
     candidates = [c for c in candidates if c["significance"] >= gate]
     return candidates, segments
 
@@ -2503,7 +2858,8 @@ def significance_candidates(significance: np.ndarray, *, gate: float, valid: np.
 # asteroid trails stay below 1.3, while half of the one-pixel-wide bad columns exceed 1.5.
 SHARPNESS_LIMIT = 2.0
 SHARPNESS_LIMIT_TRAIL = 1.5
-COMPANION_FRACTION = 1 / 3  # a second source under one network footprint must be at least this significant relative to the first
+# a second source under one network footprint must be at least this significant relative to the first
+COMPANION_FRACTION = 1 / 3
 SHARPNESS_NOISE_MARGIN = 3.0  # sigma of D: a faint change's peak pixel is noisy
 
 
@@ -2522,8 +2878,13 @@ def candidate_sharpness(subtraction: Subtraction, candidates: list[dict], segmen
     r = float(psf.max()) / norm
     filtered = correlate_psf(subtraction.difference, psf) / norm
     index = [c["segment"] for c in candidates]
-    peaks = {sign: (label_maxima(sign * subtraction.difference, segments, index)[0], label_maxima(sign * filtered, segments, index)[0])
-             for sign in (1, -1)}
+    peaks = {
+        sign: (
+            label_maxima(sign * subtraction.difference, segments, index)[0],
+            label_maxima(sign * filtered, segments, index)[0],
+        )
+        for sign in (1, -1)
+    }
     sharp = []
     for k, c in enumerate(candidates):
         d_peak, s_peak = (float(values[k]) for values in peaks[c["sign"]])  # a fading change is measured on -D
@@ -2538,7 +2899,8 @@ ASTROMETRIC_FLOOR = 0.02  # px: the registration noise assumed however many star
 # Fractional error of the model of a static source (PSF models, resampling) beyond the flux ratio's own
 # error: 1% keeps a star of peak SNR 1000 from leaving a 10 sigma residual; 2% halved S_corr on bright hosts.
 FLUX_SYSTEMATIC = 0.01
-MIN_SEEING_PX, MAX_SEEING_PX = 0.5, 50.0  # a FWHM outside is a unit mistake (arcsec for px), and its PSF stamp would not fit in memory
+# a FWHM outside is a unit mistake (arcsec for px), and its PSF stamp would not fit in memory
+MIN_SEEING_PX, MAX_SEEING_PX = 0.5, 50.0
 SEEING_RETRY_THRESHOLD = 8.0  # sigma: stars this bright measure the seeing when no 20 sigma star is isolated
 
 
@@ -2559,9 +2921,15 @@ class PairSubtraction(NamedTuple):
 
 
 def _epoch_psf(image: np.ndarray, background: np.ndarray, rms: np.ndarray, fwhm: float) -> tuple[np.ndarray, str]:
-    """A PSF stamp for one epoch: stacked from its stars when enough are isolated and it looks like a PSF, else a Moffat."""
+    """A PSF stamp for one epoch: stacked from its stars when enough are isolated and it looks like a PSF, else a
+    Moffat."""
     moffat = PSF(fwhm, ASSUMED_MOFFAT_BETA).stamp
-    stacked = empirical_psf(image, stars=find_stars(image, background=background, rms=rms, threshold=20.0, max_stars=50), background=background, radius=moffat.shape[0] // 2)
+    stacked = empirical_psf(
+        image,
+        stars=find_stars(image, background=background, rms=rms, threshold=20.0, max_stars=50),
+        background=background,
+        radius=moffat.shape[0] // 2,
+    )
     # A stack that a neighbour, a saturated core or a galaxy widened is no PSF: its effective
     # area must be within 30% of the Moffat's of the measured FWHM.
     if stacked is not None and 0.7 < float(np.sum(moffat**2) / np.sum(stacked**2)) < 1.3:
@@ -2569,20 +2937,33 @@ def _epoch_psf(image: np.ndarray, background: np.ndarray, rms: np.ndarray, fwhm:
     return np.array(moffat), "moffat"
 
 
-NOISE_LAG = 4  # px: pixels this far apart share no noise in a resampled or drizzled frame (correlation lengths of 1-2 px)
+# px: pixels this far apart share no noise in a resampled or drizzled frame (correlation lengths of 1-2 px)
+NOISE_LAG = 4
 
 
 def _lagged_noise(image: np.ndarray) -> float:
-    """Pixel noise from differences of pixels NOISE_LAG apart along rows: correlated noise counts in full, a smooth background cancels."""
+    """Pixel noise from differences of pixels NOISE_LAG apart along rows: correlated noise counts in full, a smooth
+    background cancels."""
     a, b = image[:, NOISE_LAG:], image[:, :-NOISE_LAG]
     both = np.isfinite(a) & np.isfinite(b)
     return robust_sigma((a[both] - b[both]) / math.sqrt(2.0)) if both.any() else 0.0
 
 
-def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: float | None = None, seeing: tuple[float, float] | None = None,
-                  wcs_reference: Any = None, wcs_science: Any = None, header_reference: Any = None, header_science: Any = None,
-                  noise_reference: np.ndarray | None = None, noise_science: np.ndarray | None = None,
-                  gain_reference: float | None = None, gain_science: float | None = None) -> PairSubtraction:
+def subtract_pair(
+    reference: np.ndarray,
+    science: np.ndarray,
+    *,
+    flux_ratio: float | None = None,
+    seeing: tuple[float, float] | None = None,
+    wcs_reference: Any = None,
+    wcs_science: Any = None,
+    header_reference: Any = None,
+    header_science: Any = None,
+    noise_reference: np.ndarray | None = None,
+    noise_science: np.ndarray | None = None,
+    gain_reference: float | None = None,
+    gain_science: float | None = None,
+) -> PairSubtraction:
     """Put a pair on one grid, background and scale, and subtract it optimally.
 
     1. Pixels become data (:func:`as_data`); the reference is registered onto the science grid
@@ -2602,20 +2983,35 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
     reference, science = as_data(reference), as_data(science)
     for name, image in (("reference", reference), ("science", science)):
         if not np.isfinite(image).any():
-            msg = f"the {name} epoch has no usable pixel: every one is non-finite, beyond +-{PHYSICAL_LIMIT:g}, or in a footprint of exact zeros"
+            msg = (
+                f"the {name} epoch has no usable pixel: every one is non-finite, beyond +-{PHYSICAL_LIMIT:g}, "
+                "or in "
+                "a footprint of exact zeros"
+            )
             raise DataError(msg)
     warnings_ = []
     companions = [] if noise_reference is None else [np.asarray(noise_reference, dtype=np.float64) ** 2]
     # Each epoch's background is measured once, and again only if registration or the
     # common mask changed its pixels.
-    maps = {"reference": background_map(reference), "science": background_map(science)} if reference.shape == science.shape else {}
+    maps = (
+        {"reference": background_map(reference), "science": background_map(science)}
+        if reference.shape == science.shape
+        else {}
+    )
     original = reference
-    reference, registration, companions = register_pair(reference, science, wcs_reference=wcs_reference, wcs_science=wcs_science, companions=companions,
-                                                        backgrounds=(maps["reference"], maps["science"]) if maps else None)
+    reference, registration, companions = register_pair(
+        reference,
+        science,
+        wcs_reference=wcs_reference,
+        wcs_science=wcs_science,
+        companions=companions,
+        backgrounds=(maps["reference"], maps["science"]) if maps else None,
+    )
     if reference is not original:
         maps.pop("reference", None)
     if registration.warning:
-        warnings_.append(registration.warning)  # logged once the pair is subtracted: a refused pair prints its refusal alone
+        # logged once the pair is subtracted: a refused pair prints its refusal alone
+        warnings_.append(registration.warning)
     valid = np.isfinite(reference) & np.isfinite(science)
     if not valid.any():
         msg = "the two epochs share no finite pixel"
@@ -2629,10 +3025,16 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
         if not psf_reference.measured:
             psf_reference, psf_science = measure_seeing(reference, science, threshold=SEEING_RETRY_THRESHOLD)
         if not psf_reference.measured:
-            warnings_.append(f"the seeing could not be measured on the stars ({psf_reference.n_stars} usable); assuming FWHM {psf_reference.fwhm:g} px in both epochs: give --seeing")
+            warnings_.append(
+                f"the seeing could not be measured on the stars ({psf_reference.n_stars} usable); assuming FWHM "
+                f"{psf_reference.fwhm:g} px in both epochs: give --seeing"
+            )
     else:
         if not all(math.isfinite(f) and MIN_SEEING_PX <= f <= MAX_SEEING_PX for f in seeing):
-            msg = f"--seeing needs two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}], got {' '.join(f'{f:g}' for f in seeing)}"
+            msg = (
+                f"--seeing needs two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}], got "
+                f"{' '.join(f'{f:g}' for f in seeing)}"
+            )
             raise ConfigError(msg)
         psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
     bg_r, rms_r = maps.get("reference") or background_map(reference)
@@ -2640,7 +3042,10 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
     ref, sci = reference - bg_r, science - bg_s
     stamp_r, kind_r = _epoch_psf(reference, bg_r, rms_r, psf_reference.fwhm)
     stamp_s, kind_s = _epoch_psf(science, bg_s, rms_s, psf_science.fwhm)
-    if max(psf_reference.fwhm, psf_science.fwhm) < SEEING_TOLERANCE * min(psf_reference.fwhm, psf_science.fwhm) and stamp_r.shape == stamp_s.shape:
+    if (
+        max(psf_reference.fwhm, psf_science.fwhm) < SEEING_TOLERANCE * min(psf_reference.fwhm, psf_science.fwhm)
+        and stamp_r.shape == stamp_s.shape
+    ):
         # One seeing: two stacks of noisy stars would differ in their wings, and ZOGY would
         # turn that difference into a ring around every bright star. Both epochs get one PSF.
         empirical = [stamp for stamp, kind in ((stamp_r, kind_r), (stamp_s, kind_s)) if kind == "empirical"]
@@ -2648,12 +3053,24 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
         stamp_r = stamp_s = common / common.sum()
         kind_r = kind_s = "empirical" if empirical else kind_r
     worse = max(psf_reference.fwhm, psf_science.fwhm)
-    scale = pair_flux_ratio(ref, sci, given=flux_ratio, header_reference=header_reference, header_science=header_science,
-                            psf_reference=stamp_r, psf_science=stamp_s, aperture=max(5, math.ceil(3.0 * worse)))
+    scale = pair_flux_ratio(
+        ref,
+        sci,
+        given=flux_ratio,
+        header_reference=header_reference,
+        header_science=header_science,
+        psf_reference=stamp_r,
+        psf_science=stamp_s,
+        aperture=max(5, math.ceil(3.0 * worse)),
+    )
     if noise_reference is not None or noise_science is not None:
         var_r = companions[0] if companions else rms_r**2
         var_s = rms_s**2 if noise_science is None else np.asarray(noise_science, dtype=np.float64) ** 2
-        noise_model = "noise maps given" if noise_reference is not None and noise_science is not None else "a noise map given for one epoch, local background RMS for the other"
+        noise_model = (
+            "noise maps given"
+            if noise_reference is not None and noise_science is not None
+            else "a noise map given for one epoch, local background RMS for the other"
+        )
     else:
         var_r, var_s = rms_r**2, rms_s**2
         noise_model = "local background RMS"
@@ -2675,23 +3092,48 @@ def subtract_pair(reference: np.ndarray, science: np.ndarray, *, flux_ratio: flo
     # (resampled, drizzled frames) as smaller than it is, and would mark its peaks as sources,
     # biasing the calibration low.
     lagged_r, lagged_s = _lagged_noise(ref), _lagged_noise(sci)
-    sources = ((np.abs(np.nan_to_num(ref)) > SOURCE_MASK_SIGMA * np.maximum(rms_r, lagged_r))
-               | (np.abs(np.nan_to_num(sci)) > SOURCE_MASK_SIGMA * np.maximum(rms_s, lagged_s)))
+    sources = (np.abs(np.nan_to_num(ref)) > SOURCE_MASK_SIGMA * np.maximum(rms_r, lagged_r)) | (
+        np.abs(np.nan_to_num(sci)) > SOURCE_MASK_SIGMA * np.maximum(rms_s, lagged_s)
+    )
     # What ZOGY needs is ref, sci and their variances: the full-frame maps behind them go now
     # (a gigabyte at 4096 px, at the point where ZOGY's own spectra are the memory's peak).
     del reference, science, original, maps, bg_r, bg_s, rms_r, rms_s, lagged_r, lagged_s
     subtraction = zogy_subtraction(
-        ref, sci, psf_reference=stamp_r, psf_science=stamp_s, flux_ratio=scale["flux_ratio"],
-        sigma_reference=float(np.median(np.sqrt(var_r[valid]))), sigma_science=float(np.median(np.sqrt(var_s[valid]))),
-        variance_reference=np.where(valid, var_r, 0.0), variance_science=np.where(valid, var_s, 0.0),
-        astrometric_sigma=(jitter, jitter), flux_systematic=math.hypot(FLUX_SYSTEMATIC, ratio_error), sources=sources,
+        ref,
+        sci,
+        psf_reference=stamp_r,
+        psf_science=stamp_s,
+        flux_ratio=scale["flux_ratio"],
+        sigma_reference=float(np.median(np.sqrt(var_r[valid]))),
+        sigma_science=float(np.median(np.sqrt(var_s[valid]))),
+        variance_reference=np.where(valid, var_r, 0.0),
+        variance_science=np.where(valid, var_s, 0.0),
+        astrometric_sigma=(jitter, jitter),
+        flux_systematic=math.hypot(FLUX_SYSTEMATIC, ratio_error),
+        sources=sources,
     )
-    seeing_kw = dict(fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm) if psf_reference.measured and psf_science.measured else {}
+    seeing_kw = (
+        dict(fwhm_reference=psf_reference.fwhm, fwhm_science=psf_science.fwhm)
+        if psf_reference.measured and psf_science.measured
+        else {}
+    )
     statistics = pair_statistics(ref, sci, flux_ratio=scale["flux_ratio"], **seeing_kw)
     psf_model = kind_s if kind_s == kind_r else f"{kind_r} (reference), {kind_s} (science)"
     for warning in warnings_:
         log.warning(warning)
-    return PairSubtraction(ref, sci, registration, psf_reference, psf_science, psf_model, scale, statistics, subtraction, noise_model, warnings_)
+    return PairSubtraction(
+        ref,
+        sci,
+        registration,
+        psf_reference,
+        psf_science,
+        psf_model,
+        scale,
+        statistics,
+        subtraction,
+        noise_model,
+        warnings_,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -2706,6 +3148,7 @@ NAME_CACHE = "names.json"
 
 # --- Reading FITS images
 
+
 def _first_image(hdul):
     """First image HDU (plain or compressed) whose header declares pixels, or None; no pixel is read."""
     for hdu in hdul:
@@ -2716,7 +3159,8 @@ def _first_image(hdul):
 
 
 def _stream_length(path) -> int | None:
-    """Bytes of the FITS stream in a file: its size, a gzip file's uncompressed size, or None where only reading tells (bzip2, zip, gzip over 4 GiB)."""
+    """Bytes of the FITS stream in a file: its size, a gzip file's uncompressed size, or None where only reading tells
+    (bzip2, zip, gzip over 4 GiB)."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -2738,14 +3182,22 @@ def _check_declared_size(path, hdu, *, max_pixels):
     pixels = math.prod(shape)
     size = f"{shape[-1]}x{shape[-2]}" if len(shape) >= 2 else f"{pixels}"
     if max_pixels is not None and pixels > max_pixels:
-        msg = f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has the memory)"
+        msg = (
+            f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has "
+            "the memory)"
+        )
         raise DataError(msg)
     length = _stream_length(path)
-    if length is not None and not isinstance(hdu, fits.CompImageHDU):  # a tile-compressed image's size on disk is not its pixel count
+    # a tile-compressed image's size on disk is not its pixel count
+    if length is not None and not isinstance(hdu, fits.CompImageHDU):
         declared = pixels * abs(int(hdu.header.get("BITPIX", 8))) // 8
         available = length - hdu.fileinfo()["datLoc"]
         if declared > available:
-            msg = f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file holds {max(available, 0)})"
+            msg = (
+                f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file "
+                "holds "
+                f"{max(available, 0)})"
+            )
             raise DataError(msg)
 
 
@@ -2759,7 +3211,8 @@ def _pixel_scale_arcsec(wcs: Any) -> float | None:
 
 
 def pixel_to_icrs(wcs: Any, x: float, y: float) -> tuple[float | None, float | None]:
-    """ICRS (RA, Dec) in degrees of a pixel through any celestial WCS (Galactic, ecliptic, FK5...), or (None, None) where it gives none.
+    """ICRS (RA, Dec) in degrees of a pixel through any celestial WCS (Galactic, ecliptic, FK5...), or (None, None)
+    where it gives none.
 
     A WCS whose keywords put the pixel nowhere (CRVAL 1e300, a wild distortion polynomial)
     gives no coordinates rather than an error: the change is still reported, in pixels.
@@ -2861,7 +3314,8 @@ def read_fits_image(path, *, max_pixels=None):
                     header = found.header.copy()
     except (DataError, MemoryError):
         raise
-    except Exception as exc:  # astropy and CFITSIO raise many types (OSError, ValueError, CfitsioException on corrupt tiles...)
+    # astropy and CFITSIO raise many types (OSError, ValueError, CfitsioException on corrupt tiles...)
+    except Exception as exc:
         msg = f"{path}: not a readable FITS file ({_one_line(exc)})"
         raise DataError(msg) from None
     # astropy pads a short data unit with a warning instead of failing; a cut-off download
@@ -2884,6 +3338,7 @@ def read_fits_image(path, *, max_pixels=None):
 
 
 # --- Network discipline
+
 
 def _checked_timeout(timeout):
     """Timeout in seconds, refused unless 0 < timeout <= MAX_TIMEOUT."""
@@ -2962,8 +3417,7 @@ DEFAULT_TARGETS = {
 }
 
 
-_TARGET_ALIASES = {"m1": "Crab Nebula", "m42": "Orion Nebula", "m104": "Sombrero Galaxy",
-                   "m45": "Pleiades"}
+_TARGET_ALIASES = {"m1": "Crab Nebula", "m42": "Orion Nebula", "m104": "Sombrero Galaxy", "m45": "Pleiades"}
 
 
 def _name_key(name):
@@ -3057,12 +3511,12 @@ def resolve_target(name_or_coords, *, cache_dir, timeout=DEFAULT_TIMEOUT):
     coord = _sesame(text, timeout=_checked_timeout(timeout))
     names[_name_key(text)] = [coord.ra.deg, coord.dec.deg]
     write_json(cache_path, names)
-    log.info("resolved %r to %.5f %+.5f (cached in %s)", text, coord.ra.deg, coord.dec.deg,
-             cache_path)
+    log.info("resolved %r to %.5f %+.5f (cached in %s)", text, coord.ra.deg, coord.dec.deg, cache_path)
     return coord
 
 
 # --- The FITS cache
+
 
 @dataclasses.dataclass
 class Frame:
@@ -3099,8 +3553,17 @@ def _frame_from_file(path, *, target, survey, coord):
     scale = float("nan")
     if wcs is not None:
         scale = float(np.mean(u.Quantity(wcs.proj_plane_pixel_scales()).to_value(u.arcsec)))
-    return Frame(data=data, wcs=wcs, target=target, survey=survey, path=path,
-                 ra=coord.ra.deg, dec=coord.dec.deg, pixel_scale=scale, header=header)
+    return Frame(
+        data=data,
+        wcs=wcs,
+        target=target,
+        survey=survey,
+        path=path,
+        ra=coord.ra.deg,
+        dec=coord.dec.deg,
+        pixel_scale=scale,
+        header=header,
+    )
 
 
 def _is_cached(path, manifest):
@@ -3152,8 +3615,9 @@ def _fetch_skyview(coord, native, scale, *, pixels, timeout, dest, workdir):
     # SkyViewClass.URL is frozen from conf at import; read conf now so set_temp redirects it.
     client.URL = skyview_conf.url
     side = pixels * scale * u.arcsec
-    urls = client.get_image_list(position=coord, survey=native, pixels=str(pixels),
-                                 width=side, height=side, cache=False)
+    urls = client.get_image_list(
+        position=coord, survey=native, pixels=str(pixels), width=side, height=side, cache=False
+    )
     if not urls:
         msg = f"SkyView returned no image for {native} at {coord.to_string('decimal')}"
         raise DataError(msg)
@@ -3172,9 +3636,16 @@ def _fetch_hips(coord, native, scale, *, pixels, timeout, dest, workdir):
     servers = hips_conf.server
     client.server = servers if isinstance(servers, str) else servers[0]
     client.timeout = timeout
-    hdul = client.query(hips=native, width=pixels, height=pixels, projection="TAN",
-                        ra=coord.ra, dec=coord.dec, fov=Angle(pixels * scale * u.arcsec),
-                        format="fits")
+    hdul = client.query(
+        hips=native,
+        width=pixels,
+        height=pixels,
+        projection="TAN",
+        ra=coord.ra,
+        dec=coord.dec,
+        fov=Angle(pixels * scale * u.arcsec),
+        format="fits",
+    )
     hdul.writeto(dest)
     return f"{client.server}?hips={native}&ra={coord.ra.deg:.6f}&dec={coord.dec.deg:.6f}"
 
@@ -3208,21 +3679,26 @@ def _fetch_mast(coord, native, scale, *, pixels, timeout, dest, workdir):
 
     client = _bounded(ObservationsClass(), timeout)
     radius = pixels * scale * u.arcsec / 2
-    observations = client.query_criteria(coordinates=coord, radius=radius, obs_collection=native,
-                                         dataproduct_type="image", intentType="science",
-                                         calib_level=3)
+    observations = client.query_criteria(
+        coordinates=coord,
+        radius=radius,
+        obs_collection=native,
+        dataproduct_type="image",
+        intentType="science",
+        calib_level=3,
+    )
     if len(observations) == 0:
         msg = f"no {native} science images within {radius:.1f} of {coord.to_string('decimal')}"
         raise DataError(msg)
     observations.sort("t_exptime", reverse=True)  # deepest first
     products = client.get_product_list(observations[:5])
-    products = client.filter_products(products, productType="SCIENCE", extension="fits",
-                                      productSubGroupDescription=["DRZ", "DRC", "I2D"])
+    products = client.filter_products(
+        products, productType="SCIENCE", extension="fits", productSubGroupDescription=["DRZ", "DRC", "I2D"]
+    )
     if len(products) == 0:
         msg = f"{native} observations at {coord.to_string('decimal')} have no drizzled image"
         raise DataError(msg)
-    manifest = client.download_products(products[:1], download_dir=str(workdir), flat=True,
-                                        cache=False, verbose=False)
+    manifest = client.download_products(products[:1], download_dir=str(workdir), flat=True, cache=False, verbose=False)
     if manifest["Status"][0] != "COMPLETE":
         msg = f"MAST download failed: {manifest['Message'][0]}"
         raise NetworkError(msg)
@@ -3231,11 +3707,11 @@ def _fetch_mast(coord, native, scale, *, pixels, timeout, dest, workdir):
     return str(manifest["URL"][0]) if "URL" in manifest.colnames else str(products["dataURI"][0])
 
 
-FETCHERS = {"skyview": _fetch_skyview, "hips2fits": _fetch_hips, "tesscut": _fetch_tesscut,
-            "mast": _fetch_mast}
+FETCHERS = {"skyview": _fetch_skyview, "hips2fits": _fetch_hips, "tesscut": _fetch_tesscut, "mast": _fetch_mast}
 
 
 # --- Fetching with retries into the cache
+
 
 def _check_download(path, url):
     """Refuse a downloaded file that is not a usable image, before it enters the cache."""
@@ -3266,16 +3742,16 @@ def _fetch_into_cache(coord, survey, path, *, timeout, retries, backoff, pixels,
             # astroquery pickles responses before checking them; with its cache off a failed
             # reply cannot be replayed to the next attempt.
             with cache_conf.set_temp("cache_active", False), open(staged, "wb") as dest:
-                url = FETCHERS[service](coord, native, scale, pixels=pixels, timeout=timeout,
-                                        dest=dest, workdir=workdir)
+                url = FETCHERS[service](
+                    coord, native, scale, pixels=pixels, timeout=timeout, dest=dest, workdir=workdir
+                )
             _check_download(staged, url)
             os.replace(staged, path)
             return url
         except Exception as exc:
             reason = _one_line(exc)
             final = "" if _is_retryable(exc) else " (not retried)"
-            log.warning("fetch failed: %s attempt %d/%d: %s%s", label, attempt, attempts, reason,
-                        final)
+            log.warning("fetch failed: %s attempt %d/%d: %s%s", label, attempt, attempts, reason, final)
             if final:
                 msg = f"{label}: {reason}"
                 error = DataError if isinstance(exc, DataError) else NetworkError
@@ -3292,14 +3768,30 @@ def _fetch_into_cache(coord, survey, path, *, timeout, retries, backoff, pixels,
 def _manifest_entry(path, *, target, survey, coord, url, pixels):
     """Provenance record of one cached file."""
     service = survey_service(survey)[0]
-    return {"target": str(target), "survey": survey, "ra": coord.ra.deg, "dec": coord.dec.deg,
-            "service": service, "url": url, "pixels": int(pixels), "sha256": _sha256(path),
-            "retrieved": _dt.datetime.now(_dt.timezone.utc).isoformat(
-                timespec="seconds")}
+    return {
+        "target": str(target),
+        "survey": survey,
+        "ra": coord.ra.deg,
+        "dec": coord.dec.deg,
+        "service": service,
+        "url": url,
+        "pixels": int(pixels),
+        "sha256": _sha256(path),
+        "retrieved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
-def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
-                 pixels=DEFAULT_PIXELS, backoff=DEFAULT_BACKOFF, offline=False):
+def fetch_frames(
+    targets,
+    surveys,
+    *,
+    cache_dir,
+    timeout=DEFAULT_TIMEOUT,
+    retries=DEFAULT_RETRIES,
+    pixels=DEFAULT_PIXELS,
+    backoff=DEFAULT_BACKOFF,
+    offline=False,
+):
     """
     Real cutouts for every (target, survey) pair, from the cache when it holds them.
 
@@ -3356,15 +3848,22 @@ def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retrie
                     if service in down:
                         msg = f"{label}: skipped, {service} failed earlier in this run ({down[service]})"
                         raise NetworkError(msg)
-                    url = _fetch_into_cache(coord, survey, path, timeout=timeout,
-                                            retries=retries, backoff=backoff, pixels=pixels,
-                                            label=label)
-                    manifest[path.name] = _manifest_entry(path, target=target, survey=survey,
-                                                     coord=coord, url=url, pixels=pixels)
+                    url = _fetch_into_cache(
+                        coord,
+                        survey,
+                        path,
+                        timeout=timeout,
+                        retries=retries,
+                        backoff=backoff,
+                        pixels=pixels,
+                        label=label,
+                    )
+                    manifest[path.name] = _manifest_entry(
+                        path, target=target, survey=survey, coord=coord, url=url, pixels=pixels
+                    )
                     write_json(manifest_path, manifest)
                     log.info("fetched %s -> %s", label, path.name)
-                frames.append(_frame_from_file(path, target=str(target), survey=survey,
-                                               coord=coord))
+                frames.append(_frame_from_file(path, target=str(target), survey=survey, coord=coord))
             except NetworkError as exc:
                 down.setdefault(service, _one_line(exc, limit=80))
                 failures.append(FetchFailure(str(target), survey, _one_line(exc)))
@@ -3374,6 +3873,7 @@ def fetch_frames(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retrie
 
 
 # --- Tiling real frames
+
 
 class Tile(NamedTuple):
     """A tile's corner, its NaN-filled pixels and where they were real."""
@@ -3414,7 +3914,7 @@ def tile_frame(data, *, tile_size, max_bad_fraction=0.25, max_saturated_fraction
     tiles = []
     for y0 in range(0, data.shape[0] - tile_size + 1, tile_size):
         for x0 in range(0, data.shape[1] - tile_size + 1, tile_size):
-            tile = data[y0:y0 + tile_size, x0:x0 + tile_size]
+            tile = data[y0 : y0 + tile_size, x0 : x0 + tile_size]
             valid = np.isfinite(tile)
             if 1.0 - valid.mean() > max_bad_fraction:
                 continue
@@ -3446,7 +3946,9 @@ class RawPair(NamedTuple):
 
 def sample_statistics(sample: SkySample) -> PairStatistics:
     """A simulated pair or real tile shares one photometric scale, and its seeing is known."""
-    return pair_statistics(sample.reference, sample.science, fwhm_reference=sample.psf_reference.fwhm, fwhm_science=sample.psf_science.fwhm)
+    return pair_statistics(
+        sample.reference, sample.science, fwhm_reference=sample.psf_reference.fwhm, fwhm_science=sample.psf_science.fwhm
+    )
 
 
 class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
@@ -3536,8 +4038,13 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         sample = self.simulate(i)
-        labels = np.stack([sample.mask, sample.mask * type_labels(sample.mask.shape, sample.truth, sample.psf_science.fwhm)]).astype(np.float32)
-        item = (torch.from_numpy(normalize_pair(sample.reference, sample.science, statistics=sample_statistics(sample))), torch.from_numpy(labels))
+        labels = np.stack(
+            [sample.mask, sample.mask * type_labels(sample.mask.shape, sample.truth, sample.psf_science.fwhm)]
+        ).astype(np.float32)
+        item = (
+            torch.from_numpy(normalize_pair(sample.reference, sample.science, statistics=sample_statistics(sample))),
+            torch.from_numpy(labels),
+        )
         if self._cache is not None:
             self._cache[i] = item
         return item
@@ -3573,8 +4080,19 @@ def load_fits_dir(directory: str | os.PathLike) -> tuple[list[Frame], list[Fetch
             failures.append(FetchFailure(path.name, "local FITS", _one_line(exc)))
             continue
         ra, dec = pixel_to_icrs(wcs, data.shape[1] / 2, data.shape[0] / 2) if wcs is not None else (None, None)
-        frames.append(Frame(data=data, wcs=wcs, target=path.stem, survey="local FITS", path=path, ra=float("nan") if ra is None else ra,
-                            dec=float("nan") if dec is None else dec, pixel_scale=float("nan"), header=header))
+        frames.append(
+            Frame(
+                data=data,
+                wcs=wcs,
+                target=path.stem,
+                survey="local FITS",
+                path=path,
+                ra=float("nan") if ra is None else ra,
+                dec=float("nan") if dec is None else dec,
+                pixel_scale=float("nan"),
+                header=header,
+            )
+        )
     return frames, failures
 
 
@@ -3617,16 +4135,39 @@ def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyCo
     # 3. Injections, bogus and the label; pixels the frame did not have are never labelled.
     psf_sci = PSF(fwhm_sci, ASSUMED_MOFFAT_BETA)
     science, variance, truth = inject_anomalies(
-        rng, counts=counts, stars=(sx[can_vary], sy[can_vary], sflux[can_vary]), galaxies=hosts, shift=(0.0, 0.0), psf=psf_sci,
-        science=science, variance=variance, sky=sky, shot_noise=False,
+        rng,
+        counts=counts,
+        stars=(sx[can_vary], sy[can_vary], sflux[can_vary]),
+        galaxies=hosts,
+        shift=(0.0, 0.0),
+        psf=psf_sci,
+        science=science,
+        variance=variance,
+        sky=sky,
+        shot_noise=False,
     )
     truth += _add_detector_bogus(rng, science=science, reference=reference, variance=variance, sky=sky, area=area)
     # The blur leaves rings around real bright stars: list them as bogus, as the simulator does.
     residual = ndimage.gaussian_filter(tile.data, blur) - tile.data
-    truth += _static_residuals(residual, variance=variance, stars=(sx, sy, sflux), galaxies=[], shift=(0.0, 0.0),
-                               psf=PSF(fwhm, ASSUMED_MOFFAT_BETA), truth=truth)
+    truth += _static_residuals(
+        residual,
+        variance=variance,
+        stars=(sx, sy, sflux),
+        galaxies=[],
+        shift=(0.0, 0.0),
+        psf=PSF(fwhm, ASSUMED_MOFFAT_BETA),
+        truth=truth,
+    )
     mask = anomaly_mask(shape, truth, fwhm_sci) & tile.valid
-    return SkySample(reference.astype(np.float32), science.astype(np.float32), variance.astype(np.float32), mask, truth, PSF(fwhm, ASSUMED_MOFFAT_BETA), psf_sci)
+    return SkySample(
+        reference.astype(np.float32),
+        science.astype(np.float32),
+        variance.astype(np.float32),
+        mask,
+        truth,
+        PSF(fwhm, ASSUMED_MOFFAT_BETA),
+        psf_sci,
+    )
 
 
 class MASTRealDataset(SyntheticAstronomicalDataset):
@@ -3671,7 +4212,12 @@ class MASTRealDataset(SyntheticAstronomicalDataset):
             frames, self.failures = load_fits_dir(fits_dir)
         else:
             frames, self.failures = fetch_frames(
-                list(targets) or list(DEFAULT_TARGETS), list(surveys), cache_dir=cache_dir or default_cache_dir(), timeout=timeout, retries=retries, pixels=pixels
+                list(targets) or list(DEFAULT_TARGETS),
+                list(surveys),
+                cache_dir=cache_dir or default_cache_dir(),
+                timeout=timeout,
+                retries=retries,
+                pixels=pixels,
             )
         self.tiles: list[tuple[Tile, float, str]] = []
         for frame in frames:
@@ -3685,9 +4231,15 @@ class MASTRealDataset(SyntheticAstronomicalDataset):
             if not fallback:
                 msg = f"no real sky available for --data {source} ({reason}); --no-fallback forbids synthetic samples"
                 raise DataError(msg)
-            log.warning("real sky unavailable (%s): FALLING BACK to %d synthetic samples; real_fraction = 0", reason, num_samples)
+            log.warning(
+                "real sky unavailable (%s): FALLING BACK to %d synthetic samples; real_fraction = 0",
+                reason,
+                num_samples,
+            )
         else:
-            log.info("real sky: %d tiles from %d frames (%d failures)", len(self.tiles), len(frames), len(self.failures))
+            log.info(
+                "real sky: %d tiles from %d frames (%d failures)", len(self.tiles), len(frames), len(self.failures)
+            )
 
     def provenance(self) -> dict:
         """Where the samples came from; goes to metrics.json and MLflow."""
@@ -3759,7 +4311,10 @@ class Up(nn.Module):
         super().__init__()
         # Upsample + conv instead of a transposed conv: no checkerboard pattern, which on
         # a noise-dominated image would itself look like faint sources.
-        self.reduce = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.reduce = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        )
         self.conv = DoubleConv(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -3779,7 +4334,9 @@ class StandaloneUNet(nn.Module):
     default width 16 it has 2.16M trainable parameters.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, width: int = 16, types: int = len(ANOMALY_TYPES)) -> None:
+    def __init__(
+        self, in_channels: int = 3, out_channels: int = 1, width: int = 16, types: int = len(ANOMALY_TYPES)
+    ) -> None:
         super().__init__()
         w = [width * 2**k for k in range(5)]
         self.inc = DoubleConv(in_channels, w[0])
@@ -3787,7 +4344,9 @@ class StandaloneUNet(nn.Module):
         self.ups = nn.ModuleList(Up(w[k + 1], w[k]) for k in reversed(range(4)))
         self.head = nn.Conv2d(w[0], out_channels, 1)
         self.type_head = nn.Conv2d(w[0], types, 1) if types else None
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, width=width) | ({"types": types} if types else {})
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, width=width) | (
+            {"types": types} if types else {}
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = [self.inc(x)]
@@ -3842,12 +4401,17 @@ def check_memory(parts: dict[str, int], *, device: torch.device | None = None) -
     gpu_parts = {"model", "activations"} if device is not None and device.type == "cuda" else set()
     checks = [(sum(v for k, v in parts.items() if k not in gpu_parts), available_memory(), "memory")]
     if gpu_parts:
-        checks.append((sum(parts[k] for k in gpu_parts if k in parts), torch.cuda.mem_get_info(device)[0], "GPU memory"))
+        checks.append(
+            (sum(parts[k] for k in gpu_parts if k in parts), torch.cuda.mem_get_info(device)[0], "GPU memory")
+        )
     for need, available, what in checks:
         if available is not None and need > available:
             detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
-            msg = (f"this configuration needs about {need / 2**30:.1f} GiB of {what} ({detail} GiB) but {available / 2**30:.1f} GiB "
-                   "is available: lower --width, --batch-size, --image-size or --samples")
+            msg = (
+                f"this configuration needs about {need / 2**30:.1f} GiB of {what} ({detail} GiB) but "
+                f"{available / 2**30:.1f} GiB "
+                "is available: lower --width, --batch-size, --image-size or --samples"
+            )
             raise AstridError(msg)
 
 
@@ -3871,7 +4435,9 @@ class CombinedLoss(nn.Module):
     confidence, so the network learns to stay silent on bogus.
     """
 
-    def __init__(self, *, bce_weight: float = 1.0, dice_weight: float = 1.0, type_weight: float = 0.0, eps: float = 1.0) -> None:
+    def __init__(
+        self, *, bce_weight: float = 1.0, dice_weight: float = 1.0, type_weight: float = 0.0, eps: float = 1.0
+    ) -> None:
         super().__init__()
         self.bce_weight, self.dice_weight, self.type_weight, self.eps = bce_weight, dice_weight, type_weight, eps
 
@@ -3882,16 +4448,20 @@ class CombinedLoss(nn.Module):
 
     @staticmethod
     def type_loss(type_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the type logits over the changed pixels only (label 1 + the type's index; 0, no change, is ignored)."""
+        """Cross-entropy of the type logits over the changed pixels only (label 1 + the type's index; 0, no change, is
+        ignored)."""
         target = labels.long() - 1
         if not bool((target >= 0).any()):
             return type_logits.float().sum() * 0.0  # a batch without changes: no type to learn, and no NaN
         return F.cross_entropy(type_logits.float(), target, ignore_index=-1)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """`logits` (N, 1 + types, H, W) and `target` (N, 1 or 2, H, W): the change mask, then the type labels (:func:`type_labels`)."""
+        """`logits` (N, 1 + types, H, W) and `target` (N, 1 or 2, H, W): the change mask, then the type labels
+        (:func:`type_labels`)."""
         change, mask = logits[:, :1].float(), target[:, :1]
-        loss = self.bce_weight * F.binary_cross_entropy_with_logits(change, mask) + self.dice_weight * self.dice_loss(change, mask)
+        loss = self.bce_weight * F.binary_cross_entropy_with_logits(change, mask) + self.dice_weight * self.dice_loss(
+            change, mask
+        )
         if self.type_weight and logits.shape[1] > 1 and target.shape[1] > 1:
             loss = loss + self.type_weight * self.type_loss(logits[:, 1:], target[:, 1])
         return loss
@@ -3936,9 +4506,9 @@ def pixel_metrics(probs: np.ndarray, target: np.ndarray, *, threshold: float = 0
 DEFAULT_SNR_EDGES = (3, 4, 5, 6, 7, 8, 10, 13, 16, 20, 30, 50, 100)
 
 
-def find_components(score_map: np.ndarray, *, threshold: float,
-                    valid: np.ndarray | None = None,
-                    significance: np.ndarray | None = None) -> list[dict]:
+def find_components(
+    score_map: np.ndarray, *, threshold: float, valid: np.ndarray | None = None, significance: np.ndarray | None = None
+) -> list[dict]:
     """Connected components of a thresholded score map.
 
     Parameters
@@ -4038,8 +4608,7 @@ def _split_truth(truth: Sequence[Truth]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(anomaly_index, dtype=int), np.array(bogus_index, dtype=int)
 
 
-def match_objects(detections: Sequence[dict], truth: Sequence[Truth], *,
-                  radius: float = MATCH_RADIUS) -> MatchResult:
+def match_objects(detections: Sequence[dict], truth: Sequence[Truth], *, radius: float = MATCH_RADIUS) -> MatchResult:
     """Match detections to one image's truth table.
 
     The same rule serves the network and the classical baseline (docs/science.md section 5).
@@ -4091,8 +4660,7 @@ def match_objects(detections: Sequence[dict], truth: Sequence[Truth], *,
     )
 
 
-def matched_filter_snr_map(difference: np.ndarray, *, psf: np.ndarray,
-                           sigma: float | None = None) -> np.ndarray:
+def matched_filter_snr_map(difference: np.ndarray, *, psf: np.ndarray, sigma: float | None = None) -> np.ndarray:
     """Signed matched-filter SNR map of a difference image (the classical baseline).
 
     The difference is cross-correlated with the unit-flux PSF P. For a point source of flux F
@@ -4137,9 +4705,14 @@ def matched_filter_snr_map(difference: np.ndarray, *, psf: np.ndarray,
     return correlate_psf(difference, psf) / (sigma * np.sqrt(np.sum(psf**2)))
 
 
-def baseline_detections(difference: np.ndarray, *, psf: np.ndarray, threshold: float = 5.0,
-                        sigma: float | None = None,
-                        valid: np.ndarray | None = None) -> list[dict]:
+def baseline_detections(
+    difference: np.ndarray,
+    *,
+    psf: np.ndarray,
+    threshold: float = 5.0,
+    sigma: float | None = None,
+    valid: np.ndarray | None = None,
+) -> list[dict]:
     """Detections of the classical baseline: components of |matched-filter SNR| >= threshold.
 
     Both signs count, because a variable star can fade. The components come from the same
@@ -4167,8 +4740,13 @@ SEP_THRESHOLD = 1.5  # sigma of the background RMS: SExtractor's DETECT_THRESH d
 SEP_MIN_AREA = 5  # px: SExtractor's DETECT_MINAREA default
 
 
-def sep_detections(difference: np.ndarray, *, threshold: float = SEP_THRESHOLD, min_area: int = SEP_MIN_AREA,
-                   valid: np.ndarray | None = None) -> list[dict]:
+def sep_detections(
+    difference: np.ndarray,
+    *,
+    threshold: float = SEP_THRESHOLD,
+    min_area: int = SEP_MIN_AREA,
+    valid: np.ndarray | None = None,
+) -> list[dict]:
     """SExtractor, as an astronomer would run it on a difference image, through `sep`.
 
     The difference's background (sep's 64 px mesh, as SExtractor's BACK_SIZE default) is
@@ -4204,8 +4782,16 @@ def sep_detections(difference: np.ndarray, *, threshold: float = SEP_THRESHOLD, 
     detections = []
     for sign in (1.0, -1.0):
         objects = sep.extract(sign * residual, threshold, err=rms, mask=mask, minarea=min_area)
-        detections += [{"x": float(o["x"]), "y": float(o["y"]), "peak": float(o["peak"]) / rms,
-                        "area_px": int(o["npix"]), "sign": sign} for o in objects]
+        detections += [
+            {
+                "x": float(o["x"]),
+                "y": float(o["y"]),
+                "peak": float(o["peak"]) / rms,
+                "area_px": int(o["npix"]),
+                "sign": sign,
+            }
+            for o in objects
+        ]
     return detections
 
 
@@ -4218,8 +4804,9 @@ def _check_edges(bins: Sequence[float]) -> np.ndarray:
     return edges
 
 
-def completeness_curve(snr: Sequence[float], recovered: Sequence[bool], *,
-                       bins: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def completeness_curve(
+    snr: Sequence[float], recovered: Sequence[bool], *, bins: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Completeness in SNR bins.
 
     Parameters
@@ -4253,8 +4840,7 @@ def completeness_curve(snr: Sequence[float], recovered: Sequence[bool], *,
     return np.sqrt(edges[:-1] * edges[1:]), completeness, counts
 
 
-def snr_at_completeness(bin_centres: Sequence[float], completeness: Sequence[float],
-                        level: float) -> float:
+def snr_at_completeness(bin_centres: Sequence[float], completeness: Sequence[float], level: float) -> float:
     """SNR at which completeness first reaches ``level`` (e.g. 0.5 for SNR50, 0.9 for SNR90).
 
     Rule: empty (NaN) bins are dropped; the first bin whose completeness is >= ``level`` is
@@ -4313,9 +4899,16 @@ def wilson_interval(count: int, total: int, *, confidence: float = CONFIDENCE) -
     return float(ci.low), float(ci.high)
 
 
-def bootstrap_snr_at_completeness(snr: np.ndarray, recovered: np.ndarray, *, bins: Sequence[float], level: float,
-                                  rng: np.random.Generator, resamples: int = BOOTSTRAP_RESAMPLES,
-                                  confidence: float = CONFIDENCE) -> tuple[float, float]:
+def bootstrap_snr_at_completeness(
+    snr: np.ndarray,
+    recovered: np.ndarray,
+    *,
+    bins: Sequence[float],
+    level: float,
+    rng: np.random.Generator,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `snr_at_completeness`, resampling the objects.
 
     A threshold crossing is not a proportion, so no binomial formula applies: the objects are
@@ -4342,12 +4935,20 @@ def bootstrap_snr_at_completeness(snr: np.ndarray, recovered: np.ndarray, *, bin
 def _ratio(count: int, total: int) -> dict:
     """A ratio with the counts it was computed from and its Wilson interval, so that small samples show."""
     low, high = wilson_interval(count, total)
-    return {"value": _json_float(count / total) if total else None,
-            "count": int(count), "total": int(total), "interval": [_json_float(low), _json_float(high)]}
+    return {
+        "value": _json_float(count / total) if total else None,
+        "count": int(count),
+        "total": int(total),
+        "interval": [_json_float(low), _json_float(high)],
+    }
 
 
-def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence[Sequence[Truth]],
-                      *, bins: Sequence[float] = DEFAULT_SNR_EDGES) -> dict:
+def summarise_objects(
+    per_image_results: Sequence[MatchResult],
+    truths: Sequence[Sequence[Truth]],
+    *,
+    bins: Sequence[float] = DEFAULT_SNR_EDGES,
+) -> dict:
     """Object-level metrics of a set of images (docs/science.md section 5).
 
     Parameters
@@ -4408,11 +5009,17 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
         _, curve, counts = completeness_curve(anomaly_snr[sel], recovered[sel], bins=edges)
         hits, _ = np.histogram(anomaly_snr[sel][recovered[sel]], bins=edges)
         bands = [wilson_interval(h, n) for h, n in zip(hits, counts)]
-        curves[name] = {"completeness": [_json_float(c) for c in curve],
-                        "counts": [int(n) for n in counts],
-                        "low": [_json_float(lo) for lo, _ in bands], "high": [_json_float(hi) for _, hi in bands]}
+        curves[name] = {
+            "completeness": [_json_float(c) for c in curve],
+            "counts": [int(n) for n in counts],
+            "low": [_json_float(lo) for lo, _ in bands],
+            "high": [_json_float(hi) for _, hi in bands],
+        }
         snr50[name] = _json_float(snr_at_completeness(centres, curve, 0.5))
-        snr50_interval[name] = [_json_float(v) for v in bootstrap_snr_at_completeness(anomaly_snr[sel], recovered[sel], bins=edges, level=0.5, rng=rng)]
+        snr50_interval[name] = [
+            _json_float(v)
+            for v in bootstrap_snr_at_completeness(anomaly_snr[sel], recovered[sel], bins=edges, level=0.5, rng=rng)
+        ]
         snr90[name] = _json_float(snr_at_completeness(centres, curve, 0.9))
 
     def split(per_group: dict) -> dict:
@@ -4420,8 +5027,12 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
 
     # 3. Detection-side and bogus-side rates.
     bogus = {"overall": _ratio(np.count_nonzero(bogus_passed), len(bogus_passed))}
-    bogus.update({t: _ratio(np.count_nonzero(bogus_passed[bogus_type == t]),
-                            np.count_nonzero(bogus_type == t)) for t in BOGUS_TYPES})
+    bogus.update(
+        {
+            t: _ratio(np.count_nonzero(bogus_passed[bogus_type == t]), np.count_nonzero(bogus_type == t))
+            for t in BOGUS_TYPES
+        }
+    )
     bright = anomaly_snr >= 10
     n_false = n_detections - n_real
     bright_by_shape = {}
@@ -4432,15 +5043,20 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
     return {
         "n_images": n_images,
         "completeness": split(completeness),
-        "completeness_by_snr": {"edges": [float(e) for e in edges],
-                                "centres": [float(c) for c in centres], **split(curves)},
+        "completeness_by_snr": {
+            "edges": [float(e) for e in edges],
+            "centres": [float(c) for c in centres],
+            **split(curves),
+        },
         "snr50": split(snr50),
         "snr50_interval": split(snr50_interval),
         "snr90": split(snr90),
         "purity": _ratio(n_real, n_detections),
         "false_detections_per_image": {
             "value": _json_float(n_false / n_images) if n_images else None,
-            "n_false": int(n_false), "n_images": n_images},
+            "n_false": int(n_false),
+            "n_images": n_images,
+        },
         "bogus_pass_rate": split(bogus),
         "completeness_snr_ge_10": bright_by_shape,
     }
@@ -4449,11 +5065,17 @@ def summarise_objects(per_image_results: Sequence[MatchResult], truths: Sequence
 # --- Types: what the detector says changed, against what did
 
 TYPE_SNR_EDGES = (3.0, 5.0, 10.0, 25.0, math.inf)  # the confusion matrix's SNR bins
-TYPE_RULE = "the rule (type_detections' baseline): a trail is an asteroid; on a point source of the reference a variable star, on an extended one a supernova, on blank sky a transient"
+TYPE_RULE = (
+    "the rule (type_detections' baseline): a trail is an asteroid; on a point source of the reference a "
+    "variable star, on an extended one a supernova, on blank sky a transient"
+)
 
 
-def type_records(detections: Sequence[dict], truth: Sequence[Truth], *, radius: float = MATCH_RADIUS, key: str = "type") -> list[tuple[str, str, float]]:
-    """(true type, assigned type, SNR) of each recovered change: the nearest typed detection within `radius` (of a trail's segment for an asteroid).
+def type_records(
+    detections: Sequence[dict], truth: Sequence[Truth], *, radius: float = MATCH_RADIUS, key: str = "type"
+) -> list[tuple[str, str, float]]:
+    """(true type, assigned type, SNR) of each recovered change: the nearest typed detection within `radius` (of a
+    trail's segment for an asteroid).
 
     `key` is the detections' entry that holds the assigned type (``rule_type``: the rule's).
     """
@@ -4472,16 +5094,26 @@ def type_records(detections: Sequence[dict], truth: Sequence[Truth], *, radius: 
 
 
 def summarise_types(records: Sequence[tuple[str, str, float]]) -> dict:
-    """Confusion matrix of the types, overall and per SNR bin (TYPE_SNR_EDGES), with per-type recall and precision (95% Wilson intervals) and accuracy."""
+    """Confusion matrix of the types, overall and per SNR bin (TYPE_SNR_EDGES), with per-type recall and precision (95%
+    Wilson intervals) and accuracy."""
+
     def block(rows):
         matrix = {t: {p: sum(1 for a, b, _ in rows if a == t and b == p) for p in ANOMALY_TYPES} for t in ANOMALY_TYPES}
         recall = {t: _ratio(matrix[t][t], sum(matrix[t].values())) for t in ANOMALY_TYPES}
         precision = {p: _ratio(matrix[p][p], sum(matrix[t][p] for t in ANOMALY_TYPES)) for p in ANOMALY_TYPES}
-        return dict(matrix=matrix, recall=recall, precision=precision, accuracy=_ratio(sum(a == b for a, b, _ in rows), len(rows)), n=len(rows))
+        return dict(
+            matrix=matrix,
+            recall=recall,
+            precision=precision,
+            accuracy=_ratio(sum(a == b for a, b, _ in rows), len(rows)),
+            n=len(rows),
+        )
 
     bins = []
     for low, high in zip(TYPE_SNR_EDGES[:-1], TYPE_SNR_EDGES[1:]):
-        bins.append(dict(snr=[low, None if math.isinf(high) else high], **block([r for r in records if low <= r[2] < high])))
+        bins.append(
+            dict(snr=[low, None if math.isinf(high) else high], **block([r for r in records if low <= r[2] < high]))
+        )
     return dict(overall=block(records), by_snr=bins)
 
 
@@ -4542,10 +5174,31 @@ def autocast_context(device: torch.device) -> tuple[contextlib.AbstractContextMa
 # which names what it replaces. Default run directories are made with an exclusive mkdir.
 
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png", "types.png")
-PREDICTION_OUTPUTS = ("detections.csv", "detections.json", "detections.ecsv", "detections.reg", "mask.fits", "significance.fits", "overlay.png")
+PREDICTION_OUTPUTS = (
+    "detections.csv",
+    "detections.json",
+    "detections.ecsv",
+    "detections.reg",
+    "mask.fits",
+    "significance.fits",
+    "overlay.png",
+)
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
 TYPE_PROBABILITY_COLUMNS = tuple(f"p_{kind}" for kind in ANOMALY_TYPES)
-DETECTION_COLUMNS = ("x", "y", "ra", "dec", "score", "significance", "area_px", "type", "p_real", *TYPE_PROBABILITY_COLUMNS, "trail_length_px", "trail_angle_deg")
+DETECTION_COLUMNS = (
+    "x",
+    "y",
+    "ra",
+    "dec",
+    "score",
+    "significance",
+    "area_px",
+    "type",
+    "p_real",
+    *TYPE_PROBABILITY_COLUMNS,
+    "trail_length_px",
+    "trail_angle_deg",
+)
 COMPARISON_OUTPUTS = ("comparison.json", "comparison.md", "comparison.png")
 
 
@@ -4576,7 +5229,11 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
     if found and not overwrite:
         hint = ", continue it with --resume DIR/last.pt," if kind == "training run" else ""
         article = "an" if kind[0] in "aeiou" else "a"
-        msg = f"{directory} already holds {article} {kind} ({', '.join(found)}): choose another --output-dir{hint} or pass --overwrite to replace it"
+        msg = (
+            f"{directory} already holds {article} {kind} ({', '.join(found)}): choose another "
+            f"--output-dir{hint} or "
+            "pass --overwrite to replace it"
+        )
         raise AstridError(msg)
     if found:
         gone = [name for name in remove if os.path.lexists(directory / name) and not (directory / name).is_dir()]
@@ -4588,12 +5245,23 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
 
 # --- Tracking: MLflow and CodeCarbon
 
+
 class TrackingError(AstridError):
     """MLflow failed and --mlflow-optional was not given: the run stops, its checkpoints kept."""
 
 
 # Not astroquery: it installs its own Logger class at import, which must not exist before.
-_NOISY_LOGGERS = ("mlflow", "alembic", "codecarbon", "urllib3", "matplotlib", "PIL", "git", "torch._export", "torch.export")
+_NOISY_LOGGERS = (
+    "mlflow",
+    "alembic",
+    "codecarbon",
+    "urllib3",
+    "matplotlib",
+    "PIL",
+    "git",
+    "torch._export",
+    "torch.export",
+)
 
 
 def _quiet_loggers(level: int = logging.ERROR) -> None:
@@ -4668,7 +5336,9 @@ def mark_model_training(experiment: Any, client: Any = None) -> None:
     import mlflow  # lazy: 1 s of import; only tracking needs it
 
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        (client or mlflow.MlflowClient()).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        (client or mlflow.MlflowClient()).set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+        )
 
 
 def ensure_experiment(client: Any, name: str, *, tracking_uri: str) -> Any:
@@ -4723,7 +5393,11 @@ def _check_checkpoint_size(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, ValueError):
         return
     if total > MAX_CHECKPOINT_BYTES:
-        msg = f"cannot load checkpoint {path}: it unpacks to {total / 2**30:.1f} GiB, more than any AstrID checkpoint ({MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)"
+        msg = (
+            f"cannot load checkpoint {path}: it unpacks to {total / 2**30:.1f} GiB, more than any AstrID "
+            "checkpoint "
+            f"({MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)"
+        )
         raise AstridError(msg)
 
 
@@ -4739,10 +5413,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's own text suggests weights_only=False, exactly what must not be done here.
-        msg = f"cannot load checkpoint {path}: not a safe AstrID checkpoint (it holds objects other than tensors and plain data; refused by weights_only=True)"
+        msg = (
+            f"cannot load checkpoint {path}: not a safe AstrID checkpoint (it holds objects other than tensors "
+            "and "
+            "plain data; refused by weights_only=True)"
+        )
         raise AstridError(msg) from None
     except Exception as exc:
-        msg = f"cannot load checkpoint {path}: not a safe AstrID checkpoint (unreadable: {type(exc).__name__}; corrupt, truncated or not a torch file)"
+        msg = (
+            f"cannot load checkpoint {path}: not a safe AstrID checkpoint (unreadable: {type(exc).__name__}; "
+            "corrupt, truncated or not a torch file)"
+        )
         raise AstridError(msg) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         msg = f"{path} is not an AstrID checkpoint (expected format {CHECKPOINT_FORMAT})"
@@ -4754,7 +5435,8 @@ SANE_LOGIT = 1e4  # a trained U-Net's logits stay within tens; beyond this, its 
 
 
 def check_model_sanity(model: StandaloneUNet, *, path: str | os.PathLike = "checkpoint") -> None:
-    """Refuse weights that are finite but broken: invalid BatchNorm statistics, or logits non-finite or absurd on a reference input.
+    """Refuse weights that are finite but broken: invalid BatchNorm statistics, or logits non-finite or absurd on a
+    reference input.
 
     The reference input is a fixed noise pair with a point source (seeded, 32x32): a model
     scaled by 1e30 overflows there, where a NaN check on the weights alone would pass it.
@@ -4774,11 +5456,16 @@ def check_model_sanity(model: StandaloneUNet, *, path: str | os.PathLike = "chec
     model.train(was_training)
     largest = float(logits.abs().max()) if bool(torch.isfinite(logits).all()) else math.inf
     if not largest < SANE_LOGIT:
-        msg = f"{path}: its weights are finite but broken (logits reach {largest:.3g} on a reference input; a trained model stays below {SANE_LOGIT:g})"
+        msg = (
+            f"{path}: its weights are finite but broken (logits reach {largest:.3g} on a reference input; a "
+            "trained "
+            f"model stays below {SANE_LOGIT:g})"
+        )
         raise AstridError(msg)
 
 
-MODEL_CONFIG = {"in_channels": 3, "out_channels": 1, "width": None, "types": len(ANOMALY_TYPES)}  # fixed values; None: any positive int
+# fixed values; None: any positive int
+MODEL_CONFIG = {"in_channels": 3, "out_channels": 1, "width": None, "types": len(ANOMALY_TYPES)}
 
 
 def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoint") -> StandaloneUNet:
@@ -4811,7 +5498,11 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
         expected = StandaloneUNet(**config).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
         details = "; ".join(
             part
@@ -4827,7 +5518,10 @@ def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoin
     # NaN weights would predict nothing, silently: "0 detections" is not an answer.
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
-        msg = f"{path} has non-finite weights (NaN or inf in {len(broken)} of {len(state)} tensors, e.g. {broken[0]}): the run that saved it diverged"
+        msg = (
+            f"{path} has non-finite weights (NaN or inf in {len(broken)} of {len(state)} tensors, e.g. "
+            f"{broken[0]}): the run that saved it diverged"
+        )
         raise AstridError(msg)
     model = StandaloneUNet(**config)
     model.load_state_dict(state)
@@ -4919,7 +5613,8 @@ def load_predictor(*, checkpoint: str | None, threshold: float | None, device: s
 # ----------------------------------------------------------------------------
 
 
-PREDICT_TILE = 1536  # px, the largest network window (a multiple of 16): at most ~1 GB of activations (410 B per px at width 16)
+# px, the largest network window (a multiple of 16): at most ~1 GB of activations (410 B per px at width 16)
+PREDICT_TILE = 1536
 
 
 # Context each window keeps around its core. A pixel's output depends on far more than its
@@ -4934,7 +5629,9 @@ PREDICT_BATCH_PIXELS = 16 * 256 * 256  # window px per forward pass
 PROGRESS_PIXELS = 8 * 2**20  # window px beyond which a map shows a progress bar (about 20 s on a 2-core CPU)
 
 
-def _windows(n: int, *, tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN) -> tuple[int, list[tuple[int, int, int]]]:
+def _windows(
+    n: int, *, tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN
+) -> tuple[int, list[tuple[int, int, int]]]:
     """Along one axis of n px: the window size, and (core start, core length, window start) of each window.
 
     A side up to `tile` px is one window. A longer side is cut into the fewest equal cores
@@ -4959,14 +5656,16 @@ def _windows(n: int, *, tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN) 
 
 @torch.no_grad()
 def network_maps(logits: torch.Tensor, *, types: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The change probability (N, H, W) of a model's logits and, with `types` and a type head, its type probabilities (N, types, H, W)."""
+    """The change probability (N, H, W) of a model's logits and, with `types` and a type head, its type probabilities
+    (N, types, H, W)."""
     logits = logits.float()
     change = F.logsigmoid(logits[:, 0]).exp()
     return change, (torch.softmax(logits[:, 1:], dim=1) if types and logits.shape[1] > 1 else None)
 
 
-def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, batch_size: int = 16,
-                          types: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+def predict_probabilities(
+    model: nn.Module, inputs: torch.Tensor, *, device: torch.device, batch_size: int = 16, types: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Probability maps (N, H, W) float32 for normalised inputs (N, 3, H, W).
 
     With `types`, also the type probabilities (N, types, H, W), or None from a model without a type head.
@@ -4988,9 +5687,18 @@ def predict_probabilities(model: nn.Module, inputs: torch.Tensor, *, device: tor
 
 
 @torch.inference_mode()
-def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, statistics: PairStatistics, device: torch.device,
-                    tile: int = PREDICT_TILE, margin: int = PREDICT_MARGIN, batch_pixels: int = PREDICT_BATCH_PIXELS,
-                    types: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+def probability_map(
+    model: nn.Module,
+    reference: np.ndarray,
+    science: np.ndarray,
+    *,
+    statistics: PairStatistics,
+    device: torch.device,
+    tile: int = PREDICT_TILE,
+    margin: int = PREDICT_MARGIN,
+    batch_pixels: int = PREDICT_BATCH_PIXELS,
+    types: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Anomaly probability per pixel for a registered pair of any size, in bounded memory.
 
     With `types`, also the type probabilities (types, H, W) in float16 (half the memory of a
@@ -5035,23 +5743,37 @@ def probability_map(model: nn.Module, reference: np.ndarray, science: np.ndarray
 
 
 def raw_pair(raw: RawPair) -> PairSubtraction:
-    """A dataset's raw pair through :func:`subtract_pair`, as `predict` would see it (one photometric scale, known seeing).
+    """A dataset's raw pair through :func:`subtract_pair`, as `predict` would see it (one photometric scale, known
+    seeing).
 
     Simulated epochs are in electrons with no pedestal, so each epoch's gain is its sky level
     over its local sky variance (a coadd of n exposures has gain n): the Poisson noise of the
     sources enters S_corr as it enters the truth's SNR.
     """
+
     def gain(image):
         background, rms = background_map(image)
         level, sigma = float(np.median(background)), float(np.median(rms))
         return level / sigma**2 if level > 0 else None
 
-    return subtract_pair(raw.reference, raw.science, flux_ratio=1.0, seeing=(raw.fwhm_reference, raw.fwhm_science),
-                         gain_reference=gain(raw.reference), gain_science=gain(raw.science))
+    return subtract_pair(
+        raw.reference,
+        raw.science,
+        flux_ratio=1.0,
+        seeing=(raw.fwhm_reference, raw.fwhm_science),
+        gain_reference=gain(raw.reference),
+        gain_science=gain(raw.science),
+    )
 
 
-def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, threshold: float,
-                   valid: np.ndarray | None = None, gate: float | None = None) -> list[dict]:
+def detect_changes(
+    prob: np.ndarray,
+    significance: np.ndarray | Subtraction,
+    *,
+    threshold: float,
+    valid: np.ndarray | None = None,
+    gate: float | None = None,
+) -> list[dict]:
     """What AstrID reports: the significant changes of the difference that the network calls real.
 
     1. Candidates are the sources of ``|S_corr| >= gate`` of both signs, deblended
@@ -5077,8 +5799,13 @@ def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, 
     subtraction = significance if isinstance(significance, Subtraction) else None
     if subtraction is not None:
         valid = subtraction.valid if valid is None else valid & subtraction.valid
-        candidates, segments = significance_candidates(subtraction.significance, gate=gate, valid=valid,
-                                                       score=subtraction.score, score_noise=subtraction.score_noise)
+        candidates, segments = significance_candidates(
+            subtraction.significance,
+            gate=gate,
+            valid=valid,
+            score=subtraction.score,
+            score_noise=subtraction.score_noise,
+        )
         sharp = candidate_sharpness(subtraction, candidates, segments)
         every = candidates
         candidates = [c for c, too_sharp in zip(candidates, sharp) if not too_sharp]
@@ -5106,7 +5833,10 @@ def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, 
     detections = []
     for candidate, score, area, under in sorted(kept, key=lambda k: -k[0]["significance"]):
         held = [other for other, other_under in detections if under & other_under]
-        if any(other["sign"] != candidate["sign"] or candidate["significance"] < COMPANION_FRACTION * other["significance"] for other in held):
+        if any(
+            other["sign"] != candidate["sign"] or candidate["significance"] < COMPANION_FRACTION * other["significance"]
+            for other in held
+        ):
             continue  # a lobe, a ring or a speck inside a change that a stronger candidate holds
         detections.append((candidate, under))
         candidate.update(peak=score, area_px=area)
@@ -5116,9 +5846,13 @@ def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, 
     # Components at any candidate's own peak (kept, vetoed or too sharp) are that candidate's.
     peaks = np.zeros(components.shape, dtype=bool)
     for c in every:
-        peaks[min(max(int(round(c["y"])), 0), peaks.shape[0] - 1), min(max(int(round(c["x"])), 0), peaks.shape[1] - 1)] = True
+        peaks[
+            min(max(int(round(c["y"])), 0), peaks.shape[0] - 1), min(max(int(round(c["x"])), 0), peaks.shape[1] - 1)
+        ] = True
     held = set(np.unique(components[ndimage.binary_dilation(peaks, iterations=2)]).tolist()) if every else set()
-    sig = np.nan_to_num(np.asarray(subtraction.significance if subtraction is not None else significance, dtype=np.float64))
+    sig = np.nan_to_num(
+        np.asarray(subtraction.significance if subtraction is not None else significance, dtype=np.float64)
+    )
     magnitude = np.abs(sig) if valid is None else np.where(valid, np.abs(sig), 0.0)
     free = [k for k in range(1, len(sizes)) if k not in held]
     if free:
@@ -5129,25 +5863,61 @@ def detect_changes(prob: np.ndarray, significance: np.ndarray | Subtraction, *, 
             if value >= gate and local_max[py, px]:  # a peak of its own, not the flank of a neighbour's
                 sign = 1 if sig[py, px] > 0 else -1
                 x, y = _peak_centroid(sign * sig, int(px), int(py))
-                detections.append((dict(x=x, y=y, peak=float(score), significance=float(value), sign=sign, area_px=int(sizes[label])), {label}))
-    return [dict(x=c["x"], y=c["y"], peak=c["peak"], significance=c["significance"], sign=c["sign"], area_px=c["area_px"],
-                 elongation=c.get("elongation", 1.0), a=c.get("a", 0.0), theta=c.get("theta", 0.0))
-            for c, _ in sorted(detections, key=lambda d: (d[0]["y"], d[0]["x"]))]
+                detections.append(
+                    (
+                        dict(
+                            x=x, y=y, peak=float(score), significance=float(value), sign=sign, area_px=int(sizes[label])
+                        ),
+                        {label},
+                    )
+                )
+    return [
+        dict(
+            x=c["x"],
+            y=c["y"],
+            peak=c["peak"],
+            significance=c["significance"],
+            sign=c["sign"],
+            area_px=c["area_px"],
+            elongation=c.get("elongation", 1.0),
+            a=c.get("a", 0.0),
+            theta=c.get("theta", 0.0),
+        )
+        for c, _ in sorted(detections, key=lambda d: (d[0]["y"], d[0]["x"]))
+    ]
 
 
 def significance_detections(subtraction: Subtraction, *, gate: float | None = None) -> list[dict]:
-    """The classical peer of :func:`detect_changes`: every deblended |S_corr| >= gate candidate that is not sharper than the PSF, with no network.
+    """The classical peer of :func:`detect_changes`: every deblended |S_corr| >= gate candidate that is not sharper than
+    the PSF, with no network.
 
     What AstrID would report if it trusted the difference alone: the network's veto is
     judged by how much completeness it costs against this, and how much bogus it removes.
     """
     gate = SIGNIFICANCE_GATE if gate is None else gate
-    candidates, segments = significance_candidates(subtraction.significance, gate=gate, valid=subtraction.valid,
-                                                   score=subtraction.score, score_noise=subtraction.score_noise)
+    candidates, segments = significance_candidates(
+        subtraction.significance,
+        gate=gate,
+        valid=subtraction.valid,
+        score=subtraction.score,
+        score_noise=subtraction.score_noise,
+    )
     sharp = candidate_sharpness(subtraction, candidates, segments)
-    return [dict(x=c["x"], y=c["y"], peak=1.0, significance=c["significance"], sign=c["sign"], area_px=int(np.count_nonzero(segments == c["segment"])),
-                 elongation=c["elongation"], a=c["a"], theta=c["theta"])
-            for c, too_sharp in zip(candidates, sharp) if not too_sharp]
+    return [
+        dict(
+            x=c["x"],
+            y=c["y"],
+            peak=1.0,
+            significance=c["significance"],
+            sign=c["sign"],
+            area_px=int(np.count_nonzero(segments == c["segment"])),
+            elongation=c["elongation"],
+            a=c["a"],
+            theta=c["theta"],
+        )
+        for c, too_sharp in zip(candidates, sharp)
+        if not too_sharp
+    ]
 
 
 # --- What changed: a type per detection from the cues the pair shows (the rule-based typer)
@@ -5157,18 +5927,21 @@ def significance_detections(subtraction: Subtraction, *, gate: float | None = No
 # the PSF-filtered score), at an axis ratio of at least TRAIL_ELONGATION (or ELONGATED alone).
 TRAIL_AXIS = 1.5
 TRAIL_ELONGATION = 1.4
-REFERENCE_SOURCE_SIGMA = 4.0  # the reference's brightest pixel within 2 px of a change, in its pixel noise, above which the change sits on a source
-STAR_OFFSET = 1.2  # px: a variable star's change is centred on the reference star's peak; a supernova's is off its host's centre
-STAR_CONCENTRATION = 0.6  # of the PSF's light within 1.5 px relative to 5 px: a source less concentrated is extended (a host galaxy)
+# the reference's brightest pixel within 2 px of a change, in its pixel noise, above which the change sits on a source
+REFERENCE_SOURCE_SIGMA = 4.0
+# px: a variable star's change is centred on the reference star's peak; a supernova's is off its host's centre
+STAR_OFFSET = 1.2
+# of the PSF's light within 1.5 px relative to 5 px: a source less concentrated is extended (a host galaxy)
+STAR_CONCENTRATION = 0.6
 
 
 def _concentration(image: np.ndarray, x: float, y: float) -> float | None:
     """Light within 1.5 px of (x, y) over light within 5 px, or None where the 5 px disc holds none."""
     h, w = image.shape
     x0, y0 = int(round(x)), int(round(y))
-    rows, cols = np.ogrid[max(y0 - 5, 0):min(y0 + 6, h), max(x0 - 5, 0):min(x0 + 6, w)]
+    rows, cols = np.ogrid[max(y0 - 5, 0) : min(y0 + 6, h), max(x0 - 5, 0) : min(x0 + 6, w)]
     r = np.hypot(cols - x, rows - y)
-    stamp = np.nan_to_num(image[max(y0 - 5, 0):min(y0 + 6, h), max(x0 - 5, 0):min(x0 + 6, w)])
+    stamp = np.nan_to_num(image[max(y0 - 5, 0) : min(y0 + 6, h), max(x0 - 5, 0) : min(x0 + 6, w)])
     outer = float(stamp[r <= 5.0].sum())
     return float(stamp[r <= 1.5].sum()) / outer if outer > 0 else None
 
@@ -5184,7 +5957,9 @@ def type_probabilities(detection: dict, type_prob: np.ndarray, prob: np.ndarray,
     x0, y0, r = int(round(detection["x"])), int(round(detection["y"])), int(math.ceil(radius))
     rows, cols = slice(max(y0 - r, 0), min(y0 + r + 1, h)), slice(max(x0 - r, 0), min(x0 + r + 1, w))
     yy, xx = np.ogrid[rows, cols]
-    weight = np.where(np.hypot(xx - detection["x"], yy - detection["y"]) <= radius, prob[rows, cols], 0.0).astype(np.float64)
+    weight = np.where(np.hypot(xx - detection["x"], yy - detection["y"]) <= radius, prob[rows, cols], 0.0).astype(
+        np.float64
+    )
     if weight.sum() <= 0:
         weight = np.ones_like(weight)
     p = (type_prob[:, rows, cols].astype(np.float64) * weight).sum(axis=(1, 2)) / weight.sum()
@@ -5208,8 +5983,15 @@ def _rule_types(detections: Sequence[dict], pair: PairSubtraction) -> list[dict]
         cues = dict(trail_length_px=None, trail_angle_deg=None, reference_peak_sigma=None, reference_offset_px=None)
         elongation, axis = det.get("elongation", 1.0), det.get("a", 0.0)
         if elongation >= ELONGATED or (elongation >= TRAIL_ELONGATION and axis >= TRAIL_AXIS * point_axis):
-            typed.append({**det, "type": "asteroid", **cues, "trail_length_px": float(math.sqrt(12.0) * axis),
-                          "trail_angle_deg": float(math.degrees(det.get("theta", 0.0))) % 180.0})
+            typed.append(
+                {
+                    **det,
+                    "type": "asteroid",
+                    **cues,
+                    "trail_length_px": float(math.sqrt(12.0) * axis),
+                    "trail_angle_deg": float(math.degrees(det.get("theta", 0.0))) % 180.0,
+                }
+            )
             continue
         x0, y0 = int(round(x)), int(round(y))
         rows, cols = slice(max(y0 - 2, 0), min(y0 + 3, h)), slice(max(x0 - 2, 0), min(x0 + 3, w))
@@ -5225,15 +6007,25 @@ def _rule_types(detections: Sequence[dict], pair: PairSubtraction) -> list[dict]
             kind = "transient"
         else:
             concentration = _concentration(reference, cols.start + ix, rows.start + iy)
-            star = offset <= STAR_OFFSET and concentration is not None and concentration >= STAR_CONCENTRATION * psf_concentration
+            star = (
+                offset <= STAR_OFFSET
+                and concentration is not None
+                and concentration >= STAR_CONCENTRATION * psf_concentration
+            )
             kind = "variable_star" if star else "supernova"
         typed.append({**det, "type": kind, **cues})
     return typed
 
 
-def type_detections(detections: Sequence[dict], pair: PairSubtraction, *, type_prob: np.ndarray | None = None,
-                    prob: np.ndarray | None = None) -> list[dict]:
-    """Each detection with its ``type``, the cues it was read from and, from a model with a type head, its class probabilities.
+def type_detections(
+    detections: Sequence[dict],
+    pair: PairSubtraction,
+    *,
+    type_prob: np.ndarray | None = None,
+    prob: np.ndarray | None = None,
+) -> list[dict]:
+    """Each detection with its ``type``, the cues it was read from and, from a model with a type head, its class
+    probabilities.
 
     With the type head's maps (`type_prob`, (types, H, W), and the change probability `prob`)
     each detection gets ``p_<type>`` (:func:`type_probabilities`) and its ``type`` is the most
@@ -5266,7 +6058,8 @@ def type_detections(detections: Sequence[dict], pair: PairSubtraction, *, type_p
         p = type_probabilities(det, type_prob, prob, radius=radius)
         kind = max(ANOMALY_TYPES, key=lambda k: p[f"p_{k}"])
         if det["type"] == "variable_star" and kind != "asteroid":
-            kind = "variable_star"  # a point source of the reference centred on the change: a cue the head weighs less sharply than the rule
+            # a point source of the reference centred on the change: a cue the head weighs less sharply than the rule
+            kind = "variable_star"
         learned.append({**det, "rule_type": det["type"], "type": kind, **p})
     return learned
 
@@ -5281,8 +6074,17 @@ class PairDetections(NamedTuple):
     pair: PairSubtraction  # the registered, background-subtracted pair and how it was made
 
 
-def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *, threshold: float, device: torch.device, flux_ratio: float | None = None,
-                 seeing: tuple[float, float] | None = None, **pair: Any) -> PairDetections:
+def find_changes(
+    model: nn.Module,
+    reference: np.ndarray,
+    science: np.ndarray,
+    *,
+    threshold: float,
+    device: torch.device,
+    flux_ratio: float | None = None,
+    seeing: tuple[float, float] | None = None,
+    **pair: Any,
+) -> PairDetections:
     """Run AstrID on one pair of any size: what `predict` and the null tests share.
 
     1. :func:`subtract_pair`: registration, seeing, local backgrounds, the flux ratio (refused
@@ -5295,9 +6097,13 @@ def find_changes(model: nn.Module, reference: np.ndarray, science: np.ndarray, *
     """
     sub = subtract_pair(reference, science, flux_ratio=flux_ratio, seeing=seeing, **pair)
     valid = sub.subtraction.valid
-    prob, type_prob = probability_map(model, sub.reference, sub.science, statistics=sub.statistics, device=device, types=True)
+    prob, type_prob = probability_map(
+        model, sub.reference, sub.science, statistics=sub.statistics, device=device, types=True
+    )
     prob[~valid] = 0.0  # no claims where either epoch has no data
-    detections = type_detections(detect_changes(prob, sub.subtraction, threshold=threshold, valid=valid), sub, type_prob=type_prob, prob=prob)
+    detections = type_detections(
+        detect_changes(prob, sub.subtraction, threshold=threshold, valid=valid), sub, type_prob=type_prob, prob=prob
+    )
     return PairDetections(detections, prob, sub.subtraction.significance, valid, sub)
 
 
@@ -5306,15 +6112,29 @@ def detection_catalog(detections: Sequence[dict], *, wcs: Any = None) -> list[di
     rows = []
     for det in detections:
         ra, dec = pixel_to_icrs(wcs, det["x"], det["y"]) if wcs is not None else (None, None)
-        rows.append(dict(x=det["x"], y=det["y"], ra=ra, dec=dec, score=det["peak"], significance=det.get("sign", 1) * det["significance"],
-                         area_px=det["area_px"], type=det.get("type", "anomaly"), p_real=det["peak"], **{k: det.get(k) for k in TYPE_PROBABILITY_COLUMNS},
-                         trail_length_px=det.get("trail_length_px"), trail_angle_deg=det.get("trail_angle_deg")))
+        rows.append(
+            dict(
+                x=det["x"],
+                y=det["y"],
+                ra=ra,
+                dec=dec,
+                score=det["peak"],
+                significance=det.get("sign", 1) * det["significance"],
+                area_px=det["area_px"],
+                type=det.get("type", "anomaly"),
+                p_real=det["peak"],
+                **{k: det.get(k) for k in TYPE_PROBABILITY_COLUMNS},
+                trail_length_px=det.get("trail_length_px"),
+                trail_angle_deg=det.get("trail_angle_deg"),
+            )
+        )
     return sorted(rows, key=lambda r: -r["score"])
 
 
 # --- AstrID as an MLflow model: the pyfunc flavour that the rest of a survey system loads
 
-REGISTERED_MODEL = "astrid"  # the Model Registry's name for AstrID's models; alias CHAMPION_ALIAS marks the weights predict uses by default
+# the Model Registry's name for AstrID's models; alias CHAMPION_ALIAS marks the weights predict uses by default
+REGISTERED_MODEL = "astrid"
 CHAMPION_ALIAS = "champion"
 
 
@@ -5343,7 +6163,10 @@ def pyfunc_predict(predictor: Any, model_input: Any) -> Any:
     elif isinstance(model_input, dict):
         pairs = [model_input]
     else:
-        msg = f"AstrID's pyfunc model takes a mapping or a DataFrame with columns science and reference, got {type(model_input).__name__}"
+        msg = (
+            "AstrID's pyfunc model takes a mapping or a DataFrame with columns science and reference, got "
+            f"{type(model_input).__name__}"
+        )
         raise DataError(msg)
     rows = []
     for k, pair in enumerate(pairs):
@@ -5352,14 +6175,24 @@ def pyfunc_predict(predictor: Any, model_input: Any) -> Any:
             raise DataError(msg)
         science, header_s, wcs_s = _pair_image(pair["science"], what=f"pair {k} science")
         reference, header_r, wcs_r = _pair_image(pair["reference"], what=f"pair {k} reference")
-        found = find_changes(predictor.model, reference, science, threshold=predictor.threshold, device=predictor.device,
-                             wcs_reference=wcs_r, wcs_science=wcs_s, header_reference=header_r, header_science=header_s)
+        found = find_changes(
+            predictor.model,
+            reference,
+            science,
+            threshold=predictor.threshold,
+            device=predictor.device,
+            wcs_reference=wcs_r,
+            wcs_science=wcs_s,
+            header_reference=header_r,
+            header_science=header_s,
+        )
         rows += [dict(pair=k, **row) for row in detection_catalog(found.detections, wcs=wcs_s)]
     return pd.DataFrame(rows, columns=["pair", *DETECTION_COLUMNS])
 
 
 def pyfunc_model() -> Any:
-    """AstrID as an ``mlflow.pyfunc.PythonModel``: loads its checkpoint artifact (``weights_only``), predicts with :func:`pyfunc_predict`."""
+    """AstrID as an ``mlflow.pyfunc.PythonModel``: loads its checkpoint artifact (``weights_only``), predicts with
+    :func:`pyfunc_predict`."""
     import mlflow.pyfunc  # lazy: 1 s of import; only tracking needs it
 
     # No type hints on predict: MLflow would turn them into a rigid input schema, and AstrID's
@@ -5377,11 +6210,14 @@ def pyfunc_model() -> Any:
 
 # The model's code, for MLflow's models-from-code: the model is this module's pyfunc_model(),
 # so nothing is pickled; the checkpoint is an artifact loaded with weights_only.
-PYFUNC_CODE = "import mlflow\nimport standalone_training\n\nmlflow.models.set_model(standalone_training.pyfunc_model())\n"
+PYFUNC_CODE = (
+    "import mlflow\nimport standalone_training\n\nmlflow.models.set_model(standalone_training.pyfunc_model())\n"
+)
 
 
 def log_astrid_model(checkpoint: Path, *, register: bool = True) -> Any:
-    """Log `checkpoint` to the active MLflow run as AstrID's pyfunc model (name "model") and register it as a version of REGISTERED_MODEL.
+    """Log `checkpoint` to the active MLflow run as AstrID's pyfunc model (name "model") and register it as a version of
+    REGISTERED_MODEL.
 
     ``mlflow.pyfunc.load_model(uri).predict({"science": ..., "reference": ...})`` then finds
     the changes of a pair (:func:`pyfunc_predict`). A registry that cannot register (a
@@ -5394,16 +6230,24 @@ def log_astrid_model(checkpoint: Path, *, register: bool = True) -> Any:
         code = Path(scratch) / "astrid_model.py"
         code.write_text(PYFUNC_CODE)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(code), artifacts={"checkpoint": str(checkpoint)},
+            name="model",
+            python_model=str(code),
+            artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(__file__).resolve())],
             # Stated, not inferred: inference would re-import every dependency.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"numpy=={np.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
         )
     if register:
         try:
             mlflow.register_model(info.model_uri, REGISTERED_MODEL)
         except Exception as exc:  # a store without a Model Registry: the logged model stands
-            log.warning("the model is logged but not registered as %r (%s)", REGISTERED_MODEL, _one_line(exc, limit=160))
+            log.warning(
+                "the model is logged but not registered as %r (%s)", REGISTERED_MODEL, _one_line(exc, limit=160)
+            )
     return info
 
 
@@ -5413,10 +6257,12 @@ NULL_NOISE_LEVELS = (0.25, 1.0, 4.0)  # reference noise added, in units of the f
 NULL_NOISE_RATIOS = (1 / 3, 1.0, 3.0, 10.0)  # science noise / reference noise
 NULL_FLUX_RATIOS = (0.1, 0.3, 3.0, 10.0)  # science / reference flux scale, at the frame's own noise level
 NULL_SEEING_RATIOS = (1.25, 1.5)  # science / reference FWHM: the science epoch blurred, at the frame's own noise level
-NULL_KINDS = ("noise", "flux", "seeing", "gradient", "shift", "correlated")  # the battery's kinds of pair, beside the identical one
+# the battery's kinds of pair, beside the identical one
+NULL_KINDS = ("noise", "flux", "seeing", "gradient", "shift", "correlated")
 NULL_GRADIENTS = (5.0, 20.0)  # sigma, corner to corner: a sky gradient in the reference epoch only
 NULL_SHIFTS = (0.3,)  # px: the science epoch resampled by this much along x and y (a residual misregistration)
-NULL_CORRELATION = 1.0  # px: both epochs' noise smoothed by a Gaussian of this sigma (resampled or drizzled frames), at the frame's noise
+# px: both epochs' noise smoothed by a Gaussian of this sigma (resampled or drizzled frames), at the frame's noise
+NULL_CORRELATION = 1.0
 
 
 class NullFrame(NamedTuple):
@@ -5426,10 +6272,18 @@ class NullFrame(NamedTuple):
     data: np.ndarray  # 2-D, any units, NaN where there is no data
 
 
-def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[float] = NULL_NOISE_LEVELS,
-               ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
-               seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS, gradients: Sequence[float] = NULL_GRADIENTS,
-               shifts: Sequence[float] = NULL_SHIFTS, correlated: bool = True) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+def null_pairs(
+    frame: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    levels: Sequence[float] = NULL_NOISE_LEVELS,
+    ratios: Sequence[float] = NULL_NOISE_RATIOS,
+    flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
+    seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS,
+    gradients: Sequence[float] = NULL_GRADIENTS,
+    shifts: Sequence[float] = NULL_SHIFTS,
+    correlated: bool = True,
+) -> list[tuple[dict, np.ndarray, np.ndarray]]:
     """Pairs in which nothing changed, made from one frame: ``(case, reference, science)``.
 
     - the identical pair (science is the reference);
@@ -5461,7 +6315,9 @@ def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[
     for seeing in seeing_ratios:
         blur = math.sqrt(seeing**2 - 1.0) * fwhm / 2.3548  # Gaussian sigma that widens the FWHM by `seeing`
         reference = frame + rng.normal(0.0, sigma, frame.shape)
-        science = ndimage.gaussian_filter(np.nan_to_num(frame, nan=float(np.nanmedian(frame))), blur) + rng.normal(0.0, sigma, frame.shape)
+        science = ndimage.gaussian_filter(np.nan_to_num(frame, nan=float(np.nanmedian(frame))), blur) + rng.normal(
+            0.0, sigma, frame.shape
+        )
         science[~np.isfinite(frame)] = np.nan
         pairs.append((dict(kind="seeing", seeing_ratio=float(seeing)), reference, science))
     h, w = frame.shape
@@ -5477,15 +6333,26 @@ def null_pairs(frame: np.ndarray, rng: np.random.Generator, *, levels: Sequence[
         science[~np.isfinite(frame)] = np.nan
         pairs.append((dict(kind="shift", shift_px=float(shift)), frame + rng.normal(0.0, sigma, frame.shape), science))
     if correlated:
+
         def smooth_noise() -> np.ndarray:
             noise = ndimage.gaussian_filter(rng.normal(0.0, 1.0, frame.shape), NULL_CORRELATION)
             return noise * (sigma / float(np.std(noise)))
-        pairs.append((dict(kind="correlated", smoothing_px=NULL_CORRELATION), frame + smooth_noise(), frame + smooth_noise()))
+
+        pairs.append(
+            (dict(kind="correlated", smoothing_px=NULL_CORRELATION), frame + smooth_noise(), frame + smooth_noise())
+        )
     return pairs
 
 
-def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAULT_NULL_SEED, real: bool = True, real_size: int | None = None,
-                fits_dir: str | os.PathLike = "") -> list[NullFrame]:
+def null_frames(
+    *,
+    synthetic: int = 2,
+    image_size: int = 256,
+    seed: int = DEFAULT_NULL_SEED,
+    real: bool = True,
+    real_size: int | None = None,
+    fits_dir: str | os.PathLike = "",
+) -> list[NullFrame]:
     """Frames for the null tests: simulated static skies, the real M13 cutout astropy ships, and `fits_dir`'s frames.
 
     The simulated skies are reference epochs of the simulator with nothing injected and no
@@ -5493,16 +6360,32 @@ def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAUL
     globular cluster: crowded, photographic, integer-valued, and never used in training
     (`real_size` takes its central square of that side instead, the cluster's core).
     """
-    sky = dataclasses.replace(SkyConfig(), empty_fraction=1.0, cosmic_rays_per_field=0.0, hot_pixels_per_field=0.0, star_density=(0.002, 0.012))
+    sky = dataclasses.replace(
+        SkyConfig(),
+        empty_fraction=1.0,
+        cosmic_rays_per_field=0.0,
+        hot_pixels_per_field=0.0,
+        star_density=(0.002, 0.012),
+    )
     frames = [
-        NullFrame(f"simulated static sky {k}", simulate_sky(np.random.default_rng([seed, SEED_STREAMS["null"], k]), image_size=image_size, sky=sky).reference.astype(np.float64))
+        NullFrame(
+            f"simulated static sky {k}",
+            simulate_sky(
+                np.random.default_rng([seed, SEED_STREAMS["null"], k]), image_size=image_size, sky=sky
+            ).reference.astype(np.float64),
+        )
         for k in range(synthetic)
     ]
     if real and M13_FITS.is_file():
         data = read_fits_image(M13_FITS)[0]
         if real_size is not None and real_size < min(data.shape):
             top, left = (data.shape[0] - real_size) // 2, (data.shape[1] - real_size) // 2
-            frames.append(NullFrame(f"M13 core, {real_size}x{real_size} px (DSS, astropy's SkyView cutout)", data[top:top + real_size, left:left + real_size]))
+            frames.append(
+                NullFrame(
+                    f"M13 core, {real_size}x{real_size} px (DSS, astropy's SkyView cutout)",
+                    data[top : top + real_size, left : left + real_size],
+                )
+            )
         else:
             frames.append(NullFrame("M13 (DSS, astropy's SkyView cutout)", data))
     if fits_dir:
@@ -5511,10 +6394,22 @@ def null_frames(*, synthetic: int = 2, image_size: int = 256, seed: int = DEFAUL
     return frames
 
 
-def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_NULL_SEED,
-                 levels: Sequence[float] = NULL_NOISE_LEVELS, ratios: Sequence[float] = NULL_NOISE_RATIOS, flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
-                 seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS, gradients: Sequence[float] = NULL_GRADIENTS,
-                 shifts: Sequence[float] = NULL_SHIFTS, correlated: bool = True, stop: Callable[[], bool] | None = None) -> dict:
+def null_battery(
+    model: nn.Module,
+    frames: Sequence[NullFrame],
+    *,
+    threshold: float,
+    device: torch.device,
+    seed: int = DEFAULT_NULL_SEED,
+    levels: Sequence[float] = NULL_NOISE_LEVELS,
+    ratios: Sequence[float] = NULL_NOISE_RATIOS,
+    flux_ratios: Sequence[float] = NULL_FLUX_RATIOS,
+    seeing_ratios: Sequence[float] = NULL_SEEING_RATIOS,
+    gradients: Sequence[float] = NULL_GRADIENTS,
+    shifts: Sequence[float] = NULL_SHIFTS,
+    correlated: bool = True,
+    stop: Callable[[], bool] | None = None,
+) -> dict:
     """False detections where nothing changed: each frame's null pairs through `find_changes`.
 
     `stop`, asked before each pair, ends the battery early (a signal): what was measured is
@@ -5534,8 +6429,17 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
             break
         rng = np.random.default_rng([seed, k])
         cases = []
-        for case, reference, science in null_pairs(frame.data, rng, levels=levels, ratios=ratios, flux_ratios=flux_ratios, seeing_ratios=seeing_ratios,
-                                                   gradients=gradients, shifts=shifts, correlated=correlated):
+        for case, reference, science in null_pairs(
+            frame.data,
+            rng,
+            levels=levels,
+            ratios=ratios,
+            flux_ratios=flux_ratios,
+            seeing_ratios=seeing_ratios,
+            gradients=gradients,
+            shifts=shifts,
+            correlated=correlated,
+        ):
             if stop is not None and stop():
                 break
             megapixels = float(np.count_nonzero(np.isfinite(reference) & np.isfinite(science))) / 1e6
@@ -5546,30 +6450,61 @@ def null_battery(model: nn.Module, frames: Sequence[NullFrame], *, threshold: fl
                 continue
             n = len(found.detections)
             # SExtractor on the same flux-matched, PSF-matched difference: what a plain source finder reports here.
-            n_sep = len(sep_detections(scaled_difference(found.pair.reference, found.pair.science, found.pair.statistics), valid=found.valid))
-            cases.append({**case, "detections": n, "megapixels": megapixels, "per_megapixel": n / megapixels,
-                          "sextractor_per_megapixel": n_sep / megapixels, "fitted_flux_ratio": found.pair.scale["flux_ratio"]})
-        rates = {kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c] for kind in NULL_KINDS}
+            n_sep = len(
+                sep_detections(
+                    scaled_difference(found.pair.reference, found.pair.science, found.pair.statistics),
+                    valid=found.valid,
+                )
+            )
+            cases.append(
+                {
+                    **case,
+                    "detections": n,
+                    "megapixels": megapixels,
+                    "per_megapixel": n / megapixels,
+                    "sextractor_per_megapixel": n_sep / megapixels,
+                    "fitted_flux_ratio": found.pair.scale["flux_ratio"],
+                }
+            )
+        rates = {
+            kind: [c["per_megapixel"] for c in cases if c["kind"] == kind and "per_megapixel" in c]
+            for kind in NULL_KINDS
+        }
         identical = next((c for c in cases if c["kind"] == "identical"), {})
-        reports.append(dict(
-            frame=frame.name, shape=list(frame.data.shape), cases=cases,
-            identical_detections=identical.get("detections"),
-            noise_per_megapixel_max=max(rates["noise"], default=None), noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
-            **{f"{kind}_per_megapixel_max": max(rates[kind], default=None) for kind in NULL_KINDS if kind != "noise"},
-            sextractor_per_megapixel_max=max((c["sextractor_per_megapixel"] for c in cases if "sextractor_per_megapixel" in c), default=None),
-            refused=sum("refused" in c for c in cases),
-        ))
+        reports.append(
+            dict(
+                frame=frame.name,
+                shape=list(frame.data.shape),
+                cases=cases,
+                identical_detections=identical.get("detections"),
+                noise_per_megapixel_max=max(rates["noise"], default=None),
+                noise_per_megapixel_mean=float(np.mean(rates["noise"])) if rates["noise"] else None,
+                **{
+                    f"{kind}_per_megapixel_max": max(rates[kind], default=None)
+                    for kind in NULL_KINDS
+                    if kind != "noise"
+                },
+                sextractor_per_megapixel_max=max(
+                    (c["sextractor_per_megapixel"] for c in cases if "sextractor_per_megapixel" in c), default=None
+                ),
+                refused=sum("refused" in c for c in cases),
+            )
+        )
 
     def worst(key: str) -> float | None:
         values = [r[key] for r in reports if r[key] is not None]
         return max(values) if values else None
 
     summary = dict(
-        frames=len(reports), pairs=sum(len(r["cases"]) for r in reports), refused=sum(r["refused"] for r in reports),
+        frames=len(reports),
+        pairs=sum(len(r["cases"]) for r in reports),
+        refused=sum(r["refused"] for r in reports),
         identical_detections=sum(r["identical_detections"] or 0 for r in reports),
         **{f"{kind}_per_megapixel_max": worst(f"{kind}_per_megapixel_max") for kind in NULL_KINDS},
         sextractor_per_megapixel_max=worst("sextractor_per_megapixel_max"),
-        threshold=float(threshold), significance_gate=SIGNIFICANCE_GATE, stopped=bool(stop is not None and stop()),
+        threshold=float(threshold),
+        significance_gate=SIGNIFICANCE_GATE,
+        stopped=bool(stop is not None and stop()),
     )
     return dict(summary=summary, frames=reports)
 
@@ -5590,7 +6525,9 @@ TYPE_COLOURS = {
 }
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, crop: bool = True, staged: list | None = None) -> Path:
+def save_figure(
+    fig: Figure, path: str | os.PathLike, *, dpi: int = 120, crop: bool = True, staged: list | None = None
+) -> Path:
     """Write a figure as PNG through atomic_write: a symlink at `path` is replaced, never followed.
 
     Figures are ``matplotlib.figure.Figure`` objects, never pyplot's, so plotting works on
@@ -5598,7 +6535,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120, crop: b
     with tight_layout (galleries, curves) keeps its size. A figure that pyplot made (Optuna
     draws its plots that way) is closed once written.
     """
-    path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight" if crop else None), staged=staged)
+    path = atomic_write(
+        path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight" if crop else None), staged=staged
+    )
     if fig.canvas.manager is not None:
         sys.modules["matplotlib.pyplot"].close(fig)
     return path
@@ -5616,7 +6555,9 @@ def _mark_truth(ax, truth: Sequence[Truth]) -> None:
             ax.scatter(obj["x"], obj["y"], s=30, marker="x", color=colour, linewidths=1.0)
 
 
-def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "", threshold: float | None = None) -> Path:
+def save_sample_gallery(
+    rows: Sequence[dict], path: str | os.PathLike, *, title: str = "", threshold: float | None = None
+) -> Path:
     """A PNG grid, one row per sample: reference, science, difference, truth mask[, prediction].
 
     Each row is a dict with ``inputs`` (3, H, W), ``mask`` (H, W), ``truth`` and optionally
@@ -5625,12 +6566,15 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     """
     from matplotlib.figure import Figure  # lazy: see the imports at the top
     from matplotlib.lines import Line2D  # lazy: see the imports at the top
+
     with_prediction = any("prediction" in r for r in rows)
     columns = ["reference", "science", "difference", "truth mask"] + (["prediction"] if with_prediction else [])
     fig = Figure(figsize=(2.3 * len(columns), 2.3 * len(rows)))
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, row in enumerate(rows):
-        panels = [row["inputs"][0], row["inputs"][1], row["inputs"][2], row["mask"]] + ([row.get("prediction", np.zeros_like(row["mask"]))] if with_prediction else [])
+        panels = [row["inputs"][0], row["inputs"][1], row["inputs"][2], row["mask"]] + (
+            [row.get("prediction", np.zeros_like(row["mask"]))] if with_prediction else []
+        )
         for c, (ax, image) in enumerate(zip(axes[r], panels)):
             if c < 2:  # the epochs in units of their noise above the sky (the network's input)
                 shown = ax.imshow(image, cmap="gray", origin="lower", vmin=-1, vmax=5)
@@ -5642,7 +6586,9 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
                     ax.contour(image, levels=[threshold], colors="cyan", linewidths=0.8)
             if r == len(rows) - 1:
                 label = ("noise units", "noise units", "sigma", "changed", "probability")[c]
-                fig.colorbar(shown, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.03, pad=0.02, label=label)
+                fig.colorbar(
+                    shown, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.03, pad=0.02, label=label
+                )
             if c in (1, 2, 3):
                 _mark_truth(ax, row["truth"])
             ax.set_xticks([])
@@ -5652,7 +6598,10 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
             if r == 0:
                 ax.set_title(columns[c], fontsize=9)
         axes[r][0].set_ylabel(row.get("label", f"sample {r}"), fontsize=8)
-    handles = [Line2D([], [], color=colour, marker="o" if t in ANOMALY_TYPES else "x", ls="", label=t.replace("_", " ")) for t, colour in TYPE_COLOURS.items()]
+    handles = [
+        Line2D([], [], color=colour, marker="o" if t in ANOMALY_TYPES else "x", ls="", label=t.replace("_", " "))
+        for t, colour in TYPE_COLOURS.items()
+    ]
     if threshold is not None and with_prediction:
         handles.append(Line2D([], [], color="cyan", lw=0.8, label=f"probability {threshold:.2f} (operating threshold)"))
     fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
@@ -5661,14 +6610,27 @@ def save_sample_gallery(rows: Sequence[dict], path: str | os.PathLike, *, title:
     return save_figure(fig, path, dpi=110, crop=True)
 
 
-def dataset_gallery(dataset: SyntheticAstronomicalDataset, path: str | os.PathLike, *, count: int = 8, title: str = "AstrID synthetic sky") -> Path:
+def dataset_gallery(
+    dataset: SyntheticAstronomicalDataset,
+    path: str | os.PathLike,
+    *,
+    count: int = 8,
+    title: str = "AstrID synthetic sky",
+) -> Path:
     """Gallery of the first `count` samples of a dataset, with their truth markers."""
     rows = []
     for i in range(min(count, len(dataset))):
         inputs, mask = dataset[i]
         truth = dataset.truth(i)
         kinds = sorted({o["type"] for o in truth if o["type"] in ANOMALY_TYPES})
-        rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=truth, label=", ".join(k.replace("_", " ") for k in kinds) or "no anomaly"))
+        rows.append(
+            dict(
+                inputs=inputs.numpy(),
+                mask=mask[0].numpy(),
+                truth=truth,
+                label=", ".join(k.replace("_", " ") for k in kinds) or "no anomaly",
+            )
+        )
     return save_sample_gallery(rows, path, title=f"{title}: circles = anomalies, crosses = bogus")
 
 
@@ -5685,8 +6647,14 @@ def _completeness_axes(ax: Any) -> None:
 MIN_TYPE_BIN = 10  # objects: a per-type completeness point from fewer moves by 10 points or more
 
 
-def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.PathLike, *, summary_sep: dict | None = None,
-                      summary_significance: dict | None = None) -> Path:
+def plot_completeness(
+    summary_net: dict,
+    summary_base: dict,
+    path: str | os.PathLike,
+    *,
+    summary_sep: dict | None = None,
+    summary_significance: dict | None = None,
+) -> Path:
     """Completeness vs SNR: network solid, baseline dashed, one colour per type plus overall.
 
     Overall curves carry their 95% Wilson band.
@@ -5710,6 +6678,7 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
     from matplotlib.figure import Figure  # lazy: see the imports at the top
     from matplotlib.lines import Line2D  # lazy: see the imports at the top
     from matplotlib.patches import Patch  # lazy: see the imports at the top
+
     # Figure, not pyplot: no global backend or state, so this is safe in workers and tests.
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
@@ -5725,12 +6694,15 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
             shown = np.isfinite(y)
             if name != "overall" and "counts" in curve:
                 shown &= np.asarray(curve["counts"]) >= MIN_TYPE_BIN
-            ax.plot(centres[shown], y[shown], style, marker=marker, ms=3, color=colour,
-                    lw=2.2 if name == "overall" else 1.2)
+            ax.plot(
+                centres[shown], y[shown], style, marker=marker, ms=3, color=colour, lw=2.2 if name == "overall" else 1.2
+            )
             if name == "overall" and "low" in curve:
                 # Bins of 20 objects jump by 10 points: the 95% Wilson band says which jumps are noise.
                 low, high = (np.array([np.nan if v is None else v for v in curve[k]]) for k in ("low", "high"))
-                ax.fill_between(centres[shown], low[shown], high[shown], color=colour, alpha=0.12 if style == "-" else 0.06, lw=0)
+                ax.fill_between(
+                    centres[shown], low[shown], high[shown], color=colour, alpha=0.12 if style == "-" else 0.06, lw=0
+                )
     for extra, style, marker in ((summary_sep, ":", "^"), (summary_significance, "-.", "D")):
         if extra is None:
             continue
@@ -5739,10 +6711,11 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
         shown = np.isfinite(y)
         ax.plot(np.asarray(curve["centres"])[shown], y[shown], style, marker=marker, ms=3, color="black", lw=1.6)
     _completeness_axes(ax)
-    type_handles = [Line2D([], [], color=c, lw=2, label=n.replace("_", " "))
-                    for n, c in colours.items()]
-    style_handles = [Line2D([], [], color="grey", ls="-", marker="o", label="network"),
-                     Line2D([], [], color="grey", ls="--", marker="s", label="matched filter")]
+    type_handles = [Line2D([], [], color=c, lw=2, label=n.replace("_", " ")) for n, c in colours.items()]
+    style_handles = [
+        Line2D([], [], color="grey", ls="-", marker="o", label="network"),
+        Line2D([], [], color="grey", ls="--", marker="s", label="matched filter"),
+    ]
     if summary_sep is not None:
         style_handles.append(Line2D([], [], color="grey", ls=":", marker="^", label="SExtractor (sep), overall"))
     if summary_significance is not None:
@@ -5751,19 +6724,45 @@ def plot_completeness(summary_net: dict, summary_base: dict, path: str | os.Path
     counts = summary_net["completeness_by_snr"]["overall"].get("counts")
     if counts:
         for centre, count in zip(summary_net["completeness_by_snr"]["centres"], counts):
-            ax.annotate(str(count), (centre, 1.0), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7, color="0.35",
-                        xycoords=("data", "axes fraction"))
-        ax.annotate("objects per bin", (0.0, 1.0), xytext=(0, 14), textcoords="offset points", fontsize=7, color="0.35", xycoords="axes fraction")
+            ax.annotate(
+                str(count),
+                (centre, 1.0),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="0.35",
+                xycoords=("data", "axes fraction"),
+            )
+        ax.annotate(
+            "objects per bin",
+            (0.0, 1.0),
+            xytext=(0, 14),
+            textcoords="offset points",
+            fontsize=7,
+            color="0.35",
+            xycoords="axes fraction",
+        )
     style_handles.append(Patch(color="grey", alpha=0.2, label="95% Wilson band (overall)"))
-    legend = ax.legend(handles=type_handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="type", title_fontsize=8)
+    legend = ax.legend(
+        handles=type_handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="type", title_fontsize=8
+    )
     ax.add_artist(legend)
-    ax.legend(handles=style_handles, loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8, title="detector", title_fontsize=8)
+    ax.legend(
+        handles=style_handles,
+        loc="lower left",
+        bbox_to_anchor=(1.02, 0.0),
+        fontsize=8,
+        title="detector",
+        title_fontsize=8,
+    )
     ax.grid(True, which="both", alpha=0.3)
     return save_figure(fig, path)
 
 
-def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | os.PathLike, *,
-                          label: str = "network") -> Path:
+def plot_precision_recall(
+    y_true: np.ndarray, y_score: np.ndarray, path: str | os.PathLike, *, label: str = "network"
+) -> Path:
     """Pixel-level precision-recall curve with its average precision (AUCPR) in the legend.
 
     Parameters
@@ -5783,6 +6782,7 @@ def plot_precision_recall(y_true: np.ndarray, y_score: np.ndarray, path: str | o
         The saved path.
     """
     from matplotlib.figure import Figure  # lazy: see the imports at the top
+
     y_true = np.asarray(y_true, dtype=bool).ravel()
     y_score = np.asarray(y_score, dtype=float).ravel()
     if y_true.shape != y_score.shape:
@@ -5813,11 +6813,12 @@ def _cutout(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
     """Square stamp of side 2 half + 1 centred on (x, y), NaN-padded beyond the image."""
     padded = np.pad(np.asarray(image, dtype=float), half, constant_values=np.nan)
     row, col = int(round(y)) + half, int(round(x)) + half
-    return padded[row - half:row + half + 1, col - half:col + half + 1]
+    return padded[row - half : row + half + 1, col - half : col + half + 1]
 
 
-def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
-                        half_size: int = 16, radius: float = MATCH_RADIUS) -> Path:
+def plot_object_gallery(
+    examples: Sequence[dict], path: str | os.PathLike, *, half_size: int = 16, radius: float = MATCH_RADIUS
+) -> Path:
     """Grid of examples, one per row: reference, science, difference, probability.
 
     Parameters
@@ -5841,6 +6842,7 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
     """
     from matplotlib.figure import Figure  # lazy: see the imports at the top
     from matplotlib.patches import Circle  # lazy: see the imports at the top
+
     if len(examples) == 0:
         msg = "no examples to plot"
         raise ValueError(msg)
@@ -5878,17 +6880,29 @@ def plot_object_gallery(examples: Sequence[dict], path: str | os.PathLike, *,
 
 
 def plot_type_confusion(panels: dict[str, dict], path: Path) -> Path:
-    """One confusion matrix per typer (`panels`: title -> :func:`summarise_types`' result), rows normalised to recall, each cell with its count."""
+    """One confusion matrix per typer (`panels`: title -> :func:`summarise_types`' result), rows normalised to recall,
+    each cell with its count."""
     from matplotlib.figure import Figure  # lazy: see the imports at the top
+
     fig = Figure(figsize=(4.6 * len(panels), 4.2))
     names = [t.replace("_", " ") for t in ANOMALY_TYPES]
     for k, (title, summary) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), k + 1)
-        matrix = np.array([[summary["overall"]["matrix"][t][p] for p in ANOMALY_TYPES] for t in ANOMALY_TYPES], dtype=np.float64)
+        matrix = np.array(
+            [[summary["overall"]["matrix"][t][p] for p in ANOMALY_TYPES] for t in ANOMALY_TYPES], dtype=np.float64
+        )
         rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
         image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
         for i, j in itertools.product(range(len(ANOMALY_TYPES)), repeat=2):
-            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=9, color="white" if rows[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(matrix[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if rows[i, j] > 0.6 else "black",
+            )
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xlabel("typed as")
@@ -5905,16 +6919,38 @@ def plot_type_confusion(panels: dict[str, dict], path: Path) -> Path:
 # ----------------------------------------------------------------------------
 
 
-def _gallery_examples(inputs: np.ndarray, prob: np.ndarray, truth: list[Truth], detections: list[dict], match: MatchResult) -> list[dict]:
+def _gallery_examples(
+    inputs: np.ndarray, prob: np.ndarray, truth: list[Truth], detections: list[dict], match: MatchResult
+) -> list[dict]:
     """Missed anomalies and false detections of one image, for the object gallery."""
     examples = []
     for k, found in zip(match.anomaly_index, match.recovered):
         if not found:
             obj = truth[k]
-            examples.append(dict(kind="miss", score=0.0, inputs=inputs, probability=prob, x=obj["x"], y=obj["y"], label=f"missed {obj['type'].replace('_', ' ')} SNR {obj['snr']:.1f}"))
+            examples.append(
+                dict(
+                    kind="miss",
+                    score=0.0,
+                    inputs=inputs,
+                    probability=prob,
+                    x=obj["x"],
+                    y=obj["y"],
+                    label=f"missed {obj['type'].replace('_', ' ')} SNR {obj['snr']:.1f}",
+                )
+            )
     for det, real in zip(detections, match.real):
         if not real:
-            examples.append(dict(kind="false", score=det["peak"], inputs=inputs, probability=prob, x=det["x"], y=det["y"], label=f"false detection p={det['peak']:.2f}"))
+            examples.append(
+                dict(
+                    kind="false",
+                    score=det["peak"],
+                    inputs=inputs,
+                    probability=prob,
+                    x=det["x"],
+                    y=det["y"],
+                    label=f"false detection p={det['peak']:.2f}",
+                )
+            )
     return examples
 
 
@@ -5942,15 +6978,21 @@ def evaluate_model(
     masks = torch.stack([m for m, _, _ in items])[:, 0].numpy()
     truths = [truth for _, truth, _ in items]
     pairs = [raw_pair(raw) for _, _, raw in items]
-    inputs = torch.stack([torch.from_numpy(normalize_pair(p.reference, p.science, statistics=p.statistics)) for p in pairs])
+    inputs = torch.stack(
+        [torch.from_numpy(normalize_pair(p.reference, p.science, statistics=p.statistics)) for p in pairs]
+    )
     probs, type_probs = predict_probabilities(model, inputs, device=device, types=True)
     for prob, p in zip(probs, pairs):
         prob[~p.subtraction.valid] = 0.0  # no claims where either epoch has no data, as in predict
 
     net_results, base_results, sep_results, scorr_results, examples, types, rule_types = [], [], [], [], [], [], []
     for i, (_, _, raw) in enumerate(items):
-        detections = type_detections(detect_changes(probs[i], pairs[i].subtraction, threshold=threshold), pairs[i],
-                                     type_prob=None if type_probs is None else type_probs[i], prob=probs[i])
+        detections = type_detections(
+            detect_changes(probs[i], pairs[i].subtraction, threshold=threshold),
+            pairs[i],
+            type_prob=None if type_probs is None else type_probs[i],
+            prob=probs[i],
+        )
         net = match_objects(detections, truths[i])
         net_results.append(net)
         types += type_records(detections, truths[i])
@@ -5958,7 +7000,9 @@ def evaluate_model(
         scorr_results.append(match_objects(significance_detections(pairs[i].subtraction), truths[i]))
         psf = PSF(raw.fwhm_science, ASSUMED_MOFFAT_BETA).stamp
         difference = raw.science.astype(np.float64) - raw.reference
-        base_results.append(match_objects(baseline_detections(difference, psf=psf, threshold=baseline_sigma), truths[i]))
+        base_results.append(
+            match_objects(baseline_detections(difference, psf=psf, threshold=baseline_sigma), truths[i])
+        )
         sep_results.append(match_objects(sep_detections(difference), truths[i]))
         examples += _gallery_examples(inputs[i].numpy(), probs[i], truths[i], detections, net)
     result = {
@@ -5970,26 +7014,42 @@ def evaluate_model(
         "baseline": summarise_objects(base_results, truths),
         "baseline_rule": f"PSF matched filter on the raw difference, |SNR| >= {baseline_sigma:g}",
         "sextractor": summarise_objects(sep_results, truths),
-        "sextractor_rule": f"sep (SExtractor) on the background-subtracted raw difference, {SEP_THRESHOLD:g} sigma, >= {SEP_MIN_AREA} px, both signs",
+        "sextractor_rule": f"sep (SExtractor) on the background-subtracted raw difference, {SEP_THRESHOLD:g} sigma, "
+        f">= {SEP_MIN_AREA} px, both signs",
         "significance_alone": summarise_objects(scorr_results, truths),
-        "significance_alone_rule": f"ZOGY's S_corr >= {SIGNIFICANCE_GATE:g}, deblended, both signs, no sharper than the PSF: detect_changes without the network",
+        "significance_alone_rule": f"ZOGY's S_corr >= {SIGNIFICANCE_GATE:g}, deblended, both signs, no sharper than "
+        "the PSF: detect_changes without the network",
         "types": summarise_types(types),
-        "types_typer": ("the type head: the most probable p_<type> over each change's footprint, a variable star where the rule finds a point "
-                        "source of the reference centred on the change (unless the head sees a trail)") if type_probs is not None else TYPE_RULE,
+        "types_typer": (
+            "the type head: the most probable p_<type> over each change's footprint, a variable star where the rule "
+            "finds a point "
+            "source of the reference centred on the change (unless the head sees a trail)"
+        )
+        if type_probs is not None
+        else TYPE_RULE,
         "types_by_rule": summarise_types(rule_types),
         "types_rule": TYPE_RULE,
     }
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        plot_completeness(result["network"], result["baseline"], output_dir / "completeness.png", summary_sep=result["sextractor"],
-                          summary_significance=result["significance_alone"])
+        plot_completeness(
+            result["network"],
+            result["baseline"],
+            output_dir / "completeness.png",
+            summary_sep=result["sextractor"],
+            summary_significance=result["significance_alone"],
+        )
         if masks.any():
             plot_precision_recall(masks.ravel() > 0.5, probs.ravel(), output_dir / "precision_recall.png")
         misses = [e for e in examples if e["kind"] == "miss"][:6]
         false = sorted((e for e in examples if e["kind"] == "false"), key=lambda e: -e["score"])[:6]
         if misses or false:
             plot_object_gallery(misses + false, output_dir / "object_gallery.png")
-        panels = {"type head": result["types"], "rule": result["types_by_rule"]} if type_probs is not None else {"rule": result["types"]}
+        panels = (
+            {"type head": result["types"], "rule": result["types_by_rule"]}
+            if type_probs is not None
+            else {"rule": result["types"]}
+        )
         plot_type_confusion(panels, output_dir / "types.png")
     return result
 
@@ -6033,9 +7093,16 @@ def mlflow_parent_run(cfg: TrainConfig, *, run_name: str, tags: dict[str, str]) 
     return _parent_call(cfg, "the start of the parent run", create) or ""
 
 
-def close_parent_run(cfg: TrainConfig, run_id: str, *, metrics: dict[str, float | None], artifacts: Sequence[Path],
-                     documents: dict[str, dict] | None = None) -> None:
-    """Log a parent run's summary (its finite metrics, `documents` as JSON artifacts by name, files) and mark it finished."""
+def close_parent_run(
+    cfg: TrainConfig,
+    run_id: str,
+    *,
+    metrics: dict[str, float | None],
+    artifacts: Sequence[Path],
+    documents: dict[str, dict] | None = None,
+) -> None:
+    """Log a parent run's summary (its finite metrics, `documents` as JSON artifacts by name, files) and mark it
+    finished."""
     if not run_id:
         return
     import mlflow  # lazy: 1 s of import; only tracking needs it
@@ -6065,7 +7132,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" not in text and action.option_strings and action.default not in (None, False, "", [], argparse.SUPPRESS):
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and action.default not in (None, False, "", [], argparse.SUPPRESS)
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -6080,11 +7151,17 @@ def _flags_for(function: Callable[..., Any], args: argparse.Namespace, **fixed: 
     return {**{k: v for k, v in vars(args).items() if k in names}, **fixed}
 
 
-def add_command(commands: Any, name: str, summary: str, description: str, example: str,
-                run: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+def add_command(
+    commands: Any, name: str, summary: str, description: str, example: str, run: Callable[[argparse.Namespace], Any]
+) -> argparse.ArgumentParser:
     """A subcommand of `commands` (the parser's add_subparsers) whose parsed arguments main() hands to `run`."""
-    sub = commands.add_parser(name, help=summary, description=textwrap.fill(description, 88), formatter_class=HelpFormatter,
-                              epilog="example:\n  " + example.replace("\n", "\n  "))
+    sub = commands.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, 88),
+        formatter_class=HelpFormatter,
+        epilog="example:\n  " + example.replace("\n", "\n  "),
+    )
     # SUPPRESS: a --debug given before the command is not reset by this one's absence.
     sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub.set_defaults(run=run)
@@ -6097,6 +7174,7 @@ def add_command(commands: Any, name: str, summary: str, description: str, exampl
 
 # --- Threads, the carbon-intensity country, seeds and RNG state
 
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, where the OS has one)."""
     with contextlib.suppress(AttributeError, OSError):
@@ -6108,7 +7186,11 @@ def check_threads(threads: int) -> None:
     """More torch threads than cores only makes them wait for each other (7.6x slower measured at 999)."""
     cores = usable_cores()
     if threads > cores:
-        msg = f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
+        msg = (
+            f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads "
+            "slow "
+            f"training down: use at most {cores}, or 0 for one per core"
+        )
         raise ConfigError(msg)
 
 
@@ -6123,7 +7205,11 @@ def check_country(code: str) -> None:
     except (OSError, ValueError):
         return  # another CodeCarbon layout: it judges the code itself
     if code not in known:
-        msg = f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
+        msg = (
+            f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, "
+            "DEU, "
+            "IND); CodeCarbon would fall back to the world average"
+        )
         raise ConfigError(msg)
 
 
@@ -6138,8 +7224,14 @@ def rng_state() -> dict:
     """Python's, NumPy's and torch's global random states, as tensors and plain data (weights_only loads them)."""
     _, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), python=list(internal), python_gauss=gauss,
-                numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos), numpy_gauss=[int(has_gauss), float(cached)])
+    return dict(
+        torch=torch.get_rng_state(),
+        python=list(internal),
+        python_gauss=gauss,
+        numpy=torch.from_numpy(keys.astype(np.int64)),
+        numpy_pos=int(pos),
+        numpy_gauss=[int(has_gauss), float(cached)],
+    )
 
 
 def restore_rng(state: dict) -> None:
@@ -6148,10 +7240,19 @@ def restore_rng(state: dict) -> None:
     random.setstate((3, tuple(int(v) for v in state["python"]), state.get("python_gauss")))
     has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
     # Position 624 makes NumPy regenerate its block: what an old checkpoint can restore.
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)), int(has_gauss), float(cached)))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            int(state.get("numpy_pos", 624)),
+            int(has_gauss),
+            float(cached),
+        )
+    )
 
 
 # --- The training data: simulated and real tiles mixed, split into training and validation
+
 
 class MixedDataset(torch.utils.data.Dataset):
     """Synthetic samples and real tiles in one set: injection-recovery on real pixels, mixed in.
@@ -6163,7 +7264,9 @@ class MixedDataset(torch.utils.data.Dataset):
     says so.
     """
 
-    def __init__(self, synthetic: SyntheticAstronomicalDataset, real: MASTRealDataset, *, real_fraction: float, seed: int) -> None:
+    def __init__(
+        self, synthetic: SyntheticAstronomicalDataset, real: MASTRealDataset, *, real_fraction: float, seed: int
+    ) -> None:
         if len(synthetic) != len(real):
             msg = f"synthetic and real datasets differ in length ({len(synthetic)} and {len(real)})"
             raise ValueError(msg)
@@ -6191,7 +7294,13 @@ class MixedDataset(torch.utils.data.Dataset):
         real = int(self.is_real.sum())
         record = self.real.provenance()
         label = self.real.source if self.real.tiles else f"synthetic (fallback from {self.real.source})"
-        return {**record, "data_source": f"mix: synthetic + {label}", "real_fraction": real / len(self), "real_samples": real, "synthetic_samples": len(self) - real}
+        return {
+            **record,
+            "data_source": f"mix: synthetic + {label}",
+            "real_fraction": real / len(self),
+            "real_samples": real,
+            "synthetic_samples": len(self) - real,
+        }
 
 
 class Subset(torch.utils.data.Subset):
@@ -6204,28 +7313,48 @@ class Subset(torch.utils.data.Subset):
         return self.dataset.raw(int(self.indices[i]))
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
+def build_datasets(
+    cfg: TrainConfig,
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, dict]:
     """Train, validation and test sets plus a record of where the samples came from.
 
     Train and validation split one pool by a seeded permutation; the test set comes from
     an independent seed stream, so it never overlaps either.
     """
     snr = (cfg.snr_min, cfg.snr_max)
-    training_sky = dataclasses.replace(TRAINING_SKY, plain_fraction=cfg.plain_fraction) if cfg.domain_randomisation else SkyConfig()
-    synthetic = SyntheticAstronomicalDataset(cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr, sky=training_sky)
+    training_sky = (
+        dataclasses.replace(TRAINING_SKY, plain_fraction=cfg.plain_fraction)
+        if cfg.domain_randomisation
+        else SkyConfig()
+    )
+    synthetic = SyntheticAstronomicalDataset(
+        cfg.samples, image_size=cfg.image_size, seed=cfg.seed, snr_range=snr, sky=training_sky
+    )
     if cfg.data == "synthetic":
         pool = synthetic
         info = dict(data_source="synthetic", real_fraction=0.0, real_samples=0, synthetic_samples=cfg.samples)
     else:
         source = cfg.data if cfg.data != "mix" else ("fits" if cfg.fits_dir else "mast")
         pool = MASTRealDataset(
-            cfg.samples, image_size=cfg.image_size, seed=cfg.seed, source=source, targets=cfg.targets, surveys=cfg.surveys, fits_dir=cfg.fits_dir,
-            cache_dir=cfg.cache_dir, timeout=cfg.timeout, retries=cfg.retries, fallback=cfg.fallback, snr_range=snr,
+            cfg.samples,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            source=source,
+            targets=cfg.targets,
+            surveys=cfg.surveys,
+            fits_dir=cfg.fits_dir,
+            cache_dir=cfg.cache_dir,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            fallback=cfg.fallback,
+            snr_range=snr,
         )
         if cfg.data == "mix":
             pool = MixedDataset(synthetic, pool, real_fraction=cfg.real_fraction, seed=cfg.seed)
         info = pool.provenance()
-    test = SyntheticAstronomicalDataset(cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr)
+    test = SyntheticAstronomicalDataset(
+        cfg.test_samples, image_size=cfg.image_size, seed=cfg.seed, stream="test", snr_range=snr
+    )
     order = np.random.default_rng(cfg.seed).permutation(len(pool))
     n_val = max(1, round(len(pool) * cfg.val_fraction))
     return Subset(pool, order[n_val:]), Subset(pool, order[:n_val]), test, info
@@ -6252,6 +7381,7 @@ def training_memory(cfg: TrainConfig) -> dict[str, int]:
 
 
 # --- Processes: torchrun's ranks and the main thread
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -6296,8 +7426,19 @@ def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
 
 # --- Run directories and their locks
 
-TRAIN_OUTPUTS = ("config.json", "last.pt", "best.pt", "metrics.json", "history.json", "threshold_table.json",
-                 "loss_curves.png", "learning_rate.png", "val_metrics.png", "energy.png", "predictions.png")
+TRAIN_OUTPUTS = (
+    "config.json",
+    "last.pt",
+    "best.pt",
+    "metrics.json",
+    "history.json",
+    "threshold_table.json",
+    "loss_curves.png",
+    "learning_rate.png",
+    "val_metrics.png",
+    "energy.png",
+    "predictions.png",
+)
 
 
 def lock_run_dir(directory: Path) -> Any:
@@ -6329,6 +7470,7 @@ def new_run_dir(parent: Path) -> Path:
 
 
 # --- Early stopping
+
 
 class EarlyStopping:
     """Stop when the monitored metric has not improved for `patience` epochs.
@@ -6362,7 +7504,10 @@ class EarlyStopping:
             return True
         self.bad_epochs += 1
         if self.bad_epochs >= self.patience:
-            self.stop_reason = f"no improvement of {self.mode} beyond {self.min_delta} for {self.patience} epochs (best {self.best:.5g} at epoch {self.best_epoch})"
+            self.stop_reason = (
+                f"no improvement of {self.mode} beyond {self.min_delta} for {self.patience} epochs "
+                f"(best {self.best:.5g} at epoch {self.best_epoch})"
+            )
         return False
 
     @property
@@ -6370,7 +7515,9 @@ class EarlyStopping:
         return bool(self.stop_reason)
 
     def state_dict(self) -> dict:
-        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, stop_reason=self.stop_reason)
+        return dict(
+            best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, stop_reason=self.stop_reason
+        )
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
@@ -6378,6 +7525,7 @@ class EarlyStopping:
 
 
 # --- Tracking: the run's MLflow run and its CodeCarbon meter
+
 
 class MlflowRun:
     """MLflow tracking for one training run (rank 0 only); inert when disabled.
@@ -6415,7 +7563,9 @@ class MlflowRun:
 
                 fluent._active_run_stack.get().clear()
         if not self.cfg.mlflow_optional:
-            raise TrackingError(reason + "; fix it, pass --no-mlflow, or --mlflow-optional to train on without it") from None
+            raise TrackingError(
+                reason + "; fix it, pass --no-mlflow, or --mlflow-optional to train on without it"
+            ) from None
         log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
 
     def _call(self, when: str, call: Any) -> None:
@@ -6437,11 +7587,15 @@ class MlflowRun:
         except requests.RequestException as exc:
             reason = f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})"
             if not self.cfg.mlflow_optional:
-                raise AstridError(reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it") from None
+                raise AstridError(
+                    reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it"
+                ) from None
             log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
             self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
 
-    def start(self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "", parent_run_id: str = "") -> None:
+    def start(
+        self, *, run_name: str, params: dict, tags: dict, resume_run_id: str = "", parent_run_id: str = ""
+    ) -> None:
         if not self.enabled:
             return
         self._check_server()
@@ -6460,7 +7614,9 @@ class MlflowRun:
             # Two first runs at once in a fresh directory would both migrate the new database
             # ("table ... already exists") and both create the experiment: one at a time.
             with _sqlite_init_lock(self.cfg.tracking_uri, timeout=120.0):
-                experiment = ensure_experiment(mlflow.MlflowClient(), self.cfg.experiment, tracking_uri=self.cfg.tracking_uri)
+                experiment = ensure_experiment(
+                    mlflow.MlflowClient(), self.cfg.experiment, tracking_uri=self.cfg.tracking_uri
+                )
                 mlflow.set_experiment(experiment_id=experiment.experiment_id)
                 if resume_run_id:
                     run = mlflow.start_run(run_id=resume_run_id)
@@ -6512,7 +7668,8 @@ class MlflowRun:
         self._call("the end of training", call)
 
     def log_model(self, log_it: Callable[[], Any]) -> None:
-        """Log the run's model with `log_it` (the trainer's is :func:`log_astrid_model`), under the run's MLflow policy like every other call."""
+        """Log the run's model with `log_it` (the trainer's is :func:`log_astrid_model`), under the run's MLflow policy
+        like every other call."""
         self._call("the end of training", log_it)
 
     def end(self, status: str) -> None:
@@ -6536,7 +7693,12 @@ def _codecarbon_cpu_method(tracker: Any) -> str:
     for hardware in getattr(tracker, "_hardware", []):
         mode = getattr(hardware, "_mode", None)
         if mode is not None and type(hardware).__name__ == "CPU":
-            names = {"intel_rapl": "RAPL counters", "intel_power_gadget": "Intel Power Gadget", "constant": "TDP estimate", "cpu_load": "TDP x CPU load estimate"}
+            names = {
+                "intel_rapl": "RAPL counters",
+                "intel_power_gadget": "Intel Power Gadget",
+                "constant": "TDP estimate",
+                "cpu_load": "TDP x CPU load estimate",
+            }
             return names.get(str(mode), str(mode))
     return "estimate"
 
@@ -6615,7 +7777,13 @@ class EnergyMeter:
                 "country": self.cfg.country,
                 "cpu_power_method": method,
             }
-            log.info("energy: %.3g kWh, %.3g kg CO2eq over %.0f s (CPU power: %s)", data.energy_consumed, data.emissions, data.duration, method)
+            log.info(
+                "energy: %.3g kWh, %.3g kg CO2eq over %.0f s (CPU power: %s)",
+                data.energy_consumed,
+                data.emissions,
+                data.duration,
+                method,
+            )
         except Exception as exc:
             log.warning("CodeCarbon failed while stopping (%s): energy is not recorded", exc)
             self.result = {"status": "failed", "reason": str(exc)}
@@ -6625,12 +7793,14 @@ class EnergyMeter:
 
 # --- Validation's subtraction
 
+
 def raw_subtraction(raw: RawPair) -> Subtraction:
     """ZOGY's subtraction of a dataset's raw pair (:func:`raw_pair`): what :func:`detect_changes` takes."""
     return raw_pair(raw).subtraction
 
 
 # --- The history plots
+
 
 def plot_energy(history: list[dict]) -> Any:
     """CodeCarbon's energy by epoch: each epoch's kWh as a bar, the running total as a line, kg CO2eq on the right."""
@@ -6640,13 +7810,26 @@ def plot_energy(history: list[dict]) -> Any:
     total = np.array([h["energy_kwh_so_far"] for h in history])
     emissions = np.array([h["emissions_kg_so_far"] for h in history])
     # A laptop run spends milli- to watt-hours: the unit follows the total, not the other way round.
-    scale, energy_unit, mass_unit = next((f, e, m) for f, e, m in ((1.0, "kWh", "kg"), (1e3, "Wh", "g"), (1e6, "mWh", "mg"))
-                                         if total[-1] * f >= 1 or f == 1e6)
+    scale, energy_unit, mass_unit = next(
+        (f, e, m)
+        for f, e, m in ((1.0, "kWh", "kg"), (1e3, "Wh", "g"), (1e6, "mWh", "mg"))
+        if total[-1] * f >= 1 or f == 1e6
+    )
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    ax.bar(epochs, np.diff(total, prepend=0.0) * scale, color="0.75", label="each epoch (the first with the setup before it)")
+    ax.bar(
+        epochs,
+        np.diff(total, prepend=0.0) * scale,
+        color="0.75",
+        label="each epoch (the first with the setup before it)",
+    )
     ax.plot(epochs, total * scale, "o-", color="C3", label="so far")
-    ax.set(xlabel="epoch", ylabel=f"energy ({energy_unit})", title="energy (CodeCarbon, offline)", ylim=(0, 1.35 * total[-1] * scale or 1.0))
+    ax.set(
+        xlabel="epoch",
+        ylabel=f"energy ({energy_unit})",
+        title="energy (CodeCarbon, offline)",
+        ylim=(0, 1.35 * total[-1] * scale or 1.0),
+    )
     ax.legend(loc="upper left", fontsize=8)  # above the line: the headroom is for it
     if total[-1] > 0 and emissions[-1] > 0:  # offline mode: one carbon intensity, so one scale serves both
         kg_per_kwh = emissions[-1] / total[-1]
@@ -6664,7 +7847,9 @@ def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = Non
     epochs = [h["epoch"] for h in history]
     figures = {name: Figure(figsize=(5, 3.5)) for name in ("loss_curves.png", "learning_rate.png", "val_metrics.png")}
     ax = figures["loss_curves.png"].subplots()
-    losses = [v for h in history for v in (h["train_loss"], h["val_loss"]) if v is not None and math.isfinite(v) and v > 0]
+    losses = [
+        v for h in history for v in (h["train_loss"], h["val_loss"]) if v is not None and math.isfinite(v) and v > 0
+    ]
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
     if losses and max(losses) > 10 * min(losses):  # one spike would flatten the rest on a linear axis
@@ -6696,10 +7881,15 @@ def plot_history(history: list[dict], out: Path, *, best_epoch: int | None = Non
 
 # --- The operating threshold
 
-def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[Truth]], *,
-                     significances: Sequence[np.ndarray] | None = None,
-                     thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
-                     radius: float = MATCH_RADIUS) -> tuple[float, list[dict]]:
+
+def choose_threshold(
+    prob_maps: Sequence[np.ndarray],
+    truths: Sequence[Sequence[Truth]],
+    *,
+    significances: Sequence[np.ndarray] | None = None,
+    thresholds: Sequence[float] = np.linspace(0.05, 0.95, 19),
+    radius: float = MATCH_RADIUS,
+) -> tuple[float, list[dict]]:
     """Probability threshold with the best object-level F1 on a validation set.
 
     F1 is the harmonic mean of completeness and purity, both pooled over all images (not
@@ -6747,22 +7937,29 @@ def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[
 
     table = []
     for threshold in thresholds:
-        results = [match_objects(detections(i, threshold), t, radius=radius)
-                   for i, t in enumerate(truths)]
+        results = [match_objects(detections(i, threshold), t, radius=radius) for i, t in enumerate(truths)]
         n_recovered = sum(int(np.count_nonzero(r.recovered)) for r in results)
         n_anomalies = sum(len(r.recovered) for r in results)
         n_real = sum(int(np.count_nonzero(r.real)) for r in results)
         n_detections = sum(len(r.real) for r in results)
         completeness = n_recovered / n_anomalies if n_anomalies else math.nan
         purity = n_real / n_detections if n_detections else math.nan
-        f1 = (2 * completeness * purity / (completeness + purity)
-              if completeness + purity > 0 else 0.0)  # NaN > 0 is False: no detections -> 0
-        table.append({
-            "threshold": float(threshold), "completeness": _json_float(completeness),
-            "purity": _json_float(purity), "f1": float(f1), "n_recovered": n_recovered,
-            "n_anomalies": n_anomalies, "n_real": n_real, "n_detections": n_detections,
-            "false_detections_per_image": (n_detections - n_real) / len(truths),
-        })
+        f1 = (
+            2 * completeness * purity / (completeness + purity) if completeness + purity > 0 else 0.0
+        )  # NaN > 0 is False: no detections -> 0
+        table.append(
+            {
+                "threshold": float(threshold),
+                "completeness": _json_float(completeness),
+                "purity": _json_float(purity),
+                "f1": float(f1),
+                "n_recovered": n_recovered,
+                "n_anomalies": n_anomalies,
+                "n_real": n_real,
+                "n_detections": n_detections,
+                "false_detections_per_image": (n_detections - n_real) / len(truths),
+            }
+        )
     # Ascending order plus ">=" hands ties to the higher threshold.
     best = table[0]
     for row in table[1:]:
@@ -6775,7 +7972,15 @@ def choose_threshold(prob_maps: Sequence[np.ndarray], truths: Sequence[Sequence[
 
 # The end-of-run null battery: the identical pair, equal and unequal depths at the frame's own
 # noise, the extreme flux ratios, a blurred science epoch and a strong gradient.
-TRAINER_NULL_BATTERY = dict(levels=(1.0,), ratios=(1 / 3, 3.0), flux_ratios=(0.1, 10.0), seeing_ratios=(1.5,), gradients=(20.0,), shifts=(), correlated=False)
+TRAINER_NULL_BATTERY = dict(
+    levels=(1.0,),
+    ratios=(1 / 3, 3.0),
+    flux_ratios=(0.1, 10.0),
+    seeing_ratios=(1.5,),
+    gradients=(20.0,),
+    shifts=(),
+    correlated=False,
+)
 
 
 def _test_headline(evaluation: dict) -> dict:
@@ -6794,8 +7999,12 @@ def _test_headline(evaluation: dict) -> dict:
         "baseline_false_detections_per_image": baseline["false_detections_per_image"]["value"],
     }
     if null is not None:  # absent from a run with --no-null-tests
-        headline.update(null_identical_detections=null["identical_detections"], null_noise_per_megapixel_max=null["noise_per_megapixel_max"],
-                        null_flux_per_megapixel_max=null["flux_per_megapixel_max"], null_refused=null["refused"])
+        headline.update(
+            null_identical_detections=null["identical_detections"],
+            null_noise_per_megapixel_max=null["noise_per_megapixel_max"],
+            null_flux_per_megapixel_max=null["flux_per_megapixel_max"],
+            null_refused=null["refused"],
+        )
     return headline
 
 
@@ -6807,15 +8016,29 @@ class StandaloneTrainer:
     energy and writes files.
     """
 
-    def __init__(self, config: TrainConfig, *, given: Sequence[str] | None = None,
-                 on_epoch_end: Callable[[int, dict], None] | None = None, parent_run_id: str = "") -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        given: Sequence[str] | None = None,
+        on_epoch_end: Callable[[int, dict], None] | None = None,
+        parent_run_id: str = "",
+    ) -> None:
         config.validate()
         # A sweep watches each epoch's history row; raising TrainingPruned ends the run cleanly.
         self.on_epoch_end = on_epoch_end
         self.parent_run_id = parent_run_id  # MLflow: this run is a nested child of that one
         self.cfg = config
         # Flags typed on the command line (given_flags); None: every field that differs from the defaults.
-        self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(TrainConfig(), f.name)}
+        self.given = (
+            set(given)
+            if given is not None
+            else {
+                f.name
+                for f in dataclasses.fields(TrainConfig)
+                if getattr(config, f.name) != getattr(TrainConfig(), f.name)
+            }
+        )
         self.dist = DistInfo.from_env()
         self.device = resolve_device(config.device, local_rank=self.dist.local_rank)
         # Without --output-dir, rank 0 makes a fresh runs/<timestamp>-<random> in _prepare_output_dir.
@@ -6866,7 +8089,10 @@ class StandaloneTrainer:
             self._signal = signum
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one exits at once
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            log.warning("%s received: finishing this step, then saving last.pt (press Ctrl-C again to quit at once)", signal.Signals(signum).name)
+            log.warning(
+                "%s received: finishing this step, then saving last.pt (press Ctrl-C again to quit at once)",
+                signal.Signals(signum).name,
+            )
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
@@ -6877,7 +8103,9 @@ class StandaloneTrainer:
 
     def _epoch_indices(self, epoch: int) -> list[int]:
         """This rank's sample order for `epoch`: a function of (seed, epoch) alone, so resume is exact."""
-        sampler = torch.utils.data.DistributedSampler(self.train_ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed)
+        sampler = torch.utils.data.DistributedSampler(
+            self.train_ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed
+        )
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -6895,7 +8123,13 @@ class StandaloneTrainer:
         self.model.train()
         step, seen = start_step, 0
         running = torch.zeros((), device=self.device)  # stays on the device until the epoch ends
-        progress = _progress(loader, total=batches, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main)
+        progress = _progress(
+            loader,
+            total=batches,
+            initial=start_step,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not self.dist.is_main,
+        )
         for inputs, masks in progress:
             inputs = inputs.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
@@ -6916,18 +8150,25 @@ class StandaloneTrainer:
         return loss_sum + float(running), step, seen
 
     def _stop_if_signalled(self, stage: str) -> None:
-        """After training, between the stages of the final evaluation: a signal ends the run there (best.pt and last.pt are saved already)."""
+        """After training, between the stages of the final evaluation: a signal ends the run there (best.pt and last.pt
+        are saved already)."""
         if self._signal is not None:
             name = signal.Signals(self._signal).name
-            msg = (f"interrupted by {name} before {stage}; training had finished and best.pt and last.pt are saved in {self.output_dir}. "
-                   f"Evaluate the model with: python standalone_training.py evaluate --checkpoint {self.output_dir / 'best.pt'}")
+            msg = (
+                f"interrupted by {name} before {stage}; training had finished and best.pt and last.pt are saved in "
+                f"{self.output_dir}. "
+                "Evaluate the model with: python standalone_training.py evaluate --checkpoint "
+                f"{self.output_dir / 'best.pt'}"
+            )
             raise TrainingInterrupted(msg)
 
     def _stop_requested(self) -> bool:
         """Whether a signal arrived, agreed by all ranks (one rank leaving alone would hang the rest)."""
         if not self.dist.enabled:
             return self._signal is not None
-        flag = torch.tensor([float(self._signal is not None)], device=self.device if self.device.type == "cuda" else "cpu")
+        flag = torch.tensor(
+            [float(self._signal is not None)], device=self.device if self.device.type == "cuda" else "cpu"
+        )
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and self._signal is None:
             self._signal = signal.SIGTERM  # another rank was signalled
@@ -6937,7 +8178,9 @@ class StandaloneTrainer:
         """Mean over all ranks of a per-rank sum over `count` items."""
         if not self.dist.enabled:
             return total / max(count, 1)
-        t = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor(
+            [total, float(count)], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu"
+        )
         torch.distributed.all_reduce(t)
         return float(t[0] / t[1].clamp(min=1))
 
@@ -6973,7 +8216,9 @@ class StandaloneTrainer:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _checkpoint(self, *, epoch: int, step: int, loss_sum: float, threshold: float | None = None, kind: str = "last") -> dict:
+    def _checkpoint(
+        self, *, epoch: int, step: int, loss_sum: float, threshold: float | None = None, kind: str = "last"
+    ) -> dict:
         """Everything a resume needs, consistent at `epoch` (its history holds exactly `epoch` rows)."""
         return dict(
             kind=kind,
@@ -7003,16 +8248,22 @@ class StandaloneTrainer:
         cfg, dist = self.cfg, self.dist
         model = place_model(StandaloneUNet(width=cfg.width), self.device)
         self.model = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-        self.criterion = CombinedLoss(bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight, type_weight=cfg.type_weight)
+        self.criterion = CombinedLoss(
+            bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight, type_weight=cfg.type_weight
+        )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(math.ceil(len(self.train_ds) / dist.world_size) / cfg.batch_size)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+        )
         self.autocast, self.scaler = autocast_context(self.device)
         self.stopper = EarlyStopping(patience=cfg.patience, min_delta=cfg.min_delta, mode=cfg.monitor_mode)
         if cfg.init_weights and not cfg.resume:
             payload = load_checkpoint(cfg.init_weights)
             start = model_from_checkpoint(payload, path=cfg.init_weights)  # another architecture is refused in one line
-            if {k: v for k, v in start.config.items() if k != "types"} != {k: v for k, v in model.config.items() if k != "types"}:
+            if {k: v for k, v in start.config.items() if k != "types"} != {
+                k: v for k, v in model.config.items() if k != "types"
+            }:
                 msg = f"--init-weights {cfg.init_weights} is a {start.config} U-Net, this run trains {model.config}"
                 raise AstridError(msg)
             # Weights saved before the type head existed start the head afresh: the rest is the same network.
@@ -7028,12 +8279,24 @@ class StandaloneTrainer:
         """
         path = self.cfg.resume
         resume = load_checkpoint(path)
-        missing = [k for k in ("optimizer", "scheduler", "early_stopping", "config", "epoch", "step", "history", "rng") if k not in resume]
+        missing = [
+            k
+            for k in ("optimizer", "scheduler", "early_stopping", "config", "epoch", "step", "history", "rng")
+            if k not in resume
+        ]
         if missing:
-            msg = f"{path} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate and predict)"
+            msg = (
+                f"{path} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate "
+                "and "
+                "predict)"
+            )
             raise AstridError(msg)
         if resume.get("kind") == "best" or Path(path).name == "best.pt":
-            msg = f"{path} holds the best epoch's weights, for evaluate and predict; resume from last.pt beside it, the run's latest state"
+            msg = (
+                f"{path} holds the best epoch's weights, for evaluate and predict; resume from last.pt beside "
+                "it, "
+                "the run's latest state"
+            )
             raise AstridError(msg)
         epoch, step, history = resume["epoch"], resume["step"], resume["history"]
         if type(epoch) is not int or type(step) is not int or epoch < 0 or step < 0 or not isinstance(history, list):
@@ -7046,9 +8309,16 @@ class StandaloneTrainer:
         asked = self.cfg
         # Device and threads describe this machine, not the run: they come from this command line.
         machine = ("resume", "device", "threads")
-        ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name in self.given and f.name not in machine and getattr(asked, f.name) != getattr(saved, f.name)]
+        ignored = [
+            f.name
+            for f in dataclasses.fields(TrainConfig)
+            if f.name in self.given and f.name not in machine and getattr(asked, f.name) != getattr(saved, f.name)
+        ]
         if ignored:
-            log.warning("resuming with the saved configuration; ignoring %s", ", ".join(f"--{n.replace('_', '-')}" for n in ignored))
+            log.warning(
+                "resuming with the saved configuration; ignoring %s",
+                ", ".join(f"--{n.replace('_', '-')}" for n in ignored),
+            )
         self.cfg = dataclasses.replace(saved, resume=path, device=asked.device, threads=asked.threads)
         self.output_dir = Path(path).parent
         return resume
@@ -7069,7 +8339,10 @@ class StandaloneTrainer:
             part = "loss_sum"
             loss_sum = float(resume.get("loss_sum", 0.0))
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
-            msg = f"{self.cfg.resume} cannot be resumed: its {part} state does not fit this run ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+            msg = (
+                f"{self.cfg.resume} cannot be resumed: its {part} state does not fit this run "
+                f"({type(exc).__name__}: {_one_line(exc, limit=120)})"
+            )
             raise AstridError(msg) from None
         self.history = list(resume["history"])
         return resume["epoch"], resume["step"], loss_sum
@@ -7117,13 +8390,42 @@ class StandaloneTrainer:
         # 4. Tracking starts: a summary block, MLflow, CodeCarbon.
         if dist.is_main:
             log.info("AstrID training: %s parameters (StandaloneUNet width %d)", f"{n_params:,}", cfg.width)
-            log.info("data %s: %d train / %d validation / %d test samples of %dx%d px", self.data_info["data_source"], len(self.train_ds), len(self.val_ds), len(self.test_ds), cfg.image_size, cfg.image_size)
-            log.info("device %s x %d process(es) of %d thread(s), %d epochs, batch %d, lr %g, seed %d", self.device, dist.world_size, torch.get_num_threads(), cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed)
+            log.info(
+                "data %s: %d train / %d validation / %d test samples of %dx%d px",
+                self.data_info["data_source"],
+                len(self.train_ds),
+                len(self.val_ds),
+                len(self.test_ds),
+                cfg.image_size,
+                cfg.image_size,
+            )
+            log.info(
+                "device %s x %d process(es) of %d thread(s), %d epochs, batch %d, lr %g, seed %d",
+                self.device,
+                dist.world_size,
+                torch.get_num_threads(),
+                cfg.epochs,
+                cfg.batch_size,
+                cfg.lr,
+                cfg.seed,
+            )
             log.info("outputs in %s", self.output_dir)
             write_json(self.output_dir / "config.json", dataclasses.asdict(cfg))
-        params = {**dataclasses.asdict(cfg), "parameters": n_params, "world_size": dist.world_size, "global_batch_size": cfg.batch_size * dist.world_size, "real_fraction": self.data_info["real_fraction"]}
+        params = {
+            **dataclasses.asdict(cfg),
+            "parameters": n_params,
+            "world_size": dist.world_size,
+            "global_batch_size": cfg.batch_size * dist.world_size,
+            "real_fraction": self.data_info["real_fraction"],
+        }
         tags = {"data_source": self.data_info["data_source"], "device": str(self.device)}
-        self.tracker.start(run_name=self.output_dir.name, params=params, tags=tags, resume_run_id=resume.get("mlflow_run_id", "") if resume else "", parent_run_id=self.parent_run_id)
+        self.tracker.start(
+            run_name=self.output_dir.name,
+            params=params,
+            tags=tags,
+            resume_run_id=resume.get("mlflow_run_id", "") if resume else "",
+            parent_run_id=self.parent_run_id,
+        )
         self.energy.start()
         previous_handlers = self._install_signal_handlers()
         status = "FAILED"
@@ -7149,7 +8451,9 @@ class StandaloneTrainer:
             # An error is already on its way out: a tracker failing now must not replace it.
             with contextlib.suppress(TrackingError) if status != "FINISHED" else contextlib.nullcontext():
                 if status != "FINISHED":
-                    self.tracker.log_metrics({k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
+                    self.tracker.log_metrics(
+                        {k: v for k, v in energy.items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")}
+                    )
                 self.tracker.end(status)
             if self._dir_lock is not None:
                 self._dir_lock.close()  # releases the directory for a resume
@@ -7164,7 +8468,11 @@ class StandaloneTrainer:
             best_state = load_checkpoint(self.output_dir / "best.pt")["model"]
         epoch = start_epoch
         # The energy meter counts from this process's start: a resumed run adds what its history had.
-        spent = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k in ("energy_kwh_so_far", "emissions_kg_so_far")}
+        spent = {
+            k: v
+            for k, v in (self.history[-1] if self.history else {}).items()
+            if k in ("energy_kwh_so_far", "emissions_kg_so_far")
+        }
         for epoch in range(start_epoch, cfg.epochs):
             # 5. Train one epoch (a signal ends it early: save and stop).
             began = time.perf_counter()
@@ -7175,7 +8483,11 @@ class StandaloneTrainer:
                 if dist.is_main:
                     save_checkpoint(path, self._checkpoint(epoch=epoch, step=steps, loss_sum=loss_sum))
                 name = signal.Signals(self._signal).name
-                msg = f"interrupted by {name} at epoch {epoch + 1}, step {steps}; last.pt saved. Resume with: python standalone_training.py train --resume {path}"
+                msg = (
+                    f"interrupted by {name} at epoch {epoch + 1}, step {steps}; last.pt saved. Resume with: "
+                    "python "
+                    f"standalone_training.py train --resume {path}"
+                )
                 raise TrainingInterrupted(msg)
             train_loss = self._global_mean(loss_sum, steps)
             start_step, loss_sum = 0, 0.0
@@ -7197,13 +8509,26 @@ class StandaloneTrainer:
             improved = self.stopper.step(float("nan") if monitored is None else float(monitored), epoch + 1)
             if dist.is_main:
                 log.info(
-                    "epoch %3d/%d  train_loss %.4f  val_loss %.4f  AP %s  F1 %.3f  MCC %.3f  lr %.2e  %.1fs  %.0f samples/s%s",
-                    epoch + 1, cfg.epochs, train_loss, val_loss, _fmt(row["val_average_precision"]), row["val_f1"], row["val_mcc"],
-                    row["lr"], row["epoch_time_s"], row["train_samples_per_s"], "  *best*" if improved else "",
+                    "epoch %3d/%d  train_loss %.4f  val_loss %.4f  AP %s  F1 %.3f  MCC %.3f  lr %.2e  %.1fs  %.0f "
+                    "samples/s%s",
+                    epoch + 1,
+                    cfg.epochs,
+                    train_loss,
+                    val_loss,
+                    _fmt(row["val_average_precision"]),
+                    row["val_f1"],
+                    row["val_mcc"],
+                    row["lr"],
+                    row["epoch_time_s"],
+                    row["train_samples_per_s"],
+                    "  *best*" if improved else "",
                 )
                 # Checkpoints first: a tracker that fails next must not cost this epoch.
                 if improved:
-                    save_checkpoint(self.output_dir / "best.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0, kind="best"))
+                    save_checkpoint(
+                        self.output_dir / "best.pt",
+                        self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0, kind="best"),
+                    )
                 save_checkpoint(self.output_dir / "last.pt", self._checkpoint(epoch=epoch + 1, step=0, loss_sum=0.0))
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if improved:
@@ -7223,8 +8548,11 @@ class StandaloneTrainer:
             # No epoch ever gave a finite metric: there is no model worth testing or keeping.
             if dist.is_main:
                 write_json(out / "history.json", self.history)
-            msg = (f"training diverged: {self.stopper.stop_reason or 'no finite ' + cfg.monitor}, with no finite {cfg.monitor} "
-                   f"before it, so no best.pt was saved; lower --lr (history.json and last.pt are in {out})")
+            msg = (
+                f"training diverged: {self.stopper.stop_reason or 'no finite ' + cfg.monitor}, with no finite "
+                f"{cfg.monitor} "
+                f"before it, so no best.pt was saved; lower --lr (history.json and last.pt are in {out})"
+            )
             raise TrainingDiverged(msg)
         model = self._bare_model()
         if best_state is not None:
@@ -7232,7 +8560,9 @@ class StandaloneTrainer:
         checksums = _gather_parameter_checksums(model, dist)
         if not dist.is_main:
             return {}
-        log.info("end of training: choosing the operating threshold on validation, then the test set and the null battery")
+        log.info(
+            "end of training: choosing the operating threshold on validation, then the test set and the null battery"
+        )
         val_loss, probs, masks = self._validate(model, DistInfo())  # the other ranks have finished
         self._stop_if_signalled("choosing the operating threshold")
         val_truths = [self.val_ds.truth(i) for i in range(len(self.val_ds))]
@@ -7240,13 +8570,21 @@ class StandaloneTrainer:
         threshold, threshold_table = choose_threshold(list(probs), val_truths, significances=val_significances)
         log.info("operating threshold %.2f (best object-level F1 on validation)", threshold)
         self._stop_if_signalled("the test evaluation")
-        evaluation = evaluate_model(model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation")
+        evaluation = evaluate_model(
+            model, self.test_ds, threshold=threshold, device=self.device, output_dir=out / "evaluation"
+        )
         self._stop_if_signalled("the null battery")
         # Where nothing changed, nothing may be found: a short battery on a 128 px simulated
         # sky and the 160 px core of the real M13 plate (`evaluate` runs the full one).
         if cfg.null_tests:
-            evaluation["null"] = null_battery(model, null_frames(synthetic=1, image_size=128, real_size=160, seed=cfg.seed), threshold=threshold,
-                                              device=self.device, stop=lambda: self._signal is not None, **TRAINER_NULL_BATTERY)
+            evaluation["null"] = null_battery(
+                model,
+                null_frames(synthetic=1, image_size=128, real_size=160, seed=cfg.seed),
+                threshold=threshold,
+                device=self.device,
+                stop=lambda: self._signal is not None,
+                **TRAINER_NULL_BATTERY,
+            )
         self._stop_if_signalled("writing the evaluation")
         write_json(out / "evaluation" / "evaluation.json", evaluation)
         best_epoch = self.stopper.best_epoch
@@ -7278,10 +8616,15 @@ class StandaloneTrainer:
         flat = {f"final_val_{k}": v for k, v in metrics["val"].items()}
         flat.update({f"test_{k}": v for k, v in metrics["test"].items() if not isinstance(v, dict)})
         flat.update({f"test_pixel_{k}": v for k, v in evaluation["pixel"].items()})
-        flat.update({k: v for k, v in metrics["energy"].items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")})
+        flat.update(
+            {k: v for k, v in metrics["energy"].items() if k in ("energy_kwh", "emissions_kg_co2eq", "duration_s")}
+        )
         flat["threshold"] = threshold
         self.tracker.log_metrics(flat)
-        self.tracker.log_artifacts([out / n for n in ("config.json", "history.json", "metrics.json", "threshold_table.json", "best.pt")] + plots)
+        self.tracker.log_artifacts(
+            [out / n for n in ("config.json", "history.json", "metrics.json", "threshold_table.json", "best.pt")]
+            + plots
+        )
         self.tracker.log_artifacts(sorted((out / "evaluation").glob("*")), artifact_path="evaluation")
         self.tracker.log_model(lambda: log_astrid_model(out / "best.pt"))
         self.tracker.end("FINISHED")
@@ -7291,12 +8634,22 @@ class StandaloneTrainer:
             write_json(out / "metrics.json", metrics)
         return metrics
 
-    def _prediction_gallery(self, model: nn.Module, probs: np.ndarray, path: Path, *, threshold: float | None = None) -> Path:
+    def _prediction_gallery(
+        self, model: nn.Module, probs: np.ndarray, path: Path, *, threshold: float | None = None
+    ) -> Path:
         """Truth against prediction on the first validation samples."""
         rows = []
         for i in range(min(6, len(self.val_ds))):
             inputs, mask = self.val_ds[i]
-            rows.append(dict(inputs=inputs.numpy(), mask=mask[0].numpy(), truth=self.val_ds.truth(i), prediction=probs[i], label=f"validation {i}"))
+            rows.append(
+                dict(
+                    inputs=inputs.numpy(),
+                    mask=mask[0].numpy(),
+                    truth=self.val_ds.truth(i),
+                    prediction=probs[i],
+                    label=f"validation {i}",
+                )
+            )
         return save_sample_gallery(rows, path, title="validation: truth vs prediction", threshold=threshold)
 
 
@@ -7310,17 +8663,23 @@ def run_training(config: TrainConfig, *, given: Sequence[str] | None = None) -> 
     if trainer.dist.is_main:
         test = metrics["test"]
         print(
-            f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}: val AP {_fmt(metrics['val']['average_precision'])}, "
+            f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}: val AP "
+            f"{_fmt(metrics['val']['average_precision'])}, "
             f"test completeness {_fmt(test['completeness'])}, purity {_fmt(test['purity'])}, "
             f"false detections/image {_fmt(test['false_detections_per_image'])} at threshold {metrics['threshold']:.2f}"
         )
         tracker = trainer.tracker
-        run = f"{tracker.run_id}{'' if tracker.enabled else f' (incomplete: {tracker.disabled_reason})'}" if tracker.run_id else f"none ({tracker.disabled_reason})"
+        run = (
+            f"{tracker.run_id}{'' if tracker.enabled else f' (incomplete: {tracker.disabled_reason})'}"
+            if tracker.run_id
+            else f"none ({tracker.disabled_reason})"
+        )
         print(f"outputs: {trainer.output_dir}  |  MLflow run: {run}")
     return metrics
 
 
 # --- The train command
+
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Training flags, shared by train, sweep, compare and the runner.
@@ -7349,23 +8708,53 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     a("--width", type=int, help="U-Net base width (16 -> 2.16M parameters)")
     a("--snr-min", type=float, help="lowest matched-filter SNR of an injected change")
     a("--snr-max", type=float, help="highest matched-filter SNR of an injected change")
-    a("--no-domain-randomisation", dest="domain_randomisation", action="store_false", default=None, help="train on the plain simulated sky, not TRAINING_SKY")
+    a(
+        "--no-domain-randomisation",
+        dest="domain_randomisation",
+        action="store_false",
+        default=None,
+        help="train on the plain simulated sky, not TRAINING_SKY",
+    )
     a("--plain-fraction", type=float, help="share of the training sky's fields drawn from the plain sky")
-    a("--type-weight", type=float, help="weight of the type head's cross-entropy beside BCE + Dice (0: the change head alone learns)")
-    a("--no-null-tests", dest="null_tests", action="store_false", default=None, help="skip the end-of-run null battery (about 10 s of CPU)")
+    a(
+        "--type-weight",
+        type=float,
+        help="weight of the type head's cross-entropy beside BCE + Dice (0: the change head alone learns)",
+    )
+    a(
+        "--no-null-tests",
+        dest="null_tests",
+        action="store_false",
+        default=None,
+        help="skip the end-of-run null battery (about 10 s of CPU)",
+    )
     a("--seed", type=int, help="seed of the data and the model, in [0, 2^32 - 1]")
     a("--device", help="auto | cpu | cuda | mps")
     a("--threads", type=int, help="torch threads per process (0: one per core)")
     a("--deterministic", action="store_true", default=None, help="torch.use_deterministic_algorithms")
     a("--output-dir", help="default runs/<timestamp>-<random>; one that holds a run is refused")
-    a("--overwrite", action="store_true", default=None, help="replace the run already in --output-dir (its files are deleted first)")
+    a(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace the run already in --output-dir (its files are deleted first)",
+    )
     a("--tracking-uri", help="MLflow tracking URI")
     a("--experiment", help="MLflow experiment name")
     a("--no-mlflow", dest="mlflow", action="store_false", default=None, help="no MLflow tracking")
-    a("--mlflow-optional", action="store_true", default=None, help="train on without MLflow if its server is unreachable")
+    a(
+        "--mlflow-optional",
+        action="store_true",
+        default=None,
+        help="train on without MLflow if its server is unreachable",
+    )
     a("--no-energy", dest="energy", action="store_false", default=None, help="no CodeCarbon energy tracking")
     a("--country", help="ISO alpha-3 code for CodeCarbon's carbon intensity")
-    a("--data", help="synthetic | mast | fits | mix (real tiles from --fits-dir, else the MAST/SkyView cache, mixed with synthetic ones)")
+    a(
+        "--data",
+        help="synthetic | mast | fits | mix (real tiles from --fits-dir, else the MAST/SkyView cache, mixed with "
+        "synthetic ones)",
+    )
     a("--real-fraction", type=float, help="--data mix: share of real samples")
     a("--fits-dir", help="--data fits: a directory of your own FITS frames")
     a("--cache-dir", help="--data mast: the real-sky cache (default ~/.cache/astrid)")
@@ -7381,7 +8770,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, preset: dict | None = None) -> TrainConfig:
     """A preset, then whatever flags the user gave, on top of the defaults."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None
+    }
     return dataclasses.replace(TrainConfig(), **{**(preset or {}), **overrides})
 
 
@@ -7397,10 +8788,15 @@ def _train_command(args: argparse.Namespace) -> Any:
 
 def add_train_arguments(commands: Any) -> None:
     """The train command: training flags, on the defaults of TrainConfig."""
-    train = add_command(commands, "train", "train a model (see also run_standalone_training.py)",
-                    "Train the U-Net on simulated (or real) pairs, with validation, early stopping, MLflow and CodeCarbon; "
-                    "writes a run directory (checkpoints, metrics, plots, an end-of-run evaluation).",
-                    "python standalone_training.py train --samples 3000 --epochs 30 --batch-size 16 --patience 8", _train_command)
+    train = add_command(
+        commands,
+        "train",
+        "train a model (see also run_standalone_training.py)",
+        "Train the U-Net on simulated (or real) pairs, with validation, early stopping, MLflow and CodeCarbon; "
+        "writes a run directory (checkpoints, metrics, plots, an end-of-run evaluation).",
+        "python standalone_training.py train --samples 3000 --epochs 30 --batch-size 16 --patience 8",
+        _train_command,
+    )
     add_training_flags(train)
 
 
@@ -7410,6 +8806,7 @@ def add_train_arguments(commands: Any) -> None:
 
 # --- A figure beside its interval and the counts it rests on
 
+
 def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
     """`value [low, high]`; an open top (None) is printed as inf."""
     low, high = interval
@@ -7417,11 +8814,13 @@ def _fmt_interval(value: float | None, interval: Sequence[float | None]) -> str:
     return f"{_fmt(value)} [{low}, {high}]"
 
 
-MIN_SNR50_OBJECTS = 10  # in each of the two SNR bins the 50% crossing lies between; fewer, and the SNR at 50% is printed as not measured
+# in each of the two SNR bins the 50% crossing lies between; fewer, and the SNR at 50% is printed as not measured
+MIN_SNR50_OBJECTS = 10
 
 
 def _snr50_bins(summary: dict) -> list[int] | None:
-    """The object counts of the two non-empty SNR bins that the SNR at 50% was interpolated between (one where the faintest bin reaches it), or None where it was never reached."""
+    """The object counts of the two non-empty SNR bins that the SNR at 50% was interpolated between (one where the
+    faintest bin reaches it), or None where it was never reached."""
     value = summary["snr50"]["overall"]
     if value is None or not math.isfinite(value):
         return None
@@ -7432,7 +8831,8 @@ def _snr50_bins(summary: dict) -> list[int] | None:
 
 
 def _fmt_snr50(summary: dict) -> str:
-    """The SNR at 50% completeness with its bootstrap interval, or "not measured" where its bins hold too few objects (MIN_SNR50_OBJECTS)."""
+    """The SNR at 50% completeness with its bootstrap interval, or "not measured" where its bins hold too few objects
+    (MIN_SNR50_OBJECTS)."""
     bins = _snr50_bins(summary)
     if bins is None:
         return "not reached"
@@ -7464,19 +8864,21 @@ REAL_PIXEL_SEPARATION = 12  # px between injected sources, and from the edges
 
 
 def real_pixel_frames(*, fits_dir: str | os.PathLike = "") -> list[NullFrame]:
-    """Real frames for injection-recovery: the right half of astropy's M13 cutout (its left half is `compare`'s training data) and `fits_dir`'s frames."""
+    """Real frames for injection-recovery: the right half of astropy's M13 cutout (its left half is `compare`'s
+    training data) and `fits_dir`'s frames."""
     frames = []
     if M13_FITS.is_file():
         data = read_fits_image(M13_FITS)[0]
-        frames.append(NullFrame("M13 right half (DSS, astropy's SkyView cutout)", data[:, data.shape[1] // 2:]))
+        frames.append(NullFrame("M13 right half (DSS, astropy's SkyView cutout)", data[:, data.shape[1] // 2 :]))
     if fits_dir:
         loaded, _ = load_fits_dir(fits_dir)
         frames += [NullFrame(f"{f.target} ({f.survey})", f.data) for f in loaded]
     return frames
 
 
-def _real_pixel_pair(frame: np.ndarray, rng: np.random.Generator, *, sigma: float, fwhm: float, gradient: float,
-                     sources: int) -> tuple[np.ndarray, np.ndarray, list[Truth], dict]:
+def _real_pixel_pair(
+    frame: np.ndarray, rng: np.random.Generator, *, sigma: float, fwhm: float, gradient: float, sources: int
+) -> tuple[np.ndarray, np.ndarray, list[Truth], dict]:
     """Two epochs of one real frame and what was injected into the second (:func:`real_pixel_evaluation`)."""
     h, w = frame.shape
     fill = float(np.nanmedian(frame))
@@ -7484,12 +8886,18 @@ def _real_pixel_pair(frame: np.ndarray, rng: np.random.Generator, *, sigma: floa
     noise_reference, noise_science = rng.normal(0.0, sigma, frame.shape), rng.normal(0.0, sigma, frame.shape)
     reference = clean + noise_reference
     seeing = float(rng.uniform(*REAL_PIXEL_SEEING))
-    science = ndimage.gaussian_filter(clean, math.sqrt(max(seeing**2 - 1.0, 0.0)) * fwhm / 2.3548) if seeing > 1.0 else clean.copy()
+    science = (
+        ndimage.gaussian_filter(clean, math.sqrt(max(seeing**2 - 1.0, 0.0)) * fwhm / 2.3548)
+        if seeing > 1.0
+        else clean.copy()
+    )
     shift = rng.uniform(-REAL_PIXEL_SHIFT, REAL_PIXEL_SHIFT, 2)
     science = ndimage.shift(science, shift[::-1], order=3, mode="nearest") + noise_science
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[:h, :w]
-    ramp = (np.cos(angle) * (xx - w / 2) + np.sin(angle) * (yy - h / 2)) / max(abs(np.cos(angle)) * w + abs(np.sin(angle)) * h, 1.0)
+    ramp = (np.cos(angle) * (xx - w / 2) + np.sin(angle) * (yy - h / 2)) / max(
+        abs(np.cos(angle)) * w + abs(np.sin(angle)) * h, 1.0
+    )
     reference = reference + gradient * sigma * ramp
     # The matched-filter SNR of each source on this pair: the peak of its PSF-filtered image
     # over the robust noise of the PSF-filtered difference of the two epochs' noise, with a
@@ -7497,7 +8905,11 @@ def _real_pixel_pair(frame: np.ndarray, rng: np.random.Generator, *, sigma: floa
     # perfectly, would see. An ideal 5 sigma detector reaches 50% at SNR 5.
     psf = PSF(fwhm * seeing, ASSUMED_MOFFAT_BETA)
     filtered_noise = robust_sigma(correlate_psf(noise_science - noise_reference, psf.stamp))
-    unit_peak = float(np.max(correlate_psf(render_points((31, 31), np.array([15.0]), np.array([15.0]), np.array([1.0]), psf), psf.stamp)))
+    unit_peak = float(
+        np.max(
+            correlate_psf(render_points((31, 31), np.array([15.0]), np.array([15.0]), np.array([1.0]), psf), psf.stamp)
+        )
+    )
     smooth = ndimage.median_filter(clean, size=9)
     margin = REAL_PIXEL_SEPARATION
     truth: list[Truth] = []
@@ -7505,22 +8917,53 @@ def _real_pixel_pair(frame: np.ndarray, rng: np.random.Generator, *, sigma: floa
         if len(truth) == sources:
             break
         x, y = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-        if any(math.hypot(x - t["x"], y - t["y"]) < REAL_PIXEL_SEPARATION for t in truth) or not np.isfinite(frame[int(y), int(x)]):
+        if any(math.hypot(x - t["x"], y - t["y"]) < REAL_PIXEL_SEPARATION for t in truth) or not np.isfinite(
+            frame[int(y), int(x)]
+        ):
             continue
         snr = float(np.exp(rng.uniform(*np.log(REAL_PIXEL_SNRS))))
         on_structure = bool(smooth[int(y), int(x)] - fill > 3 * sigma)  # a galaxy, a cluster's glow, a nebula
-        truth.append(Truth(type="transient", x=float(x), y=float(y), snr=snr, flux=snr * filtered_noise / unit_peak, on_structure=on_structure))
+        truth.append(
+            Truth(
+                type="transient",
+                x=float(x),
+                y=float(y),
+                snr=snr,
+                flux=snr * filtered_noise / unit_peak,
+                on_structure=on_structure,
+            )
+        )
     if truth:
-        science = science + render_points(frame.shape, np.array([t["x"] for t in truth]), np.array([t["y"] for t in truth]),
-                                          np.array([t["flux"] for t in truth]), psf)
+        science = science + render_points(
+            frame.shape,
+            np.array([t["x"] for t in truth]),
+            np.array([t["y"] for t in truth]),
+            np.array([t["flux"] for t in truth]),
+            psf,
+        )
     missing = ~np.isfinite(frame)
     reference[missing], science[missing] = np.nan, np.nan
-    return reference, science, truth, dict(seeing_ratio=seeing, shift_px=[float(v) for v in shift], gradient_sigma=gradient)
+    return (
+        reference,
+        science,
+        truth,
+        dict(seeing_ratio=seeing, shift_px=[float(v) for v in shift], gradient_sigma=gradient),
+    )
 
 
-def real_pixel_evaluation(model: nn.Module, frames: Sequence[NullFrame], *, threshold: float, device: torch.device, seed: int = DEFAULT_EVAL_SEED,
-                          pairs: int = REAL_PIXEL_PAIRS, sources: int = REAL_PIXEL_SOURCES, stop: Callable[[], bool] | None = None) -> dict:
-    """Injection-recovery on real pixels: the network beside S_corr alone, the matched filter and SExtractor, on the same pairs.
+def real_pixel_evaluation(
+    model: nn.Module,
+    frames: Sequence[NullFrame],
+    *,
+    threshold: float,
+    device: torch.device,
+    seed: int = DEFAULT_EVAL_SEED,
+    pairs: int = REAL_PIXEL_PAIRS,
+    sources: int = REAL_PIXEL_SOURCES,
+    stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Injection-recovery on real pixels: the network beside S_corr alone, the matched filter and SExtractor, on the
+    same pairs.
 
     Each frame makes `pairs` pairs. Both epochs are the frame plus independent Gaussian noise
     at its own robust noise; the science epoch is blurred to 1-1.5x the frame's seeing and
@@ -7545,7 +8988,9 @@ def real_pixel_evaluation(model: nn.Module, frames: Sequence[NullFrame], *, thre
                 break
             rng = np.random.default_rng([seed, SEED_STREAMS["test"], k, r])
             gradient = REAL_PIXEL_GRADIENTS[r % len(REAL_PIXEL_GRADIENTS)]
-            reference, science, truth, case = _real_pixel_pair(frame.data, rng, sigma=sigma, fwhm=fwhm, gradient=gradient, sources=sources)
+            reference, science, truth, case = _real_pixel_pair(
+                frame.data, rng, sigma=sigma, fwhm=fwhm, gradient=gradient, sources=sources
+            )
             try:
                 found = find_changes(model, reference, science, threshold=threshold, device=device)
             except DataError as exc:
@@ -7562,30 +9007,52 @@ def real_pixel_evaluation(model: nn.Module, frames: Sequence[NullFrame], *, thre
             for name, found_here in detections.items():
                 results[name].append(match_objects(found_here, truth))
             for where, on in (("blank_sky", False), ("on_structure", True)):
-                typed[where] += [assigned for _, assigned, _ in type_records(found.detections, [t for t in truth if bool(t.get("on_structure")) == on])]
+                typed[where] += [
+                    assigned
+                    for _, assigned, _ in type_records(
+                        found.detections, [t for t in truth if bool(t.get("on_structure")) == on]
+                    )
+                ]
             truths.append(truth)
             megapixels += float(found.valid.sum()) / 1e6
             cases.append(dict(frame=frame.name, **case, sources=len(truth), network=len(found.detections)))
-    report = dict(frames=[f.name for f in frames], pairs=len(truths), megapixels=megapixels, cases=cases,
-                  recipe=dict(snr_range=list(REAL_PIXEL_SNRS), sources_per_pair=sources, gradients_sigma=list(REAL_PIXEL_GRADIENTS),
-                              seeing_ratio=list(REAL_PIXEL_SEEING), max_shift_px=REAL_PIXEL_SHIFT))
+    report = dict(
+        frames=[f.name for f in frames],
+        pairs=len(truths),
+        megapixels=megapixels,
+        cases=cases,
+        recipe=dict(
+            snr_range=list(REAL_PIXEL_SNRS),
+            sources_per_pair=sources,
+            gradients_sigma=list(REAL_PIXEL_GRADIENTS),
+            seeing_ratio=list(REAL_PIXEL_SEEING),
+            max_shift_px=REAL_PIXEL_SHIFT,
+        ),
+    )
     # Every injection is a point source: on blank sky it is a transient; on a galaxy or a glow
     # a supernova is as right an answer (a new point source on an extended one).
-    report["types"] = {where: {kind: _ratio(names.count(kind), len(names)) for kind in ANOMALY_TYPES} for where, names in typed.items()}
+    report["types"] = {
+        where: {kind: _ratio(names.count(kind), len(names)) for kind in ANOMALY_TYPES} for where, names in typed.items()
+    }
     for name, matched in results.items():
         summary = summarise_objects(matched, truths) if truths else None
         if summary is not None:
             n_false = sum(m.n_false for m in matched)
             summary["false_per_megapixel"] = n_false / megapixels if megapixels else None
             # Sources at SNR >= 7 on the frame's structure (the bright-galaxy case of a supernova search).
-            on = [bool(ok) for m, truth in zip(matched, truths) for i, ok in zip(m.anomaly_index, m.recovered)
-                  if truth[i].get("on_structure") and truth[i]["snr"] >= 7]
+            on = [
+                bool(ok)
+                for m, truth in zip(matched, truths)
+                for i, ok in zip(m.anomaly_index, m.recovered)
+                if truth[i].get("on_structure") and truth[i]["snr"] >= 7
+            ]
             summary["on_structure_snr_ge_7"] = _ratio(sum(on), len(on))
         report[name] = summary
     return report
 
 
 # --- The evaluate command
+
 
 def run_evaluation(
     *,
@@ -7601,7 +9068,8 @@ def run_evaluation(
     real_pixels: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Evaluate a checkpoint on a fresh synthetic test set, on real pixels and on null pairs; writes evaluation.json and plots.
+    """Evaluate a checkpoint on a fresh synthetic test set, on real pixels and on null pairs; writes evaluation.json and
+    plots.
 
     The real-pixel injection-recovery (:func:`real_pixel_evaluation`) runs on the right half of
     the M13 cutout astropy ships and every frame in `fits_dir`; the null battery
@@ -7618,9 +9086,19 @@ def run_evaluation(
     model, dev, threshold = predictor.model, predictor.device, predictor.threshold
     px = image_size**2
     # Inference keeps no activations for backward: a quarter of training's, for batches of 16.
-    check_memory({"model": 4 * count_parameters(model), "activations": ACTIVATION_BYTES // 4 * model.config["width"] * px * 16,
-                  "data": TEST_SAMPLE_BYTES * px * samples}, device=dev)
-    saved = config_from_saved(predictor.saved_config, path=predictor.checkpoint) if predictor.saved_config is not None else TrainConfig()
+    check_memory(
+        {
+            "model": 4 * count_parameters(model),
+            "activations": ACTIVATION_BYTES // 4 * model.config["width"] * px * 16,
+            "data": TEST_SAMPLE_BYTES * px * samples,
+        },
+        device=dev,
+    )
+    saved = (
+        config_from_saved(predictor.saved_config, path=predictor.checkpoint)
+        if predictor.saved_config is not None
+        else TrainConfig()
+    )
     snr = (saved.snr_min, saved.snr_max)
     dataset = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=seed, stream="test", snr_range=snr)
     out = Path(output_dir)
@@ -7630,12 +9108,17 @@ def run_evaluation(
     result.update(checkpoint=str(predictor.checkpoint), seed=seed)
     if real_pixels:
         log.info("real pixels: injection-recovery on %d pairs of each real frame", REAL_PIXEL_PAIRS)
-        result["real_pixels"] = real_pixel_evaluation(model, real_pixel_frames(fits_dir=fits_dir), threshold=threshold, device=dev, seed=seed)
+        result["real_pixels"] = real_pixel_evaluation(
+            model, real_pixel_frames(fits_dir=fits_dir), threshold=threshold, device=dev, seed=seed
+        )
     if null_tests:
         result["null"] = null_battery(model, null_frames(fits_dir=fits_dir), threshold=threshold, device=dev)
     write_json(out / "evaluation.json", result)
     summaries = (result["network"], result["significance_alone"], result["baseline"], result["sextractor"])
-    print(f"{'':26s}" + "".join(f"{h:>22s}" for h in ("network", "S_corr >= 5 alone", "matched filter", "SExtractor (sep)")))
+    print(
+        f"{'':26s}"
+        + "".join(f"{h:>22s}" for h in ("network", "S_corr >= 5 alone", "matched filter", "SExtractor (sep)"))
+    )
     rows = [
         ("completeness", lambda s: _fmt_ratio(s["completeness"]["overall"])),
         ("SNR at 50% completeness", _fmt_snr50),
@@ -7648,20 +9131,33 @@ def run_evaluation(
         print(f"{name:26s}" + "".join(f"{cell(s):>22s}" for s in summaries))
     real = result.get("real_pixels")
     if real and real["network"]:
-        print(f"real pixels ({real['pairs']} pairs of {', '.join(real['frames'])}; seeing 1-1.5x, shifts <= {REAL_PIXEL_SHIFT} px, gradients <= {max(REAL_PIXEL_GRADIENTS):g} sigma):")
+        print(
+            f"real pixels ({real['pairs']} pairs of {', '.join(real['frames'])}; seeing 1-1.5x, shifts <= "
+            f"{REAL_PIXEL_SHIFT} px, gradients <= {max(REAL_PIXEL_GRADIENTS):g} sigma):"
+        )
         peers = [real[k] for k in ("network", "significance_alone", "baseline", "sextractor")]
-        for name, cell in (("  completeness", rows[0][1]), ("  SNR at 50% completeness", rows[1][1]), ("    objects in its two bins", rows[2][1]),
-                           ("  point sources, SNR >= 10", lambda s: _fmt_ratio(s["completeness_snr_ge_10"]["point"])),
-                           ("  false detections / Mpix", lambda s: _fmt(s["false_per_megapixel"]))):
+        for name, cell in (
+            ("  completeness", rows[0][1]),
+            ("  SNR at 50% completeness", rows[1][1]),
+            ("    objects in its two bins", rows[2][1]),
+            ("  point sources, SNR >= 10", lambda s: _fmt_ratio(s["completeness_snr_ge_10"]["point"])),
+            ("  false detections / Mpix", lambda s: _fmt(s["false_per_megapixel"])),
+        ):
             print(f"{name:26s}" + "".join(f"{cell(s):>22s}" for s in peers))
     print("(in brackets: 95% intervals, Wilson for ratios, bootstrap for the SNR at 50%)")
     if null_tests:
         for frame in result["null"]["frames"]:
-            print(f"null test, {frame['frame']}: {frame['identical_detections']} detections on the identical pair; "
-                  f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio pairs <= {_fmt(frame['flux_per_megapixel_max'])}, "
-                  f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}, gradient pairs <= {_fmt(frame['gradient_per_megapixel_max'])}, "
-                  f"shifted pairs <= {_fmt(frame['shift_per_megapixel_max'])}, correlated-noise pairs <= {_fmt(frame['correlated_per_megapixel_max'])}; {frame['refused']} refused; "
-                  f"SExtractor on the same differences: <= {_fmt(frame.get('sextractor_per_megapixel_max'))} per megapixel")
+            print(
+                f"null test, {frame['frame']}: {frame['identical_detections']} detections on the identical pair; "
+                f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio "
+                f"pairs <= {_fmt(frame['flux_per_megapixel_max'])}, "
+                f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}, gradient pairs <= "
+                f"{_fmt(frame['gradient_per_megapixel_max'])}, "
+                f"shifted pairs <= {_fmt(frame['shift_per_megapixel_max'])}, correlated-noise pairs <= "
+                f"{_fmt(frame['correlated_per_megapixel_max'])}; {frame['refused']} refused; "
+                f"SExtractor on the same differences: <= {_fmt(frame.get('sextractor_per_megapixel_max'))} per "
+                "megapixel"
+            )
     print(f"evaluation: {out / 'evaluation.json'}")
     return result
 
@@ -7677,22 +9173,37 @@ def _evaluate_command(args: argparse.Namespace) -> Any:
 
 def add_evaluate_arguments(commands: Any) -> None:
     """The evaluate command: its defaults are run_evaluation's keyword defaults."""
-    evaluate = add_command(commands, "evaluate", "completeness, purity and bogus rejection vs the matched filter",
-                       "Evaluate a checkpoint on a fresh simulated test set beside the matched filter and SExtractor, "
-                       "and run the null battery (pairs in which nothing changed).",
-                       "python standalone_training.py evaluate --samples 200 --image-size 128 --output-dir evaluation", _evaluate_command)
+    evaluate = add_command(
+        commands,
+        "evaluate",
+        "completeness, purity and bogus rejection vs the matched filter",
+        "Evaluate a checkpoint on a fresh simulated test set beside the matched filter and SExtractor, "
+        "and run the null battery (pairs in which nothing changed).",
+        "python standalone_training.py evaluate --samples 200 --image-size 128 --output-dir evaluation",
+        _evaluate_command,
+    )
     defaults = _keyword_defaults(run_evaluation)  # run_evaluation's signature holds evaluate's defaults
     evaluate.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     evaluate.add_argument("--samples", type=int, default=defaults["samples"], help="test images")
-    evaluate.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the test images, in [0, 2^32 - 1]")
+    evaluate.add_argument(
+        "--seed", type=int, default=defaults["seed"], help="seed of the test images, in [0, 2^32 - 1]"
+    )
     evaluate.add_argument("--image-size", type=int, default=defaults["image_size"], help="px, a multiple of 16")
     evaluate.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     evaluate.add_argument("--device", default=defaults["device"], help="auto | cpu | cuda | mps")
-    evaluate.add_argument("--output-dir", default=defaults["output_dir"], help="one that holds an evaluation is refused")
+    evaluate.add_argument(
+        "--output-dir", default=defaults["output_dir"], help="one that holds an evaluation is refused"
+    )
     evaluate.add_argument("--overwrite", action="store_true", help="replace the evaluation already in --output-dir")
-    evaluate.add_argument("--fits-dir", default=defaults["fits_dir"], help="more real frames, for the real-pixel injection-recovery and the null tests")
+    evaluate.add_argument(
+        "--fits-dir",
+        default=defaults["fits_dir"],
+        help="more real frames, for the real-pixel injection-recovery and the null tests",
+    )
     evaluate.add_argument("--no-null-tests", dest="null_tests", action="store_false", help="skip the null battery")
-    evaluate.add_argument("--no-real-pixels", dest="real_pixels", action="store_false", help="skip the injection-recovery on real frames")
+    evaluate.add_argument(
+        "--no-real-pixels", dest="real_pixels", action="store_false", help="skip the injection-recovery on real frames"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -7700,6 +9211,7 @@ def add_evaluate_arguments(commands: Any) -> None:
 # ----------------------------------------------------------------------------
 
 # --- Sky axes and forced photometry
+
 
 def sky_frame(wcs: Any) -> str | None:
     """The celestial frame a WCS is written in ('icrs', 'fk5', 'galactic', ...), or None without a usable one."""
@@ -7711,7 +9223,8 @@ def sky_frame(wcs: Any) -> str | None:
         return None
 
 
-DS9_COLOURS = {"transient": "cyan", "variable_star": "yellow", "supernova": "magenta", "asteroid": "green"}  # one colour per type: DS9 regions and the overlay
+# one colour per type: DS9 regions and the overlay
+DS9_COLOURS = {"transient": "cyan", "variable_star": "yellow", "supernova": "magenta", "asteroid": "green"}
 
 
 def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, float]]) -> list[dict]:
@@ -7740,8 +9253,16 @@ def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, fl
         at = np.array([[y], [x]])
         score = float(ndimage.map_coordinates(sub.score, at, order=1)[0])
         noise = float(ndimage.map_coordinates(sub.score_noise, at, order=1)[0])
-        rows.append(dict(x=x, y=y, flux=score / unit, flux_error=noise / unit, significance=score / noise if noise > 0 else None,
-                         score=float(near[int(round(y)), int(round(x))])))
+        rows.append(
+            dict(
+                x=x,
+                y=y,
+                flux=score / unit,
+                flux_error=noise / unit,
+                significance=score / noise if noise > 0 else None,
+                score=float(near[int(round(y)), int(round(x))]),
+            )
+        )
     return rows
 
 
@@ -7749,7 +9270,8 @@ FORCED_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_error", "significance", "
 
 
 def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, float, float | None, float | None]]:
-    """Positions for forced photometry from a CSV with columns x, y (0-based pixels) or ra, dec (degrees, ICRS, through the science WCS)."""
+    """Positions for forced photometry from a CSV with columns x, y (0-based pixels) or ra, dec (degrees, ICRS, through
+    the science WCS)."""
     path = Path(path)
     try:
         rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
@@ -7768,7 +9290,11 @@ def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, fl
                 ra, dec = pixel_to_icrs(wcs, x, y) if wcs is not None else (None, None)
             elif {"ra", "dec"} <= columns:
                 if wcs is None:
-                    msg = f"--positions {path} gives ra, dec, but the science image has no usable celestial WCS: give x, y"
+                    msg = (
+                        f"--positions {path} gives ra, dec, but the science image has no usable celestial WCS: "
+                        "give "
+                        "x, y"
+                    )
                     raise DataError(msg)
                 ra, dec = float(row["ra"]), float(row["dec"])
 
@@ -7788,6 +9314,7 @@ def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, fl
 
 # --- The overlay
 
+
 def overlay_wcs(wcs: WCS | None, shape: tuple[int, int], factor: int) -> WCS | None:
     """The celestial WCS of the overlay's image (`shape` after block-averaging by `factor`), or None for pixel axes.
 
@@ -7798,7 +9325,11 @@ def overlay_wcs(wcs: WCS | None, shape: tuple[int, int], factor: int) -> WCS | N
     if wcs is None or not wcs.has_celestial:
         return None
     try:
-        view = wcs.celestial.slice((slice(0, shape[0] * factor, factor), slice(0, shape[1] * factor, factor))) if factor > 1 else wcs.celestial
+        view = (
+            wcs.celestial.slice((slice(0, shape[0] * factor, factor), slice(0, shape[1] * factor, factor)))
+            if factor > 1
+            else wcs.celestial
+        )
         corners = view.pixel_to_world_values([0, shape[1] - 1], [0, shape[0] - 1])
     except Exception as exc:  # astropy raises several kinds for WCSs it cannot slice
         log.debug("overlay in pixels: the science WCS could not be sliced (%s)", exc)
@@ -7806,9 +9337,19 @@ def overlay_wcs(wcs: WCS | None, shape: tuple[int, int], factor: int) -> WCS | N
     return view if np.all(np.isfinite(corners)) else None
 
 
-def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: Sequence[dict], *, statistics: PairStatistics, max_side: int = 1024,
-                 wcs: WCS | None = None, staged: list | None = None) -> Path:
-    """Science and difference images with the detections circled, numbered as the rows of detections.csv and coloured by type.
+def save_overlay(
+    path: Path,
+    reference: np.ndarray,
+    science: np.ndarray,
+    rows: Sequence[dict],
+    *,
+    statistics: PairStatistics,
+    max_side: int = 1024,
+    wcs: WCS | None = None,
+    staged: list | None = None,
+) -> Path:
+    """Science and difference images with the detections circled, numbered as the rows of detections.csv and coloured by
+    type.
 
     Block-averaged if large; sky axes where the science epoch has a celestial WCS (`wcs`),
     pixel axes (0-based, as in detections.csv) otherwise; a colour bar on each panel (the
@@ -7818,6 +9359,7 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
     from matplotlib.lines import Line2D  # lazy: see the imports at the top
     from matplotlib.patches import Circle  # lazy: see the imports at the top
     from matplotlib.patheffects import withStroke  # lazy: see the imports at the top
+
     channels = normalize_pair(reference, science, statistics=statistics)
     factor = max(1, math.ceil(max(science.shape) / max_side))
     if factor > 1:
@@ -7826,12 +9368,23 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
     sky = overlay_wcs(wcs, channels.shape[1:], factor)
     # Pixel axes are in the original pixels (the image stretched over them); sky axes need the
     # image's own block pixels, where a detection at pixel x sits at (x + 0.5) / factor - 0.5.
-    extent, scale = ((-0.5, channels.shape[2] * factor - 0.5, -0.5, channels.shape[1] * factor - 0.5), 1) if sky is None else (None, factor)
+    extent, scale = (
+        ((-0.5, channels.shape[2] * factor - 0.5, -0.5, channels.shape[1] * factor - 0.5), 1)
+        if sky is None
+        else (None, factor)
+    )
     fig = Figure(figsize=(12, 5.5))
-    for k, (image, title, unit, kwargs) in enumerate((
-        (channels[1], "science", "science (noise units above the sky)", dict(cmap="gray", vmin=-1, vmax=5)),
-        (channels[2], "difference (science - scaled reference)", "difference (sigma)", dict(cmap="coolwarm", vmin=-3, vmax=3)),
-    )):
+    for k, (image, title, unit, kwargs) in enumerate(
+        (
+            (channels[1], "science", "science (noise units above the sky)", dict(cmap="gray", vmin=-1, vmax=5)),
+            (
+                channels[2],
+                "difference (science - scaled reference)",
+                "difference (sigma)",
+                dict(cmap="coolwarm", vmin=-3, vmax=3),
+            ),
+        )
+    ):
         ax = fig.add_subplot(1, 2, k + 1, projection=sky)
         shown = ax.imshow(image, origin="lower", extent=extent, **kwargs)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=unit)
@@ -7839,8 +9392,17 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
             colour = DS9_COLOURS.get(r.get("type"), "lime")
             centre = ((r["x"] + 0.5) / scale - 0.5, (r["y"] + 0.5) / scale - 0.5)
             ax.add_patch(Circle(centre, radius=max(4.0, 8.0 * factor) / scale, fill=False, color=colour, lw=1.2))
-            ax.annotate(str(number), centre, xytext=(6, 6), textcoords="offset points", color=colour, fontsize=8, weight="bold",
-                        path_effects=[withStroke(linewidth=2, foreground="black")])  # legible on light and dark pixels alike
+            ax.annotate(
+                str(number),
+                centre,
+                xytext=(6, 6),
+                textcoords="offset points",
+                color=colour,
+                fontsize=8,
+                weight="bold",
+                # legible on light and dark pixels alike
+                path_effects=[withStroke(linewidth=2, foreground="black")],
+            )
         ax.set_title(f"{title}: {len(rows)} detections", fontsize=10)
         if sky is None:
             ax.set_xlabel("x (px)")
@@ -7852,14 +9414,23 @@ def save_overlay(path: Path, reference: np.ndarray, science: np.ndarray, rows: S
             ax.coords.grid(color="white", alpha=0.25, ls=":")
     kinds = sorted({r.get("type") for r in rows if r.get("type") in DS9_COLOURS})
     if kinds:
-        fig.legend(handles=[Line2D([], [], color=DS9_COLOURS[k], marker="o", ls="", fillstyle="none", label=k.replace("_", " ")) for k in kinds],
-                   loc="lower center", ncol=len(kinds), fontsize=8, frameon=False)
+        fig.legend(
+            handles=[
+                Line2D([], [], color=DS9_COLOURS[k], marker="o", ls="", fillstyle="none", label=k.replace("_", " "))
+                for k in kinds
+            ],
+            loc="lower center",
+            ncol=len(kinds),
+            fontsize=8,
+            frameon=False,
+        )
     fig.text(0.01, 0.01, "numbers: rows of detections.csv", fontsize=8, color="0.3")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, path, dpi=110, staged=staged)
 
 
 # --- Writers, the pair's inputs and one pair's prediction
+
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], *, staged: list | None = None) -> Path:
     """A CSV of `rows` (dicts of already formatted cells) under a header of `columns`, written atomically."""
@@ -7871,31 +9442,53 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], *, stage
 
 
 def write_detections_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
-    """detections.csv: x, y (0-based, x = column), ra, dec (deg, ICRS; empty without WCS), score, significance (signed S_corr), area_px, type,
-    p_real, p_<type> (empty from a model without a type head), trail_length_px, trail_angle_deg (asteroids only)."""
+    """detections.csv: x, y (0-based, x = column), ra, dec (deg, ICRS; empty without WCS), score, significance (signed
+    S_corr), area_px, type, p_real, p_<type> (empty from a model without a type head), trail_length_px, trail_angle_deg
+    (asteroids only)."""
     cells = [
-        {**{k: r.get(k) for k in DETECTION_COLUMNS}, "x": f"{r['x']:.3f}", "y": f"{r['y']:.3f}", "score": f"{r['score']:.6f}", "p_real": f"{r['p_real']:.6f}",
-         **{k: "" if r.get(k) is None else f"{r[k]:.4f}" for k in TYPE_PROBABILITY_COLUMNS},
-         "significance": f"{r['significance']:.2f}", "ra": "" if r["ra"] is None else f"{r['ra']:.7f}", "dec": "" if r["dec"] is None else f"{r['dec']:.7f}",
-         **{k: "" if r.get(k) is None else f"{r[k]:.1f}" for k in ("trail_length_px", "trail_angle_deg")}}
+        {
+            **{k: r.get(k) for k in DETECTION_COLUMNS},
+            "x": f"{r['x']:.3f}",
+            "y": f"{r['y']:.3f}",
+            "score": f"{r['score']:.6f}",
+            "p_real": f"{r['p_real']:.6f}",
+            **{k: "" if r.get(k) is None else f"{r[k]:.4f}" for k in TYPE_PROBABILITY_COLUMNS},
+            "significance": f"{r['significance']:.2f}",
+            "ra": "" if r["ra"] is None else f"{r['ra']:.7f}",
+            "dec": "" if r["dec"] is None else f"{r['dec']:.7f}",
+            **{k: "" if r.get(k) is None else f"{r[k]:.1f}" for k in ("trail_length_px", "trail_angle_deg")},
+        }
         for r in rows
     ]
     return write_csv(path, DETECTION_COLUMNS, cells, staged=staged)
 
 
 def write_forced_csv(path: Path, rows: Sequence[dict], *, staged: list | None = None) -> Path:
-    """forced.csv: per requested position, x, y, ra, dec, flux and flux_error (science image units), significance (S_corr) and the network's score."""
+    """forced.csv: per requested position, x, y, ra, dec, flux and flux_error (science image units), significance
+    (S_corr) and the network's score."""
+
     def cell(value: Any, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
-    cells = [dict(x=cell(r["x"], ".3f"), y=cell(r["y"], ".3f"), ra=cell(r.get("ra"), ".7f"), dec=cell(r.get("dec"), ".7f"),
-                  flux=cell(r["flux"], ".6g"), flux_error=cell(r["flux_error"], ".6g"), significance=cell(r["significance"], ".2f"), score=cell(r["score"], ".6f"))
-             for r in rows]
+    cells = [
+        dict(
+            x=cell(r["x"], ".3f"),
+            y=cell(r["y"], ".3f"),
+            ra=cell(r.get("ra"), ".7f"),
+            dec=cell(r.get("dec"), ".7f"),
+            flux=cell(r["flux"], ".6g"),
+            flux_error=cell(r["flux_error"], ".6g"),
+            significance=cell(r["significance"], ".2f"),
+            score=cell(r["score"], ".6f"),
+        )
+        for r in rows
+    ]
     return write_csv(path, FORCED_COLUMNS, cells, staged=staged)
 
 
 def detection_table(rows: Sequence[dict], *, record: dict):
-    """The detections as an astropy Table with units; `record` (how the pair was scaled, the model, the inputs) is its metadata."""
+    """The detections as an astropy Table with units; `record` (how the pair was scaled, the model, the inputs) is its
+    metadata."""
     table = Table(meta=dict(record))
     table["x"] = np.array([r["x"] for r in rows], dtype=np.float64) * u.pix
     table["y"] = np.array([r["y"] for r in rows], dtype=np.float64) * u.pix
@@ -7907,15 +9500,26 @@ def detection_table(rows: Sequence[dict], *, record: dict):
     table["area_px"] = np.array([r["area_px"] for r in rows], dtype=np.int64) * u.pix**2
     table["type"] = np.array([r["type"] for r in rows], dtype=str) if rows else np.array([], dtype="U13")
     table["p_real"] = np.array([r["p_real"] for r in rows], dtype=np.float64)
-    for name, unit in [*((k, None) for k in TYPE_PROBABILITY_COLUMNS), ("trail_length_px", u.pix), ("trail_angle_deg", u.deg)]:
+    for name, unit in [
+        *((k, None) for k in TYPE_PROBABILITY_COLUMNS),
+        ("trail_length_px", u.pix),
+        ("trail_angle_deg", u.deg),
+    ]:
         values = np.array([np.nan if r.get(name) is None else r[name] for r in rows], dtype=np.float64)
         table[name] = MaskedColumn(values, mask=np.isnan(values), unit=unit)
-    table["type"].description = ("what changed: transient, variable_star, supernova or asteroid; the most probable p_<type> where the model has a type "
-                                 "head (a variable star where a point source of the reference is centred on the change, unless the head sees a trail), "
-                                 "else from the pair's cues (blank sky, a reference star, an extended source, a trail)")
+    table["type"].description = (
+        "what changed: transient, variable_star, supernova or asteroid; the most probable p_<type> where the model "
+        "has a type "
+        "head (a variable star where a point source of the reference is centred on the change, unless the head sees a "
+        "trail), "
+        "else from the pair's cues (blank sky, a reference star, an extended source, a trail)"
+    )
     table["p_real"].description = "the network's probability that the change is real, not bogus (the score)"
     for kind in ANOMALY_TYPES:
-        table[f"p_{kind}"].description = f"the type head's probability that the change is a {kind.replace('_', ' ')}, over its footprint (masked: no type head)"
+        table[f"p_{kind}"].description = (
+            f"the type head's probability that the change is a {kind.replace('_', ' ')}, over its "
+            "footprint (masked: no type head)"
+        )
     table["trail_length_px"].description = "an asteroid's trail length"
     table["trail_angle_deg"].description = "an asteroid's trail angle from the x axis, counter-clockwise, 0-180"
     table["x"].description = "0-based pixel centroid, column"
@@ -7933,7 +9537,8 @@ def write_detections_ecsv(path: Path, rows: Sequence[dict], *, record: dict, sta
 
 
 def write_detections_ds9(path: Path, rows: Sequence[dict], *, wcs: Any, staged: list | None = None) -> Path:
-    """detections.reg: a DS9 circle per change, coloured by its type and labelled with its row of detections.csv, its type and its S_corr.
+    """detections.reg: a DS9 circle per change, coloured by its type and labelled with its row of detections.csv, its
+    type and its S_corr.
 
     Circles are on the sky (ICRS, radius in arcsec) when every row has RA/Dec, else in image
     pixels (1-based, as DS9 counts). The radius covers the change's footprint, at least 5 px
@@ -7941,10 +9546,16 @@ def write_detections_ds9(path: Path, rows: Sequence[dict], *, wcs: Any, staged: 
     """
     scale = _pixel_scale_arcsec(wcs) if wcs is not None else None
     on_sky = scale is not None and all(r["ra"] is not None for r in rows)
-    lines = ["# Region file format: DS9 (AstrID detections)", 'global color=green width=2 font="helvetica 10 normal"', "icrs" if on_sky else "image"]
+    lines = [
+        "# Region file format: DS9 (AstrID detections)",
+        'global color=green width=2 font="helvetica 10 normal"',
+        "icrs" if on_sky else "image",
+    ]
     for number, r in enumerate(rows, start=1):
         radius = max(5.0, 2.0 * math.sqrt(r["area_px"] / math.pi))
-        label = f"color={DS9_COLOURS.get(r['type'], 'green')} text={{{number} {r['type']}: {r['significance']:+.1f} sigma}}"
+        label = (
+            f"color={DS9_COLOURS.get(r['type'], 'green')} text={{{number} {r['type']}: {r['significance']:+.1f} sigma}}"
+        )
         if on_sky:
             lines.append(f'circle({r["ra"]:.7f},{r["dec"]:.7f},{radius * scale:.3f}") # {label}')
         else:
@@ -7953,7 +9564,9 @@ def write_detections_ds9(path: Path, rows: Sequence[dict], *, wcs: Any, staged: 
     return atomic_write(path, lambda f: f.write(text.encode()), staged=staged)
 
 
-def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold: float, checkpoint: Path, staged: list | None = None) -> Path:
+def write_probability_fits(
+    path: Path, prob: np.ndarray, *, wcs: Any, threshold: float, checkpoint: Path, staged: list | None = None
+) -> Path:
     """mask.fits: the probability map with the science image's WCS."""
     header = wcs.to_header() if wcs is not None else fits.Header()
     header["BUNIT"] = ("probability", "AstrID anomaly probability per pixel")
@@ -7963,8 +9576,11 @@ def write_probability_fits(path: Path, prob: np.ndarray, *, wcs: Any, threshold:
     return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
 
 
-def write_significance_fits(path: Path, significance: np.ndarray, valid: np.ndarray, *, wcs: Any, staged: list | None = None) -> Path:
-    """significance.fits: ZOGY's S_corr per pixel (signed, in sigma; NaN where either epoch has no data) with the science image's WCS."""
+def write_significance_fits(
+    path: Path, significance: np.ndarray, valid: np.ndarray, *, wcs: Any, staged: list | None = None
+) -> Path:
+    """significance.fits: ZOGY's S_corr per pixel (signed, in sigma; NaN where either epoch has no data) with the
+    science image's WCS."""
     header = wcs.to_header() if wcs is not None else fits.Header()
     header["BUNIT"] = ("sigma", "ZOGY S_corr of a point-source change")
     header["GATE"] = (float(SIGNIFICANCE_GATE), "|S_corr| a reported change reaches")
@@ -7972,7 +9588,9 @@ def write_significance_fits(path: Path, significance: np.ndarray, valid: np.ndar
     return atomic_write(path, lambda f: hdu.writeto(f), staged=staged)
 
 
-def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, cache_dir: str, timeout: float, retries: int) -> np.ndarray:
+def fetch_reference(
+    science_wcs: Any, shape: tuple[int, int], survey: str, *, cache_dir: str, timeout: float, retries: int
+) -> np.ndarray:
     """A survey image covering the science frame, reprojected onto its pixel grid."""
     if science_wcs is None:
         msg = "--reference-survey needs a science image with a celestial WCS"
@@ -7987,7 +9605,14 @@ def fetch_reference(science_wcs: Any, shape: tuple[int, int], survey: str, *, ca
     survey_scale = survey_service(survey)[2]
     pixels = int(min(2000, math.ceil(1.1 * max(shape) * scale_arcsec / survey_scale)))
     target = f"{ra:.6f} {dec:.6f}"
-    frames, failures = fetch_frames([target], [survey], cache_dir=cache_dir or default_cache_dir(), timeout=timeout, retries=retries, pixels=max(pixels, 8))
+    frames, failures = fetch_frames(
+        [target],
+        [survey],
+        cache_dir=cache_dir or default_cache_dir(),
+        timeout=timeout,
+        retries=retries,
+        pixels=max(pixels, 8),
+    )
     if not frames:
         msg = f"could not fetch a reference from {survey}: {failures[0].reason if failures else 'no frame'}"
         raise NetworkError(msg)
@@ -8008,16 +9633,31 @@ class EpochPair(NamedTuple):
 
     def keywords(self) -> dict:
         """What :func:`subtract_pair` takes from the files: the WCSs, the headers and each epoch's GAIN (e-/ADU)."""
+
         def gain(header):
             value = header_number(header, "GAIN")
             return value if value is not None and value > 0 else None
 
-        return dict(wcs_reference=self.wcs_reference, wcs_science=self.wcs_science, header_reference=self.header_reference,
-                    header_science=self.header_science, gain_reference=gain(self.header_reference), gain_science=gain(self.header_science))
+        return dict(
+            wcs_reference=self.wcs_reference,
+            wcs_science=self.wcs_science,
+            header_reference=self.header_reference,
+            header_science=self.header_science,
+            gain_reference=gain(self.header_reference),
+            gain_science=gain(self.header_science),
+        )
 
 
-def read_pair(science: str, reference: str | None, *, reference_survey: str | None = None, max_pixels: int,
-              cache_dir: str = "", timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES) -> EpochPair:
+def read_pair(
+    science: str,
+    reference: str | None,
+    *,
+    reference_survey: str | None = None,
+    max_pixels: int,
+    cache_dir: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+) -> EpochPair:
     """The two epochs of a pair, within the pixel budget.
 
     They may differ in shape and grid when both carry a celestial WCS: :func:`register_pair`
@@ -8033,8 +9673,10 @@ def read_pair(science: str, reference: str | None, *, reference_survey: str | No
         ref = fetch_reference(wcs, sci.shape, reference_survey, cache_dir=cache_dir, timeout=timeout, retries=retries)
         header_ref, wcs_ref = None, wcs  # reprojected onto the science grid already
     if ref.shape != sci.shape and (wcs is None or wcs_ref is None):
-        msg = (f"reference {ref.shape[1]}x{ref.shape[0]} and science {sci.shape[1]}x{sci.shape[0]} px differ in shape, "
-               "and without a celestial WCS in both they cannot be registered: put them on one grid first")
+        msg = (
+            f"reference {ref.shape[1]}x{ref.shape[0]} and science {sci.shape[1]}x{sci.shape[0]} px differ in shape, "
+            "and without a celestial WCS in both they cannot be registered: put them on one grid first"
+        )
         raise DataError(msg)
     if not np.isfinite(ref).any():
         msg = "the reference has no finite pixels over the science frame"
@@ -8045,7 +9687,9 @@ def read_pair(science: str, reference: str | None, *, reference_survey: str | No
 NOISE_KINDS = ("sigma", "weight")  # a noise map holds each pixel's sigma, or its inverse variance (a weight map)
 
 
-def read_noise_map(path: str | None, *, shape: tuple[int, int], kind: str, max_pixels: int, flag: str) -> np.ndarray | None:
+def read_noise_map(
+    path: str | None, *, shape: tuple[int, int], kind: str, max_pixels: int, flag: str
+) -> np.ndarray | None:
     """A per-pixel sigma map from a FITS sigma map or inverse-variance weight map, or None without a path.
 
     Pixels with a weight of 0 (or a sigma that is not positive and finite) are missing data.
@@ -8074,7 +9718,10 @@ def parse_seeing(text: str | None, *, where: str) -> tuple[float, float] | None:
     except ValueError:
         values = []
     if len(values) not in (1, 2) or not all(math.isfinite(v) and MIN_SEEING_PX <= v <= MAX_SEEING_PX for v in values):
-        msg = f"{where}: seeing {text!r} must be one or two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}]"
+        msg = (
+            f"{where}: seeing {text!r} must be one or two FWHMs in px, each within [{MIN_SEEING_PX:g}, "
+            f"{MAX_SEEING_PX:g}]"
+        )
         raise DataError(msg)
     return (values[0], values[-1])
 
@@ -8089,10 +9736,19 @@ def make_output_dir(out: Path) -> Path:
     return out
 
 
-def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: dict, flux_ratio: float | None = None,
-                 seeing: tuple[float, float] | None = None, noise_reference: np.ndarray | None = None,
-                 noise_science: np.ndarray | None = None, made_with: dict | None = None,
-                 positions: Sequence[tuple[float, float, float | None, float | None]] = ()) -> list[dict]:
+def predict_pair(
+    predictor: Predictor,
+    pair: EpochPair,
+    *,
+    out: Path,
+    inputs: dict,
+    flux_ratio: float | None = None,
+    seeing: tuple[float, float] | None = None,
+    noise_reference: np.ndarray | None = None,
+    noise_science: np.ndarray | None = None,
+    made_with: dict | None = None,
+    positions: Sequence[tuple[float, float, float | None, float | None]] = (),
+) -> list[dict]:
     """Find the changes of one pair and write its outputs (PREDICTION_OUTPUTS) into `out`, as one set.
 
     `inputs` (science and reference as the user named them) goes into detections.json and
@@ -8101,22 +9757,50 @@ def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: di
     same detections either way.
     """
     p = predictor
-    found = find_changes(p.model, pair.reference, pair.science, threshold=p.threshold, device=p.device, flux_ratio=flux_ratio, seeing=seeing,
-                         noise_reference=noise_reference, noise_science=noise_science, **pair.keywords())
+    found = find_changes(
+        p.model,
+        pair.reference,
+        pair.science,
+        threshold=p.threshold,
+        device=p.device,
+        flux_ratio=flux_ratio,
+        seeing=seeing,
+        noise_reference=noise_reference,
+        noise_science=noise_science,
+        **pair.keywords(),
+    )
     wcs = pair.wcs_science
     rows = detection_catalog(found.detections, wcs=wcs)
     sub = found.pair
     record = dict(
-        **inputs, checkpoint=str(p.checkpoint), checkpoint_sha256=p.checkpoint_sha256, made_with=made_with,
-        celestial_frame=sky_frame(wcs), coordinates="ra and dec are ICRS, converted from the science WCS's own frame" if wcs is not None else "pixels only (no celestial WCS)",
-        threshold=p.threshold, significance_gate=SIGNIFICANCE_GATE, detection_statistic="S_corr (ZOGY), calibrated on its local RMS",
-        **sub.scale, registration=sub.registration._asdict(),
-        fwhm_reference=sub.psf_reference.fwhm, fwhm_science=sub.psf_science.fwhm,
-        seeing_measured=sub.psf_reference.measured and sub.psf_science.measured, seeing_source="measured" if seeing is None else "given",
-        psf_model=sub.psf_model, noise_model=sub.noise_model, significance_calibration=sub.subtraction.calibration,
-        offset=sub.statistics.offset, sigma_difference=sub.statistics.sigma_difference,
-        blur_reference=sub.statistics.blur_reference, blur_science=sub.statistics.blur_science,
-        valid_fraction=float(found.valid.mean()), masked_fraction=float(1.0 - found.valid.mean()), warnings=sub.warnings, n_detections=len(rows),
+        **inputs,
+        checkpoint=str(p.checkpoint),
+        checkpoint_sha256=p.checkpoint_sha256,
+        made_with=made_with,
+        celestial_frame=sky_frame(wcs),
+        coordinates="ra and dec are ICRS, converted from the science WCS's own frame"
+        if wcs is not None
+        else "pixels only (no celestial WCS)",
+        threshold=p.threshold,
+        significance_gate=SIGNIFICANCE_GATE,
+        detection_statistic="S_corr (ZOGY), calibrated on its local RMS",
+        **sub.scale,
+        registration=sub.registration._asdict(),
+        fwhm_reference=sub.psf_reference.fwhm,
+        fwhm_science=sub.psf_science.fwhm,
+        seeing_measured=sub.psf_reference.measured and sub.psf_science.measured,
+        seeing_source="measured" if seeing is None else "given",
+        psf_model=sub.psf_model,
+        noise_model=sub.noise_model,
+        significance_calibration=sub.subtraction.calibration,
+        offset=sub.statistics.offset,
+        sigma_difference=sub.statistics.sigma_difference,
+        blur_reference=sub.statistics.blur_reference,
+        blur_science=sub.statistics.blur_science,
+        valid_fraction=float(found.valid.mean()),
+        masked_fraction=float(1.0 - found.valid.mean()),
+        warnings=sub.warnings,
+        n_detections=len(rows),
     )
     # One set: a failure while writing any file leaves the previous run's files together.
     with output_set() as staged:
@@ -8124,14 +9808,18 @@ def predict_pair(predictor: Predictor, pair: EpochPair, *, out: Path, inputs: di
         write_json(out / "detections.json", record, staged=staged)
         write_detections_ecsv(out / "detections.ecsv", rows, record=record, staged=staged)
         write_detections_ds9(out / "detections.reg", rows, wcs=wcs, staged=staged)
-        write_probability_fits(out / "mask.fits", found.prob, wcs=wcs, threshold=p.threshold, checkpoint=p.checkpoint, staged=staged)
+        write_probability_fits(
+            out / "mask.fits", found.prob, wcs=wcs, threshold=p.threshold, checkpoint=p.checkpoint, staged=staged
+        )
         write_significance_fits(out / "significance.fits", found.significance, found.valid, wcs=wcs, staged=staged)
         if positions:
             forced = forced_photometry(found, [(x, y) for x, y, _, _ in positions])
             for row, (_, _, ra, dec) in zip(forced, positions):
                 row.update(ra=ra, dec=dec)
             write_forced_csv(out / "forced.csv", forced, staged=staged)
-        save_overlay(out / "overlay.png", sub.reference, sub.science, rows, statistics=sub.statistics, wcs=wcs, staged=staged)
+        save_overlay(
+            out / "overlay.png", sub.reference, sub.science, rows, statistics=sub.statistics, wcs=wcs, staged=staged
+        )
     return rows
 
 
@@ -8156,7 +9844,8 @@ def run_prediction(
     positions: str | None = None,
     overwrite: bool = False,
 ) -> list[dict]:
-    """Find what changed in a (reference, science) FITS pair (and, with `positions`, measure the difference at given places).
+    """Find what changed in a (reference, science) FITS pair (and, with `positions`, measure the difference at given
+    places).
 
     Writes detections.csv, detections.json (how the pair was put on one scale, and with
     what), detections.ecsv (the same catalogue as an astropy Table with units and that
@@ -8166,9 +9855,27 @@ def run_prediction(
     it every static star would come back as a change.
     """
     # 1. Inputs: two 2-D images within the pixel budget, and their noise maps if given.
-    pair = read_pair(science, reference, reference_survey=reference_survey, max_pixels=max_pixels, cache_dir=cache_dir, timeout=timeout, retries=retries)
-    noise = dict(noise_science=read_noise_map(science_noise, shape=pair.science.shape, kind=noise_kind, max_pixels=max_pixels, flag="--science-noise"),
-                 noise_reference=read_noise_map(reference_noise, shape=pair.reference.shape, kind=noise_kind, max_pixels=max_pixels, flag="--reference-noise"))
+    pair = read_pair(
+        science,
+        reference,
+        reference_survey=reference_survey,
+        max_pixels=max_pixels,
+        cache_dir=cache_dir,
+        timeout=timeout,
+        retries=retries,
+    )
+    noise = dict(
+        noise_science=read_noise_map(
+            science_noise, shape=pair.science.shape, kind=noise_kind, max_pixels=max_pixels, flag="--science-noise"
+        ),
+        noise_reference=read_noise_map(
+            reference_noise,
+            shape=pair.reference.shape,
+            kind=noise_kind,
+            max_pixels=max_pixels,
+            flag="--reference-noise",
+        ),
+    )
     places = read_positions(positions, wcs=pair.wcs_science) if positions else []
     out = make_output_dir(Path(output_dir))
     claim_output_dir(out, kind="prediction", overwrite=overwrite)
@@ -8176,11 +9883,24 @@ def run_prediction(
     predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
     # 3. The changes, and how the pair was put on one scale.
     inputs = dict(science=str(science), reference=str(reference or f"survey: {reference_survey}"))
-    rows = predict_pair(predictor, pair, out=out, inputs=inputs, flux_ratio=flux_ratio, seeing=tuple(seeing) if seeing else None, positions=places, **noise)
+    rows = predict_pair(
+        predictor,
+        pair,
+        out=out,
+        inputs=inputs,
+        flux_ratio=flux_ratio,
+        seeing=tuple(seeing) if seeing else None,
+        positions=places,
+        **noise,
+    )
     record = json.loads((out / "detections.json").read_text())
     shift = record["registration"]
-    print(f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} ({record['flux_ratio_source']}), "
-          f"registration {shift['method']} ({shift['dx']:+.2f}, {shift['dy']:+.2f}) px -> {out / 'detections.csv'} (also detections.json, .ecsv, .reg, mask.fits, significance.fits, overlay.png)")
+    print(
+        f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} "
+        f"({record['flux_ratio_source']}), "
+        f"registration {shift['method']} ({shift['dx']:+.2f}, {shift['dy']:+.2f}) px -> {out / 'detections.csv'} "
+        "(also detections.json, .ecsv, .reg, mask.fits, significance.fits, overlay.png)"
+    )
     return rows
 
 
@@ -8230,7 +9950,15 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
             msg = f"{path}:{line}: flux_ratio {ratio!r} is not a number"
             raise DataError(msg) from None
         seeing = parse_seeing(row.get("seeing"), where=f"{path}:{line}")
-        pairs.append(dict(name=name, science=str(path.parent / science), reference=str(path.parent / reference), flux_ratio=flux_ratio, seeing=seeing))
+        pairs.append(
+            dict(
+                name=name,
+                science=str(path.parent / science),
+                reference=str(path.parent / reference),
+                flux_ratio=flux_ratio,
+                seeing=seeing,
+            )
+        )
     if not pairs:
         msg = f"{path}: the pair list has no pairs"
         raise DataError(msg)
@@ -8264,12 +9992,17 @@ def _file_fingerprint(path: str | os.PathLike) -> dict:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
-def prediction_key(predictor: Predictor, *, science: str, reference: str, flux_ratio: float | None, seeing: Sequence[float] | None) -> dict:
+def prediction_key(
+    predictor: Predictor, *, science: str, reference: str, flux_ratio: float | None, seeing: Sequence[float] | None
+) -> dict:
     """What a pair's prediction depends on: the checkpoint (by hash), the threshold, the options and the input files."""
     return {
-        "checkpoint_sha256": predictor.checkpoint_sha256, "threshold": predictor.threshold,
-        "flux_ratio": flux_ratio, "seeing": list(seeing) if seeing else None,
-        "science": _file_fingerprint(science), "reference": _file_fingerprint(reference),
+        "checkpoint_sha256": predictor.checkpoint_sha256,
+        "threshold": predictor.threshold,
+        "flux_ratio": flux_ratio,
+        "seeing": list(seeing) if seeing else None,
+        "science": _file_fingerprint(science),
+        "reference": _file_fingerprint(reference),
     }
 
 
@@ -8278,8 +10011,14 @@ def stale_prediction(directory: Path, key: dict) -> str | None:
     recorded = _read_json(directory / "detections.json", default={}).get("made_with")
     if not isinstance(recorded, dict):
         return "it records no checkpoint, threshold, options or input files to compare"
-    names = {"checkpoint_sha256": "another checkpoint", "threshold": "another threshold", "flux_ratio": "another flux ratio",
-             "seeing": "another seeing", "science": "a science file that has changed since", "reference": "a reference file that has changed since"}
+    names = {
+        "checkpoint_sha256": "another checkpoint",
+        "threshold": "another threshold",
+        "flux_ratio": "another flux ratio",
+        "seeing": "another seeing",
+        "science": "a science file that has changed since",
+        "reference": "a reference file that has changed since",
+    }
     changed = [names.get(k, k) for k in key if recorded.get(k) != key[k]]
     return f"it was made with {', '.join(changed)}" if changed else None
 
@@ -8298,15 +10037,24 @@ COMBINED_SHARD = re.compile(r"^detections\.shard-(\d+)-of-(\d+)\.csv$")
 
 
 def _claim_pairs_dir(out: Path, *, count: int, overwrite: bool) -> None:
-    """Refuse a `--pairs` directory that holds a single-pair prediction or another shard layout's catalogues (removed under --overwrite)."""
+    """Refuse a `--pairs` directory that holds a single-pair prediction or another shard layout's catalogues (removed
+    under --overwrite)."""
     single = [name for name in PREDICTION_OUTPUTS if name != "detections.csv" and (out / name).is_file()]
-    other = sorted(p.name for p in out.glob("detections.shard-*-of-*.csv") if (m := COMBINED_SHARD.match(p.name)) and int(m[2]) != count)
+    other = sorted(
+        p.name
+        for p in out.glob("detections.shard-*-of-*.csv")
+        if (m := COMBINED_SHARD.match(p.name)) and int(m[2]) != count
+    )
     if count > 1 and (out / "detections.csv").is_file():
         other.append("detections.csv")
     if not (single or other):
         return
-    what = (f"a single-pair prediction ({', '.join(single)})" if single
-            else f"the combined catalogues of another layout ({', '.join(other[:3])}{'...' if len(other) > 3 else ''}), which a {count}-shard run would mix with its own")
+    what = (
+        f"a single-pair prediction ({', '.join(single)})"
+        if single
+        else f"the combined catalogues of another layout ({', '.join(other[:3])}{'...' if len(other) > 3 else ''}), "
+        f"which a {count}-shard run would mix with its own"
+    )
     if not overwrite:
         msg = f"{out} holds {what}: choose another --output-dir, or pass --overwrite to replace them"
         raise AstridError(msg)
@@ -8316,8 +10064,18 @@ def _claim_pairs_dir(out: Path, *, count: int, overwrite: bool) -> None:
             (out / name).unlink()
 
 
-def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold: float | None, device: str, max_pixels: int,
-              shard: str | None = None, flux_ratio: float | None = None, overwrite: bool = False) -> dict:
+def run_pairs(
+    *,
+    pairs: str,
+    output_dir: str,
+    checkpoint: str | None,
+    threshold: float | None,
+    device: str,
+    max_pixels: int,
+    shard: str | None = None,
+    flux_ratio: float | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Predict every pair of a CSV list (:func:`read_pairs`) with one model, one output directory per pair.
 
     A pair whose directory already holds a complete prediction is skipped (so a rerun
@@ -8332,13 +10090,18 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
     out = make_output_dir(Path(output_dir))
     combined_name = "detections.csv" if count == 1 else f"detections.shard-{index}-of-{count}.csv"
     _claim_pairs_dir(out, count=count, overwrite=overwrite)
-    remove_stale_temporaries(out, of=combined_name)  # a killed run's half-written catalogue (other shards may be writing theirs)
+    # a killed run's half-written catalogue (other shards may be writing theirs)
+    remove_stale_temporaries(out, of=combined_name)
     predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
     summary = dict(done=[], skipped=[], failed=[])
     combined = []
     # SIGTERM (a batch system's time limit) ends the run as Ctrl-C does: the pair in hand is
     # abandoned whole (its files are written as one set), the done ones are combined.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
     interrupted = None
     try:
         for pair in _progress(todo, desc="pairs", unit="pair", disable=len(todo) < 2 or None):
@@ -8348,7 +10111,13 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
                 if pair_dir.is_dir():
                     remove_stale_temporaries(pair_dir)  # what a killed run left; this shard alone writes here
                 ratio = pair["flux_ratio"] if pair["flux_ratio"] is not None else flux_ratio
-                key = prediction_key(predictor, science=pair["science"], reference=pair["reference"], flux_ratio=ratio, seeing=pair["seeing"])
+                key = prediction_key(
+                    predictor,
+                    science=pair["science"],
+                    reference=pair["reference"],
+                    flux_ratio=ratio,
+                    seeing=pair["seeing"],
+                )
                 complete = prediction_complete(pair_dir)
                 stale = stale_prediction(pair_dir, key) if complete else None
                 if complete and not overwrite and stale is None:
@@ -8360,10 +10129,19 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
                     epochs = read_pair(pair["science"], pair["reference"], max_pixels=max_pixels)
                     make_output_dir(pair_dir)
                     claim_output_dir(pair_dir, kind="prediction", overwrite=overwrite or bool(stale))
-                    predict_pair(predictor, epochs, out=pair_dir, inputs=dict(science=pair["science"], reference=pair["reference"]),
-                                 flux_ratio=ratio, seeing=pair["seeing"], made_with=key)
+                    predict_pair(
+                        predictor,
+                        epochs,
+                        out=pair_dir,
+                        inputs=dict(science=pair["science"], reference=pair["reference"]),
+                        flux_ratio=ratio,
+                        seeing=pair["seeing"],
+                        made_with=key,
+                    )
                     summary["done"].append(name)
-                combined += [dict(pair=name, directory=pair_dir.name, **row) for row in _read_rows(pair_dir / "detections.csv")]
+                combined += [
+                    dict(pair=name, directory=pair_dir.name, **row) for row in _read_rows(pair_dir / "detections.csv")
+                ]
             except (AstridError, OSError) as exc:
                 summary["failed"].append(name)
                 print(f"FAILED  {name}: {_one_line(exc)}", file=sys.stderr)
@@ -8374,18 +10152,29 @@ def run_pairs(*, pairs: str, output_dir: str, checkpoint: str | None, threshold:
             signal.signal(signal.SIGTERM, previous)
     write_csv(out / combined_name, ("pair", "directory") + DETECTION_COLUMNS, combined)
     counts = {k: len(v) for k, v in summary.items()}
-    print(f"pairs {index}/{count}: {counts['done']} done, {counts['skipped']} skipped (complete already), {counts['failed']} failed; {len(combined)} detections -> {out / combined_name}")
+    print(
+        f"pairs {index}/{count}: {counts['done']} done, {counts['skipped']} skipped (complete already), "
+        f"{counts['failed']} failed; {len(combined)} detections -> {out / combined_name}"
+    )
     if interrupted:
         left = len(todo) - sum(counts.values())
-        msg = f"interrupted with {left} of {len(todo)} pairs not done; {out / combined_name} holds the {counts['done'] + counts['skipped']} finished, and a rerun of the same command does the rest"
+        msg = (
+            f"interrupted with {left} of {len(todo)} pairs not done; {out / combined_name} holds the "
+            f"{counts['done'] + counts['skipped']} finished, and a rerun of the same command does the rest"
+        )
         raise TrainingInterrupted(msg)
     if summary["failed"]:
-        msg = f"{counts['failed']} of {len(todo)} pairs failed (listed above); the others' outputs are complete, and a rerun retries only the failed"
+        msg = (
+            f"{counts['failed']} of {len(todo)} pairs failed (listed above); the others' outputs are complete, "
+            "and "
+            "a rerun retries only the failed"
+        )
         raise AstridError(msg)
     return summary
 
 
 # --- The predict command
+
 
 def _refuse(msg: str) -> None:
     """Refuse a combination of flags in one line, as cli() prints every AstridError."""
@@ -8400,7 +10189,9 @@ def _predict_command(args: argparse.Namespace) -> Any:
         if args.reference or args.reference_survey:
             _refuse("--pairs: each pair's reference comes from the list, not --reference or --reference-survey")
         if args.seeing or args.science_noise or args.reference_noise or args.positions:
-            _refuse("--pairs: --seeing, noise maps and --positions are one pair's; give a seeing column in the list instead")
+            _refuse(
+                "--pairs: --seeing, noise maps and --positions are one pair's; give a seeing column in the list instead"
+            )
         return run_pairs(**_flags_for(run_pairs, args))
     if args.shard:
         _refuse("--shard splits a --pairs list")
@@ -8409,31 +10200,87 @@ def _predict_command(args: argparse.Namespace) -> Any:
 
 def add_predict_arguments(commands: Any) -> None:
     """The predict command: one pair (--science, --reference) or a list (--pairs)."""
-    predict = add_command(commands, "predict", "find what changed in your own (reference, science) FITS pair, or a list of pairs",
-                      "Register, scale and subtract each pair (ZOGY), and report the significant changes the network calls real: "
-                      "detections.csv/.json/.ecsv/.reg, mask.fits and overlay.png per pair.",
-                      "python standalone_training.py predict --science new.fits --reference old.fits --output-dir found/\n"
-                      "python standalone_training.py predict --pairs pairs.csv --output-dir night/ --shard 0/4", _predict_command)
+    predict = add_command(
+        commands,
+        "predict",
+        "find what changed in your own (reference, science) FITS pair, or a list of pairs",
+        "Register, scale and subtract each pair (ZOGY), and report the significant changes the network calls real: "
+        "detections.csv/.json/.ecsv/.reg, mask.fits and overlay.png per pair.",
+        "python standalone_training.py predict --science new.fits --reference old.fits --output-dir found/\n"
+        "python standalone_training.py predict --pairs pairs.csv --output-dir night/ --shard 0/4",
+        _predict_command,
+    )
     predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
-    predict.add_argument("--pairs", help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory each")
-    predict.add_argument("--shard", help="with --pairs: I/N takes every N-th pair from the I-th (0-based); under torchrun, RANK/WORLD_SIZE")
-    predict.add_argument("--reference", help="FITS image of the same field: on the same grid, or any grid when both images carry a celestial WCS")
-    predict.add_argument("--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)")
+    predict.add_argument(
+        "--pairs",
+        help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory "
+        "each",
+    )
+    predict.add_argument(
+        "--shard",
+        help="with --pairs: I/N takes every N-th pair from the I-th (0-based); under torchrun, RANK/WORLD_SIZE",
+    )
+    predict.add_argument(
+        "--reference",
+        help="FITS image of the same field: on the same grid, or any grid when both images carry a celestial WCS",
+    )
+    predict.add_argument(
+        "--reference-survey", help="fetch the reference instead, e.g. 'DSS2 Red' (needs network or the cache)"
+    )
     predict.add_argument("--output-dir", required=True, help="one that holds a prediction is refused")
     predict.add_argument("--overwrite", action="store_true", help="replace the prediction already in --output-dir")
     predict.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     predict.add_argument("--threshold", type=float, help="default: the checkpoint's operating threshold")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images with more pixels, before reading them")
-    predict.add_argument("--cache-dir", default="", help="--reference-survey: the survey cache (default ~/.cache/astrid)")
-    predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="--reference-survey: s per network request (<= 60)")
-    predict.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="--reference-survey: extra attempts after a network failure")
-    predict.add_argument("--flux-ratio", type=float, help="science/reference flux of a static star (default: the headers' zero points, else fitted on the pair's stars, else on the PSF-matched pixels of its bright sources)")
-    predict.add_argument("--seeing", type=float, nargs=2, metavar=("REF_FWHM", "SCI_FWHM"), help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the pair's stars)")
-    predict.add_argument("--science-noise", help="FITS noise map of the science image, on its grid (see --noise-kind; default: local background RMS plus Poisson noise with the header's GAIN)")
-    predict.add_argument("--reference-noise", help="FITS noise map of the reference image, on its grid (see --noise-kind)")
-    predict.add_argument("--positions", help="CSV of positions (columns x,y in 0-based px, or ra,dec in deg): forced photometry of the difference there, in forced.csv")
-    predict.add_argument("--noise-kind", choices=NOISE_KINDS, default="sigma", help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 for no data)")
+    predict.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images with more pixels, before reading them"
+    )
+    predict.add_argument(
+        "--cache-dir", default="", help="--reference-survey: the survey cache (default ~/.cache/astrid)"
+    )
+    predict.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="--reference-survey: s per network request (<= 60)"
+    )
+    predict.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help="--reference-survey: extra attempts after a network failure",
+    )
+    predict.add_argument(
+        "--flux-ratio",
+        type=float,
+        help="science/reference flux of a static star (default: the headers' zero points, else fitted on the pair's "
+        "stars, else on the PSF-matched pixels of its bright sources)",
+    )
+    predict.add_argument(
+        "--seeing",
+        type=float,
+        nargs=2,
+        metavar=("REF_FWHM", "SCI_FWHM"),
+        help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the "
+        "pair's stars)",
+    )
+    predict.add_argument(
+        "--science-noise",
+        help="FITS noise map of the science image, on its grid (see --noise-kind; default: local background RMS plus "
+        "Poisson noise with the header's GAIN)",
+    )
+    predict.add_argument(
+        "--reference-noise", help="FITS noise map of the reference image, on its grid (see --noise-kind)"
+    )
+    predict.add_argument(
+        "--positions",
+        help="CSV of positions (columns x,y in 0-based px, or ra,dec in deg): forced photometry of the difference "
+        "there, in forced.csv",
+    )
+    predict.add_argument(
+        "--noise-kind",
+        choices=NOISE_KINDS,
+        default="sigma",
+        help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 "
+        "for no data)",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -8441,6 +10288,7 @@ def add_predict_arguments(commands: Any) -> None:
 # ----------------------------------------------------------------------------
 
 # --- A storage error's cause, the search space and its trials
+
 
 def _innermost_cause(exc: BaseException) -> BaseException:
     """The exception at the bottom of `exc`'s chain of causes (itself if it has none)."""
@@ -8456,7 +10304,17 @@ DEFAULT_SWEEP_SPACE = Path(__file__).resolve().parent / "sweep_space.json"
 SWEEP_OBJECTIVE = "val_average_precision"  # maximised: unlike val_loss, it does not change scale with the loss weights
 SWEEP_KINDS = ("float", "int", "categorical")
 MIN_IMPORTANCE_TRIALS = 10
-SWEEP_PARAMETERS = ("width", "lr", "batch_size", "bce_weight", "dice_weight", "image_size", "samples", "weight_decay", "real_fraction")
+SWEEP_PARAMETERS = (
+    "width",
+    "lr",
+    "batch_size",
+    "bce_weight",
+    "dice_weight",
+    "image_size",
+    "samples",
+    "weight_decay",
+    "real_fraction",
+)
 
 
 def _is_number(value: Any, *, integer: bool = False) -> bool:
@@ -8466,7 +10324,9 @@ def _is_number(value: Any, *, integer: bool = False) -> bool:
 
 
 def _check_sweep_entry(path: Any, name: str, spec: dict) -> None:
-    """One parameter's schema: numeric bounds low <= high (> 0 on a log scale), a positive step, non-empty choices, a default inside."""
+    """One parameter's schema: numeric bounds low <= high (> 0 on a log scale), a positive step, non-empty choices, a
+    default inside."""
+
     def refuse(problem: str) -> None:
         raise ConfigError(f"{path}: {name}: {problem}")
 
@@ -8477,7 +10337,10 @@ def _check_sweep_entry(path: Any, name: str, spec: dict) -> None:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             refuse("choices must be a non-empty list")
-        if any(not isinstance(c, (str, int, float, bool)) or (isinstance(c, float) and not math.isfinite(c)) for c in choices):
+        if any(
+            not isinstance(c, (str, int, float, bool)) or (isinstance(c, float) and not math.isfinite(c))
+            for c in choices
+        ):
             refuse(f"choices must be plain finite numbers or strings, got {choices!r}")
         if "default" in spec and spec["default"] not in choices:
             refuse(f"default {spec['default']!r} is not one of the choices {choices!r}")
@@ -8549,7 +10412,9 @@ def suggest_config(trial: Any, space: dict[str, dict], base: TrainConfig) -> Tra
         if spec["type"] == "categorical":
             values[name] = trial.suggest_categorical(name, spec["choices"])
         elif spec["type"] == "int":
-            values[name] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+            values[name] = trial.suggest_int(
+                name, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False)
+            )
         else:
             values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
     cfg = dataclasses.replace(base, **values)
@@ -8563,12 +10428,18 @@ def _mlflow_parent(cfg: TrainConfig, *, study: Any, sweep_dir: Path) -> str:
         return ""
     parent = study.user_attrs.get("mlflow_parent_run_id", "")
     if not parent:
-        parent = mlflow_parent_run(cfg, run_name=f"sweep-{study.study_name}", tags={"astrid.sweep": study.study_name, "sweep_dir": str(sweep_dir)})
+        parent = mlflow_parent_run(
+            cfg,
+            run_name=f"sweep-{study.study_name}",
+            tags={"astrid.sweep": study.study_name, "sweep_dir": str(sweep_dir)},
+        )
         study.set_user_attr("mlflow_parent_run_id", parent)
     return parent
 
 
-def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Path, parent_run_id: str) -> Callable[[Any], float]:
+def sweep_objective(
+    space: dict[str, dict], base: TrainConfig, *, sweep_dir: Path, parent_run_id: str
+) -> Callable[[Any], float]:
     """One Optuna trial: an ordinary training run in sweep_dir/trial-NNNN, pruned on SWEEP_OBJECTIVE."""
     import optuna  # lazy: only sweeps need it
 
@@ -8596,7 +10467,11 @@ def sweep_objective(space: dict[str, dict], base: TrainConfig, *, sweep_dir: Pat
             raise KeyboardInterrupt from None
         trial.set_user_attr("parameters", metrics["parameters"])
         trial.set_user_attr("test", {k: v for k, v in metrics["test"].items() if not isinstance(v, dict)})
-        best = metrics["monitor"]["best"] if cfg.monitor == SWEEP_OBJECTIVE else max((h[SWEEP_OBJECTIVE] or 0.0) for h in trainer.history)
+        best = (
+            metrics["monitor"]["best"]
+            if cfg.monitor == SWEEP_OBJECTIVE
+            else max((h[SWEEP_OBJECTIVE] or 0.0) for h in trainer.history)
+        )
         return float(best)
 
     return objective
@@ -8617,7 +10492,14 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
         "study": study.study_name,
         "objective": SWEEP_OBJECTIVE,
         "trials": {"complete": len(finished), "pruned": len(pruned), "total": len(study.trials)},
-        "best": {"number": ranked[0].number, "value": ranked[0].value, "params": ranked[0].params, **ranked[0].user_attrs} if ranked else None,
+        "best": {
+            "number": ranked[0].number,
+            "value": ranked[0].value,
+            "params": ranked[0].params,
+            **ranked[0].user_attrs,
+        }
+        if ranked
+        else None,
         "top": [{"number": t.number, "value": t.value, "params": t.params, **t.user_attrs} for t in ranked[:top]],
         "importances": importances,
     }
@@ -8644,7 +10526,16 @@ def sweep_report(study: Any, *, sweep_dir: Path, top: int = 5) -> dict:
     return report
 
 
-def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, study_name: str, sweep_dir: str, given: Sequence[str] = ()) -> dict:
+def run_sweep(
+    base: TrainConfig,
+    *,
+    space_path: str,
+    trials: int,
+    storage: str,
+    study_name: str,
+    sweep_dir: str,
+    given: Sequence[str] = (),
+) -> dict:
     """Run (or continue) an Optuna study of training configurations; see STANDALONE_TRAINING.md.
 
     `trials` counts the finished (complete or pruned) trials the study should hold: rerunning
@@ -8664,26 +10555,40 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
     if overridden:
         # The user's flag wins: the space stops sweeping that parameter (documented in STANDALONE_TRAINING.md).
         for name in overridden:
-            log.warning("sweep: --%s %s was given, so the space no longer sweeps %s", name.replace("_", "-"), getattr(base, name), name)
+            log.warning(
+                "sweep: --%s %s was given, so the space no longer sweeps %s",
+                name.replace("_", "-"),
+                getattr(base, name),
+                name,
+            )
         space = {k: v for k, v in space.items() if k not in overridden}
         if not space:
-            msg = f"every parameter of the sweep space {space_path} was fixed by a flag ({', '.join(overridden)}): nothing is left to search"
+            msg = (
+                f"every parameter of the sweep space {space_path} was fixed by a flag ({', '.join(overridden)}): "
+                "nothing is left to search"
+            )
             raise ConfigError(msg)
     check_sweep_space(space, base, path=space_path)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = Path(sweep_dir or Path("sweeps") / safe_filename(study_name))
     try:
         study = optuna.create_study(
-            study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
+            study_name=study_name,
+            storage=storage,
+            load_if_exists=True,
+            direction="maximize",
             # Seeded per process: two workers drawing the same first candidates would waste trials.
             sampler=optuna.samplers.TPESampler(seed=base.seed + os.getpid()),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
         )
-    except Exception as exc:  # a bad URL, a missing driver or directory, a locked, read-only or foreign database (SQLAlchemy's errors included)
+    # a bad URL, a missing driver or directory, a locked, read-only or foreign database (SQLAlchemy's errors included)
+    except Exception as exc:
         # Optuna wraps the database's own error ("attempt to write a readonly database") in a
         # generic one about its commit: the innermost cause is what the user can act on.
         cause = _innermost_cause(exc)
-        why = f"{type(exc).__name__}: {_one_line(exc, limit=120)}" + (f"; {type(cause).__name__}: {_one_line(cause, limit=120)}" if cause is not exc else "")
+        why = f"{type(exc).__name__}: {_one_line(exc, limit=120)}" + (
+            f"; {type(cause).__name__}: {_one_line(cause, limit=120)}" if cause is not exc else ""
+        )
         msg = f"cannot open the Optuna study {study_name!r} in {storage} ({why})"
         raise AstridError(msg) from None
     # One study, one space: trials drawn from two spaces are not comparable.
@@ -8693,8 +10598,10 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
         study.set_user_attr("space", described)
     elif recorded is not None and recorded != described:
         changed = sorted(k for k in set(recorded) | set(described) if recorded.get(k) != described.get(k))
-        msg = (f"the study {study_name!r} was searched over another space (it differs in {', '.join(changed)}); "
-               "use a new --study-name for the new space, or the space the study was made with")
+        msg = (
+            f"the study {study_name!r} was searched over another space (it differs in {', '.join(changed)}); "
+            "use a new --study-name for the new space, or the space the study was made with"
+        )
         raise ConfigError(msg)
     root.mkdir(parents=True, exist_ok=True)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -8709,40 +10616,75 @@ def run_sweep(base: TrainConfig, *, space_path: str, trials: int, storage: str, 
         objective = sweep_objective(space, base, sweep_dir=root, parent_run_id=parent)
         stop = optuna.study.MaxTrialsCallback(trials, states=states)
         # A trial that fails for any reason but the user's Ctrl-C is recorded and the sweep goes on.
-        study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=(TrainingDiverged, ConfigError, DataError))
+        study.optimize(
+            objective, n_trials=trials - done, callbacks=[stop], catch=(TrainingDiverged, ConfigError, DataError)
+        )
     report = sweep_report(study, sweep_dir=root)
     best = report["best"] or {}
-    close_parent_run(base, parent, metrics={f"best_{SWEEP_OBJECTIVE}": best.get("value")}, documents={"best_params.json": best["params"]} if best else {},
-                     artifacts=[root / "sweep.json", *report["plots"]])
+    close_parent_run(
+        base,
+        parent,
+        metrics={f"best_{SWEEP_OBJECTIVE}": best.get("value")},
+        documents={"best_params.json": best["params"]} if best else {},
+        artifacts=[root / "sweep.json", *report["plots"]],
+    )
     print(f"{'trial':>6s} {SWEEP_OBJECTIVE:>22s}  parameters")
     for row in report["top"]:
         print(f"{row['number']:6d} {row['value']:22.4f}  {json.dumps(row['params'])}")
     if report["importances"]:
-        print(f"importances (Optuna's PED-ANOVA, over {report['trials']['complete']} complete trials): " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
+        print(
+            f"importances (Optuna's PED-ANOVA, over {report['trials']['complete']} complete trials): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())
+        )
     elif report["trials"]["complete"] < MIN_IMPORTANCE_TRIALS:
-        print(f"importances: not computed from {report['trials']['complete']} complete trials (they need {MIN_IMPORTANCE_TRIALS})")
-    print(f"sweep: {root / 'sweep.json'} ({report['trials']['complete']} complete, {report['trials']['pruned']} pruned)  |  MLflow parent run: {parent or 'none'}")
+        print(
+            f"importances: not computed from {report['trials']['complete']} complete trials (they need "
+            f"{MIN_IMPORTANCE_TRIALS})"
+        )
+    print(
+        f"sweep: {root / 'sweep.json'} ({report['trials']['complete']} complete, {report['trials']['pruned']} pruned) "
+        f" |  MLflow parent run: {parent or 'none'}"
+    )
     return report
 
 
 # --- The sweep command
 
+
 def _sweep_command(args: argparse.Namespace) -> Any:
-    return run_sweep(config_from_args(args), **_flags_for(run_sweep, args, space_path=args.space, given=given_flags(args)))
+    return run_sweep(
+        config_from_args(args), **_flags_for(run_sweep, args, space_path=args.space, given=given_flags(args))
+    )
 
 
 def add_sweep_arguments(commands: Any) -> None:
     """The sweep command: training flags (each fixes its parameter) and the study's own."""
-    sweep = add_command(commands, "sweep", "search training configurations with Optuna (TPE, pruning, MLflow)",
-                    "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes that "
-                    "parameter and drops it from the space. Rerunning continues the study.",
-                    "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline", _sweep_command)
+    sweep = add_command(
+        commands,
+        "sweep",
+        "search training configurations with Optuna (TPE, pruning, MLflow)",
+        "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes "
+        "that "
+        "parameter and drops it from the space. Rerunning continues the study.",
+        "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline",
+        _sweep_command,
+    )
     add_training_flags(sweep)
     sweep.add_argument("--space", default=str(DEFAULT_SWEEP_SPACE), help="JSON search space")
-    sweep.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)")
-    sweep.add_argument("--storage", default="sqlite:///sweeps.db", help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study")
-    sweep.add_argument("--study-name", default="astrid-baseline", help="the Optuna study (a study keeps the space it was made with)")
-    sweep.add_argument("--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)")
+    sweep.add_argument(
+        "--trials", type=int, default=20, help="finished trials the study should hold (a rerun continues)"
+    )
+    sweep.add_argument(
+        "--storage",
+        default="sqlite:///sweeps.db",
+        help="Optuna RDB storage: any SQLAlchemy URL; workers sharing it share the study",
+    )
+    sweep.add_argument(
+        "--study-name", default="astrid-baseline", help="the Optuna study (a study keeps the space it was made with)"
+    )
+    sweep.add_argument(
+        "--sweep-dir", default="", help="where the trials' run directories go (default sweeps/<study-name>)"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -8751,25 +10693,54 @@ def add_sweep_arguments(commands: Any) -> None:
 
 # --- The comparison's figure
 
+
 def plot_comparison(arms: dict, path: Path, *, staged: list | None = None) -> Path:
     """Completeness against SNR per arm (pooled over seeds, 95% Wilson bands), one panel per test set."""
     from matplotlib.figure import Figure  # lazy: see the imports at the top
+
     fig = Figure(figsize=(11, 4.2))
-    colours = dict(zip(arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
+    colours = dict(
+        zip(
+            arms, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+        )
+    )
     titles = {"synthetic_test": "synthetic test stream", "heldout_real": "injections into held-out real frames"}
     for k, (dataset, title) in enumerate(titles.items()):
         ax = fig.add_subplot(1, 2, k + 1)
         first = next(iter(arms.values()))[dataset]
         # Arms that coincide stay visible: each its own marker, and a small offset along SNR.
         markers = ("o", "s", "^", "D", "v", "P", "X", "*")
-        lines = [(name, arm[dataset]["network"]["curve"], colours[name], "-", markers[k % len(markers)], 1.0 + 0.02 * (k - (len(arms) - 1) / 2))
-                 for k, (name, arm) in enumerate(arms.items())]
-        lines += [("matched filter", first["baseline"]["curve"], "grey", "--", "o", 1.0), ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":", "o", 1.0)]
+        lines = [
+            (
+                name,
+                arm[dataset]["network"]["curve"],
+                colours[name],
+                "-",
+                markers[k % len(markers)],
+                1.0 + 0.02 * (k - (len(arms) - 1) / 2),
+            )
+            for k, (name, arm) in enumerate(arms.items())
+        ]
+        lines += [
+            ("matched filter", first["baseline"]["curve"], "grey", "--", "o", 1.0),
+            ("SExtractor (sep)", first["sextractor"]["curve"], "black", ":", "o", 1.0),
+        ]
         for label, curve, colour, style, marker, shift in lines:
             x = np.asarray(curve["centres"]) * shift
-            y, low, high = (np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high"))
+            y, low, high = (
+                np.array([np.nan if v is None else v for v in curve[key]]) for key in ("completeness", "low", "high")
+            )
             shown = np.isfinite(y)
-            ax.plot(x[shown], y[shown], style, marker=marker, ms=4 if style == "-" else 3, mfc="none" if style == "-" else colour, color=colour, label=label)
+            ax.plot(
+                x[shown],
+                y[shown],
+                style,
+                marker=marker,
+                ms=4 if style == "-" else 3,
+                mfc="none" if style == "-" else colour,
+                color=colour,
+                label=label,
+            )
             if style == "-":
                 ax.fill_between(x[shown], low[shown], high[shown], color=colour, alpha=0.15, lw=0)
         _completeness_axes(ax)
@@ -8787,7 +10758,8 @@ COMPARE_ARMS = {  # arm -> how its training data differs from the shared configu
     "real": dict(data="fits"),  # real tiles only
 }
 REAL_ONLY_MIN_TILES = 12  # fewer distinct training tiles than this: a real-only arm would learn the tiles, not the task
-COMPARE_SUMMARIES = ("network", "baseline", "sextractor")  # the network and the two classical detectors on the same images
+# the network and the two classical detectors on the same images
+COMPARE_SUMMARIES = ("network", "baseline", "sextractor")
 
 
 def split_real_frame(path: str | os.PathLike, out: Path) -> tuple[Path, Path]:
@@ -8801,18 +10773,34 @@ def split_real_frame(path: str | os.PathLike, out: Path) -> tuple[Path, Path]:
     dirs = (out / "train", out / "heldout")
     for directory, part in zip(dirs, (data[:, :half], data[:, half:])):
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / f"{Path(path).name.split('.')[0]}.fits", lambda f, part=part: fits.PrimaryHDU(part.astype(np.float32)).writeto(f))
+        atomic_write(
+            directory / f"{Path(path).name.split('.')[0]}.fits",
+            lambda f, part=part: fits.PrimaryHDU(part.astype(np.float32)).writeto(f),
+        )
     return dirs
 
 
-def compare_evaluation(model: nn.Module, *, threshold: float, heldout_dir: Path, samples: int, image_size: int, device: torch.device) -> dict:
-    """The three sets every arm meets: the synthetic test stream, injections into held-out real frames, the null battery."""
+def compare_evaluation(
+    model: nn.Module, *, threshold: float, heldout_dir: Path, samples: int, image_size: int, device: torch.device
+) -> dict:
+    """The three sets every arm meets: the synthetic test stream, injections into held-out real frames, the null
+    battery."""
     synthetic = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=DEFAULT_EVAL_SEED, stream="test")
-    real = MASTRealDataset(samples, image_size=image_size, seed=DEFAULT_EVAL_SEED, stream="test", source="fits", fits_dir=heldout_dir, fallback=False)
+    real = MASTRealDataset(
+        samples,
+        image_size=image_size,
+        seed=DEFAULT_EVAL_SEED,
+        stream="test",
+        source="fits",
+        fits_dir=heldout_dir,
+        fallback=False,
+    )
     return {
         "synthetic_test": evaluate_model(model, synthetic, threshold=threshold, device=device),
         "heldout_real": evaluate_model(model, real, threshold=threshold, device=device),
-        "null": null_battery(model, null_frames(synthetic=1, image_size=128), threshold=threshold, device=device)["summary"],
+        "null": null_battery(model, null_frames(synthetic=1, image_size=128), threshold=threshold, device=device)[
+            "summary"
+        ],
     }
 
 
@@ -8820,17 +10808,29 @@ def _pooled_curve(evaluations: Sequence[dict], detector: str) -> dict:
     """Completeness per SNR bin with the counts of all seeds pooled, and its Wilson band."""
     curves = [e[detector]["completeness_by_snr"] for e in evaluations]
     counts = np.sum([c["overall"]["counts"] for c in curves], axis=0)
-    hits = np.sum([[round((v or 0.0) * n) for v, n in zip(c["overall"]["completeness"], c["overall"]["counts"])] for c in curves], axis=0)
+    hits = np.sum(
+        [[round((v or 0.0) * n) for v, n in zip(c["overall"]["completeness"], c["overall"]["counts"])] for c in curves],
+        axis=0,
+    )
     bands = [wilson_interval(h, n) for h, n in zip(hits, counts)]
-    return {"centres": curves[0]["centres"], "completeness": [_json_float(h / n) if n else None for h, n in zip(hits, counts)],
-            "low": [_json_float(lo) for lo, _ in bands], "high": [_json_float(hi) for _, hi in bands], "counts": [int(n) for n in counts]}
+    return {
+        "centres": curves[0]["centres"],
+        "completeness": [_json_float(h / n) if n else None for h, n in zip(hits, counts)],
+        "low": [_json_float(lo) for lo, _ in bands],
+        "high": [_json_float(hi) for _, hi in bands],
+        "counts": [int(n) for n in counts],
+    }
 
 
 def _spread(values: Sequence[float | None]) -> dict:
     """Mean and standard deviation over seeds (None values are left out and counted)."""
     kept = [float(v) for v in values if v is not None]
-    return {"mean": _json_float(np.mean(kept)) if kept else None, "std": _json_float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
-            "n": len(kept), "missing": len(values) - len(kept)}
+    return {
+        "mean": _json_float(np.mean(kept)) if kept else None,
+        "std": _json_float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
+        "n": len(kept),
+        "missing": len(values) - len(kept),
+    }
 
 
 def summarise_arm(evaluations: Sequence[dict]) -> dict:
@@ -8843,14 +10843,26 @@ def summarise_arm(evaluations: Sequence[dict]) -> dict:
             count = sum(r["completeness"]["overall"]["count"] for r in runs)
             total = sum(r["completeness"]["overall"]["total"] for r in runs)
             arm[dataset][detector] = {
-                "completeness": {**_spread([r["completeness"]["overall"]["value"] for r in runs]), "pooled": _ratio(count, total)},
+                "completeness": {
+                    **_spread([r["completeness"]["overall"]["value"] for r in runs]),
+                    "pooled": _ratio(count, total),
+                },
                 "snr50": _spread([r["snr50"]["overall"] for r in runs]),
                 "purity": _spread([r["purity"]["value"] for r in runs]),
                 "false_detections_per_image": _spread([r["false_detections_per_image"]["value"] for r in runs]),
                 "bogus_pass_rate": _spread([r["bogus_pass_rate"]["overall"]["value"] for r in runs]),
                 "curve": _pooled_curve([e[dataset] for e in evaluations], detector),
             }
-    arm["null"] = {k: _spread([e["null"][k] for e in evaluations]) for k in ("identical_detections", "noise_per_megapixel_max", "flux_per_megapixel_max", "seeing_per_megapixel_max", "sextractor_per_megapixel_max")}
+    arm["null"] = {
+        k: _spread([e["null"][k] for e in evaluations])
+        for k in (
+            "identical_detections",
+            "noise_per_megapixel_max",
+            "flux_per_megapixel_max",
+            "seeing_per_megapixel_max",
+            "sextractor_per_megapixel_max",
+        )
+    }
     return arm
 
 
@@ -8869,27 +10881,60 @@ def _cell(spread: dict, *, pooled: dict | None = None, seeds: bool = True) -> st
 def comparison_markdown(report: dict) -> str:
     """comparison.md: one table per test set and one for the null battery."""
     arms = report["arms"]
-    lines = [f"# AstrID comparison ({report['kind']})", "", report["note"], "",
-             "Figures: mean ± standard deviation over seeds; completeness also carries the 95% Wilson interval of the counts pooled over seeds.", ""]
+    lines = [
+        f"# AstrID comparison ({report['kind']})",
+        "",
+        report["note"],
+        "",
+        "Figures: mean ± standard deviation over seeds; completeness also carries the 95% Wilson interval of the "
+        "counts pooled over seeds.",
+        "",
+    ]
     titles = {"synthetic_test": "Synthetic test stream", "heldout_real": "Injection-recovery on held-out real frames"}
-    metrics = (("completeness", "completeness"), ("snr50", "SNR at 50%"), ("purity", "purity"),
-               ("false_detections_per_image", "false detections / image"), ("bogus_pass_rate", "bogus pass rate"))
+    metrics = (
+        ("completeness", "completeness"),
+        ("snr50", "SNR at 50%"),
+        ("purity", "purity"),
+        ("false_detections_per_image", "false detections / image"),
+        ("bogus_pass_rate", "bogus pass rate"),
+    )
     for dataset, title in titles.items():
-        lines += [f"## {title}", "", "| detector | seeds | " + " | ".join(m for _, m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| detector | seeds | " + " | ".join(m for _, m in metrics) + " |",
+            "|---" * (len(metrics) + 2) + "|",
+        ]
         rows = [(f"network: {name}", arm[dataset]["network"], len(report["runs"][name])) for name, arm in arms.items()]
         first = next(iter(arms.values()))[dataset]
         # The same images whatever the arm: the classical detectors' figures are one measurement.
-        rows += [("matched filter (5 sigma)", first["baseline"], "-"), ("SExtractor (sep, 1.5 sigma, 5 px)", first["sextractor"], "-")]
+        rows += [
+            ("matched filter (5 sigma)", first["baseline"], "-"),
+            ("SExtractor (sep, 1.5 sigma, 5 px)", first["sextractor"], "-"),
+        ]
         for label, fig, seeds in rows:
             cells = [_cell(fig[k], pooled=fig[k].get("pooled"), seeds=seeds != "-") for k, _ in metrics]
             lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
-    null_keys = (("identical_detections", "detections, identical pairs"), ("noise_per_megapixel_max", "noise pairs, worst / Mpx"),
-                 ("flux_per_megapixel_max", "flux-ratio pairs, worst / Mpx"), ("seeing_per_megapixel_max", "seeing pairs, worst / Mpx"),
-                 ("sextractor_per_megapixel_max", "SExtractor, worst / Mpx"))
-    lines += ["## Null battery (nothing changed)", "", "| arm | " + " | ".join(t for _, t in null_keys) + " |", "|---" * (len(null_keys) + 1) + "|"]
+    null_keys = (
+        ("identical_detections", "detections, identical pairs"),
+        ("noise_per_megapixel_max", "noise pairs, worst / Mpx"),
+        ("flux_per_megapixel_max", "flux-ratio pairs, worst / Mpx"),
+        ("seeing_per_megapixel_max", "seeing pairs, worst / Mpx"),
+        ("sextractor_per_megapixel_max", "SExtractor, worst / Mpx"),
+    )
+    lines += [
+        "## Null battery (nothing changed)",
+        "",
+        "| arm | " + " | ".join(t for _, t in null_keys) + " |",
+        "|---" * (len(null_keys) + 1) + "|",
+    ]
     for name, arm in arms.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(arm["null"][k], seeds=k != "sextractor_per_megapixel_max") for k, _ in null_keys) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_cell(arm["null"][k], seeds=k != "sextractor_per_megapixel_max") for k, _ in null_keys)
+            + " |"
+        )
     lines += ["", "![completeness per arm](comparison.png)", ""]
     return "\n".join(lines)
 
@@ -8898,13 +10943,21 @@ def _resolve_run(spec: str, *, tracking_uri: str, scratch: Path) -> tuple[str, P
     """`[label=]DIR` or `[label=]mlflow:RUN_ID` -> (label, best.pt); runs sharing a label are one arm's seeds."""
     label, _, where = spec.rpartition("=")
     if where.startswith("mlflow:"):
-        run_id = where[len("mlflow:"):]
+        run_id = where[len("mlflow:") :]
         try:
             import mlflow  # lazy: 1 s of import; only tracking needs it
 
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.pt", tracking_uri=tracking_uri, dst_path=str(scratch / safe_filename(run_id)))
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path="best.pt",
+                tracking_uri=tracking_uri,
+                dst_path=str(scratch / safe_filename(run_id)),
+            )
         except Exception as exc:  # MlflowException, a missing run or artifact, a dead server: one line
-            msg = f"--runs {spec}: cannot fetch best.pt of MLflow run {run_id} ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+            msg = (
+                f"--runs {spec}: cannot fetch best.pt of MLflow run {run_id} ({type(exc).__name__}: "
+                f"{_one_line(exc, limit=120)})"
+            )
             raise AstridError(msg) from None
         return label or run_id[:8], Path(local)
     path = Path(where)
@@ -8915,8 +10968,18 @@ def _resolve_run(spec: str, *, tracking_uri: str, scratch: Path) -> tuple[str, P
     return label or checkpoint.parent.name, checkpoint
 
 
-def _compare_runs(base: TrainConfig, *, out: Path, arms: Sequence[str], seeds: int, runs: Sequence[str], train_dir: Path,
-                  note: str, overwrite: bool, parent: str) -> tuple[dict[str, list[Path]], str, str]:
+def _compare_runs(
+    base: TrainConfig,
+    *,
+    out: Path,
+    arms: Sequence[str],
+    seeds: int,
+    runs: Sequence[str],
+    train_dir: Path,
+    note: str,
+    overwrite: bool,
+    parent: str,
+) -> tuple[dict[str, list[Path]], str, str]:
     """A comparison's checkpoints by arm: each arm x seed trained here (nested under `parent`), or `runs`.
 
     Returns the checkpoints, what they are (for the report) and the note, with any arm skipped.
@@ -8937,14 +11000,27 @@ def _compare_runs(base: TrainConfig, *, out: Path, arms: Sequence[str], seeds: i
     planned = []
     for arm in arms:
         if arm == "real" and tiles < REAL_ONLY_MIN_TILES:
-            log.warning("real-only arm skipped: %d training tiles of %d px, fewer than %d", tiles, base.image_size, REAL_ONLY_MIN_TILES)
+            log.warning(
+                "real-only arm skipped: %d training tiles of %d px, fewer than %d",
+                tiles,
+                base.image_size,
+                REAL_ONLY_MIN_TILES,
+            )
             note += f" The real-only arm was skipped: {tiles} training tiles < {REAL_ONLY_MIN_TILES}."
             continue
         for k in range(seeds):
-            cfg = dataclasses.replace(base, **COMPARE_ARMS[arm], fits_dir=str(train_dir), seed=base.seed + k,
-                                      output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"), resume="", overwrite=overwrite)
+            cfg = dataclasses.replace(
+                base,
+                **COMPARE_ARMS[arm],
+                fits_dir=str(train_dir),
+                seed=base.seed + k,
+                output_dir=str(out / "runs" / f"{arm}-seed{base.seed + k}"),
+                resume="",
+                overwrite=overwrite,
+            )
             cfg.validate()
-            claim_output_dir(Path(cfg.output_dir), kind="training run", overwrite=overwrite)  # refused now, not after the first arms trained
+            # refused now, not after the first arms trained
+            claim_output_dir(Path(cfg.output_dir), kind="training run", overwrite=overwrite)
             planned.append((arm, cfg))
     for arm, cfg in planned:
         log.info("compare: training arm %s, seed %d", arm, cfg.seed)
@@ -8968,9 +11044,19 @@ def _parent_ends_if_failed(cfg: TrainConfig, run_id: str):
         raise
 
 
-def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tuple(COMPARE_ARMS), seeds: int = 3,
-                runs: Sequence[str] = (), train_fits_dir: str = "", heldout_fits_dir: str = "",
-                eval_samples: int = 50, eval_image_size: int = 64, overwrite: bool = False) -> dict:
+def run_compare(
+    base: TrainConfig,
+    *,
+    output_dir: str,
+    arms: Sequence[str] = tuple(COMPARE_ARMS),
+    seeds: int = 3,
+    runs: Sequence[str] = (),
+    train_fits_dir: str = "",
+    heldout_fits_dir: str = "",
+    eval_samples: int = 50,
+    eval_image_size: int = 64,
+    overwrite: bool = False,
+) -> dict:
     """Train each arm with each seed (or take `runs`), evaluate all alike, write comparison.md/json/png.
 
     Without `train_fits_dir`/`heldout_fits_dir`, the M13 frame astropy ships is split in halves
@@ -9001,27 +11087,56 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
         note = f"Real training frames from {train_dir}; injection-recovery on the frames in {heldout_dir}."
     else:
         train_dir, heldout_dir = split_real_frame(M13_FITS, out / "real_frames")
-        note = ("Real frames: the M13 DSS cutout astropy ships, split in halves: training tiles from its left half, "
-                "injection-recovery on its right half (same plate and seeing, no shared pixel).")
-    parent = mlflow_parent_run(base, run_name=f"compare-{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"astrid.compare": str(out.resolve()), "arms": "given runs" if runs else ",".join(arms)})
+        note = (
+            "Real frames: the M13 DSS cutout astropy ships, split in halves: training tiles from its left half, "
+            "injection-recovery on its right half (same plate and seeing, no shared pixel)."
+        )
+    parent = mlflow_parent_run(
+        base,
+        run_name=f"compare-{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"astrid.compare": str(out.resolve()), "arms": "given runs" if runs else ",".join(arms)},
+    )
     with _parent_ends_if_failed(base, parent):
         # 1. The runs: each arm x seed trained here, or the given run directories / MLflow runs.
-        checkpoints, kind, note = _compare_runs(base, out=out, arms=arms, seeds=seeds, runs=runs, train_dir=train_dir, note=note,
-                                                overwrite=overwrite, parent=parent)
+        checkpoints, kind, note = _compare_runs(
+            base,
+            out=out,
+            arms=arms,
+            seeds=seeds,
+            runs=runs,
+            train_dir=train_dir,
+            note=note,
+            overwrite=overwrite,
+            parent=parent,
+        )
         # 2. Every model on the same three sets.
         evaluations: dict[str, list[dict]] = {}
         for label, paths in checkpoints.items():
             for path in paths:
                 predictor = load_predictor(checkpoint=str(path), threshold=None, device=base.device)
                 log.info("compare: evaluating %s (%s)", label, path)
-                evaluations.setdefault(label, []).append(compare_evaluation(
-                    predictor.model, threshold=predictor.threshold, heldout_dir=heldout_dir, samples=eval_samples,
-                    image_size=eval_image_size, device=predictor.device))
+                evaluations.setdefault(label, []).append(
+                    compare_evaluation(
+                        predictor.model,
+                        threshold=predictor.threshold,
+                        heldout_dir=heldout_dir,
+                        samples=eval_samples,
+                        image_size=eval_image_size,
+                        device=predictor.device,
+                    )
+                )
         # 3. The report, and the parent run's summary.
         report = {
-            "kind": kind, "note": note, "configuration": dataclasses.asdict(base) if not runs else None,
-            "evaluation": {"samples": eval_samples, "image_size": eval_image_size, "seed": DEFAULT_EVAL_SEED, "heldout_dir": str(heldout_dir), "train_dir": str(train_dir)},
+            "kind": kind,
+            "note": note,
+            "configuration": dataclasses.asdict(base) if not runs else None,
+            "evaluation": {
+                "samples": eval_samples,
+                "image_size": eval_image_size,
+                "seed": DEFAULT_EVAL_SEED,
+                "heldout_dir": str(heldout_dir),
+                "train_dir": str(train_dir),
+            },
             "runs": {label: [str(p) for p in paths] for label, paths in checkpoints.items()},
             "arms": {label: summarise_arm(evals) for label, evals in evaluations.items()},
             "per_run": evaluations,
@@ -9031,34 +11146,63 @@ def run_compare(base: TrainConfig, *, output_dir: str, arms: Sequence[str] = tup
             plot_comparison(report["arms"], out / "comparison.png", staged=staged)
             write_json(out / "comparison.json", report, staged=staged)
             atomic_write(out / "comparison.md", lambda f: f.write(comparison_markdown(report).encode()), staged=staged)
-        headline = {f"{label}_{dataset}_completeness": arm[dataset]["network"]["completeness"]["pooled"]["value"]
-                    for label, arm in report["arms"].items() for dataset in ("synthetic_test", "heldout_real")}
+        headline = {
+            f"{label}_{dataset}_completeness": arm[dataset]["network"]["completeness"]["pooled"]["value"]
+            for label, arm in report["arms"].items()
+            for dataset in ("synthetic_test", "heldout_real")
+        }
         close_parent_run(base, parent, metrics=headline, artifacts=[out / name for name in COMPARISON_OUTPUTS])
     print(comparison_markdown(report))
-    print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}  |  MLflow parent run: {parent or 'none'}")
+    print(
+        f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}  |  MLflow parent "
+        f"run: {parent or 'none'}"
+    )
     return report
 
 
 # --- The compare command
 
+
 def _compare_command(args: argparse.Namespace) -> Any:
-    base = dataclasses.replace(config_from_args(args), output_dir="")  # the arms' run directories go under the comparison's
-    return run_compare(base, **_flags_for(run_compare, args, output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite)))
+    # the arms' run directories go under the comparison's
+    base = dataclasses.replace(config_from_args(args), output_dir="")
+    return run_compare(
+        base,
+        **_flags_for(run_compare, args, output_dir=args.output_dir or "comparison", overwrite=bool(args.overwrite)),
+    )
 
 
 def add_compare_arguments(commands: Any) -> None:
     """The compare command: training flags for every arm, and the comparison's own."""
-    compare = add_command(commands, "compare", "synthetic vs real training: arms x seeds (or --runs), evaluated alike",
-                      "Train each arm (synthetic, mix, real) with several seeds, or take given runs, and evaluate all on the same "
-                      "synthetic test set and real-pixel injections; writes comparison.md/.json/.png.",
-                      "python standalone_training.py compare --epochs 3 --output-dir cmp/\n"
-                      "python standalone_training.py compare --runs a=runs/one b=runs/two b=mlflow:RUN_ID --output-dir cmp/", _compare_command)
+    compare = add_command(
+        commands,
+        "compare",
+        "synthetic vs real training: arms x seeds (or --runs), evaluated alike",
+        "Train each arm (synthetic, mix, real) with several seeds, or take given runs, and evaluate all on the same "
+        "synthetic test set and real-pixel injections; writes comparison.md/.json/.png.",
+        "python standalone_training.py compare --epochs 3 --output-dir cmp/\n"
+        "python standalone_training.py compare --runs a=runs/one b=runs/two b=mlflow:RUN_ID --output-dir cmp/",
+        _compare_command,
+    )
     add_training_flags(compare)
-    compare.add_argument("--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)")
+    compare.add_argument(
+        "--arms", nargs="+", default=list(COMPARE_ARMS), help="synthetic | mix | real (default: all three)"
+    )
     compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (--seed, --seed + 1, ...)")
-    compare.add_argument("--runs", nargs="+", default=[], help="compare these instead: [LABEL=]RUN_DIR or [LABEL=]mlflow:RUN_ID; one label, one arm")
-    compare.add_argument("--train-fits-dir", default="", help="real frames for training (default: the left half of M13)")
-    compare.add_argument("--heldout-fits-dir", default="", help="real frames kept out of training, for injection-recovery (default: M13's right half)")
+    compare.add_argument(
+        "--runs",
+        nargs="+",
+        default=[],
+        help="compare these instead: [LABEL=]RUN_DIR or [LABEL=]mlflow:RUN_ID; one label, one arm",
+    )
+    compare.add_argument(
+        "--train-fits-dir", default="", help="real frames for training (default: the left half of M13)"
+    )
+    compare.add_argument(
+        "--heldout-fits-dir",
+        default="",
+        help="real frames kept out of training, for injection-recovery (default: M13's right half)",
+    )
     compare.add_argument("--eval-samples", type=int, default=50, help="images per test set")
     compare.add_argument("--eval-image-size", type=int, default=64, help="px of the test images, a multiple of 16")
 
@@ -9069,7 +11213,8 @@ def add_compare_arguments(commands: Any) -> None:
 
 
 def register_model(*, checkpoint: str | None, tracking_uri: str, experiment: str, alias: str | None) -> dict:
-    """Log a checkpoint (the shipped weights by default) as AstrID's pyfunc model in its own MLflow run, register it, and point `alias` at it.
+    """Log a checkpoint (the shipped weights by default) as AstrID's pyfunc model in its own MLflow run, register it,
+    and point `alias` at it.
 
     With ``--alias champion``, ``models:/astrid@champion`` is then what another program loads
     as "the current AstrID model".
@@ -9108,9 +11253,14 @@ def export_weights(checkpoint: str, output: str, *, threshold: float | None = No
         check_threshold(threshold)
     target = Path(output)
     in_a_run = any((target.parent / name).exists() for name in RUN_MARKERS["training run"])
-    if (target.exists() and target.resolve() == Path(checkpoint).resolve()) or (in_a_run and target.name in ("best.pt", "last.pt")):
-        msg = (f"export --output {output}: refusing to write onto a run's checkpoint (best.pt and last.pt keep the optimiser state "
-               "and history that --resume needs); choose another file name")
+    if (target.exists() and target.resolve() == Path(checkpoint).resolve()) or (
+        in_a_run and target.name in ("best.pt", "last.pt")
+    ):
+        msg = (
+            f"export --output {output}: refusing to write onto a run's checkpoint (best.pt and last.pt keep the "
+            "optimiser state "
+            "and history that --resume needs); choose another file name"
+        )
         raise AstridError(msg)
     payload = load_checkpoint(checkpoint)
     model_from_checkpoint(payload, path=checkpoint)  # refuse a mismatched file before writing
@@ -9125,19 +11275,29 @@ def export_weights(checkpoint: str, output: str, *, threshold: float | None = No
 
 # --- The export and register commands
 
+
 def _export_command(args: argparse.Namespace) -> Any:
     return export_weights(**_flags_for(export_weights, args))
 
 
 def add_export_arguments(commands: Any) -> None:
     """The export command."""
-    export = add_command(commands, "export", "strip a checkpoint to shareable weights",
-                     "Keep a checkpoint's weights, architecture, threshold and history (no optimiser state): a small file for "
-                     "--checkpoint. Never onto a run's own best.pt or last.pt.",
-                     "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt", _export_command)
+    export = add_command(
+        commands,
+        "export",
+        "strip a checkpoint to shareable weights",
+        "Keep a checkpoint's weights, architecture, threshold and history (no optimiser state): a small file for "
+        "--checkpoint. Never onto a run's own best.pt or last.pt.",
+        "python standalone_training.py export --checkpoint runs/mine/best.pt --output weights/mine.pt",
+        _export_command,
+    )
     export.add_argument("--checkpoint", required=True, help="a run's best.pt (or any AstrID checkpoint)")
     export.add_argument("--output", required=True, help="the weights file to write")
-    export.add_argument("--threshold", type=float, help="record this operating threshold instead of the one the run chose (which is kept as chosen_threshold)")
+    export.add_argument(
+        "--threshold",
+        type=float,
+        help="record this operating threshold instead of the one the run chose (which is kept as chosen_threshold)",
+    )
 
 
 def _register_command(args: argparse.Namespace) -> Any:
@@ -9146,14 +11306,21 @@ def _register_command(args: argparse.Namespace) -> Any:
 
 def add_register_arguments(commands: Any) -> None:
     """The register command."""
-    register = add_command(commands, "register", "register a checkpoint in MLflow's Model Registry (alias champion: the current model)",
-                       "Log a checkpoint (default: the shipped weights) as AstrID's pyfunc model and register it as a version of "
-                       "'astrid'; --alias points an alias at it, so other programs load models:/astrid@ALIAS.",
-                       "python standalone_training.py register --alias champion --tracking-uri http://127.0.0.1:5000", _register_command)
+    register = add_command(
+        commands,
+        "register",
+        "register a checkpoint in MLflow's Model Registry (alias champion: the current model)",
+        "Log a checkpoint (default: the shipped weights) as AstrID's pyfunc model and register it as a version of "
+        "'astrid'; --alias points an alias at it, so other programs load models:/astrid@ALIAS.",
+        "python standalone_training.py register --alias champion --tracking-uri http://127.0.0.1:5000",
+        _register_command,
+    )
     register.add_argument("--checkpoint", help="default: the weights that ship with AstrID")
     register.add_argument("--alias", help="e.g. champion: the alias that then names this version")
     register.add_argument("--tracking-uri", default=TrainConfig().tracking_uri, help="MLflow tracking URI")
-    register.add_argument("--experiment", default=TrainConfig().experiment, help="MLflow experiment of the registering run")
+    register.add_argument(
+        "--experiment", default=TrainConfig().experiment, help="MLflow experiment of the registering run"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -9161,8 +11328,16 @@ def add_register_arguments(commands: Any) -> None:
 # ----------------------------------------------------------------------------
 
 
-def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
-             pixels=DEFAULT_PIXELS, backoff=DEFAULT_BACKOFF):
+def prefetch(
+    targets,
+    surveys,
+    *,
+    cache_dir,
+    timeout=DEFAULT_TIMEOUT,
+    retries=DEFAULT_RETRIES,
+    pixels=DEFAULT_PIXELS,
+    backoff=DEFAULT_BACKOFF,
+):
     """
     Fill the cache for later offline runs (``standalone_training.py fetch``).
 
@@ -9177,17 +11352,23 @@ def prefetch(targets, surveys, *, cache_dir, timeout=DEFAULT_TIMEOUT, retries=DE
         ``{"cached": [...], "failed": [...]}``: one "target / survey: file" line per frame and
         one "target / survey: reason" line per failure.
     """
-    frames, failures = fetch_frames(targets, surveys, cache_dir=cache_dir, timeout=timeout,
-                                    retries=retries, pixels=pixels, backoff=backoff)
-    summary = {"cached": [f"{f.target} / {f.survey}: {f.path.name}" for f in frames],
-               "failed": [f"{f.target} / {f.survey}: {f.reason}" for f in failures]}
+    frames, failures = fetch_frames(
+        targets, surveys, cache_dir=cache_dir, timeout=timeout, retries=retries, pixels=pixels, backoff=backoff
+    )
+    summary = {
+        "cached": [f"{f.target} / {f.survey}: {f.path.name}" for f in frames],
+        "failed": [f"{f.target} / {f.survey}: {f.reason}" for f in failures],
+    }
     log.info("prefetch: %d cached, %d failed", len(frames), len(failures))
     return summary
 
 
 # --- The fetch command
 
-def run_fetch(*, targets: Sequence[str], surveys: Sequence[str], cache_dir: str, pixels: int, timeout: float, retries: int) -> dict:
+
+def run_fetch(
+    *, targets: Sequence[str], surveys: Sequence[str], cache_dir: str, pixels: int, timeout: float, retries: int
+) -> dict:
     """Prefetch cutouts into the cache; fails (one line) only if nothing at all was cached."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     summary = prefetch(targets, surveys, cache_dir=cache, timeout=timeout, retries=retries, pixels=pixels)
@@ -9208,11 +11389,18 @@ def _fetch_command(args: argparse.Namespace) -> Any:
 
 def add_fetch_arguments(commands: Any) -> None:
     """The fetch command: its defaults are the real-sky defaults."""
-    fetch = add_command(commands, "fetch", "fill the real-sky cache ahead of an offline run",
-                    "Download survey cutouts (SkyView, HiPS, MAST) of the targets into the cache that --data mast reads offline.",
-                    "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300", _fetch_command)
+    fetch = add_command(
+        commands,
+        "fetch",
+        "fill the real-sky cache ahead of an offline run",
+        "Download survey cutouts (SkyView, HiPS, MAST) of the targets into the cache that --data mast reads offline.",
+        "python standalone_training.py fetch --targets M13 'M31' '150.1 2.2' --surveys 'DSS2 Red' --pixels 300",
+        _fetch_command,
+    )
     fetch.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="names or 'RA DEC' in degrees")
-    fetch.add_argument("--surveys", nargs="+", default=list(DEFAULT_SURVEYS), help="SkyView surveys, HiPS ids, TESS or HST")
+    fetch.add_argument(
+        "--surveys", nargs="+", default=list(DEFAULT_SURVEYS), help="SkyView surveys, HiPS ids, TESS or HST"
+    )
     fetch.add_argument("--cache-dir", default="", help="the cache (default ~/.cache/astrid)")
     fetch.add_argument("--pixels", type=int, default=DEFAULT_PIXELS, help="cutout side in px")
     fetch.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="s per network request (<= 60)")
@@ -9226,20 +11414,35 @@ def add_fetch_arguments(commands: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: train, evaluate, predict, sweep, compare, export, register and fetch."""
-    parser = argparse.ArgumentParser(prog="standalone_training.py", formatter_class=HelpFormatter,
-                                     description="AstrID: train and use a U-Net that finds what changed between two images of the sky.",
-                                     epilog="python standalone_training.py COMMAND --help shows each command's options, defaults and an example.")
+    parser = argparse.ArgumentParser(
+        prog="standalone_training.py",
+        formatter_class=HelpFormatter,
+        description="AstrID: train and use a U-Net that finds what changed between two images of the sky.",
+        epilog="python standalone_training.py COMMAND --help shows each command's options, defaults and an example.",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks (before or after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_arguments in (add_train_arguments, add_evaluate_arguments, add_predict_arguments, add_sweep_arguments,
-                          add_compare_arguments, add_export_arguments, add_register_arguments, add_fetch_arguments):
+    for add_arguments in (
+        add_train_arguments,
+        add_evaluate_arguments,
+        add_predict_arguments,
+        add_sweep_arguments,
+        add_compare_arguments,
+        add_export_arguments,
+        add_register_arguments,
+        add_fetch_arguments,
+    ):
         add_arguments(commands)  # each wing registers its command, its flags and the function that runs it
     return parser
 
 
 def configure_logging(*, debug: bool = False) -> None:
     """One handler for AstrID's log; third-party loggers only speak up for errors."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     _quiet_loggers(logging.WARNING if debug else logging.ERROR)
 
 
@@ -9257,7 +11460,11 @@ def cli(run: Any, *, debug: bool) -> int:
     except MemoryError:
         if debug:
             raise
-        print("astrid: error: out of memory: use a smaller configuration (--image-size, --batch-size, --width, --samples)", file=sys.stderr)
+        print(
+            "astrid: error: out of memory: use a smaller configuration (--image-size, --batch-size, --width, "
+            "--samples)",
+            file=sys.stderr,
+        )
         return 2
     # The project's refusals and the operating system's errors only: any other exception is
     # a bug, and its traceback is what a bug report needs.

@@ -1664,6 +1664,12 @@ def test_no_module_constant_is_glued_to_the_function_above_it():
     assert glued == []
 
 
+@pytest.mark.parametrize("script", ["standalone_training.py", "run_standalone_training.py", "demo_standalone_training.py"])
+def test_no_line_of_the_program_is_longer_than_120_characters(script):
+    long = [f"line {n}: {len(line)}" for n, line in enumerate((HERE / script).read_text().splitlines(), 1) if len(line) > 120]
+    assert long == []
+
+
 def test_every_import_below_the_top_says_why_it_is_there():
     """Imports belong at the top; one inside a function is deliberately lazy (start-up time, an
     optional library, one platform) and its line says so."""
