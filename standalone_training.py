@@ -434,6 +434,8 @@ def _fmt(value: float | None) -> str:
 # ----------------------------------------------------------------------------
 
 
+# What the simulator draws and labels: the four kinds of change (docs/science.md, section 3), the bogus
+# artifacts that are not changes, and which changes are points and which trails.
 ANOMALY_TYPES = ("transient", "variable_star", "supernova", "asteroid")
 BOGUS_TYPES = ("cosmic_ray", "hot_pixel", "dipole")
 POINT_TYPES = ("transient", "variable_star", "supernova")
@@ -3142,6 +3144,7 @@ def subtract_pair(
 
 
 DEFAULT_PIXELS = 300  # px, SkyView's own default cutout size
+# The cache's two indexes: each file's provenance (target, survey, service, URL, SHA-256, date) and resolved names.
 MANIFEST = "manifest.json"
 NAME_CACHE = "names.json"
 
@@ -3417,6 +3420,7 @@ DEFAULT_TARGETS = {
 }
 
 
+# Messier numbers that name resolvers answer with a different object than the one meant.
 _TARGET_ALIASES = {"m1": "Crab Nebula", "m42": "Orion Nebula", "m104": "Sombrero Galaxy", "m45": "Pleiades"}
 
 
@@ -3707,6 +3711,7 @@ def _fetch_mast(coord, native, scale, *, pixels, timeout, dest, workdir):
     return str(manifest["URL"][0]) if "URL" in manifest.colnames else str(products["dataURI"][0])
 
 
+# Each service (as survey_service names it) and the function that fetches a cutout from it.
 FETCHERS = {"skyview": _fetch_skyview, "hips2fits": _fetch_hips, "tesscut": _fetch_tesscut, "mast": _fetch_mast}
 
 
@@ -4062,6 +4067,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "astrid"
 
 
+# The file names read as FITS frames in a --fits-dir (compressed too: astropy reads them in place).
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz")
 
 
@@ -5065,6 +5071,7 @@ def summarise_objects(
 # --- Types: what the detector says changed, against what did
 
 TYPE_SNR_EDGES = (3.0, 5.0, 10.0, 25.0, math.inf)  # the confusion matrix's SNR bins
+# How the rule-based typer decides, as evaluation.json and the docs state it.
 TYPE_RULE = (
     "the rule (type_detections' baseline): a trail is an asteroid; on a point source of the reference a "
     "variable star, on an extended one a supernova, on blank sky a transient"
@@ -5173,6 +5180,7 @@ def autocast_context(device: torch.device) -> tuple[contextlib.AbstractContextMa
 # `train --resume` (which continues the run inside it) or by an explicit --overwrite,
 # which names what it replaces. Default run directories are made with an exclusive mkdir.
 
+# Each command's outputs: what marks a directory as holding one, and what --overwrite replaces.
 EVALUATION_OUTPUTS = ("evaluation.json", "completeness.png", "precision_recall.png", "object_gallery.png", "types.png")
 PREDICTION_OUTPUTS = (
     "detections.csv",
@@ -5184,6 +5192,7 @@ PREDICTION_OUTPUTS = (
     "overlay.png",
 )
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per image; larger inputs are refused rather than swapped
+# The columns of detections.csv (and .ecsv), in order.
 TYPE_PROBABILITY_COLUMNS = tuple(f"p_{kind}" for kind in ANOMALY_TYPES)
 DETECTION_COLUMNS = (
     "x",
@@ -5363,6 +5372,7 @@ def ensure_experiment(client: Any, name: str, *, tracking_uri: str) -> Any:
 
 # --- Checkpoints
 
+# The format tag every checkpoint carries: a file without it is not an AstrID checkpoint.
 CHECKPOINT_FORMAT = "astrid-checkpoint-v1"
 
 
@@ -5568,6 +5578,7 @@ def config_from_saved(saved: Any, *, path: str | os.PathLike = "checkpoint") -> 
     return cfg
 
 
+# The weights that ship with AstrID: what evaluate, predict and register use without --checkpoint.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "astrid_default.pt"
 
 
@@ -6514,6 +6525,7 @@ def null_battery(
 # ----------------------------------------------------------------------------
 
 
+# One colour per kind of change in the figures of the simulated sky (gallery, truth marks, completeness by kind).
 TYPE_COLOURS = {
     "transient": "tab:red",
     "variable_star": "tab:orange",
@@ -7426,6 +7438,7 @@ def _gather_parameter_checksums(model: nn.Module, dist: DistInfo) -> list[str]:
 
 # --- Run directories and their locks
 
+# A training run's files: what --overwrite removes from its directory before the run starts.
 TRAIN_OUTPUTS = (
     "config.json",
     "last.pt",
@@ -9266,6 +9279,7 @@ def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, fl
     return rows
 
 
+# The columns of forced.csv, in order.
 FORCED_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_error", "significance", "score")
 
 
@@ -10033,6 +10047,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+# A shard's combined catalogue: the shard's index and the number of shards it was one of.
 COMBINED_SHARD = re.compile(r"^detections\.shard-(\d+)-of-(\d+)\.csv$")
 
 
@@ -10300,10 +10315,14 @@ def _innermost_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+# The search space that ships with AstrID (--space).
 DEFAULT_SWEEP_SPACE = Path(__file__).resolve().parent / "sweep_space.json"
 SWEEP_OBJECTIVE = "val_average_precision"  # maximised: unlike val_loss, it does not change scale with the loss weights
+# Optuna's kinds of parameter a space entry may declare.
 SWEEP_KINDS = ("float", "int", "categorical")
+# Complete trials below which parameter importances are not computed: they would attribute noise.
 MIN_IMPORTANCE_TRIALS = 10
+# The TrainConfig fields a sweep space may search.
 SWEEP_PARAMETERS = (
     "width",
     "lr",
