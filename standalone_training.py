@@ -5259,6 +5259,18 @@ class TrackingError(AstridError):
     """MLflow failed and --mlflow-optional was not given: the run stops, its checkpoints kept."""
 
 
+def mlflow_failure(exc: BaseException, when: str) -> str:
+    """What failed, in one line: MlflowException, SQLAlchemy, requests and OS errors all mean "tracking failed"."""
+    return f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
+
+
+def tracking_failed(cfg: TrainConfig, reason: str, *, remedy: str, without: str) -> None:
+    """Stop the command in one line (TrackingError, `reason; remedy`), or, with --mlflow-optional, warn and go on."""
+    if not cfg.mlflow_optional:
+        raise TrackingError(f"{reason}; {remedy}") from None
+    log.warning("%s: continuing WITHOUT %s, as --mlflow-optional asked", reason, without)
+
+
 # Not astroquery: it installs its own Logger class at import, which must not exist before.
 _NOISY_LOGGERS = (
     "mlflow",
@@ -7075,11 +7087,9 @@ def _parent_call(cfg: TrainConfig, when: str, call: Callable[[], Any]) -> Any:
     """One parent-run call: a failure stops the command in one line, or, with --mlflow-optional, is a warning (None)."""
     try:
         return call()
-    except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
-        reason = f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})"
-        if not cfg.mlflow_optional:
-            raise TrackingError(reason + "; pass --no-mlflow, or --mlflow-optional to go on without it") from None
-        log.warning("%s: continuing WITHOUT the parent run, as --mlflow-optional asked", reason)
+    except Exception as exc:  # see mlflow_failure
+        remedy = "pass --no-mlflow, or --mlflow-optional to go on without it"
+        tracking_failed(cfg, mlflow_failure(exc, when), remedy=remedy, without="the parent run")
         return None
 
 
@@ -7575,11 +7585,8 @@ class MlflowRun:
                 from mlflow.tracking import fluent  # lazy: 1 s of import; only tracking needs it
 
                 fluent._active_run_stack.get().clear()
-        if not self.cfg.mlflow_optional:
-            raise TrackingError(
-                reason + "; fix it, pass --no-mlflow, or --mlflow-optional to train on without it"
-            ) from None
-        log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
+        remedy = "fix it, pass --no-mlflow, or --mlflow-optional to train on without it"
+        tracking_failed(self.cfg, reason, remedy=remedy, without="MLflow")
 
     def _call(self, when: str, call: Any) -> None:
         """Run one tracking call (nothing if disabled); a failure goes to _give_up."""
@@ -7587,8 +7594,8 @@ class MlflowRun:
             return
         try:
             call()
-        except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors: all mean "tracking failed"
-            self._give_up(f"MLflow failed at {when} ({type(exc).__name__}: {_one_line(exc, limit=160)})", when)
+        except Exception as exc:  # see mlflow_failure
+            self._give_up(mlflow_failure(exc, when), when)
 
     def _check_server(self) -> None:
         uri = self.cfg.tracking_uri
@@ -7599,11 +7606,8 @@ class MlflowRun:
             requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, self.cfg.timeout)).raise_for_status()
         except requests.RequestException as exc:
             reason = f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})"
-            if not self.cfg.mlflow_optional:
-                raise AstridError(
-                    reason + "; start it, pass --no-mlflow, or --mlflow-optional to train without it"
-                ) from None
-            log.warning("%s: continuing WITHOUT MLflow, as --mlflow-optional asked", reason)
+            remedy = "start it, pass --no-mlflow, or --mlflow-optional to train without it"
+            tracking_failed(self.cfg, reason, remedy=remedy, without="MLflow")
             self.enabled, self.disabled_reason, self.failed_at = False, reason, "start"
 
     def start(
