@@ -98,22 +98,21 @@ import torch.nn.functional as F
 import requests
 import sep
 import astropy
+import scipy
 from astropy import units as u
-from astropy.coordinates import Angle, SkyCoord
 from astropy.io import fits
-from astropy.table import MaskedColumn, Table
 from astropy.utils.exceptions import AstropyWarning
-from astropy.wcs import WCS
-from astropy.wcs.utils import wcs_to_celestial_frame
 from requests.adapters import HTTPAdapter
-from scipy import fft as sp_fft
-from scipy import ndimage, optimize, spatial, special
 from tqdm.auto import tqdm
 
-# Imported where they are used, not here: matplotlib (only the figures need it) and
-# scipy.signal (only fftconvolve) cost about a second of every process's start, and most
-# processes (`--help`, predict on a list, the tests' CLI calls) draw nothing.
+# Imported where they are used, not here, to keep a process's start short (`--help` and a
+# refused flag need none of them):
+# - matplotlib (only the figures need it), about a second;
+# - astropy's WCS and coordinates (with astropy.table under them), about 0.5 s: the functions
+#   that read a WCS or make a SkyCoord import them;
+# - scipy's submodules, about 0.3 s: scipy loads each on first use (scipy.ndimage, scipy.fft, ...).
 if typing.TYPE_CHECKING:
+    from astropy.wcs import WCS  # annotations only
     from matplotlib.figure import Figure  # annotations only
 
 log = logging.getLogger("astrid")
@@ -1071,7 +1070,7 @@ def sky_ramp(shape: tuple[int, int], *, rise: float, angle: float) -> np.ndarray
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], *, scale: float) -> np.ndarray:
     """A non-negative, smooth random field with peak 1: filaments and blobs `scale` px across."""
-    field = ndimage.gaussian_filter(rng.normal(size=shape), scale, mode="wrap")
+    field = scipy.ndimage.gaussian_filter(rng.normal(size=shape), scale, mode="wrap")
     field = np.maximum(field, 0.0)
     peak = field.max()
     return field / peak if peak > 0 else field
@@ -1079,8 +1078,8 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], *, scale: fl
 
 def _correlate_noise(observed: np.ndarray, model: np.ndarray, sigma: float) -> np.ndarray:
     """The noise of an epoch smoothed as resampling does, keeping its per-pixel variance."""
-    kernel_norm = math.sqrt(float(np.sum(ndimage.gaussian_filter(np.pad([[1.0]], 5), sigma) ** 2)))
-    return model + ndimage.gaussian_filter(observed - model, sigma) / kernel_norm
+    kernel_norm = math.sqrt(float(np.sum(scipy.ndimage.gaussian_filter(np.pad([[1.0]], 5), sigma) ** 2)))
+    return model + scipy.ndimage.gaussian_filter(observed - model, sigma) / kernel_norm
 
 
 def _photographic(epoch: np.ndarray, step: float, saturation: float) -> np.ndarray:
@@ -1327,7 +1326,7 @@ def _static_residuals(
     """
     sx, sy, sflux = stars
     sigma = np.sqrt(variance)
-    significance = ndimage.maximum_filter(np.abs(residual) / sigma, size=5)
+    significance = scipy.ndimage.maximum_filter(np.abs(residual) / sigma, size=5)
     h, w = residual.shape
     peak_psf = float(psf.stamp.max())
     x = np.concatenate([sx, [g["x"] for g in galaxies]]) + shift[0]
@@ -1513,7 +1512,7 @@ def _pixel_gaussian(shape, amplitude, x0, y0, sigma, background):
 
     def edges(n, centre):
         e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
-        return 0.5 * np.diff(special.erf(e))
+        return 0.5 * np.diff(scipy.special.erf(e))
 
     return amplitude * np.outer(edges(shape[0], y0), edges(shape[1], x0)) + background
 
@@ -1524,7 +1523,7 @@ def _pixel_gaussian_jacobian(shape, amplitude, x0, y0, sigma, background):
     def edges(n, centre):
         e = (np.arange(n + 1) - 0.5 - centre) / (np.sqrt(2.0) * sigma)
         density = np.exp(-(e**2)) / np.sqrt(np.pi)  # d/de of erf(e) / 2
-        profile = 0.5 * np.diff(special.erf(e))
+        profile = 0.5 * np.diff(scipy.special.erf(e))
         d_centre = -np.diff(density) / (np.sqrt(2.0) * sigma)
         d_sigma = -np.diff(density * e) / sigma
         return profile, d_centre, d_sigma
@@ -1557,7 +1556,7 @@ def _psf_candidates(tile, *, default, threshold, max_stars):
     box = max(4, int(np.ceil(2.0 * default)))  # stamp half-size: covers the core and wings
     if not (np.isfinite(sigma) and sigma > 0):
         return img, background, box, []
-    maxima = (img == ndimage.maximum_filter(img, size=3)) & (img > background + 5 * sigma)
+    maxima = (img == scipy.ndimage.maximum_filter(img, size=3)) & (img > background + 5 * sigma)
     ys, xs = np.nonzero(maxima)
     heights = img[ys, xs] - background
     top = np.nanmax(img)
@@ -1590,7 +1589,8 @@ def _fit_fwhm(img, y, x, box, background):
     start = [amplitude, box, box, 1.0, background]
     bounds = ([0, box - 2, box - 2, 0.2, -np.inf], [np.inf, box + 2, box + 2, box, np.inf])
     try:
-        fit = optimize.least_squares(residual, start, jac=lambda p: _pixel_gaussian_jacobian(shape, *p), bounds=bounds)
+        jacobian = functools.partial(_pixel_gaussian_jacobian, shape)
+        fit = scipy.optimize.least_squares(residual, start, jac=lambda p: jacobian(*p), bounds=bounds)
     except (ValueError, np.linalg.LinAlgError):
         return None
     sigma = fit.x[3]
@@ -1736,14 +1736,14 @@ def fit_flux_scale(
     if aperture is None:
         aperture = max(5, math.ceil(3.0 * max(measure_psf_fwhm(ref).fwhm, measure_psf_fwhm(sci).fwhm)))
     box = 2 * aperture + 1
-    smooth = ndimage.uniform_filter(ref, 3)
-    peaks = (smooth == ndimage.maximum_filter(smooth, size=box)) & (ref > bg_r + detection_sigma * sig_r)
+    smooth = scipy.ndimage.uniform_filter(ref, 3)
+    peaks = (smooth == scipy.ndimage.maximum_filter(smooth, size=box)) & (ref > bg_r + detection_sigma * sig_r)
     # A usable star: its whole box has data and no pixel at either epoch's brightest value.
     usable = valid & (reference < top_r) & (science < top_s)
-    clean = ndimage.minimum_filter(usable.astype(np.uint8), size=box, mode="constant", cval=0).astype(bool)
+    clean = scipy.ndimage.minimum_filter(usable.astype(np.uint8), size=box, mode="constant", cval=0).astype(bool)
     ys, xs = np.nonzero(peaks & clean)
-    sums_r = ndimage.uniform_filter(ref - bg_r, box)[ys, xs] * box**2
-    sums_s = ndimage.uniform_filter(sci - bg_s, box)[ys, xs] * box**2
+    sums_r = scipy.ndimage.uniform_filter(ref - bg_r, box)[ys, xs] * box**2
+    sums_s = scipy.ndimage.uniform_filter(sci - bg_s, box)[ys, xs] * box**2
     brightest = np.argsort(sums_r)[::-1][:FLUX_FIT_MAX_STARS]
     sums_r, sums_s = sums_r[brightest], sums_s[brightest]
     advice = "give --flux-ratio (1 if the epochs share one photometric scale)"
@@ -1817,8 +1817,8 @@ def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return image
     finite = np.isfinite(image)
-    weight = ndimage.gaussian_filter(finite.astype(np.float64), sigma, mode="reflect")
-    blurred = ndimage.gaussian_filter(np.where(finite, image, 0.0), sigma, mode="reflect")
+    weight = scipy.ndimage.gaussian_filter(finite.astype(np.float64), sigma, mode="reflect")
+    blurred = scipy.ndimage.gaussian_filter(np.where(finite, image, 0.0), sigma, mode="reflect")
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(finite, blurred / weight, np.nan)
 
@@ -1962,8 +1962,8 @@ def as_data(image: np.ndarray) -> np.ndarray:
     zero = data == 0.0
     if zero.any():
         block = np.ones((ZERO_FOOTPRINT, ZERO_FOOTPRINT), dtype=bool)
-        core = ndimage.binary_erosion(zero, structure=block, border_value=1)
-        missing |= zero & ndimage.binary_dilation(core, structure=block)
+        core = scipy.ndimage.binary_erosion(zero, structure=block, border_value=1)
+        missing |= zero & scipy.ndimage.binary_dilation(core, structure=block)
     data[missing] = np.nan
     # a regular subsample: cheap on large frames
     sample = data[:: max(1, data.shape[0] // 512), :: max(1, data.shape[1] // 512)]
@@ -2000,11 +2000,11 @@ def _mesh_noise(values: np.ndarray, use: np.ndarray, *, side: int, filter_size: 
         return np.full(values.shape, robust_sigma(values[use]))
     grid = np.where(np.isnan(grid), np.nanmedian(grid), grid)
     if filter_size > 1:
-        grid = ndimage.median_filter(grid, size=filter_size, mode="nearest")
+        grid = scipy.ndimage.median_filter(grid, size=filter_size, mode="nearest")
     rows = np.clip((np.arange(h) + 0.5) / side - 0.5, 0, ny - 1)
     cols = np.clip((np.arange(w) + 0.5) / side - 0.5, 0, nx - 1)
     order = 3 if min(ny, nx) >= 4 else 1
-    return ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=order, mode="nearest")
+    return scipy.ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=order, mode="nearest")
 
 
 def _background_plane(background: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
@@ -2078,7 +2078,7 @@ def background_map(
         # Without the sources: the wings of stars and galaxies have steep steps that clipping
         # keeps, and a crowded mesh would read them as noise. (sep refuses meshes that are
         # more than half masked, hence the meshes' own robust noise here.)
-        sources = ndimage.binary_dilation(
+        sources = scipy.ndimage.binary_dilation(
             np.abs(data - background) > SOURCE_MASK_SIGMA * max(overall, 1e-300), iterations=2
         )
         quiet = steps_valid & ~sources & ~np.roll(sources, 1, axis=1)
@@ -2133,10 +2133,14 @@ def find_stars(
     """
     valid = np.isfinite(image)
     sub = np.where(valid, image - background, 0.0)
-    smooth = ndimage.uniform_filter(sub, 3)
+    smooth = scipy.ndimage.uniform_filter(sub, 3)
     top = float(np.nanmax(image))
-    clean = ndimage.minimum_filter(valid & (image < top), size=9, mode="constant", cval=0)
-    peaks = (smooth == ndimage.maximum_filter(smooth, size=7)) & (smooth >= threshold * rms / 3.0) & clean.astype(bool)
+    clean = scipy.ndimage.minimum_filter(valid & (image < top), size=9, mode="constant", cval=0)
+    peaks = (
+        (smooth == scipy.ndimage.maximum_filter(smooth, size=7))
+        & (smooth >= threshold * rms / 3.0)
+        & clean.astype(bool)
+    )
     ys, xs = np.nonzero(peaks)
     heights = smooth[ys, xs]
     order = np.argsort(heights)[::-1][:max_stars]
@@ -2213,10 +2217,10 @@ def _resample(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.n
     fill = float(np.nanmedian(image))
     matrix_rc = matrix[::-1, ::-1]  # (x, y) -> (row, column) order
     offset_rc = offset[::-1]
-    out = ndimage.affine_transform(
+    out = scipy.ndimage.affine_transform(
         np.where(valid, image, fill), matrix_rc, offset=offset_rc, order=3, mode="constant", cval=fill
     )
-    coverage = ndimage.affine_transform(
+    coverage = scipy.ndimage.affine_transform(
         valid.astype(np.float64), matrix_rc, offset=offset_rc, order=1, mode="constant", cval=0.0
     )
     out[coverage < 0.999] = np.nan
@@ -2289,7 +2293,7 @@ def register_pair(
     stars_s = find_stars(science, background=bg_s, rms=rms_s)
     matrix, offset, n_stars, residual = np.eye(2), -coarse, 0, None
     if len(stars_r) and len(stars_s):
-        distance, index = spatial.cKDTree(stars_r[:, :2]).query(
+        distance, index = scipy.spatial.cKDTree(stars_r[:, :2]).query(
             stars_s[:, :2] - coarse, distance_upper_bound=STAR_MATCH_RADIUS
         )
         matched = np.isfinite(distance)
@@ -2357,7 +2361,7 @@ def empirical_psf(image: np.ndarray, *, stars: np.ndarray, background: np.ndarra
     """
     if len(stars) < EPSF_MIN_STARS:
         return None
-    tree = spatial.cKDTree(stars[:, :2])
+    tree = scipy.spatial.cKDTree(stars[:, :2])
     neighbours = tree.query_ball_point(stars[:, :2], 2 * radius)
     stamps = []
     for (x, y, _), near in zip(stars, neighbours):
@@ -2372,7 +2376,7 @@ def empirical_psf(image: np.ndarray, *, stars: np.ndarray, background: np.ndarra
         )
         if not np.isfinite(cut).all():
             continue
-        centred = ndimage.shift(cut, (iy - y, ix - x), order=3, mode="nearest")[1:-1, 1:-1]
+        centred = scipy.ndimage.shift(cut, (iy - y, ix - x), order=3, mode="nearest")[1:-1, 1:-1]
         total = centred.sum()
         if total > 0:
             stamps.append(centred / total)
@@ -2479,7 +2483,7 @@ def zogy_subtraction(
     """
     valid = np.isfinite(reference) & np.isfinite(science)
     pad = max(psf_reference.shape + psf_science.shape)
-    shape = tuple(sp_fft.next_fast_len(n + 2 * pad, real=True) for n in science.shape)
+    shape = tuple(scipy.fft.next_fast_len(n + 2 * pad, real=True) for n in science.shape)
     h, w = science.shape
 
     def padded(image):
@@ -2488,14 +2492,14 @@ def zogy_subtraction(
         return out
 
     def inverse(spectrum):
-        return sp_fft.irfft2(spectrum, s=shape, workers=-1)
+        return scipy.fft.irfft2(spectrum, s=shape, workers=-1)
 
     fn, sn, sr = float(flux_ratio), float(sigma_science), float(sigma_reference)
     pr, pn = _transfer_function(psf_reference, shape), _transfer_function(psf_science, shape)
     pr2, pn2 = np.abs(pr) ** 2, np.abs(pn) ** 2
     denom2 = sn**2 * pr2 + sr**2 * fn**2 * pn2
     denom2 = np.maximum(denom2, ZOGY_EPSILON * float(denom2.max()))
-    n_hat, r_hat = sp_fft.rfft2(padded(science), workers=-1), sp_fft.rfft2(padded(reference), workers=-1)
+    n_hat, r_hat = scipy.fft.rfft2(padded(science), workers=-1), scipy.fft.rfft2(padded(reference), workers=-1)
     difference = inverse((pr * n_hat - fn * pn * r_hat) / np.sqrt(denom2))[:h, :w]
     flux_zeropoint = fn / math.sqrt(sn**2 + sr**2 * fn**2)
     psf_d = np.fft.fftshift(inverse(fn * pr * pn / (flux_zeropoint * np.sqrt(denom2))))
@@ -2507,10 +2511,10 @@ def zogy_subtraction(
     score_n, score_r = inverse(kn_hat * n_hat), inverse(kr_hat * r_hat)
     del n_hat, r_hat
     variance = inverse(
-        sp_fft.rfft2(padded(variance_science), workers=-1) * sp_fft.rfft2(inverse(kn_hat) ** 2, workers=-1)
+        scipy.fft.rfft2(padded(variance_science), workers=-1) * scipy.fft.rfft2(inverse(kn_hat) ** 2, workers=-1)
     )
     variance += inverse(
-        sp_fft.rfft2(padded(variance_reference), workers=-1) * sp_fft.rfft2(inverse(kr_hat) ** 2, workers=-1)
+        scipy.fft.rfft2(padded(variance_reference), workers=-1) * scipy.fft.rfft2(inverse(kr_hat) ** 2, workers=-1)
     )
     sx, sy = astrometric_sigma
     for image in (score_n, score_r):
@@ -2530,10 +2534,14 @@ def zogy_subtraction(
     # The empirical calibration: S_corr's own robust noise where it is noise, away from the
     # edges and holes (where the filter saw part of its footprint) and from every source of
     # either epoch (whose residuals are the variance model's and the network's business).
-    inner = ndimage.binary_erosion(valid, structure=np.ones((3, 3), bool), iterations=max(1, half), border_value=0)
+    inner = scipy.ndimage.binary_erosion(
+        valid, structure=np.ones((3, 3), bool), iterations=max(1, half), border_value=0
+    )
     if inner.sum() < CALIBRATION_MIN_PIXELS:  # a cutout not much larger than its PSF: all of it
         inner = valid
-    quiet = inner & ~ndimage.binary_dilation(sources, iterations=max(1, half // 3)) if sources is not None else inner
+    quiet = (
+        inner & ~scipy.ndimage.binary_dilation(sources, iterations=max(1, half // 3)) if sources is not None else inner
+    )
     # The difference's own mesh background first: two epochs' backgrounds, each estimated on
     # its own noise, differ smoothly under crowded or nebulous light or a sky ramp, and S sums
     # such an offset over the whole PSF. Clipped mesh statistics leave point sources out of
@@ -2624,7 +2632,7 @@ def fit_flux_ratio_pixels(
     valid = np.isfinite(reference) & np.isfinite(science)
     a = sp_signal.fftconvolve(np.where(valid, science, 0.0), psf_reference, mode="same")
     b = sp_signal.fftconvolve(np.where(valid, reference, 0.0), psf_science, mode="same")
-    inner = ndimage.binary_erosion(
+    inner = scipy.ndimage.binary_erosion(
         valid,
         structure=np.ones((3, 3), bool),
         iterations=max(psf_reference.shape[0], psf_science.shape[0]) // 2 + 1,
@@ -2632,11 +2640,11 @@ def fit_flux_ratio_pixels(
     )
     sa, sb = robust_sigma(a[inner]), robust_sigma(b[inner])
     top_r, top_s = np.nanmax(reference), np.nanmax(science)
-    unsaturated = ~ndimage.maximum_filter(
+    unsaturated = ~scipy.ndimage.maximum_filter(
         (reference >= top_r) | (science >= top_s), size=max(psf_science.shape[0], psf_reference.shape[0])
     ).astype(bool)
     use = inner & unsaturated & (a > PIXEL_FIT_SIGMA * sa) & (b > PIXEL_FIT_SIGMA * sb)
-    sources = int(ndimage.label(use)[1])
+    sources = int(scipy.ndimage.label(use)[1])
     if use.sum() < PIXEL_FIT_MIN_PIXELS:
         msg = (
             f"{int(use.sum())} PSF-matched pixels above {PIXEL_FIT_SIGMA:g} sigma in both epochs, need "
@@ -2754,7 +2762,7 @@ def label_maxima(
     """The maximum of `values` on each label of `index`, and where it is ((row, column), the first in raster order on
     ties).
 
-    What ``ndimage.maximum`` and ``ndimage.maximum_position`` give for labels that are present
+    What ``scipy.ndimage.maximum`` and ``scipy.ndimage.maximum_position`` give for labels that are present
     (whose pick among tied pixels follows an unstable sort), without their argsort of the
     whole frame (2-3 s each on a 4096 px frame, a dozen calls per predict): only the labelled
     pixels, a few percent of a frame, are sorted here. A label with no pixel gets -inf at
@@ -2803,7 +2811,7 @@ def significance_candidates(
         # in S_corr itself.
         data = np.nan_to_num(np.asarray(score, dtype=np.float64))
         err = np.ascontiguousarray(
-            ndimage.minimum_filter(np.asarray(score_noise, dtype=np.float64), size=DEBLEND_NOISE_WINDOW)
+            scipy.ndimage.minimum_filter(np.asarray(score_noise, dtype=np.float64), size=DEBLEND_NOISE_WINDOW)
         )
     mask = None if valid is None else np.ascontiguousarray(~np.asarray(valid, dtype=bool))
     segments = np.zeros(significance.shape, dtype=np.int32)
@@ -3255,6 +3263,8 @@ def _celestial_wcs(header, *, path: Any = "image", shape: tuple[int, int] | None
     angle, a pixel scale that is not finite, or a distortion that does not map the frame's
     pixels back onto themselves) is dropped with a warning: the frame is worked on in pixels.
     """
+    from astropy.wcs import WCS  # lazy: see the imports at the top
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -3440,6 +3450,8 @@ def _known_target(name):
 
 def _parse_coordinates(text):
     """SkyCoord from "RA DEC" in degrees or sexagesimal, or None if text is not coordinates."""
+    from astropy.coordinates import SkyCoord  # lazy: see the imports at the top
+
     parts = text.replace(",", " ").split()
     try:
         ra, dec = (float(p) for p in parts)
@@ -3463,6 +3475,8 @@ def _parse_coordinates(text):
 
 def _sesame(name, *, timeout):
     """One Sesame look-up under a socket timeout; unknown names are DataError."""
+    from astropy.coordinates import SkyCoord  # lazy: see the imports at the top
+
     from astropy.coordinates.name_resolve import NameResolveError  # lazy: with astroquery, for the real sky alone
     from astropy.utils.data import conf as data_conf  # lazy: with astroquery, for the real sky alone
 
@@ -3496,6 +3510,8 @@ def resolve_target(name_or_coords, *, cache_dir, timeout=DEFAULT_TIMEOUT):
     -------
     astropy.coordinates.SkyCoord
     """
+    from astropy.coordinates import SkyCoord  # lazy: see the imports at the top
+
     text = str(name_or_coords).strip()
     if not text or "\x00" in text:
         msg = f"empty or invalid target {name_or_coords!r}"
@@ -3633,6 +3649,8 @@ def _fetch_skyview(coord, native, scale, *, pixels, timeout, dest, workdir):
 
 def _fetch_hips(coord, native, scale, *, pixels, timeout, dest, workdir):
     """Cutout of a HiPS survey (e.g. Pan-STARRS) from CDS hips2fits."""
+    from astropy.coordinates import Angle  # lazy: see the imports at the top
+
     from astroquery.hips2fits import conf as hips_conf  # lazy: the real sky alone needs astroquery
     from astroquery.hips2fits import hips2fitsClass  # lazy: the real sky alone needs astroquery
 
@@ -3656,6 +3674,8 @@ def _fetch_hips(coord, native, scale, *, pixels, timeout, dest, workdir):
 
 def _fetch_tesscut(coord, native, scale, *, pixels, timeout, dest, workdir):
     """Median over cadences of a TESS FFI cutout, saved as a plain image with its WCS."""
+    from astropy.wcs import WCS  # lazy: see the imports at the top
+
     from astroquery.mast import TesscutClass  # lazy: the real sky alone needs astroquery
 
     # A TESScut cube holds every cadence of a sector; beyond ~50 px it runs to gigabytes.
@@ -4118,20 +4138,20 @@ def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyCo
     fwhm_sci = fwhm * rng.uniform(*sky.seeing_ratio)
     blur = math.sqrt(max(fwhm_sci**2 - fwhm**2, 0.0)) / 2.3548  # Gaussian sigma, px
     reference = tile.data + rng.normal(0, sigma, shape)
-    science = ndimage.gaussian_filter(tile.data, blur) + rng.normal(0, sigma, shape)
+    science = scipy.ndimage.gaussian_filter(tile.data, blur) + rng.normal(0, sigma, shape)
     impulse = np.zeros((2 * psf_radius(fwhm_sci) + 1,) * 2)
     impulse[impulse.shape[0] // 2, impulse.shape[1] // 2] = 1.0
-    leak = float(np.sum((ndimage.gaussian_filter(impulse, blur) - impulse) ** 2))  # tile noise left by the blur
+    leak = float(np.sum((scipy.ndimage.gaussian_filter(impulse, blur) - impulse) ** 2))  # tile noise left by the blur
     variance = np.full(shape, sigma**2 * (2.0 + leak))
     # 2. Catalogues from the pixels: stars (candidate variables) and bright extended hosts.
-    peaks = (tile.data == ndimage.maximum_filter(tile.data, size=5)) & (tile.data > bg + 10 * sigma)
+    peaks = (tile.data == scipy.ndimage.maximum_filter(tile.data, size=5)) & (tile.data > bg + 10 * sigma)
     sy, sx = (a.astype(np.float64) for a in np.nonzero(peaks & tile.valid))
     height = tile.data[sy.astype(int), sx.astype(int)] - bg
     sflux = height * 2 * math.pi * (fwhm / 2.3548) ** 2
     # Stars that may vary: well below the frame's maximum, where saturation may lie.
     can_vary = height < (float(tile.data.max()) - bg) / 4
-    smooth = ndimage.gaussian_filter(tile.data, 3.0)
-    hy, hx = np.nonzero((smooth == ndimage.maximum_filter(smooth, size=9)) & (smooth > bg + 5 * sigma / 3.0))
+    smooth = scipy.ndimage.gaussian_filter(tile.data, 3.0)
+    hy, hx = np.nonzero((smooth == scipy.ndimage.maximum_filter(smooth, size=9)) & (smooth > bg + 5 * sigma / 3.0))
     hosts = [dict(x=float(x), y=float(y), half_light_radius=3.0) for x, y in zip(hx, hy)]
     area = shape[0] * shape[1] / 64.0**2
     counts = _draw_anomaly_counts(rng, sky, area)
@@ -4154,7 +4174,7 @@ def real_tile_pair(rng: np.random.Generator, tile: Tile, fwhm: float, sky: SkyCo
     )
     truth += _add_detector_bogus(rng, science=science, reference=reference, variance=variance, sky=sky, area=area)
     # The blur leaves rings around real bright stars: list them as bogus, as the simulator does.
-    residual = ndimage.gaussian_filter(tile.data, blur) - tile.data
+    residual = scipy.ndimage.gaussian_filter(tile.data, blur) - tile.data
     truth += _static_residuals(
         residual,
         variance=variance,
@@ -4552,21 +4572,21 @@ def find_components(
             raise ValueError(msg)
         mask &= valid
     # 8-connectivity: a faint diagonal trail must stay one object, not break into pixels.
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, n = scipy.ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return []
     index = np.arange(1, n + 1)
     weights = np.where(mask, score_map, 0.0)
-    centroids = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=float)
-    peaks = ndimage.maximum(weights, labels, index)
+    centroids = np.asarray(scipy.ndimage.center_of_mass(weights, labels, index), dtype=float)
+    peaks = scipy.ndimage.maximum(weights, labels, index)
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     components = [
         {"x": float(c[1]), "y": float(c[0]), "peak": float(p), "area_px": int(a)}
         for c, p, a in zip(centroids, peaks, areas)
     ]
     if significance is not None:
-        near = ndimage.maximum_filter(np.abs(np.nan_to_num(significance)), size=3)
-        for component, value in zip(components, ndimage.maximum(near, labels, index)):
+        near = scipy.ndimage.maximum_filter(np.abs(np.nan_to_num(significance)), size=3)
+        for component, value in zip(components, scipy.ndimage.maximum(near, labels, index)):
             component["significance"] = float(value)
     return components
 
@@ -5835,12 +5855,12 @@ def detect_changes(
     else:
         candidates, segments = significance_candidates(significance, gate=gate, valid=valid)
         every = candidates
-    near = ndimage.maximum_filter(np.nan_to_num(np.asarray(prob, dtype=np.float64)), size=5)
+    near = scipy.ndimage.maximum_filter(np.nan_to_num(np.asarray(prob, dtype=np.float64)), size=5)
     scores = label_maxima(near, segments, [c["segment"] for c in candidates])[0]
-    components, _ = ndimage.label(np.asarray(prob) >= threshold, structure=np.ones((3, 3), dtype=bool))
+    components, _ = scipy.ndimage.label(np.asarray(prob) >= threshold, structure=np.ones((3, 3), dtype=bool))
     sizes = np.bincount(components.ravel())
     kept = []
-    boxes = ndimage.find_objects(segments)
+    boxes = scipy.ndimage.find_objects(segments)
     for candidate, score in zip(candidates, scores):
         if score < threshold:
             continue
@@ -5849,7 +5869,7 @@ def detect_changes(
         rows, cols = boxes[candidate["segment"] - 1]
         box = (slice(max(rows.start - 2, 0), rows.stop + 2), slice(max(cols.start - 2, 0), cols.stop + 2))
         own = segments[box] == candidate["segment"]
-        under = np.unique(components[box][ndimage.binary_dilation(own, iterations=2)])
+        under = np.unique(components[box][scipy.ndimage.binary_dilation(own, iterations=2)])
         under = under[under > 0]
         area = int(sizes[under].sum()) if under.size else int(own.sum())
         kept.append((candidate, float(score), area, set(under.tolist())))
@@ -5872,7 +5892,7 @@ def detect_changes(
         peaks[
             min(max(int(round(c["y"])), 0), peaks.shape[0] - 1), min(max(int(round(c["x"])), 0), peaks.shape[1] - 1)
         ] = True
-    held = set(np.unique(components[ndimage.binary_dilation(peaks, iterations=2)]).tolist()) if every else set()
+    held = set(np.unique(components[scipy.ndimage.binary_dilation(peaks, iterations=2)]).tolist()) if every else set()
     sig = np.nan_to_num(
         np.asarray(subtraction.significance if subtraction is not None else significance, dtype=np.float64)
     )
@@ -5881,7 +5901,7 @@ def detect_changes(
     if free:
         best, where = label_maxima(magnitude, components, free)
         peaks = label_maxima(near, components, free)[0]
-        local_max = magnitude == ndimage.maximum_filter(magnitude, size=5)
+        local_max = magnitude == scipy.ndimage.maximum_filter(magnitude, size=5)
         for label, value, (py, px), score in zip(free, np.atleast_1d(best), where, np.atleast_1d(peaks)):
             if value >= gate and local_max[py, px]:  # a peak of its own, not the flank of a neighbour's
                 sign = 1 if sig[py, px] > 0 else -1
@@ -6338,9 +6358,9 @@ def null_pairs(
     for seeing in seeing_ratios:
         blur = math.sqrt(seeing**2 - 1.0) * fwhm / 2.3548  # Gaussian sigma that widens the FWHM by `seeing`
         reference = frame + rng.normal(0.0, sigma, frame.shape)
-        science = ndimage.gaussian_filter(np.nan_to_num(frame, nan=float(np.nanmedian(frame))), blur) + rng.normal(
-            0.0, sigma, frame.shape
-        )
+        science = scipy.ndimage.gaussian_filter(
+            np.nan_to_num(frame, nan=float(np.nanmedian(frame))), blur
+        ) + rng.normal(0.0, sigma, frame.shape)
         science[~np.isfinite(frame)] = np.nan
         pairs.append((dict(kind="seeing", seeing_ratio=float(seeing)), reference, science))
     h, w = frame.shape
@@ -6352,13 +6372,15 @@ def null_pairs(
         pairs.append((dict(kind="gradient", gradient_sigma=float(gradient)), reference, science))
     for shift in shifts:
         filled = np.nan_to_num(frame, nan=float(np.nanmedian(frame)))
-        science = ndimage.shift(filled, (shift, shift), order=3, mode="nearest") + rng.normal(0.0, sigma, frame.shape)
+        science = scipy.ndimage.shift(filled, (shift, shift), order=3, mode="nearest") + rng.normal(
+            0.0, sigma, frame.shape
+        )
         science[~np.isfinite(frame)] = np.nan
         pairs.append((dict(kind="shift", shift_px=float(shift)), frame + rng.normal(0.0, sigma, frame.shape), science))
     if correlated:
 
         def smooth_noise() -> np.ndarray:
-            noise = ndimage.gaussian_filter(rng.normal(0.0, 1.0, frame.shape), NULL_CORRELATION)
+            noise = scipy.ndimage.gaussian_filter(rng.normal(0.0, 1.0, frame.shape), NULL_CORRELATION)
             return noise * (sigma / float(np.std(noise)))
 
         pairs.append(
@@ -8904,12 +8926,12 @@ def _real_pixel_pair(
     reference = clean + noise_reference
     seeing = float(rng.uniform(*REAL_PIXEL_SEEING))
     science = (
-        ndimage.gaussian_filter(clean, math.sqrt(max(seeing**2 - 1.0, 0.0)) * fwhm / 2.3548)
+        scipy.ndimage.gaussian_filter(clean, math.sqrt(max(seeing**2 - 1.0, 0.0)) * fwhm / 2.3548)
         if seeing > 1.0
         else clean.copy()
     )
     shift = rng.uniform(-REAL_PIXEL_SHIFT, REAL_PIXEL_SHIFT, 2)
-    science = ndimage.shift(science, shift[::-1], order=3, mode="nearest") + noise_science
+    science = scipy.ndimage.shift(science, shift[::-1], order=3, mode="nearest") + noise_science
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[:h, :w]
     ramp = (np.cos(angle) * (xx - w / 2) + np.sin(angle) * (yy - h / 2)) / max(
@@ -8927,7 +8949,7 @@ def _real_pixel_pair(
             correlate_psf(render_points((31, 31), np.array([15.0]), np.array([15.0]), np.array([1.0]), psf), psf.stamp)
         )
     )
-    smooth = ndimage.median_filter(clean, size=9)
+    smooth = scipy.ndimage.median_filter(clean, size=9)
     margin = REAL_PIXEL_SEPARATION
     truth: list[Truth] = []
     for _ in range(200 * sources):
@@ -9232,6 +9254,8 @@ def add_evaluate_arguments(commands: Any) -> None:
 
 def sky_frame(wcs: Any) -> str | None:
     """The celestial frame a WCS is written in ('icrs', 'fk5', 'galactic', ...), or None without a usable one."""
+    from astropy.wcs.utils import wcs_to_celestial_frame  # lazy: see the imports at the top
+
     if wcs is None:
         return None
     try:
@@ -9259,7 +9283,7 @@ def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, fl
     """
     sub = found.pair.subtraction
     unit = sub.flux_zeropoint**2 * float(np.sum(sub.psf**2))
-    near = ndimage.maximum_filter(found.prob, size=5)
+    near = scipy.ndimage.maximum_filter(found.prob, size=5)
     h, w = sub.score.shape
     rows = []
     for x, y in positions:
@@ -9268,8 +9292,8 @@ def forced_photometry(found: PairDetections, positions: Sequence[tuple[float, fl
             rows.append(dict(x=x, y=y, flux=None, flux_error=None, significance=None, score=None))
             continue
         at = np.array([[y], [x]])
-        score = float(ndimage.map_coordinates(sub.score, at, order=1)[0])
-        noise = float(ndimage.map_coordinates(sub.score_noise, at, order=1)[0])
+        score = float(scipy.ndimage.map_coordinates(sub.score, at, order=1)[0])
+        noise = float(scipy.ndimage.map_coordinates(sub.score_noise, at, order=1)[0])
         rows.append(
             dict(
                 x=x,
@@ -9290,6 +9314,8 @@ FORCED_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_error", "significance", "
 def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, float, float | None, float | None]]:
     """Positions for forced photometry from a CSV with columns x, y (0-based pixels) or ra, dec (degrees, ICRS, through
     the science WCS)."""
+    from astropy.coordinates import SkyCoord  # lazy: see the imports at the top
+
     path = Path(path)
     try:
         rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
@@ -9507,6 +9533,8 @@ def write_forced_csv(path: Path, rows: Sequence[dict], *, staged: list | None = 
 def detection_table(rows: Sequence[dict], *, record: dict):
     """The detections as an astropy Table with units; `record` (how the pair was scaled, the model, the inputs) is its
     metadata."""
+    from astropy.table import MaskedColumn, Table  # lazy: see the imports at the top
+
     table = Table(meta=dict(record))
     table["x"] = np.array([r["x"] for r in rows], dtype=np.float64) * u.pix
     table["y"] = np.array([r["y"] for r in rows], dtype=np.float64) * u.pix

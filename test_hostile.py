@@ -36,6 +36,7 @@ import pytest
 import torch
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs import WCS
 
 import standalone_training as st
 from conftest import cli_env
@@ -187,7 +188,7 @@ def paths(root) -> Iterator[dict[str, str]]:
     (root / "pairs_big.csv").write_text("science,reference,name\n" + f"sci.fits,ref.fits,{'x' * 200_000}\n")
     p["pairs_big"] = str(root / "pairs_big.csv")
     # Forced photometry at both transients (by RA/Dec through the WCS) and at a blank place (by pixel).
-    wcs = st.WCS(header())
+    wcs = WCS(header())
     sky_positions = [st.pixel_to_icrs(wcs, x, y) for x, y, _ in TRANSIENTS]
     (root / "positions_sky.csv").write_text("ra,dec\n" + "".join(f"{ra:.8f},{dec:.8f}\n" for ra, dec in sky_positions))
     p["positions_sky"] = str(root / "positions_sky.csv")
@@ -302,7 +303,7 @@ def test_any_celestial_frame_gives_icrs_coordinates_and_a_broken_wcs_gives_pixel
     record = json.loads((galactic / "detections.json").read_text())
     assert record["celestial_frame"] == "galactic" and "ICRS" in record["coordinates"]
     table = Table.read(galactic / "detections.ecsv")
-    centre = st.pixel_to_icrs(st.WCS(header(frame="galactic")), float(table["x"][0]), float(table["y"][0]))
+    centre = st.pixel_to_icrs(WCS(header(frame="galactic")), float(table["x"][0]), float(table["y"][0]))
     assert float(table["ra"][0]) == pytest.approx(centre[0], abs=1e-6) and float(table["dec"][0]) == pytest.approx(centre[1], abs=1e-6)
     assert "\nicrs\n" in (galactic / "detections.reg").read_text()
     for case in ("wild-crval", "wild-sip"):

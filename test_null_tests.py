@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from astropy.io import fits
+from scipy import ndimage
 
 import standalone_training as st
 from conftest import cli_env
@@ -212,7 +213,7 @@ def test_variable_stars_do_not_move_the_fitted_ratio(frames):
     sigma = st.robust_background(frame)[1]
     reference = frame + rng.normal(0, sigma, frame.shape)
     science = 2.0 * (frame + rng.normal(0, sigma, frame.shape))
-    peaks = np.argwhere((frame == st.ndimage.maximum_filter(frame, 11)) & (frame > np.median(frame) + 30 * sigma))
+    peaks = np.argwhere((frame == ndimage.maximum_filter(frame, 11)) & (frame > np.median(frame) + 30 * sigma))
     varied = peaks[::5]  # one bright star in five brightens by about its own flux
     height = frame[varied[:, 0], varied[:, 1]] - np.median(frame)
     fwhm = st.measure_psf_fwhm(frame).fwhm
@@ -277,7 +278,7 @@ def test_significance_is_in_units_of_its_own_noise_even_when_pixels_are_correlat
     rng = np.random.default_rng(7)
     noise = rng.normal(0, 1, (2, 256, 256))
     if correlation:
-        noise = st.ndimage.gaussian_filter(noise, (0, correlation, correlation))
+        noise = ndimage.gaussian_filter(noise, (0, correlation, correlation))
     reference, science = 50.0 + noise
     significance = st.subtract_pair(reference, science, flux_ratio=1.0, seeing=(2.5, 2.5)).subtraction.significance
     assert st.robust_sigma(significance[16:-16, 16:-16]) == pytest.approx(1.0, rel=0.05)
@@ -379,9 +380,9 @@ def test_the_widened_sky_ramps_one_epoch_and_puts_bright_hosts_under_a_dark_sky(
     assert all(0.5 <= s_["gradient"]["sigma"] <= 20.0 for s_ in styles) and {s_["gradient"]["epoch"] for s_ in styles} == {"reference", "science"}
     # In a sample, the ramp is in one epoch: the smoothed difference of the epochs is a plane.
     sample = st.simulate_sky(np.random.default_rng(5), image_size=64, sky=st.SkyConfig(gradient_fraction=1.0, empty_fraction=1.0))
-    smooth = st.ndimage.median_filter(sample.science.astype(np.float64) - sample.reference, size=9)
+    smooth = ndimage.median_filter(sample.science.astype(np.float64) - sample.reference, size=9)
     plain = st.simulate_sky(np.random.default_rng(5), image_size=64, sky=st.SkyConfig(empty_fraction=1.0))
-    flat = st.ndimage.median_filter(plain.science.astype(np.float64) - plain.reference, size=9)
+    flat = ndimage.median_filter(plain.science.astype(np.float64) - plain.reference, size=9)
     assert np.ptp(smooth[8:-8, 8:-8]) > 2 * np.ptp(flat[8:-8, 8:-8])
     hosted = st.SkyConfig(bright_host_fraction=1.0)
     ds = st.SyntheticAstronomicalDataset(12, image_size=64, sky=hosted, seed=8)
@@ -438,7 +439,7 @@ def test_a_blurred_science_epoch_is_measured_and_matched(frames):
     frame = frames[0].data
     fwhm = st.measure_psf_fwhm(frame).fwhm
     blur = np.sqrt(1.5**2 - 1.0) * fwhm / 2.3548
-    science = st.ndimage.gaussian_filter(frame, blur)
+    science = ndimage.gaussian_filter(frame, blur)
     psf_reference, psf_science = st.measure_seeing(frame, science)
     assert psf_science.fwhm / psf_reference.fwhm == pytest.approx(1.5, rel=0.1)
     blur_reference, blur_science = st.matching_blur(psf_reference.fwhm, psf_science.fwhm)
