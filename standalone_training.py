@@ -10141,9 +10141,9 @@ def run_pairs(
     remove_stale_temporaries(out, of=combined_name)
     predictor = load_predictor(checkpoint=checkpoint, threshold=threshold, device=device)
     summary = dict(done=[], skipped=[], failed=[])
-    combined = []
     # SIGTERM (a batch system's time limit) ends the run as Ctrl-C does: the pair in hand is
     # abandoned whole (its files are written as one set), the done ones are combined.
+    in_hand = None  # (name, directory, key) of the pair being predicted
     previous = (
         signal.signal(signal.SIGTERM, _raise_interrupt)
         if threading.current_thread() is threading.main_thread()
@@ -10165,6 +10165,7 @@ def run_pairs(
                     flux_ratio=ratio,
                     seeing=pair["seeing"],
                 )
+                in_hand = (name, pair_dir, key)
                 complete = prediction_complete(pair_dir)
                 stale = stale_prediction(pair_dir, key) if complete else None
                 if complete and not overwrite and stale is None:
@@ -10186,17 +10187,29 @@ def run_pairs(
                         made_with=key,
                     )
                     summary["done"].append(name)
-                combined += [
-                    dict(pair=name, directory=pair_dir.name, **row) for row in _read_rows(pair_dir / "detections.csv")
-                ]
+                in_hand = None
             except (AstridError, OSError) as exc:
+                in_hand = None
                 summary["failed"].append(name)
                 print(f"FAILED  {name}: {_one_line(exc)}", file=sys.stderr)
     except KeyboardInterrupt:
         interrupted = "interrupted"
+        # A signal after the pair's last file but before it was counted: its set is whole, so it is finished.
+        if in_hand is not None:
+            name, pair_dir, key = in_hand
+            counted = name in summary["done"] or name in summary["skipped"]
+            if not counted and prediction_complete(pair_dir) and stale_prediction(pair_dir, key) is None:
+                summary["done"].append(name)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    finished = set(summary["done"]) | set(summary["skipped"])
+    combined = [
+        dict(pair=pair["name"], directory=path_inside(out, pair["name"]).name, **row)
+        for pair in todo
+        if pair["name"] in finished
+        for row in _read_rows(path_inside(out, pair["name"]) / "detections.csv")
+    ]
     write_csv(out / combined_name, ("pair", "directory") + DETECTION_COLUMNS, combined)
     counts = {k: len(v) for k, v in summary.items()}
     print(

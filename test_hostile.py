@@ -407,6 +407,29 @@ def test_sigterm_ends_a_pairs_run_with_its_catalogue_and_no_temporaries(root, pa
     assert not list(out.rglob("*.tmp"))
 
 
+def test_a_signal_just_after_a_pair_is_written_still_counts_that_pair(root, paths, monkeypatch):
+    """A signal that lands between a pair's last file and its count (what the SIGTERM test above can
+    hit by chance) leaves a whole set on disk: the pair is finished, and the combined catalogue holds it."""
+    listing = root / "window.csv"
+    listing.write_text("science,reference,name\n" + "".join(f"sci.fits,ref.fits,w{k}\n" for k in range(3)))
+    predict_pair = st.predict_pair
+
+    def then_a_signal(*args, **kwargs):
+        predict_pair(*args, **kwargs)
+        raise KeyboardInterrupt  # what run_pairs' SIGTERM handler raises, here just after the set is written
+
+    monkeypatch.setattr(st, "predict_pair", then_a_signal)
+    out = root / "window"
+    with pytest.raises(st.TrainingInterrupted, match="holds the 1 finished"):
+        st.run_pairs(pairs=str(listing), output_dir=str(out), checkpoint=None, threshold=None, device="cpu",
+                     max_pixels=st.DEFAULT_MAX_PIXELS)
+    done = [d for d in out.iterdir() if d.is_dir() and st.prediction_complete(d)]
+    own = (done[0] / "detections.csv").read_text().splitlines()[1:] if len(done) == 1 else []
+    combined = (out / "detections.csv").read_text().splitlines()[1:]
+    assert len(done) == 1 and own and [row.split(",", 2)[2] for row in combined] == own
+    assert all(row.startswith(f"w0,{done[0].name},") for row in combined)
+
+
 @pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_stops_the_run_as_killed(root):
     import mlflow
