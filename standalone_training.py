@@ -635,8 +635,7 @@ class TrainConfig:
             if expected and (isinstance(value, bool) or not isinstance(value, expected) or not math.isfinite(value)):
                 msg = (
                     f"{field.name.replace('_', '-')} must be a finite "
-                    f"{'integer' if expected is int else 'number'}, "
-                    f"got {value!r}"
+                    f"{'integer' if expected is int else 'number'}, got {value!r}"
                 )
                 raise ConfigError(msg)
         check_seed(self.seed)
@@ -646,8 +645,8 @@ class TrainConfig:
                 raise ConfigError(msg)
         if self.bce_weight + self.dice_weight <= 0:
             msg = (
-                f"bce-weight + dice-weight must be > 0 (the loss would be constant), got {self.bce_weight} and "
-                f"{self.dice_weight}"
+                "bce-weight + dice-weight must be > 0 (the loss would be "
+                f"constant), got {self.bce_weight} and {self.dice_weight}"
             )
             raise ConfigError(msg)
         if self.grad_clip <= 0:
@@ -2281,8 +2280,7 @@ def register_pair(
     if reference.shape != science.shape:
         msg = (
             f"reference {reference.shape[1]}x{reference.shape[0]} and science {science.shape[1]}x{science.shape[0]} "
-            "px differ in shape, "
-            "and without a celestial WCS in both they cannot be put on one grid"
+            "px differ in shape, and without a celestial WCS in both they cannot be put on one grid"
         )
         raise DataError(msg)
     (bg_r, rms_r), (bg_s, rms_s) = backgrounds or (background_map(reference), background_map(science))
@@ -2307,10 +2305,9 @@ def register_pair(
         # the headers do not describe the pixels (a rotation, a scale, a position), or the
         # frames are of different fields. Differencing them would report every star.
         msg = (
-            f"the epochs cannot be registered: after their WCSs, {n_stars} of {min(len(stars_r), len(stars_s))} stars "
-            "coincide "
-            f"(within {STAR_MATCH_RADIUS:g} px); the WCSs do not describe the pixels, or the frames are of different "
-            "fields"
+            f"the epochs cannot be registered: after their WCSs, {n_stars} of "
+            f"{min(len(stars_r), len(stars_s))} stars coincide (within {STAR_MATCH_RADIUS:g} "
+            "px); the WCSs do not describe the pixels, or the frames are of different fields"
         )
         raise DataError(msg)
     star_method = "stars" if n_stars else "cross-correlation"
@@ -2647,8 +2644,8 @@ def fit_flux_ratio_pixels(
     sources = int(scipy.ndimage.label(use)[1])
     if use.sum() < PIXEL_FIT_MIN_PIXELS:
         msg = (
-            f"{int(use.sum())} PSF-matched pixels above {PIXEL_FIT_SIGMA:g} sigma in both epochs, need "
-            f"{PIXEL_FIT_MIN_PIXELS}"
+            f"{int(use.sum())} PSF-matched pixels above {PIXEL_FIT_SIGMA:g} "
+            f"sigma in both epochs, need {PIXEL_FIT_MIN_PIXELS}"
         )
         raise DataError(msg)
     x, y = b[use], a[use]
@@ -2718,10 +2715,9 @@ def pair_flux_ratio(
         )
     except DataError as exc:
         msg = (
-            f"cannot find the flux ratio of the epochs: no zero points in both headers ({', '.join(ZEROPOINT_KEYS)} "
-            "or FLUXMAG0); "
-            f"star fit: {stars}; pixel fit: {_one_line(exc)}; give --flux-ratio (1 if the epochs share one "
-            "photometric scale)"
+            "cannot find the flux ratio of the epochs: no zero points in both headers "
+            f"({', '.join(ZEROPOINT_KEYS)} or FLUXMAG0); star fit: {stars}; pixel fit: "
+            f"{_one_line(exc)}; give --flux-ratio (1 if the epochs share one photometric scale)"
         )
         raise DataError(msg) from None
     return dict(
@@ -2994,9 +2990,8 @@ def subtract_pair(
     for name, image in (("reference", reference), ("science", science)):
         if not np.isfinite(image).any():
             msg = (
-                f"the {name} epoch has no usable pixel: every one is non-finite, beyond +-{PHYSICAL_LIMIT:g}, "
-                "or in "
-                "a footprint of exact zeros"
+                f"the {name} epoch has no usable pixel: every one is non-finite, "
+                f"beyond +-{PHYSICAL_LIMIT:g}, or in a footprint of exact zeros"
             )
             raise DataError(msg)
     warnings_ = []
@@ -3194,8 +3189,8 @@ def _check_declared_size(path, hdu, *, max_pixels):
     size = f"{shape[-1]}x{shape[-2]}" if len(shape) >= 2 else f"{pixels}"
     if max_pixels is not None and pixels > max_pixels:
         msg = (
-            f"{path}: {size} px exceeds the pixel budget of {max_pixels} (raise --max-pixels if this machine has "
-            "the memory)"
+            f"{path}: {size} px exceeds the pixel budget of {max_pixels} "
+            "(raise --max-pixels if this machine has the memory)"
         )
         raise DataError(msg)
     length = _stream_length(path)
@@ -3205,9 +3200,8 @@ def _check_declared_size(path, hdu, *, max_pixels):
         available = length - hdu.fileinfo()["datLoc"]
         if declared > available:
             msg = (
-                f"{path}: FITS file is truncated (its header declares {size} px, {declared} bytes; the file "
-                "holds "
-                f"{max(available, 0)})"
+                f"{path}: FITS file is truncated (its header declares {size} "
+                f"px, {declared} bytes; the file holds {max(available, 0)})"
             )
             raise DataError(msg)
 
@@ -4435,8 +4429,7 @@ def check_memory(parts: dict[str, int], *, device: torch.device | None = None) -
             detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
             msg = (
                 f"this configuration needs about {need / 2**30:.1f} GiB of {what} ({detail} GiB) but "
-                f"{available / 2**30:.1f} GiB "
-                "is available: lower --width, --batch-size, --image-size or --samples"
+                f"{available / 2**30:.1f} GiB is available: lower --width, --batch-size, --image-size or --samples"
             )
             raise AstridError(msg)
 
@@ -5259,9 +5252,8 @@ def claim_output_dir(directory: Path, *, kind: str, overwrite: bool, remove: Seq
         hint = ", continue it with --resume DIR/last.pt," if kind == "training run" else ""
         article = "an" if kind[0] in "aeiou" else "a"
         msg = (
-            f"{directory} already holds {article} {kind} ({', '.join(found)}): choose another "
-            f"--output-dir{hint} or "
-            "pass --overwrite to replace it"
+            f"{directory} already holds {article} {kind} ({', '.join(found)}): "
+            f"choose another --output-dir{hint} or pass --overwrite to replace it"
         )
         raise AstridError(msg)
     if found:
@@ -5436,9 +5428,8 @@ def _check_checkpoint_size(path: Path) -> None:
         return
     if total > MAX_CHECKPOINT_BYTES:
         msg = (
-            f"cannot load checkpoint {path}: it unpacks to {total / 2**30:.1f} GiB, more than any AstrID "
-            "checkpoint "
-            f"({MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)"
+            f"cannot load checkpoint {path}: it unpacks to {total / 2**30:.1f} GiB, "
+            f"more than any AstrID checkpoint ({MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)"
         )
         raise AstridError(msg)
 
@@ -5456,9 +5447,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError:
         # torch's own text suggests weights_only=False, exactly what must not be done here.
         msg = (
-            f"cannot load checkpoint {path}: not a safe AstrID checkpoint (it holds objects other than tensors "
-            "and "
-            "plain data; refused by weights_only=True)"
+            f"cannot load checkpoint {path}: not a safe AstrID checkpoint (it holds "
+            "objects other than tensors and plain data; refused by weights_only=True)"
         )
         raise AstridError(msg) from None
     except Exception as exc:
@@ -5499,9 +5489,8 @@ def check_model_sanity(model: StandaloneUNet, *, path: str | os.PathLike = "chec
     largest = float(logits.abs().max()) if bool(torch.isfinite(logits).all()) else math.inf
     if not largest < SANE_LOGIT:
         msg = (
-            f"{path}: its weights are finite but broken (logits reach {largest:.3g} on a reference input; a "
-            "trained "
-            f"model stays below {SANE_LOGIT:g})"
+            f"{path}: its weights are finite but broken (logits reach {largest:.3g} "
+            f"on a reference input; a trained model stays below {SANE_LOGIT:g})"
         )
         raise AstridError(msg)
 
@@ -7067,9 +7056,8 @@ def evaluate_model(
         "the PSF: detect_changes without the network",
         "types": summarise_types(types),
         "types_typer": (
-            "the type head: the most probable p_<type> over each change's footprint, a variable star where the rule "
-            "finds a point "
-            "source of the reference centred on the change (unless the head sees a trail)"
+            "the type head: the most probable p_<type> over each change's footprint, a variable star where the "
+            "rule finds a point source of the reference centred on the change (unless the head sees a trail)"
         )
         if type_probs is not None
         else TYPE_RULE,
@@ -7231,9 +7219,8 @@ def check_threads(threads: int) -> None:
     cores = usable_cores()
     if threads > cores:
         msg = (
-            f"--threads {threads} exceeds the {cores} CPU cores this process may use; oversubscribed threads "
-            "slow "
-            f"training down: use at most {cores}, or 0 for one per core"
+            f"--threads {threads} exceeds the {cores} CPU cores this process may use; "
+            f"oversubscribed threads slow training down: use at most {cores}, or 0 for one per core"
         )
         raise ConfigError(msg)
 
@@ -7250,9 +7237,8 @@ def check_country(code: str) -> None:
         return  # another CodeCarbon layout: it judges the code itself
     if code not in known:
         msg = (
-            f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity (e.g. USA, FRA, "
-            "DEU, "
-            "IND); CodeCarbon would fall back to the world average"
+            f"--country {code!r} is not an ISO 3166 alpha-3 code with a known carbon intensity "
+            "(e.g. USA, FRA, DEU, IND); CodeCarbon would fall back to the world average"
         )
         raise ConfigError(msg)
 
@@ -8194,10 +8180,9 @@ class StandaloneTrainer:
         if self._signal is not None:
             name = signal.Signals(self._signal).name
             msg = (
-                f"interrupted by {name} before {stage}; training had finished and best.pt and last.pt are saved in "
-                f"{self.output_dir}. "
-                "Evaluate the model with: python standalone_training.py evaluate --checkpoint "
-                f"{self.output_dir / 'best.pt'}"
+                f"interrupted by {name} before {stage}; training had finished and best.pt and "
+                f"last.pt are saved in {self.output_dir}. Evaluate the model with: python "
+                f"standalone_training.py evaluate --checkpoint {self.output_dir / 'best.pt'}"
             )
             raise TrainingInterrupted(msg)
 
@@ -8325,16 +8310,14 @@ class StandaloneTrainer:
         ]
         if missing:
             msg = (
-                f"{path} cannot be resumed: it holds no {', '.join(missing)} (exported weights are for evaluate "
-                "and "
-                "predict)"
+                f"{path} cannot be resumed: it holds no {', '.join(missing)} "
+                "(exported weights are for evaluate and predict)"
             )
             raise AstridError(msg)
         if resume.get("kind") == "best" or Path(path).name == "best.pt":
             msg = (
-                f"{path} holds the best epoch's weights, for evaluate and predict; resume from last.pt beside "
-                "it, "
-                "the run's latest state"
+                f"{path} holds the best epoch's weights, for evaluate and "
+                "predict; resume from last.pt beside it, the run's latest state"
             )
             raise AstridError(msg)
         epoch, step, history = resume["epoch"], resume["step"], resume["history"]
@@ -8523,9 +8506,8 @@ class StandaloneTrainer:
                     save_checkpoint(path, self._checkpoint(epoch=epoch, step=steps, loss_sum=loss_sum))
                 name = signal.Signals(self._signal).name
                 msg = (
-                    f"interrupted by {name} at epoch {epoch + 1}, step {steps}; last.pt saved. Resume with: "
-                    "python "
-                    f"standalone_training.py train --resume {path}"
+                    f"interrupted by {name} at epoch {epoch + 1}, step {steps}; last.pt "
+                    f"saved. Resume with: python standalone_training.py train --resume {path}"
                 )
                 raise TrainingInterrupted(msg)
             train_loss = self._global_mean(loss_sum, steps)
@@ -8548,8 +8530,8 @@ class StandaloneTrainer:
             improved = self.stopper.step(float("nan") if monitored is None else float(monitored), epoch + 1)
             if dist.is_main:
                 log.info(
-                    "epoch %3d/%d  train_loss %.4f  val_loss %.4f  AP %s  F1 %.3f  MCC %.3f  lr %.2e  %.1fs  %.0f "
-                    "samples/s%s",
+                    "epoch %3d/%d  train_loss %.4f  val_loss %.4f  AP %s "
+                    " F1 %.3f  MCC %.3f  lr %.2e  %.1fs  %.0f samples/s%s",
                     epoch + 1,
                     cfg.epochs,
                     train_loss,
@@ -8589,8 +8571,7 @@ class StandaloneTrainer:
                 write_json(out / "history.json", self.history)
             msg = (
                 f"training diverged: {self.stopper.stop_reason or 'no finite ' + cfg.monitor}, with no finite "
-                f"{cfg.monitor} "
-                f"before it, so no best.pt was saved; lower --lr (history.json and last.pt are in {out})"
+                f"{cfg.monitor} before it, so no best.pt was saved; lower --lr (history.json and last.pt are in {out})"
             )
             raise TrainingDiverged(msg)
         model = self._bare_model()
@@ -8791,8 +8772,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     a("--country", help="ISO alpha-3 code for CodeCarbon's carbon intensity")
     a(
         "--data",
-        help="synthetic | mast | fits | mix (real tiles from --fits-dir, else the MAST/SkyView cache, mixed with "
-        "synthetic ones)",
+        help="synthetic | mast | fits | mix (real tiles from --fits-dir, "
+        "else the MAST/SkyView cache, mixed with synthetic ones)",
     )
     a("--real-fraction", type=float, help="--data mix: share of real samples")
     a("--fits-dir", help="--data fits: a directory of your own FITS frames")
@@ -9188,14 +9169,13 @@ def run_evaluation(
         for frame in result["null"]["frames"]:
             print(
                 f"null test, {frame['frame']}: {frame['identical_detections']} detections on the identical pair; "
-                f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, flux-ratio "
-                f"pairs <= {_fmt(frame['flux_per_megapixel_max'])}, "
-                f"seeing pairs <= {_fmt(frame['seeing_per_megapixel_max'])}, gradient pairs <= "
-                f"{_fmt(frame['gradient_per_megapixel_max'])}, "
-                f"shifted pairs <= {_fmt(frame['shift_per_megapixel_max'])}, correlated-noise pairs <= "
-                f"{_fmt(frame['correlated_per_megapixel_max'])}; {frame['refused']} refused; "
-                f"SExtractor on the same differences: <= {_fmt(frame.get('sextractor_per_megapixel_max'))} per "
-                "megapixel"
+                f"false detections per megapixel: noise pairs <= {_fmt(frame['noise_per_megapixel_max'])}, "
+                f"flux-ratio pairs <= {_fmt(frame['flux_per_megapixel_max'])}, seeing pairs <= "
+                f"{_fmt(frame['seeing_per_megapixel_max'])}, gradient pairs <= "
+                f"{_fmt(frame['gradient_per_megapixel_max'])}, shifted pairs <= "
+                f"{_fmt(frame['shift_per_megapixel_max'])}, correlated-noise pairs <= "
+                f"{_fmt(frame['correlated_per_megapixel_max'])}; {frame['refused']} refused; SExtractor on the "
+                f"same differences: <= {_fmt(frame.get('sextractor_per_megapixel_max'))} per megapixel"
             )
     print(f"evaluation: {out / 'evaluation.json'}")
     return result
@@ -9335,9 +9315,8 @@ def read_positions(path: str | os.PathLike, *, wcs: Any) -> list[tuple[float, fl
             elif {"ra", "dec"} <= columns:
                 if wcs is None:
                     msg = (
-                        f"--positions {path} gives ra, dec, but the science image has no usable celestial WCS: "
-                        "give "
-                        "x, y"
+                        f"--positions {path} gives ra, dec, but the science "
+                        "image has no usable celestial WCS: give x, y"
                     )
                     raise DataError(msg)
                 ra, dec = float(row["ra"]), float(row["dec"])
@@ -9555,10 +9534,8 @@ def detection_table(rows: Sequence[dict], *, record: dict):
         table[name] = MaskedColumn(values, mask=np.isnan(values), unit=unit)
     table["type"].description = (
         "what changed: transient, variable_star, supernova or asteroid; the most probable p_<type> where the model "
-        "has a type "
-        "head (a variable star where a point source of the reference is centred on the change, unless the head sees a "
-        "trail), "
-        "else from the pair's cues (blank sky, a reference star, an extended source, a trail)"
+        "has a type head (a variable star where a point source of the reference is centred on the change, unless the "
+        "head sees a trail), else from the pair's cues (blank sky, a reference star, an extended source, a trail)"
     )
     table["p_real"].description = "the network's probability that the change is real, not bogus (the score)"
     for kind in ANOMALY_TYPES:
@@ -9765,8 +9742,8 @@ def parse_seeing(text: str | None, *, where: str) -> tuple[float, float] | None:
         values = []
     if len(values) not in (1, 2) or not all(math.isfinite(v) and MIN_SEEING_PX <= v <= MAX_SEEING_PX for v in values):
         msg = (
-            f"{where}: seeing {text!r} must be one or two FWHMs in px, each within [{MIN_SEEING_PX:g}, "
-            f"{MAX_SEEING_PX:g}]"
+            f"{where}: seeing {text!r} must be one or two FWHMs in "
+            f"px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}]"
         )
         raise DataError(msg)
     return (values[0], values[-1])
@@ -9943,9 +9920,8 @@ def run_prediction(
     shift = record["registration"]
     print(
         f"{len(rows)} detections at threshold {predictor.threshold:.2f}, flux ratio {record['flux_ratio']:.4g} "
-        f"({record['flux_ratio_source']}), "
-        f"registration {shift['method']} ({shift['dx']:+.2f}, {shift['dy']:+.2f}) px -> {out / 'detections.csv'} "
-        "(also detections.json, .ecsv, .reg, mask.fits, significance.fits, overlay.png)"
+        f"({record['flux_ratio_source']}), registration {shift['method']} ({shift['dx']:+.2f}, {shift['dy']:+.2f}) px "
+        f"-> {out / 'detections.csv'} (also detections.json, .ecsv, .reg, mask.fits, significance.fits, overlay.png)"
     )
     return rows
 
@@ -10225,9 +10201,8 @@ def run_pairs(
         raise TrainingInterrupted(msg)
     if summary["failed"]:
         msg = (
-            f"{counts['failed']} of {len(todo)} pairs failed (listed above); the others' outputs are complete, "
-            "and "
-            "a rerun retries only the failed"
+            f"{counts['failed']} of {len(todo)} pairs failed (listed above); the "
+            "others' outputs are complete, and a rerun retries only the failed"
         )
         raise AstridError(msg)
     return summary
@@ -10273,8 +10248,8 @@ def add_predict_arguments(commands: Any) -> None:
     predict.add_argument("--science", help="FITS image (its WCS gives ra/dec)")
     predict.add_argument(
         "--pairs",
-        help="CSV list of pairs (columns science, reference; optional name, flux_ratio, seeing): one output directory "
-        "each",
+        help="CSV list of pairs (columns science, reference; optional "
+        "name, flux_ratio, seeing): one output directory each",
     )
     predict.add_argument(
         "--shard",
@@ -10318,8 +10293,8 @@ def add_predict_arguments(commands: Any) -> None:
         type=float,
         nargs=2,
         metavar=("REF_FWHM", "SCI_FWHM"),
-        help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}] (default: measured on the "
-        "pair's stars)",
+        help=f"each epoch's FWHM in px, each within [{MIN_SEEING_PX:g}, "
+        f"{MAX_SEEING_PX:g}] (default: measured on the pair's stars)",
     )
     predict.add_argument(
         "--science-noise",
@@ -10331,15 +10306,15 @@ def add_predict_arguments(commands: Any) -> None:
     )
     predict.add_argument(
         "--positions",
-        help="CSV of positions (columns x,y in 0-based px, or ra,dec in deg): forced photometry of the difference "
-        "there, in forced.csv",
+        help="CSV of positions (columns x,y in 0-based px, or ra,dec in "
+        "deg): forced photometry of the difference there, in forced.csv",
     )
     predict.add_argument(
         "--noise-kind",
         choices=NOISE_KINDS,
         default="sigma",
-        help="what the noise maps hold: 'sigma' (each pixel's standard deviation) or 'weight' (inverse variance, 0 "
-        "for no data)",
+        help="what the noise maps hold: 'sigma' (each pixel's standard "
+        "deviation) or 'weight' (inverse variance, 0 for no data)",
     )
 
 
@@ -10702,8 +10677,8 @@ def run_sweep(
         )
     elif report["trials"]["complete"] < MIN_IMPORTANCE_TRIALS:
         print(
-            f"importances: not computed from {report['trials']['complete']} complete trials (they need "
-            f"{MIN_IMPORTANCE_TRIALS})"
+            f"importances: not computed from {report['trials']['complete']} "
+            f"complete trials (they need {MIN_IMPORTANCE_TRIALS})"
         )
     print(
         f"sweep: {root / 'sweep.json'} ({report['trials']['complete']} complete, {report['trials']['pruned']} pruned) "
@@ -10727,9 +10702,8 @@ def add_sweep_arguments(commands: Any) -> None:
         commands,
         "sweep",
         "search training configurations with Optuna (TPE, pruning, MLflow)",
-        "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag you give fixes "
-        "that "
-        "parameter and drops it from the space. Rerunning continues the study.",
+        "An Optuna study over the JSON space (--space), each trial an ordinary run; a training flag "
+        "you give fixes that parameter and drops it from the space. Rerunning continues the study.",
         "python standalone_training.py sweep --epochs 3 --test-samples 16 --trials 24 --study-name baseline",
         _sweep_command,
     )
@@ -11218,8 +11192,8 @@ def run_compare(
         close_parent_run(base, parent, metrics=headline, artifacts=[out / name for name in COMPARISON_OUTPUTS])
     print(comparison_markdown(report))
     print(
-        f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}  |  MLflow parent "
-        f"run: {parent or 'none'}"
+        f"comparison: {out / 'comparison.md'}, {out / 'comparison.json'}, "
+        f"{out / 'comparison.png'}  |  MLflow parent run: {parent or 'none'}"
     )
     return report
 
@@ -11321,9 +11295,8 @@ def export_weights(checkpoint: str, output: str, *, threshold: float | None = No
         in_a_run and target.name in ("best.pt", "last.pt")
     ):
         msg = (
-            f"export --output {output}: refusing to write onto a run's checkpoint (best.pt and last.pt keep the "
-            "optimiser state "
-            "and history that --resume needs); choose another file name"
+            f"export --output {output}: refusing to write onto a run's checkpoint (best.pt and last.pt "
+            "keep the optimiser state and history that --resume needs); choose another file name"
         )
         raise AstridError(msg)
     payload = load_checkpoint(checkpoint)
@@ -11525,8 +11498,8 @@ def cli(run: Any, *, debug: bool) -> int:
         if debug:
             raise
         print(
-            "astrid: error: out of memory: use a smaller configuration (--image-size, --batch-size, --width, "
-            "--samples)",
+            "astrid: error: out of memory: use a smaller configuration "
+            "(--image-size, --batch-size, --width, --samples)",
             file=sys.stderr,
         )
         return 2
