@@ -10180,12 +10180,10 @@ def run_pairs(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     finished = set(summary["done"]) | set(summary["skipped"])
-    combined = [
-        dict(pair=pair["name"], directory=path_inside(out, pair["name"]).name, **row)
-        for pair in todo
-        if pair["name"] in finished
-        for row in _read_rows(path_inside(out, pair["name"]) / "detections.csv")
-    ]
+    combined = []
+    for name in (pair["name"] for pair in todo if pair["name"] in finished):
+        pair_dir = path_inside(out, name)
+        combined += [dict(pair=name, directory=pair_dir.name, **row) for row in _read_rows(pair_dir / "detections.csv")]
     write_csv(out / combined_name, ("pair", "directory") + DETECTION_COLUMNS, combined)
     counts = {k: len(v) for k, v in summary.items()}
     print(
