@@ -3951,7 +3951,7 @@ def tile_frame(data, *, tile_size, max_bad_fraction=0.25, max_saturated_fraction
 
 
 # Independent seed streams: a test set never shares a sample with training or validation.
-SEED_STREAMS = {"train": 0, "test": 1, "demo": 2, "null": 3}
+SEED_STREAMS = {"train": 0, "test": 1, "demo": 2, "null": 3, "types": 4}
 
 
 class RawPair(NamedTuple):
@@ -3987,8 +3987,9 @@ class SyntheticAstronomicalDataset(torch.utils.data.Dataset):
         Side in px, a multiple of 16 and >= 32.
     seed : int
         Seed of the sky; different seeds give different skies.
-    stream : {"train", "test", "demo"}
-        Independent seed stream, so test sets never overlap training for any seed.
+    stream : {"train", "test", "demo", "null", "types"}
+        Independent seed stream, so test sets never overlap training for any seed ("types":
+        the images `export --fit-types` calibrates the typer on).
     snr_range : (float, float), optional
         Anomaly SNR range (log-uniform); defaults to the sky's (3, 100).
     sky : SkyConfig, optional
@@ -4367,6 +4368,9 @@ class StandaloneUNet(nn.Module):
         self.config = dict(in_channels=in_channels, out_channels=out_channels, width=width) | (
             {"types": types} if types else {}
         )
+        # The calibrated typer of the checkpoint it was loaded from (load_predictor; `export --fit-types`), or None:
+        # not a weight, and a model that trains on forgets it.
+        self.type_calibration = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = [self.inc(x)]
@@ -5499,6 +5503,73 @@ def check_model_sanity(model: StandaloneUNet, *, path: str | os.PathLike = "chec
 MODEL_CONFIG = {"in_channels": 3, "out_channels": 1, "width": None, "types": len(ANOMALY_TYPES)}
 
 
+# The cues a calibrated typer reads (type_cues), in this order: the type head's log-probabilities, what the
+# reference holds at the change (its PSF-filtered significance at the brightest point within 2 px and at the
+# change, that point's offset, the share of its light a point source holds, its strength against the change's),
+# the change's shape, sign and significance, and the rule's verdict.
+TYPE_CUES = (
+    "log_p_transient",
+    "log_p_variable_star",
+    "log_p_supernova",
+    "log_p_asteroid",
+    "reference_peak",
+    "reference_at_change",
+    "reference_offset_px",
+    "reference_point_fraction",
+    "reference_to_change",
+    "elongation",
+    "axis_over_psf",
+    "sign",
+    "log_significance",
+    "rule_variable_star",
+    "rule_supernova",
+    "rule_asteroid",
+)
+
+
+class TypeCalibration(NamedTuple):
+    """A multinomial logistic regression from TYPE_CUES to ANOMALY_TYPES: what `export --fit-types` fits."""
+
+    mean: np.ndarray  # (cues,) the cues' means on the fit's changes
+    scale: np.ndarray  # (cues,) their standard deviations: the regression reads standardised cues
+    weight: np.ndarray  # (types, cues)
+    bias: np.ndarray  # (types,)
+    record: dict  # how it was fitted: images, seed, changes per type, accuracy on them
+
+
+def type_calibration_from(payload: dict, *, path: str | os.PathLike = "checkpoint") -> TypeCalibration | None:
+    """A checkpoint's type calibration (``type_calibration``, written by `export --fit-types`), checked; None where it
+    has none.
+
+    A malformed one (shapes, non-finite or non-positive scales) is refused in one line; one that reads other cues
+    than this AstrID's TYPE_CUES (an older or newer release) is set aside with a warning, and the head types alone.
+    """
+    saved = payload.get("type_calibration")
+    if saved is None:
+        return None
+    n, k = len(ANOMALY_TYPES), len(TYPE_CUES)
+    try:
+        if list(saved["classes"]) != list(ANOMALY_TYPES) or list(saved["cues"]) != list(TYPE_CUES):
+            log.warning("%s: its type calibration reads other cues or types than this AstrID's; set aside", path)
+            return None
+        arrays = {name: np.asarray(saved[name], dtype=np.float64) for name in ("mean", "scale", "weight", "bias")}
+        record = dict(saved.get("record", {}))
+    except (TypeError, KeyError, ValueError) as exc:
+        msg = f"{path}: its type_calibration is malformed ({type(exc).__name__}: {_one_line(exc, limit=120)})"
+        raise AstridError(msg) from None
+    shapes = dict(mean=(k,), scale=(k,), weight=(n, k), bias=(n,))
+    wrong = [
+        f"{name} {arrays[name].shape} (expected {shape})"
+        for name, shape in shapes.items()
+        if arrays[name].shape != shape
+    ]
+    if wrong or not all(np.isfinite(a).all() for a in arrays.values()) or not (arrays["scale"] > 0).all():
+        problem = "; ".join(wrong) or "non-finite values or a scale <= 0"
+        msg = f"{path}: its type_calibration is malformed: {problem}"
+        raise AstridError(msg)
+    return TypeCalibration(record=record, **arrays)
+
+
 def model_from_checkpoint(payload: dict, *, path: str | os.PathLike = "checkpoint") -> StandaloneUNet:
     """Rebuild the U-Net a checkpoint was saved from; anything wrong is named, not dumped.
 
@@ -5635,6 +5706,7 @@ def load_predictor(*, checkpoint: str | None, threshold: float | None, device: s
     payload = load_checkpoint(ckpt_path)
     dev = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
     model = place_model(model_from_checkpoint(payload, path=ckpt_path), dev)
+    model.type_calibration = type_calibration_from(payload, path=ckpt_path)
     threshold = threshold if threshold is not None else (payload.get("threshold") or 0.5)
     check_threshold(threshold)
     return Predictor(model, dev, ckpt_path, float(threshold), payload.get("config"), _sha256(ckpt_path))
@@ -6049,12 +6121,82 @@ def _rule_types(detections: Sequence[dict], pair: PairSubtraction) -> list[dict]
     return typed
 
 
+# --- What changed, calibrated: the head's probabilities and the cues, weighed by a fit on simulated changes
+
+# px: the window, around a change, in which the reference's brightest point is read
+TYPE_CUE_WINDOW = 2
+
+
+def type_cues(detections: Sequence[dict], pair: PairSubtraction) -> np.ndarray:
+    """The TYPE_CUES of each typed detection (:func:`type_detections` without a calibration), (n, cues) float64.
+
+    The reference is correlated with its PSF once, so its significance at a change is a point source's
+    matched-filter SNR whatever the change's size; strengths enter through asinh(x / 5), which is linear near the
+    noise and logarithmic above it.
+    """
+    cues = np.zeros((len(detections), len(TYPE_CUES)))
+    if not detections:
+        return cues
+    reference = pair.reference
+    noise = max(_lagged_noise(reference), 1e-30)
+    psf = PSF(pair.psf_reference.fwhm, ASSUMED_MOFFAT_BETA).stamp
+    norm = float(np.sum(psf**2))
+    filtered = correlate_psf(reference, psf)
+    point_flux = filtered / norm  # a point source's fitted flux, at each pixel
+    significance = filtered / (noise * math.sqrt(norm))
+    clean = np.nan_to_num(reference)
+    h, w = reference.shape
+    aperture = 3.0 * pair.psf_reference.fwhm
+    point_axis = math.sqrt(2.0) * max(pair.psf_reference.fwhm, pair.psf_science.fwhm) / 2.3548
+    r = TYPE_CUE_WINDOW
+    for i, det in enumerate(detections):
+        x, y = det["x"], det["y"]
+        x0, y0 = min(max(int(round(x)), 0), w - 1), min(max(int(round(y)), 0), h - 1)
+        rows, cols = slice(max(y0 - r, 0), min(y0 + r + 1, h)), slice(max(x0 - r, 0), min(x0 + r + 1, w))
+        window = significance[rows, cols]
+        iy, ix = np.unravel_index(int(np.argmax(window)), window.shape)
+        px, py = cols.start + ix, rows.start + iy
+        peak = float(window[iy, ix])
+        # the share of the light within 3 FWHM of that point that a point source there holds: ~1 on a star
+        a = int(math.ceil(aperture))
+        box_rows, box_cols = slice(max(py - a, 0), min(py + a + 1, h)), slice(max(px - a, 0), min(px + a + 1, w))
+        yy, xx = np.ogrid[box_rows, box_cols]
+        disc = np.hypot(xx - px, yy - py) <= aperture
+        light = float(clean[box_rows, box_cols][disc].sum())
+        detectable = light > 3.0 * noise * math.sqrt(float(disc.sum()))
+        point_fraction = float(np.clip(point_flux[py, px] / light, -1.0, 2.0)) if detectable else 1.0
+        strength = max(float(det["significance"]), 1.0)
+        cues[i] = [
+            *(math.log(det.get(f"p_{kind}", 1.0 / len(ANOMALY_TYPES)) + 1e-4) for kind in ANOMALY_TYPES),
+            math.asinh(peak / 5.0),
+            math.asinh(float(significance[y0, x0]) / 5.0),
+            min(math.hypot(px - x, py - y), 3.0),
+            point_fraction,
+            math.asinh(peak / strength),
+            min(float(det.get("elongation", 1.0)), 5.0),
+            min(float(det.get("a", 0.0)) / point_axis, 5.0),
+            float(det.get("sign", 1)),
+            math.log(strength),
+            *(float(det.get("rule_type", det["type"]) == kind) for kind in ("variable_star", "supernova", "asteroid")),
+        ]
+    return cues
+
+
+def calibrated_type_probabilities(cues: np.ndarray, calibration: TypeCalibration) -> np.ndarray:
+    """(n, types) probabilities of ANOMALY_TYPES: the calibration's softmax of its linear function of the cues."""
+    logits = ((cues - calibration.mean) / calibration.scale) @ calibration.weight.T + calibration.bias
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
 def type_detections(
     detections: Sequence[dict],
     pair: PairSubtraction,
     *,
     type_prob: np.ndarray | None = None,
     prob: np.ndarray | None = None,
+    calibration: TypeCalibration | None = None,
 ) -> list[dict]:
     """Each detection with its ``type``, the cues it was read from and, from a model with a type head, its class
     probabilities.
@@ -6064,8 +6206,12 @@ def type_detections(
     probable one, except where the rule finds a point source of the reference centred on the
     change: that is a variable star unless the head calls it a trail (on 100 synthetic test images
     this lifts type accuracy from 75.4% to 77.5%: the head confuses a star's brightening with
-    a supernova's more often than the rule does). ``rule_type`` is always the rule's below,
-    the baseline the head must beat, and the type of a model without a head.
+    a supernova's more often than the rule does). With a `calibration` (the model's, fitted by
+    `export --fit-types`), ``p_<type>`` are instead its probabilities from the head's and the
+    pair's cues together (:func:`type_cues`), and ``type`` the most probable of them, with the
+    same variable-star override; the head's own are kept as ``p_head_<type>``. ``rule_type``
+    is always the rule's below, the baseline the head must beat, and the type of a model
+    without a head.
 
     - **asteroid**: a trail, elongated beyond a point source of this PSF (TRAIL_AXIS,
       TRAIL_ELONGATION, or ELONGATED alone): ``trail_length_px`` (sqrt(12) times the
@@ -6093,7 +6239,19 @@ def type_detections(
             # a point source of the reference centred on the change: a cue the head weighs less sharply than the rule
             kind = "variable_star"
         learned.append({**det, "rule_type": det["type"], "type": kind, **p})
-    return learned
+    if calibration is None or not learned:
+        return learned
+    calibrated = calibrated_type_probabilities(type_cues(learned, pair), calibration)
+    result = []
+    for det, p in zip(learned, calibrated):
+        kind = ANOMALY_TYPES[int(np.argmax(p))]
+        if det["rule_type"] == "variable_star" and kind != "asteroid":
+            # The same override: the simulator's variable stars mostly change by several times their flux, so
+            # the fit alone reads a bright star that brightens by half as a change on a compact host.
+            kind = "variable_star"
+        head = {f"p_head_{name}": det[f"p_{name}"] for name in ANOMALY_TYPES}
+        result.append({**det, **head, **{f"p_{name}": float(v) for name, v in zip(ANOMALY_TYPES, p)}, "type": kind})
+    return result
 
 
 class PairDetections(NamedTuple):
@@ -6134,7 +6292,11 @@ def find_changes(
     )
     prob[~valid] = 0.0  # no claims where either epoch has no data
     detections = type_detections(
-        detect_changes(prob, sub.subtraction, threshold=threshold, valid=valid), sub, type_prob=type_prob, prob=prob
+        detect_changes(prob, sub.subtraction, threshold=threshold, valid=valid),
+        sub,
+        type_prob=type_prob,
+        prob=prob,
+        calibration=getattr(model, "type_calibration", None),
     )
     return PairDetections(detections, prob, sub.subtraction.significance, valid, sub)
 
@@ -7020,6 +7182,7 @@ def evaluate_model(
     for prob, p in zip(probs, pairs):
         prob[~p.subtraction.valid] = 0.0  # no claims where either epoch has no data, as in predict
 
+    calibration = getattr(model, "type_calibration", None) if type_probs is not None else None
     net_results, base_results, sep_results, scorr_results, examples, types, rule_types = [], [], [], [], [], [], []
     for i, (_, _, raw) in enumerate(items):
         detections = type_detections(
@@ -7027,6 +7190,7 @@ def evaluate_model(
             pairs[i],
             type_prob=None if type_probs is None else type_probs[i],
             prob=probs[i],
+            calibration=calibration,
         )
         net = match_objects(detections, truths[i])
         net_results.append(net)
@@ -7056,7 +7220,11 @@ def evaluate_model(
         "the PSF: detect_changes without the network",
         "types": summarise_types(types),
         "types_typer": (
-            "the type head: the most probable p_<type> over each change's footprint, a variable star where the "
+            "the calibrated typer: the most probable p_<type> of a logistic regression on the type head's "
+            "probabilities over each change's footprint and the pair's cues (type_cues), a variable star where the "
+            "rule finds a point source of the reference centred on the change (unless it reads a trail)"
+            if calibration is not None
+            else "the type head: the most probable p_<type> over each change's footprint, a variable star where the "
             "rule finds a point source of the reference centred on the change (unless the head sees a trail)"
         )
         if type_probs is not None
@@ -11279,14 +11447,96 @@ def register_model(*, checkpoint: str | None, tracking_uri: str, experiment: str
     return dict(version=int(version.version), uri=where)
 
 
-def export_weights(checkpoint: str, output: str, *, threshold: float | None = None) -> Path:
-    """A small, shareable checkpoint: fp32 weights, architecture, threshold and provenance only.
+# changes of each type, at least, that a type calibration is fitted on
+MIN_CHANGES_PER_TYPE = 20
+
+
+def fit_type_calibration(
+    model: nn.Module, *, samples: int, seed: int, threshold: float, device: torch.device, image_size: int = 128
+) -> dict:
+    """Fit the calibrated typer (TYPE_CUES to ANOMALY_TYPES) on the changes a model recovers in fresh simulated images.
+
+    The images come from their own seed stream ("types"): never a training, validation or test
+    sample. Each is subtracted, scored and typed as `evaluate` does; each recovered change
+    (the nearest detection within MATCH_RADIUS) gives its cues and its true type. A
+    multinomial logistic regression (scikit-learn, L2, C = 1) on the standardised cues is
+    the calibration, saved in the checkpoint as plain tensors (``weights_only`` loads it).
+    """
+    from sklearn.linear_model import LogisticRegression  # lazy: ~0.5 s of import; only export --fit-types needs it
+
+    if getattr(model, "type_head", None) is None:
+        msg = "--fit-types needs a model with a type head; this one is typed by the rule alone"
+        raise ConfigError(msg)
+    dataset = SyntheticAstronomicalDataset(samples, image_size=image_size, seed=seed, stream="types")
+    cues, labels = [], []
+    for i in _progress(range(samples), desc="type calibration", unit="image"):
+        truth, pair = dataset.truth(i), raw_pair(dataset.raw(i))
+        inputs = torch.from_numpy(normalize_pair(pair.reference, pair.science, statistics=pair.statistics))[None]
+        probs, type_probs = predict_probabilities(model, inputs, device=device, types=True)
+        prob = probs[0]
+        prob[~pair.subtraction.valid] = 0.0
+        detections = type_detections(
+            detect_changes(prob, pair.subtraction, threshold=threshold), pair, type_prob=type_probs[0], prob=prob
+        )
+        anomalies = [t for t in truth if t["type"] in ANOMALY_TYPES]
+        if not detections or not anomalies:
+            continue
+        distance = _distance_to_segments(np.array([[d["x"], d["y"]] for d in detections]), *_segments(anomalies))
+        found = type_cues(detections, pair)
+        for j, item in enumerate(anomalies):
+            k = int(np.argmin(distance[:, j]))
+            if distance[k, j] <= MATCH_RADIUS:
+                cues.append(found[k])
+                labels.append(ANOMALY_TYPES.index(item["type"]))
+    counts = {kind: labels.count(k) for k, kind in enumerate(ANOMALY_TYPES)}
+    if min(counts.values()) < MIN_CHANGES_PER_TYPE:
+        found_counts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        msg = (
+            f"--fit-types {samples}: {samples} images gave {found_counts} recovered changes; a fit needs "
+            f"{MIN_CHANGES_PER_TYPE} of each type: give more images"
+        )
+        raise ConfigError(msg)
+    x, y = np.array(cues), np.array(labels)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale <= 0] = 1.0  # a cue constant on the fit's changes (a model that never saw a trail): no weight
+    regression = LogisticRegression(C=1.0, max_iter=5000).fit((x - mean) / scale, y)
+    accuracy = float(regression.score((x - mean) / scale, y))
+    return dict(
+        classes=list(ANOMALY_TYPES),
+        cues=list(TYPE_CUES),
+        mean=torch.from_numpy(mean),
+        scale=torch.from_numpy(scale),
+        weight=torch.from_numpy(regression.coef_.astype(np.float64)),
+        bias=torch.from_numpy(regression.intercept_.astype(np.float64)),
+        record=dict(
+            images=samples,
+            image_size=image_size,
+            seed=seed,
+            stream="types",
+            threshold=float(threshold),
+            changes=counts,
+            accuracy_on_fit=accuracy,
+        ),
+    )
+
+
+def export_weights(
+    checkpoint: str, output: str, *, threshold: float | None = None, fit_types: int = 0, types_seed: int = 42
+) -> Path:
+    """A small, shareable checkpoint: fp32 weights, architecture, threshold, type calibration and provenance only.
 
     `threshold` replaces the operating threshold the run chose (the checkpoint's ``threshold``);
-    the run's own choice is kept as ``chosen_threshold``.
+    the run's own choice is kept as ``chosen_threshold``. With `fit_types` images, the typer is
+    calibrated anew on that many fresh simulated 128x128 images of seed `types_seed`
+    (:func:`fit_type_calibration`, on the CPU, at the exported threshold); otherwise the
+    checkpoint's calibration, if it has one, is kept.
     """
     if threshold is not None:
         check_threshold(threshold)
+    if fit_types < 0:
+        msg = f"--fit-types must be >= 0 images, got {fit_types}"
+        raise ConfigError(msg)
+    check_seed(types_seed)
     target = Path(output)
     in_a_run = any((target.parent / name).exists() for name in RUN_MARKERS["training run"])
     if (target.exists() and target.resolve() == Path(checkpoint).resolve()) or (
@@ -11298,11 +11548,29 @@ def export_weights(checkpoint: str, output: str, *, threshold: float | None = No
         )
         raise AstridError(msg)
     payload = load_checkpoint(checkpoint)
-    model_from_checkpoint(payload, path=checkpoint)  # refuse a mismatched file before writing
-    keep = ("model", "model_config", "config", "epoch", "threshold", "history")
+    model = model_from_checkpoint(payload, path=checkpoint)  # refuse a mismatched file before writing
+    type_calibration_from(payload, path=checkpoint)  # and a malformed calibration
+    keep = ("model", "model_config", "config", "epoch", "threshold", "chosen_threshold", "history", "type_calibration")
     exported = {k: payload[k] for k in keep if k in payload}
     if threshold is not None:
-        exported.update(threshold=float(threshold), chosen_threshold=payload.get("threshold"))
+        # the training run's own choice, which weights exported before kept as chosen_threshold
+        chosen = payload.get("chosen_threshold", payload.get("threshold"))
+        exported.update(threshold=float(threshold), chosen_threshold=chosen)
+    if fit_types:
+        model.eval()
+        fitted = fit_type_calibration(
+            model,
+            samples=fit_types,
+            seed=types_seed,
+            threshold=float(exported.get("threshold") or 0.5),
+            device=torch.device("cpu"),
+        )
+        exported["type_calibration"] = fitted
+        record = fitted["record"]
+        print(
+            f"type calibration: {sum(record['changes'].values())} recovered changes in {fit_types} images "
+            f"(seed {types_seed}); {100 * record['accuracy_on_fit']:.1f}% typed right on them"
+        )
     path = save_checkpoint(Path(output), exported)
     print(f"weights: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return path
@@ -11333,6 +11601,15 @@ def add_export_arguments(commands: Any) -> None:
         type=float,
         help="record this operating threshold instead of the one the run chose (which is kept as chosen_threshold)",
     )
+    export.add_argument(
+        "--fit-types",
+        type=int,
+        default=0,
+        metavar="IMAGES",
+        help="calibrate the typer (the type head and the pair's cues together) on this many fresh simulated "
+        "128x128 images; 0 keeps the checkpoint's calibration, if any",
+    )
+    export.add_argument("--types-seed", type=int, default=42, help="seed of the images --fit-types simulates")
 
 
 def _register_command(args: argparse.Namespace) -> Any:

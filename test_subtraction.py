@@ -504,6 +504,64 @@ def test_a_change_takes_the_type_its_footprint_votes_for_and_an_old_model_keeps_
     assert st.model_from_checkpoint(st.load_checkpoint(st.DEFAULT_WEIGHTS)).config["types"] == len(st.ANOMALY_TYPES)
 
 
+def test_the_calibrated_typer_reads_the_pairs_cues_and_refuses_a_damaged_calibration(tmp_path, caplog):
+    """type_cues sees a star of the reference under one change and blank sky under another; a calibration that weighs
+    that cue types them so, keeps the head's probabilities beside its own, and loads only when whole."""
+    n, fwhm = 64, 3.0
+    psf = st.PSF(fwhm, 3.5)
+    rng = np.random.default_rng(5)
+    star = st.render_points((n, n), [20.0], [20.0], [20000.0], psf)
+    change = st.render_points((n, n), [20.0, 44.0], [20.0, 44.0], [6000.0, 6000.0], psf)
+    pair = st.subtract_pair(SKY + star + rng.normal(0, SIGMA, (n, n)), SKY + star + change + rng.normal(0, SIGMA, (n, n)),
+                            flux_ratio=1.0, seeing=(fwhm, fwhm))
+    prob = np.zeros((n, n), np.float32)
+    prob[18:23, 18:23] = prob[42:47, 42:47] = 0.9
+    type_prob = np.full((4, n, n), 0.25, np.float16)
+    detections = [dict(x=20.0, y=20.0, peak=0.9, significance=40.0, sign=1, area_px=25),
+                  dict(x=44.0, y=44.0, peak=0.9, significance=40.0, sign=1, area_px=25)]
+    typed = st.type_detections(detections, pair, type_prob=type_prob, prob=prob)
+    cues = st.type_cues(typed, pair)
+    column = {name: cues[:, k] for k, name in enumerate(st.TYPE_CUES)}
+    assert cues.shape == (2, len(st.TYPE_CUES)) and np.isfinite(cues).all()
+    assert column["reference_peak"][0] > np.arcsinh(100 / 5) and abs(column["reference_peak"][1]) < np.arcsinh(5 / 5)
+    assert column["reference_offset_px"][0] < 1.0 and column["reference_point_fraction"][0] == pytest.approx(1.0, abs=0.25)
+    assert list(column["rule_variable_star"]) == [1.0, 0.0]
+    # A calibration that reads the reference's peak alone: a star under the change is a variable star.
+    k, types = len(st.TYPE_CUES), len(st.ANOMALY_TYPES)
+    weight = np.zeros((types, k))
+    weight[st.ANOMALY_TYPES.index("variable_star"), st.TYPE_CUES.index("reference_peak")] = 5.0
+    saved = dict(classes=list(st.ANOMALY_TYPES), cues=list(st.TYPE_CUES), mean=np.zeros(k), scale=np.ones(k),
+                 weight=weight, bias=np.array([1.0, -3.0, 0.0, -1.0]), record=dict(images=1))
+    calibration = st.type_calibration_from({"type_calibration": saved})
+    on_star, on_sky = st.type_detections(detections, pair, type_prob=type_prob, prob=prob, calibration=calibration)
+    assert (on_star["type"], on_sky["type"]) == ("variable_star", "transient")
+    for det in (on_star, on_sky):
+        assert sum(det[c] for c in st.TYPE_PROBABILITY_COLUMNS) == pytest.approx(1.0)
+        assert det["p_head_transient"] == pytest.approx(0.25, abs=0.01)  # the head's own, kept beside
+    # The shipped weights carry one, fitted on their own seed stream; a damaged one is refused, another release's set aside.
+    shipped = st.type_calibration_from(st.load_checkpoint(st.DEFAULT_WEIGHTS))
+    assert shipped is not None and shipped.record["stream"] == "types" and min(shipped.record["changes"].values()) >= st.MIN_CHANGES_PER_TYPE
+    with pytest.raises(st.AstridError, match=r"type_calibration is malformed: weight \(4, 3\)"):
+        st.type_calibration_from({"type_calibration": {**saved, "weight": np.zeros((4, 3))}}, path="x.pt")
+    with pytest.raises(st.AstridError, match="type_calibration is malformed"):
+        st.type_calibration_from({"type_calibration": {**saved, "scale": np.zeros(k)}})
+    assert st.type_calibration_from({"type_calibration": {**saved, "cues": ["a"] * k}}) is None
+    assert "set aside" in caplog.text
+
+
+def test_export_fits_the_typer_on_its_own_images_and_refuses_too_few(tmp_path):
+    """export --fit-types: the calibration it writes is what load_predictor gives the model; too few changes, one line."""
+    path = st.export_weights(str(st.DEFAULT_WEIGHTS), str(tmp_path / "typed.pt"), fit_types=40, types_seed=7)
+    model = st.load_predictor(checkpoint=str(path), threshold=None, device="cpu").model
+    record = model.type_calibration.record
+    assert (record["images"], record["seed"], record["stream"]) == (40, 7, "types")
+    assert sum(record["changes"].values()) >= 4 * st.MIN_CHANGES_PER_TYPE and 0.5 < record["accuracy_on_fit"] <= 1.0
+    with pytest.raises(st.ConfigError, match=r"--fit-types 2: 2 images gave .* a fit needs 20 of each type"):
+        st.export_weights(str(st.DEFAULT_WEIGHTS), str(tmp_path / "few.pt"), fit_types=2)
+    with pytest.raises(st.ConfigError, match="--fit-types must be >= 0"):
+        st.export_weights(str(st.DEFAULT_WEIGHTS), str(tmp_path / "few.pt"), fit_types=-1)
+    assert not (tmp_path / "few.pt").exists()
+
 def test_forced_photometry_measures_a_known_change_and_nothing_where_there_is_none(tmp_path):
     """predict --positions: the flux, its error and S_corr at given places, detected or not."""
     n, x, y, snr = 96, 47.3, 50.6, 20.0
