@@ -5095,26 +5095,32 @@ TYPE_RULE = (
 )
 
 
-def type_records(
-    detections: Sequence[dict], truth: Sequence[Truth], *, radius: float = MATCH_RADIUS, key: str = "type"
-) -> list[tuple[str, str, float]]:
-    """(true type, assigned type, SNR) of each recovered change: the nearest typed detection within `radius` (of a
-    trail's segment for an asteroid).
-
-    `key` is the detections' entry that holds the assigned type (``rule_type``: the rule's).
-    """
+def recovered_changes(
+    detections: Sequence[dict], truth: Sequence[Truth], *, radius: float = MATCH_RADIUS
+) -> list[tuple[Truth, int]]:
+    """Each recovered change with the index of its nearest detection within `radius` (of a trail's segment for an
+    asteroid): what the type figures and the typer's calibration read."""
     anomalies = [t for t in truth if t["type"] in ANOMALY_TYPES]
     if not anomalies or not detections:
         return []
     starts, ends = _segments(anomalies)
     points = np.array([[d["x"], d["y"]] for d in detections], dtype=np.float64)
     distance = _distance_to_segments(points, starts, ends)  # (detections, anomalies)
-    records = []
-    for j, item in enumerate(anomalies):
-        k = int(np.argmin(distance[:, j]))
-        if distance[k, j] <= radius:
-            records.append((item["type"], detections[k].get(key, "anomaly"), float(item["snr"])))
-    return records
+    nearest = np.argmin(distance, axis=0)
+    return [(item, int(k)) for j, (item, k) in enumerate(zip(anomalies, nearest)) if distance[k, j] <= radius]
+
+
+def type_records(
+    detections: Sequence[dict], truth: Sequence[Truth], *, radius: float = MATCH_RADIUS, key: str = "type"
+) -> list[tuple[str, str, float]]:
+    """(true type, assigned type, SNR) of each recovered change (:func:`recovered_changes`).
+
+    `key` is the detections' entry that holds the assigned type (``rule_type``: the rule's).
+    """
+    return [
+        (item["type"], detections[k].get(key, "anomaly"), float(item["snr"]))
+        for item, k in recovered_changes(detections, truth, radius=radius)
+    ]
 
 
 def summarise_types(records: Sequence[tuple[str, str, float]]) -> dict:
@@ -6141,9 +6147,8 @@ def type_cues(detections: Sequence[dict], pair: PairSubtraction) -> np.ndarray:
     noise = max(_lagged_noise(reference), 1e-30)
     psf = PSF(pair.psf_reference.fwhm, ASSUMED_MOFFAT_BETA).stamp
     norm = float(np.sum(psf**2))
-    filtered = correlate_psf(reference, psf)
-    point_flux = filtered / norm  # a point source's fitted flux, at each pixel
-    significance = filtered / (noise * math.sqrt(norm))
+    # a point source's fitted flux at each pixel is filtered / norm, its significance this
+    significance = correlate_psf(reference, psf) / (noise * math.sqrt(norm))
     clean = np.nan_to_num(reference)
     h, w = reference.shape
     aperture = 3.0 * pair.psf_reference.fwhm
@@ -6164,7 +6169,8 @@ def type_cues(detections: Sequence[dict], pair: PairSubtraction) -> np.ndarray:
         disc = np.hypot(xx - px, yy - py) <= aperture
         light = float(clean[box_rows, box_cols][disc].sum())
         detectable = light > 3.0 * noise * math.sqrt(float(disc.sum()))
-        point_fraction = float(np.clip(point_flux[py, px] / light, -1.0, 2.0)) if detectable else 1.0
+        point_flux = peak * noise / math.sqrt(norm)
+        point_fraction = float(np.clip(point_flux / light, -1.0, 2.0)) if detectable else 1.0
         strength = max(float(det["significance"]), 1.0)
         cues[i] = [
             *(math.log(det.get(f"p_{kind}", 1.0 / len(ANOMALY_TYPES)) + 1e-4) for kind in ANOMALY_TYPES),
@@ -11478,16 +11484,13 @@ def fit_type_calibration(
         detections = type_detections(
             detect_changes(prob, pair.subtraction, threshold=threshold), pair, type_prob=type_probs[0], prob=prob
         )
-        anomalies = [t for t in truth if t["type"] in ANOMALY_TYPES]
-        if not detections or not anomalies:
+        recovered = recovered_changes(detections, truth)
+        if not recovered:
             continue
-        distance = _distance_to_segments(np.array([[d["x"], d["y"]] for d in detections]), *_segments(anomalies))
         found = type_cues(detections, pair)
-        for j, item in enumerate(anomalies):
-            k = int(np.argmin(distance[:, j]))
-            if distance[k, j] <= MATCH_RADIUS:
-                cues.append(found[k])
-                labels.append(ANOMALY_TYPES.index(item["type"]))
+        for item, k in recovered:
+            cues.append(found[k])
+            labels.append(ANOMALY_TYPES.index(item["type"]))
     counts = {kind: labels.count(k) for k, kind in enumerate(ANOMALY_TYPES)}
     if min(counts.values()) < MIN_CHANGES_PER_TYPE:
         found_counts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
