@@ -429,10 +429,42 @@ def test_large_frame_finds_sources_across_window_seams(large_run):
         assert sum(np.hypot(r["x"] - x, r["y"] - y) <= 6 for r in rows) == 1, f"source at ({x}, {y}) split"
 
 
+def test_a_large_frame_is_scored_around_its_candidates_only():
+    """Past one window, the network runs on 272 px windows around 80 px cores that cover each candidate's box and 16 px
+    around it, on the 16 px grid of a whole-image pass (its max-pooling grid), with the usual margins wherever the frame
+    has room; candidates everywhere, or a frame of one window, keep the image's own windows."""
+    kw = dict(tile=st.PREDICT_TILE, margin=st.PREDICT_MARGIN)
+    boxes = [(slice(700, 705), slice(1000, 1004)), None, (slice(10, 12), slice(2040, 2048))]
+    height, width, tiles = st.scoring_windows(2048, 2048, regions=boxes, **kw)
+    assert (height, width, len(tiles)) == (272, 272, 2)  # one core each, the corner's inside the frame
+    covered = np.zeros((2048, 2048), dtype=bool)
+    for axes in tiles:
+        for core, length, window in axes:
+            assert window % 16 == 0 and 0 <= window <= 2048 - 272 and window <= core and core + length <= window + 272
+            assert window <= max(core - st.PREDICT_MARGIN, 0)  # a full margin on both sides, or the frame's edge
+            assert window + 272 >= min(core + length + st.PREDICT_MARGIN, 2048)
+        (y0, h, _), (x0, w, _) = axes
+        covered[y0:y0 + h, x0:x0 + w] = True
+    assert covered[684:721, 984:1020].all() and covered[0:28, 2024:].all()
+    assert covered.sum() == 2 * 80 * 80
+    long_box = [(slice(100, 101), slice(300, 500))]  # a trail 200 px long: cores side by side along it
+    _, _, tiles = st.scoring_windows(2048, 2048, regions=long_box, **kw)
+    assert [c[0] for _, c in tiles] == [272, 352, 432, 512] and all(r[0] == 80 for r, _ in tiles)
+    everywhere = [(slice(y, y + 1), slice(x, x + 1)) for y in range(0, 2048, 64) for x in range(0, 2048, 64)]
+    assert st.scoring_windows(2048, 2048, regions=everywhere, **kw) == st.scoring_windows(2048, 2048, **kw)
+    assert st.scoring_windows(1000, 700, regions=boxes[:1], **kw) == st.scoring_windows(1000, 700, **kw)
+    # the image's own windows: cores of a multiple of 16 px, windows on the 16 px grid, the last one mirrored past the end
+    size, windows = st._windows(3000)
+    assert [w[2] for w in windows] == [0, 912, 1808] and all(w[0] % 16 == 0 for w in windows) and 1808 + size == 3008
+
+
 @pytest.mark.slow
 def test_large_frame_outputs(large_run):
-    _, rows, out = large_run
-    assert fits.getdata(out / "mask.fits").shape == (2048, 2048)
+    sources, rows, out = large_run
+    mask = fits.getdata(out / "mask.fits")
+    assert mask.shape == (2048, 2048)
+    assert (mask == 0).mean() > 0.5  # scored around the candidates alone
+    assert all(mask[round(y), round(x)] > 0 for x, y in sources)
     assert (out / "overlay.png").read_bytes()[:8] == PNG_MAGIC
     _, read_back = read_catalogue(out / "detections.csv")
     assert len(read_back) == len(rows)

@@ -73,6 +73,38 @@ def test_noise_survives_quantisation(step):
     assert st.robust_sigma(values) >= 0.9
 
 
+def test_the_shortcuts_of_large_frames_give_what_the_whole_frame_filters_give():
+    """find_stars' maxima tested pixel by pixel equal whole-frame max/min filters (ties and holes included), the mesh's
+    separable spline equals map_coordinates, and whole-frame statistics read a prime-strided subsample past their limit."""
+    rng = np.random.default_rng(7)
+    for trial in range(12):
+        image = ndimage.uniform_filter(rng.normal(0, 1, (60 + trial, 75)), 1 + trial % 3) * 10
+        image = np.round(image) if trial % 3 == 0 else image  # plateaus: equal neighbours
+        usable = rng.random(image.shape) > 0.02
+        ys, xs = np.nonzero(image >= trial / 4)
+        clean = ndimage.minimum_filter(usable, size=9, mode="constant", cval=0)
+        expected = (image == ndimage.maximum_filter(image, size=7)) & (image >= trial / 4) & clean
+        assert list(zip(*st._clean_maxima(image, usable, ys, xs))) == list(zip(*np.nonzero(expected)))
+    for shape, side in [((300, 280), 64), ((100, 150), 50), ((64, 64), 16)]:  # every mesh holds >= 50 values
+        values, use = rng.normal(0, 1, shape), rng.random(shape) > 0.1
+        grid_shape = (math.ceil(shape[0] / side), math.ceil(shape[1] / side))
+        rows = np.clip((np.arange(shape[0]) + 0.5) / side - 0.5, 0, grid_shape[0] - 1)
+        cols = np.clip((np.arange(shape[1]) + 0.5) / side - 0.5, 0, grid_shape[1] - 1)
+        grid = np.array([[st.robust_sigma(values[i * side:(i + 1) * side, j * side:(j + 1) * side][
+            use[i * side:(i + 1) * side, j * side:(j + 1) * side]]) for j in range(grid_shape[1])]
+            for i in range(grid_shape[0])])
+        grid = ndimage.median_filter(grid, size=3, mode="nearest")
+        order = 3 if min(grid_shape) >= 4 else 1
+        expected = ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=order, mode="nearest")
+        np.testing.assert_allclose(st._mesh_noise(values, use, side=side, filter_size=3), expected, rtol=1e-12)
+    small = np.arange(st.STATISTICS_SAMPLE, dtype=np.float32)
+    assert st.statistics_sample(small).size == small.size  # read whole up to the limit
+    large = np.zeros(4 * st.STATISTICS_SAMPLE + 1, dtype=np.float32)
+    sample = st.statistics_sample(large)
+    stride = large.size // (sample.size - 1)
+    assert stride == 5 and sample.size == math.ceil(large.size / 5)  # 5, the first prime past 4.0000002
+
+
 @pytest.mark.parametrize("kind", ["ramp", "glow"])
 def test_local_background_follows_ramps_and_glows(kind):
     n = 256
