@@ -620,3 +620,82 @@ def test_forced_photometry_measures_a_known_change_and_nothing_where_there_is_no
     (tmp_path / "pos.csv").write_text("ra,dec\n150.0,2.0\n")
     with pytest.raises(st.DataError, match="no usable celestial WCS"):
         st.read_positions(tmp_path / "pos.csv", wcs=None)
+
+
+# ----------------------------------------------------------------------------
+# Islands of S that hold several sources
+# ----------------------------------------------------------------------------
+
+
+def merged_pair(positions, fluxes, *, n=96, seed=31):
+    """ZOGY's products for new point sources (FWHM 2.5 px) on blank sky, both epochs of one seeing and scale."""
+    unit = st.render_points((n, n), [p[0] for p in positions], [p[1] for p in positions], fluxes, st.PSF(2.5, 3.5))
+    rng = np.random.default_rng(seed)
+    reference, science = rng.normal(SKY, SIGMA, (n, n)), rng.normal(SKY, SIGMA, (n, n)) + unit
+    return st.subtract_pair(reference, science, flux_ratio=1.0, seeing=(2.5, 2.5)).subtraction
+
+
+def candidates_of(sub, *, split=True):
+    return st.significance_candidates(
+        sub.significance, gate=st.SIGNIFICANCE_GATE, valid=sub.valid, score=sub.score, score_noise=sub.score_noise,
+        response=sub.response if split else None,
+    )
+
+
+def test_score_response_is_what_a_point_source_leaves_in_s():
+    n, flux = 64, 1000.0
+    psf_reference, psf_science = st.PSF(2.5, 3.5).stamp, st.PSF(3.5, 3.5).stamp
+    science = np.zeros((n, n))
+    h = psf_science.shape[0] // 2
+    science[32 - h:32 + h + 1, 32 - h:32 + h + 1] = flux * psf_science / psf_science.sum()
+    shared = dict(sigma_reference=1.0, sigma_science=1.3, flux_ratio=0.7)
+    z = st.zogy_subtraction(np.zeros((n, n)), science, psf_reference=psf_reference, psf_science=psf_science,
+                            variance_reference=np.ones((n, n)), variance_science=np.ones((n, n)), **shared)
+    response = st.score_response(psf_reference, psf_science, **shared)
+    r = response.shape[0] // 2
+    # S loses its mesh background, which a noiseless frame leaves at ~1e-4 of the peak
+    np.testing.assert_allclose(z.score[32 - r:32 + r + 1, 32 - r:32 + r + 1], flux * response,
+                               atol=1e-3 * flux * response.max())
+    assert np.allclose(response, response[::-1, ::-1]) and response.argmax() == response.size // 2
+    assert np.array_equal(z.response, response)
+
+
+@pytest.mark.parametrize("gap, faint", [(4.0, 0.3), (6.0, 0.2)])
+def test_a_faint_change_merged_with_a_bright_one_is_split_out(gap, faint):
+    """Two changes 4-6 px apart make one island of S with no saddle: the fainter is found in the residual of the
+    brighter, where it is, and the island's pixels are shared between them; inputs are left as they were."""
+    sub = merged_pair([(40.0, 48.0), (40.0 + gap, 48.0)], [6000.0, 6000.0 * faint])
+    before, old_segments = candidates_of(sub, split=False)
+    kept = [dict(c) for c in before], old_segments.copy(), sub.score.copy()
+    after, segments = candidates_of(sub)
+    assert len(before) == 1 and len(after) == 2
+    assert sorted(c["x"] for c in after) == pytest.approx([40.0, 40.0 + gap], abs=0.5)
+    assert set(np.unique(segments[old_segments > 0])) == {c["segment"] for c in after}
+    assert after[1]["split_from"] == before[0]["segment"] and after[1]["significance"] >= st.SIGNIFICANCE_GATE
+    again = st.split_merged_islands(before, old_segments, score=sub.score, score_noise=sub.score_noise,
+                                    response=sub.response, gate=st.SIGNIFICANCE_GATE)
+    assert again[0] == after and np.array_equal(again[1], segments)  # deterministic
+    assert before == kept[0] and np.array_equal(old_segments, kept[1]) and np.array_equal(sub.score, kept[2])
+
+
+def test_nothing_is_split_from_a_lone_change_or_where_nothing_changed():
+    lone = merged_pair([(48.0, 48.0)], [20000.0])
+    assert len(candidates_of(lone)[0]) == len(candidates_of(lone, split=False)[0]) == 1
+    frame = st.null_frames(synthetic=1, image_size=128, real=False)[0].data
+    rng = np.random.default_rng([st.DEFAULT_NULL_SEED, 0])
+    for case, reference, science in st.null_pairs(frame, rng, seeing_ratios=()):
+        sub = st.subtract_pair(reference, science).subtraction
+        assert len(candidates_of(sub)[0]) == len(candidates_of(sub, split=False)[0]), case
+
+
+def test_sharpness_is_read_near_a_point_like_candidate_and_along_a_whole_trail():
+    segments = np.zeros((40, 40), dtype=np.int32)
+    segments[5:30, 5:30] = 1
+    segments[32:34, 5:35] = 2
+    point = dict(x=10.2, y=11.0, segment=1, elongation=1.1)
+    trail = dict(x=20.0, y=32.5, segment=2, elongation=8.0)
+    local = st.local_sharpness_segments([point, trail], segments, radius=2.0)
+    rows, cols = np.nonzero(local == 1)
+    assert rows.size > 0 and np.all((rows - 11.0) ** 2 + (cols - 10.2) ** 2 <= 4.0)
+    assert np.array_equal(local == 2, segments == 2)
+    assert segments.sum() == 25 * 25 + 2 * 2 * 30  # not modified
