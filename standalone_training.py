@@ -436,8 +436,8 @@ def robust_background(image: np.ndarray) -> tuple[float, float]:
 
 
 def _progress(iterable: Any, **kwargs: Any) -> Any:
-    """tqdm over batches, on stderr, quiet when not attached to a terminal."""
-    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=1.0, **kwargs)
+    """tqdm over batches, on stderr, quiet when not attached to a terminal (``disable=None``, unless given)."""
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=1.0, **{"disable": None, **kwargs})
 
 
 def _fmt(value: float | None) -> str:
@@ -584,10 +584,10 @@ def check_threshold(value: float) -> None:
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding and torch's generators take seeds in [0, 2^32)
 
 
-def check_seed(seed: int) -> None:
-    """A seed is an integer in [0, MAX_SEED]."""
+def check_seed(seed: int, *, name: str = "seed") -> None:
+    """A seed is an integer in [0, MAX_SEED]; a refusal names it as `name` (the flag the user gave)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        msg = f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}"
+        msg = f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r}"
         raise ConfigError(msg)
 
 
@@ -6237,7 +6237,8 @@ def _windows(
     A side up to `tile` px is one window. A longer side is cut into the fewest equal cores
     whose windows, each core plus `margin` px on both sides, fit in `tile` px: the fewer and
     larger the windows, the less of them is margin computed twice. Windows lie inside the
-    image wherever it is large enough. Only a side shorter than a window is padded, to the
+    image wherever it is large enough, but for the last one, which may reach up to 15 px past
+    the image's end (:func:`_window_start`). A side shorter than a window is padded, to the
     next multiple of 16 (at least 32), and the padding mirrors the image: a band of zeros
     would be a border the network never saw in training. Cores are multiples of 16 px and
     windows start on the 16 px grid (:func:`_window_start`), so that each window sees what a
@@ -12118,7 +12119,7 @@ def export_weights(
     if fit_types < 0:
         msg = f"--fit-types must be >= 0 images, got {fit_types}"
         raise ConfigError(msg)
-    check_seed(types_seed)
+    check_seed(types_seed, name="--types-seed")
     target = Path(output)
     in_a_run = any((target.parent / name).exists() for name in RUN_MARKERS["training run"])
     if (target.exists() and target.resolve() == Path(checkpoint).resolve()) or (
