@@ -245,7 +245,7 @@ REFUSALS = {  # id: (command, fragments of the one line)
     "pairs-200kb-field": ("predict --device cpu --pairs {pairs_big} --output-dir {out}", ("not a readable CSV pair list",)),
     "compare-one-run-three-times": ("compare --device cpu --no-mlflow --no-energy --runs a={ckpt} a={ckpt} a={ckpt} --output-dir {out}", ("the same model as --runs a=",)),
     "export-onto-a-runs-last-pt": ("export --checkpoint {ckpt_1e30} --output {run_last}", ("refusing to write onto a run's checkpoint",)),
-    "export-types-seed-negative": ("export --fit-types 40 --types-seed -3 --output {out}.pt", ("--types-seed must be an integer", "-3")),
+    "export-types-seed-negative": ("export --checkpoint {ckpt_1e30} --fit-types 40 --types-seed -3 --output {out}.pt", ("--types-seed must be an integer", "-3")),
     "compare-overwrite-checks-first": ("compare --device cpu --no-mlflow --no-energy --overwrite --runs a={root}/missing --output-dir {cmp}", ("no best.pt",)),
 }
 
