@@ -1519,6 +1519,13 @@ def simulate_sky(rng: np.random.Generator, *, image_size: int, sky: SkyConfig) -
 PIXEL_DTYPE = np.float32
 
 
+def as_floating(array: np.ndarray) -> np.ndarray:
+    """`array` as floating point of at least PIXEL_DTYPE's precision: itself when it already is (no copy of a
+    full frame), else converted as numpy promotes it (integers wider than 16 bits to float64)."""
+    array = np.asarray(array)
+    return array.astype(np.promote_types(array.dtype, PIXEL_DTYPE), copy=False)
+
+
 # --- PSF width and the seeing of a pair, measured on the stars
 
 
@@ -1783,11 +1790,7 @@ def fit_flux_scale(
     """
     from scipy.stats import theilslopes  # lazy: 0.2 s of import, for this alone
 
-    # floating point, at least PIXEL_DTYPE's precision (no full-frame copy of a pair that is already); each
-    # star's box is summed in double precision
-    reference, science = (
-        np.asarray(a, dtype=np.promote_types(np.asarray(a).dtype, PIXEL_DTYPE)) for a in (reference, science)
-    )
+    reference, science = as_floating(reference), as_floating(science)  # each star's box is summed in float64
     valid = np.isfinite(reference) & np.isfinite(science)
     if not valid.any():
         msg = "cannot fit the flux ratio between the epochs: they share no finite pixel"
@@ -1878,7 +1881,7 @@ def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
     Near missing pixels the convolution is normalised by the weight of the pixels that
     exist (normalised convolution), so a hole's edge is blurred from real data alone.
     """
-    image = np.asarray(image, dtype=np.promote_types(np.asarray(image).dtype, PIXEL_DTYPE))
+    image = as_floating(image)
     if sigma <= 0:
         return image
     finite = np.isfinite(image)
@@ -2022,10 +2025,10 @@ def as_data(image: np.ndarray) -> np.ndarray:
     a frame's footprint) become missing. Missing pixels never enter a background, a noise
     estimate or a Fourier transform.
     """
-    data = np.array(image, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
+    data = as_floating(image)  # checked in its own precision: a float64 value beyond float32's range is missing too
+    with np.errstate(invalid="ignore", over="ignore"):
         missing = ~np.isfinite(data) | (np.abs(data) > PHYSICAL_LIMIT)
-    data = data.astype(PIXEL_DTYPE)
+        data = data.astype(PIXEL_DTYPE)  # a copy
     zero = data == 0.0
     if zero.any():
         block = np.ones((ZERO_FOOTPRINT, ZERO_FOOTPRINT), dtype=bool)
@@ -2330,10 +2333,7 @@ def register_pair(
        UNREGISTERED_MATCHES of at least UNREGISTERED_STARS) is refused: its headers do not
        describe its pixels, and a difference would report every star.
     """
-    # floating point, at least PIXEL_DTYPE's precision: an aligned pair is returned as it came
-    reference, science = (
-        np.asarray(a, dtype=np.promote_types(np.asarray(a).dtype, PIXEL_DTYPE)) for a in (reference, science)
-    )
+    reference, science = as_floating(reference), as_floating(science)  # an aligned pair is returned as it came
     method = "none"
     if wcs_reference is not None and wcs_science is not None:
         same = reference.shape == science.shape and wcs_reference.wcs.compare(wcs_science.wcs, tolerance=1e-10)
@@ -6257,17 +6257,20 @@ def _windows(
     return size, [(c, min(core, n - c), _window_start(c - margin, n, size)) for c in range(0, n, core)]
 
 
-def _candidate_cores(n: int, box: slice, *, core: int, margin: int) -> list[tuple[int, int, int]]:
-    """Along one axis of n px (more than one window of `core` + 2 `margin` px): the cores of `core` px that cover a
-    candidate's `box` and CANDIDATE_CONTEXT px around it, as (core start, core length, window start).
+def _candidate_cores(n: int, box: slice, *, core: int, margin: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Along one axis of n px: the window size, and the cores of `core` px that cover a candidate's `box` and
+    CANDIDATE_CONTEXT px around it, as (core start, core length, window start).
 
     Cores and windows start on multiples of 16 px (:func:`_window_start`), as a pass over the
-    whole image does. Every core lies inside the image and inside its window.
+    whole image does. Every core lies inside the image and inside its window. An axis no
+    longer than one window is one core (:func:`_windows`).
     """
     size = core + 2 * margin
+    if n <= size:
+        return _windows(n, tile=size, margin=margin)
     first, last = max(box.start - CANDIDATE_CONTEXT, 0), min(box.stop + CANDIDATE_CONTEXT, n)
     starts = [min(c, n - core) for c in range(first - first % 16, last, core)]
-    return [(c, core, _window_start(c - margin, n, size)) for c in starts]
+    return size, [(c, core, _window_start(c - margin, n, size)) for c in starts]
 
 
 def scoring_windows(
@@ -6287,21 +6290,15 @@ def scoring_windows(
     tiles = [(r, c) for r in rows for c in cols]
     if regions is None or len(tiles) == 1:
         return win_h, win_w, tiles
-    size = CANDIDATE_CORE + 2 * margin
-
-    def cores(n: int, box: slice) -> list[tuple[int, int, int]]:
-        if n <= size:  # an axis no longer than one window is one core
-            return _windows(n, tile=size, margin=margin)[1]
-        return _candidate_cores(n, box, core=CANDIDATE_CORE, margin=margin)
-
-    chosen = sorted(
-        {(r, c) for box in regions if box is not None for r in cores(height, box[0]) for c in cores(width, box[1])}
-    )
-    sparse_h = _windows(height, tile=size, margin=margin)[0] if height <= size else size
-    sparse_w = _windows(width, tile=size, margin=margin)[0] if width <= size else size
+    chosen, sparse_h, sparse_w = set(), win_h, win_w
+    for box in regions:
+        if box is not None:
+            sparse_h, row_cores = _candidate_cores(height, box[0], core=CANDIDATE_CORE, margin=margin)
+            sparse_w, col_cores = _candidate_cores(width, box[1], core=CANDIDATE_CORE, margin=margin)
+            chosen.update(itertools.product(row_cores, col_cores))
     if len(chosen) * sparse_h * sparse_w >= len(tiles) * win_h * win_w:
         return win_h, win_w, tiles
-    return sparse_h, sparse_w, chosen
+    return sparse_h, sparse_w, sorted(chosen)
 
 
 @torch.no_grad()
@@ -6426,6 +6423,7 @@ class Candidates(NamedTuple):
     every: list[dict]  # all of them, the too-sharp ones too
     segments: np.ndarray  # (H, W) int: each candidate's pixels, by its `segment` label (0: none)
     valid: np.ndarray | None  # (H, W) bool: where the candidates were looked for (None: everywhere)
+    boxes: list  # scipy.ndimage.find_objects(segments): each label's bounding box (None for a label with no pixel)
 
 
 def change_candidates(
@@ -6435,7 +6433,7 @@ def change_candidates(
     gate = SIGNIFICANCE_GATE if gate is None else gate  # read at call time: one constant for every caller
     if not isinstance(significance, Subtraction):
         candidates, segments = significance_candidates(significance, gate=gate, valid=valid)
-        return Candidates(candidates, candidates, segments, valid)
+        return Candidates(candidates, candidates, segments, valid, scipy.ndimage.find_objects(segments))
     subtraction = significance
     valid = subtraction.valid if valid is None else valid & subtraction.valid
     every, segments = significance_candidates(
@@ -6447,7 +6445,8 @@ def change_candidates(
         response=subtraction.response,
     )
     sharp = candidate_sharpness(subtraction, every, segments)
-    return Candidates([c for c, too_sharp in zip(every, sharp) if not too_sharp], every, segments, valid)
+    kept = [c for c, too_sharp in zip(every, sharp) if not too_sharp]
+    return Candidates(kept, every, segments, valid, scipy.ndimage.find_objects(segments))
 
 
 def detect_changes(
@@ -6487,13 +6486,12 @@ def detect_changes(
     subtraction = significance if isinstance(significance, Subtraction) else None
     if candidates is None:
         candidates = change_candidates(significance, valid=valid, gate=gate)
-    candidates, every, segments, valid = candidates
+    candidates, every, segments, valid, boxes = candidates
     near = scipy.ndimage.maximum_filter(np.nan_to_num(np.asarray(prob, dtype=np.float32)), size=5)
     scores = label_maxima(near, segments, [c["segment"] for c in candidates])[0]
     components, _ = scipy.ndimage.label(np.asarray(prob) >= threshold, structure=np.ones((3, 3), dtype=bool))
     sizes = np.bincount(components.ravel())
     kept = []
-    boxes = scipy.ndimage.find_objects(segments)
     for candidate, score in zip(candidates, scores):
         if score < threshold:
             continue
@@ -6870,7 +6868,7 @@ def find_changes(
         statistics=sub.statistics,
         device=device,
         types=True,
-        regions=scipy.ndimage.find_objects(candidates.segments),
+        regions=candidates.boxes,
     )
     prob[~valid] = 0.0  # no claims where either epoch has no data
     detections = type_detections(
