@@ -289,13 +289,17 @@ def test_candidates_come_from_the_difference_and_the_network_vetoes():
     prob[5:8, 5:8] = 0.95  # the network fires here and there
     prob[20:23, 20:23] = 0.95
     significance = np.zeros((32, 32))
-    significance[21, 23] = -7.0  # a fading source, one pixel beside the second component
+    significance[21, 22] = -7.0  # a fading source on the second component's edge
     significance[12, 28] = 9.0  # significant, but the network sees nothing there
     kept = st.detect_changes(prob, significance, threshold=0.5)
-    assert [(round(d["x"]), round(d["y"])) for d in kept] == [(23, 21)]  # the position is the difference's
+    assert [(round(d["x"]), round(d["y"])) for d in kept] == [(22, 21)]  # the position is the difference's
     assert kept[0]["significance"] == 7.0 and kept[0]["sign"] == -1
     assert kept[0]["area_px"] == 9  # the footprint is the network's component
     assert st.detect_changes(prob, significance, threshold=0.5, gate=7.5) == []
+    # The network must fire on the candidate's own central pixels: one pixel beside its footprint is a veto.
+    beside = np.zeros((32, 32))
+    beside[21, 23] = -7.0
+    assert st.detect_changes(prob, beside, threshold=0.5) == []
 
 
 def test_opposite_lobes_under_one_footprint_are_one_change():

@@ -694,8 +694,50 @@ def test_sharpness_is_read_near_a_point_like_candidate_and_along_a_whole_trail()
     segments[32:34, 5:35] = 2
     point = dict(x=10.2, y=11.0, segment=1, elongation=1.1)
     trail = dict(x=20.0, y=32.5, segment=2, elongation=8.0)
-    local = st.local_sharpness_segments([point, trail], segments, radius=2.0)
+    local = st.central_pixels([point, trail], segments, radius=2.0)
     rows, cols = np.nonzero(local == 1)
     assert rows.size > 0 and np.all((rows - 11.0) ** 2 + (cols - 10.2) ** 2 <= 4.0)
     assert np.array_equal(local == 2, segments == 2)
     assert segments.sum() == 25 * 25 + 2 * 2 * 30  # not modified
+
+
+def test_a_change_split_from_a_brighter_ones_island_keeps_its_place_in_their_shared_footprint():
+    """The network's footprint covers both; the fainter is under a third of the brighter's significance, which drops
+    a speck, but split_merged_islands has shown it to be a source of its own."""
+    sub = merged_pair([(40.0, 48.0), (46.0, 48.0)], [6000.0, 800.0])
+    candidates, _ = candidates_of(sub)
+    faint = [c for c in candidates if "split_from" in c]
+    assert len(faint) == 1 and faint[0]["significance"] < st.COMPANION_FRACTION * max(c["significance"] for c in candidates)
+    footprint = np.zeros(sub.significance.shape, dtype=np.float32)
+    footprint[42:55, 34:53] = 1.0
+    found = st.detect_changes(footprint, sub, threshold=0.5)
+    assert sorted(d["x"] for d in found) == pytest.approx([40.0, 46.0], abs=0.5)
+
+
+def test_a_faint_change_far_from_a_bright_one_is_its_own_even_in_one_footprint():
+    """Lobes, rings and specks lie within COMPANION_REACH FWHMs of S's response of their change; a candidate farther
+    away is kept whatever footprint it shares, and one nearer that is no split source is dropped."""
+    sub = merged_pair([(30.0, 48.0), (52.0, 48.0)], [20000.0, 700.0])
+    candidates, _ = candidates_of(sub)
+    assert len(candidates) == 2 and min(c["significance"] for c in candidates) < st.COMPANION_FRACTION * max(
+        c["significance"] for c in candidates)
+    assert 22.0 > st.COMPANION_REACH * st.response_fwhm(sub.response)
+    footprint = np.zeros(sub.significance.shape, dtype=np.float32)
+    footprint[42:55, 24:58] = 1.0
+    found = st.detect_changes(footprint, sub, threshold=0.5)
+    assert sorted(d["x"] for d in found) == pytest.approx([30.0, 52.0], abs=0.5)
+    # A significance map alone has no response to measure the reach with: the footprint's rule holds everywhere.
+    alone = st.detect_changes(footprint, sub.significance, threshold=0.5)
+    assert [round(d["x"]) for d in alone] == [30]
+
+
+def test_the_network_scores_a_candidate_on_its_central_pixels_not_its_whole_island():
+    """A bright cosmic ray's island of S reaches into a real neighbour's footprint; the network saw nothing at the
+    ray itself, so it is vetoed."""
+    yy, xx = np.mgrid[:40, :40]
+    significance = 50.0 * np.exp(-((xx - 24) ** 2 + (yy - 24) ** 2) / 18.0)  # an island 6 px in radius
+    prob = np.zeros((40, 40), dtype=np.float32)
+    prob[14:20, 14:20] = 1.0  # a neighbour's footprint, within the island's reach
+    assert st.detect_changes(prob, significance, threshold=0.5) == []
+    prob[23:26, 23:26] = 1.0  # the network fires on the candidate itself
+    assert [(round(d["x"]), round(d["y"])) for d in st.detect_changes(prob, significance, threshold=0.5)] == [(24, 24)]
