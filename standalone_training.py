@@ -359,15 +359,36 @@ MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian per unit median absolute deviation
 STATISTICS_SAMPLE = 2**22
 
 
+def _sample_stride(count: int) -> int:
+    """The prime stride of :func:`statistics_sample` for `count` values (beyond STATISTICS_SAMPLE)."""
+    stride = math.ceil(count / STATISTICS_SAMPLE)
+    while any(stride % k == 0 for k in range(2, math.isqrt(stride) + 1)):
+        stride += 1
+    return stride
+
+
 def statistics_sample(values: np.ndarray) -> np.ndarray:
     """The values, flattened: all of them, or beyond STATISTICS_SAMPLE a regular subsample of about that many."""
     flat = np.asarray(values).ravel()
     if flat.size <= STATISTICS_SAMPLE:
         return flat
-    stride = math.ceil(flat.size / STATISTICS_SAMPLE)
-    while any(stride % k == 0 for k in range(2, math.isqrt(stride) + 1)):
-        stride += 1
-    return flat[::stride]
+    return flat[:: _sample_stride(flat.size)]
+
+
+def masked_sample(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``statistics_sample(values[mask])`` of a 2-D map, read in blocks of rows: the same values, without a copy of
+    every selected one first (67 MB at 4096 px in single precision)."""
+    count = int(np.count_nonzero(mask))
+    if count <= STATISTICS_SAMPLE:
+        return values[mask]
+    stride = _sample_stride(count)
+    block = max(1, STATISTICS_SAMPLE // (8 * values.shape[1]))  # rows per block: an eighth of a sample's pixels
+    parts, seen = [], 0
+    for start in range(0, values.shape[0], block):
+        chunk = values[start : start + block][mask[start : start + block]]
+        parts.append(chunk[(-seen) % stride :: stride])
+        seen += chunk.size
+    return np.concatenate(parts)
 
 
 # Quantised pixels (plate scans, integer-rounded frames) make the MAD jump in whole steps: at a
@@ -2091,17 +2112,33 @@ def _background_plane(background: np.ndarray, valid: np.ndarray) -> np.ndarray |
     if count < 3:
         return None
     step = max(1, count // 20000)  # the map is smooth: every step-th valid pixel fits the same plane
-    flat = np.arange(0, valid.size, step) if count == valid.size else np.flatnonzero(valid)[::step]
+    if count == valid.size:
+        flat = np.arange(0, valid.size, step)
+    else:  # every step-th valid pixel, listed a block of rows at a time (all of them at once: 134 MB at 4096 px)
+        width, block = valid.shape[1], max(1, 2**20 // valid.shape[1])
+        parts, seen = [], 0
+        for start in range(0, valid.shape[0], block):
+            found = np.flatnonzero(valid[start : start + block])
+            parts.append(found[(-seen) % step :: step] + start * width)
+            seen += found.size
+        flat = np.concatenate(parts)
     rows, cols = np.divmod(flat, valid.shape[1])
     design = np.stack([np.ones(rows.size), cols, rows], axis=1).astype(np.float64)
     (c, gx, gy), *_ = np.linalg.lstsq(design, background[rows, cols], rcond=None)
-    plane = c + gx * np.arange(background.shape[1])[None, :] + gy * np.arange(background.shape[0])[:, None]
-    return plane.astype(background.dtype)
+    # summed in double precision, element by element, into the map's own precision: no double map
+    plane = np.empty(background.shape, dtype=background.dtype)
+    np.add(c + gx * np.arange(background.shape[1])[None, :], gy * np.arange(background.shape[0])[:, None], out=plane)
+    return plane
 
 
 def background_map(
-    image: np.ndarray, *, mesh: int = BACKGROUND_MESH, correlated: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+    image: np.ndarray,
+    *,
+    mesh: int = BACKGROUND_MESH,
+    correlated: bool = False,
+    noise: bool = True,
+    valid: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Local background and noise maps of an image with NaN where it has no data.
 
     The background is ``sep.Background`` (SExtractor as a library): a sigma-clipped mode in
@@ -2112,17 +2149,23 @@ def background_map(
     and only the pixel noise is left; clipped, and measured again away from the pixels of
     sources (SOURCE_MASK_SIGMA), they survive quantisation and crowding too. A map whose noise is `correlated` on
     purpose (a filtered map such as S_corr, where neighbours share most of their noise) has it measured on its own
-    pixels, as the background is. Missing pixels are masked out of every mesh.
+    pixels, as the background is. Missing pixels are masked out of every mesh: the image's
+    non-finite ones, or those outside `valid` where it is given (an image finite everywhere
+    is then read as it is, with no copy: 67 MB at 4096 px). Without `noise`, only the
+    background is mapped (its rms is None).
 
     Returns
     -------
-    (background, rms) : float64 arrays of the image's shape
+    (background, rms) : PIXEL_DTYPE arrays of the image's shape
     """
-    valid = np.isfinite(image)
+    finite = np.isfinite(image)
+    valid = finite if valid is None else valid & finite
     if not valid.any():
         msg = "image has no finite pixels"
         raise DataError(msg)
-    data = np.ascontiguousarray(np.where(valid, image, 0.0), dtype=PIXEL_DTYPE)
+    own = not (finite.all() and image.dtype == PIXEL_DTYPE and image.flags.c_contiguous)
+    data = np.ascontiguousarray(np.where(finite, image, 0.0), dtype=PIXEL_DTYPE) if own else image
+    del finite
     side = int(max(8, min(mesh, min(data.shape) // 2)))
     filter_size = 3 if min(data.shape) >= 5 * side else 1
     background = sep.Background(data, mask=~valid, bw=side, bh=side, fw=filter_size, fh=filter_size).back()
@@ -2132,25 +2175,35 @@ def background_map(
     # taken out, the meshes measure what is left, and the plane goes back into the background.
     plane = _background_plane(background, valid)
     if plane is not None:
-        background = (
-            plane
-            + sep.Background(
-                np.ascontiguousarray(np.where(valid, data - plane, 0.0)),
-                mask=~valid,
-                bw=side,
-                bh=side,
-                fw=filter_size,
-                fh=filter_size,
-            ).back()
-        )
-    pairs = valid[:, 1:] & valid[:, :-1]
-    steps = np.zeros_like(data)
-    steps[:, 1:] = np.where(pairs, (data[:, 1:] - data[:, :-1]) / math.sqrt(2.0), 0.0)
-    steps_valid = np.zeros_like(valid)
-    steps_valid[:, 1:] = pairs
-    if correlated or not steps_valid.any():  # a filtered map, or a single column: no neighbours to difference
-        steps, steps_valid = np.ascontiguousarray(data - background), valid
-    overall = robust_sigma(steps[steps_valid])
+        # Each step in place: at 4096 px every full-frame temporary is 67 MB, and ZOGY's
+        # calibration calls this at the subtraction's memory peak.
+        del background
+        residual = data - plane
+        residual[~valid] = 0.0
+        background = sep.Background(residual, mask=~valid, bw=side, bh=side, fw=filter_size, fh=filter_size).back()
+        del residual
+        background += plane
+        del plane
+    if not noise:
+        return background, None
+    steps_valid = None
+    if not correlated:
+        pairs = valid[:, 1:] & valid[:, :-1]
+        steps = np.zeros_like(data)
+        steps[:, 1:] = np.where(pairs, (data[:, 1:] - data[:, :-1]) / math.sqrt(2.0), 0.0)
+        steps_valid = np.zeros_like(valid)
+        steps_valid[:, 1:] = pairs
+        del pairs
+    # read before `data` may become the steps
+    top = max(abs(float(np.max(data, where=valid, initial=0.0))), abs(float(np.min(data, where=valid, initial=0.0))))
+    if steps_valid is None or not steps_valid.any():  # a filtered map, or a single column: no neighbours to difference
+        if correlated and own:  # `data` is this function's own copy, needed no more
+            data -= background
+            steps = data
+        else:
+            steps = data - background
+        steps_valid = valid
+    overall = robust_sigma(masked_sample(steps, steps_valid))
     if correlated:
         rms = sep.Background(
             np.ascontiguousarray(steps), mask=~steps_valid, bw=side, bh=side, fw=filter_size, fh=filter_size
@@ -2168,9 +2221,9 @@ def background_map(
         )
     # A mesh of coarsely quantised or constant pixels reads 0: the clipped standard deviation
     # of all the steps stands in there.
-    floor = 0.1 * overall if overall > 0 else 1e-12 * max(float(np.max(np.abs(data))), 1.0)
-    rms = np.where(np.isfinite(rms) & (rms >= floor), rms, max(overall, floor)).astype(data.dtype)
-    return background, rms
+    floor = 0.1 * overall if overall > 0 else 1e-12 * max(top, 1.0)
+    rms[~(np.isfinite(rms) & (rms >= floor))] = max(overall, floor)
+    return background, rms.astype(PIXEL_DTYPE, copy=False)
 
 
 # --- Registration: the reference on the science grid
@@ -2571,6 +2624,7 @@ def zogy_subtraction(
     astrometric_sigma: tuple[float, float] = (0.0, 0.0),
     flux_systematic: float = 0.0,
     sources: np.ndarray | None = None,
+    reuse_variances: bool = False,
 ) -> Subtraction:
     """
     Proper image subtraction of a registered, background-subtracted pair.
@@ -2597,6 +2651,10 @@ def zogy_subtraction(
         noise, for frames whose gain is unknown).
     sources : ndarray of bool, shape (H, W), optional
         Pixels of sources in either epoch: the calibration is measured away from them.
+    reuse_variances : bool
+        The variance maps are the caller's temporaries, C-contiguous in PIXEL_DTYPE: once
+        transformed, their memory holds S_corr's variance and S_corr itself (overwritten; at
+        4096 px that is 134 MB less at the subtraction's peak).
 
     Returns
     -------
@@ -2659,13 +2717,23 @@ def zogy_subtraction(
                 variance += jitter**2 * np.gradient(image, axis=axis) ** 2
         variance += (flux_systematic * image) ** 2
     score = (score_n - score_r)[:h, :w]
-    variance = variance[:h, :w].copy()
+    scratch = (
+        [variance_science, variance_reference]
+        if reuse_variances
+        and all(v.dtype == PIXEL_DTYPE and v.flags.c_contiguous for v in (variance_science, variance_reference))
+        else [np.empty((h, w), dtype=PIXEL_DTYPE) for _ in range(2)]
+    )
+    del variance_science, variance_reference
+    np.copyto(scratch[0], variance[:h, :w])
+    variance = scratch[0]
     # The padded maps are done with: at 4096 px they are hundreds of megabytes that the
     # calibration's mesh statistics below would otherwise hold beside their own.
     del score_n, score_r, image
     floor = 1e-6 * float(np.median(statistics_sample(variance[valid]))) if valid.any() else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        raw = np.where(valid & (variance > floor), score / np.sqrt(np.maximum(variance, floor)), 0.0)
+        raw = np.divide(score, np.sqrt(np.maximum(variance, floor)), out=scratch[1])
+    raw[~(valid & (variance > floor))] = 0.0
+    del score, scratch  # a view that holds a padded map
     # The empirical calibration: S_corr's own robust noise where it is noise, away from the
     # edges and holes (where the filter saw part of its footprint) and from every source of
     # either epoch (whose residuals are the variance model's and the network's business).
@@ -2683,9 +2751,14 @@ def zogy_subtraction(
     # it. Only then is the noise measured: an offset left in would be read as noise, and a
     # 20 sigma ramp in one epoch divided S by 2.5 (every faint change lost).
     offset, _ = background_map(
-        np.where(inner, raw, np.nan), mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True
+        np.where(inner, raw, np.nan),
+        mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]),
+        correlated=True,
+        noise=False,
     )
-    raw = np.where(valid, raw - offset, 0.0)
+    raw -= offset
+    raw[~valid] = 0.0
+    del offset
     sample = raw[quiet] if quiet.sum() >= CALIBRATION_MIN_PIXELS else raw[inner]
     calibration = robust_sigma(sample) if sample.size else 1.0
     # A difference with no noise of its own (a frame minus a copy of itself) is held to the
@@ -2699,18 +2772,24 @@ def zogy_subtraction(
         mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]),
         correlated=True,
     )
-    calibration = calibration * np.maximum(local, 1.0)
-    noise = np.sqrt(np.maximum(variance, floor)) * calibration
-    significance = raw / calibration
+    calibration = (calibration * np.maximum(local, 1.0)).astype(PIXEL_DTYPE, copy=False)
+    del local, inner, quiet
+    significance = (raw / calibration).astype(PIXEL_DTYPE, copy=False)
+    # S and its noise, in the maps already held (at 4096 px each new one is 67 MB at the peak)
+    sigma = np.sqrt(np.maximum(variance, floor, out=variance), out=variance)
+    del variance
+    score = np.multiply(raw, sigma, out=raw).astype(PIXEL_DTYPE, copy=False)
+    noise = np.multiply(sigma, calibration, out=sigma).astype(PIXEL_DTYPE, copy=False)
+    del raw, sigma
     return Subtraction(
         difference,
         psf_d / psf_d.sum(),
         flux_zeropoint,
-        (raw * np.sqrt(np.maximum(variance, floor))).astype(PIXEL_DTYPE),
-        noise.astype(PIXEL_DTYPE),
-        significance.astype(PIXEL_DTYPE),
+        score,
+        noise,
+        significance,
         float(np.median(statistics_sample(calibration[valid]))) if valid.any() else 1.0,
-        calibration.astype(PIXEL_DTYPE),
+        calibration,
         valid,
         score_response(psf_reference, psf_science, flux_ratio=fn, sigma_reference=sr, sigma_science=sn),
     )
@@ -2882,7 +2961,7 @@ DEBLEND_NOISE_WINDOW = 15  # px: the local minimum of S's noise over this window
 
 def _peak_centroid(image: np.ndarray, x: int, y: int) -> tuple[float, float]:
     """(x, y) of a peak pixel refined by the first moment of the 3x3 box around it, above the box's minimum."""
-    box = image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
+    box = image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].astype(np.float64)  # one precision for every map
     weights = np.clip(box - box.min(), 0.0, None)
     total = float(weights.sum())
     if not total > 0:
@@ -3201,6 +3280,12 @@ def split_merged_islands(
     return list(candidates) + extras, segments
 
 
+def _finite_copy(values: np.ndarray) -> np.ndarray:
+    """`values` as floating point (:func:`as_floating`) with NaN as 0: itself when it has no NaN (no copy)."""
+    values = as_floating(values)
+    return np.nan_to_num(values, nan=0.0) if np.isnan(values).any() else values
+
+
 def significance_candidates(
     significance: np.ndarray,
     *,
@@ -3224,7 +3309,9 @@ def significance_candidates(
     Returns the candidates (``x``, ``y``: the peak of S, refined by a 3x3 moment, or the
     S-weighted centroid of an elongated one; ``significance``: peak |S_corr|; ``sign``: +1 brighter, -1 fainter in the
     science epoch; ``segment``: its label) and the (H, W) int map of their pixels (0: none)."""
-    significance = np.nan_to_num(np.asarray(significance, dtype=np.float64), nan=0.0)
+    # In the maps' own precision (sep works in single precision): at 4096 px a double copy of
+    # each would be 134 MB, at predict's peak.
+    significance = _finite_copy(significance)
     if score is None or score_noise is None:
         data, err = significance, None
     else:
@@ -3232,19 +3319,19 @@ def significance_candidates(
         # astrometric terms (which peak on sources) out of it, so the branches are S's. The
         # island is then a superset of S_corr's, and each candidate must still reach the gate
         # in S_corr itself.
-        data = np.nan_to_num(np.asarray(score, dtype=np.float64))
-        err = np.ascontiguousarray(
-            scipy.ndimage.minimum_filter(np.asarray(score_noise, dtype=np.float64), size=DEBLEND_NOISE_WINDOW)
-        )
+        data = _finite_copy(score)
+        err = np.ascontiguousarray(scipy.ndimage.minimum_filter(as_floating(score_noise), size=DEBLEND_NOISE_WINDOW))
     mask = None if valid is None else np.ascontiguousarray(~np.asarray(valid, dtype=bool))
     segments = np.zeros(significance.shape, dtype=np.int32)
     candidates = []
     sep.set_extract_pixstack(max(300_000, significance.size // 4))
     for sign in (1.0, -1.0):
-        if not (sign * significance >= gate).any():
+        signed_significance = sign * significance
+        if not (signed_significance >= gate).any():
             continue
+        signed = np.ascontiguousarray(sign * data)  # once per sign: each candidate reads it
         objects, seg = sep.extract(
-            np.ascontiguousarray(sign * data),
+            signed,
             gate,
             err=err,
             mask=mask,
@@ -3258,12 +3345,12 @@ def significance_candidates(
         base = len(candidates)
         segments[seg > 0] = seg[seg > 0] + base
         labels = np.arange(1, len(objects) + 1)
-        peaks = label_maxima(sign * significance, seg, labels)[0]
+        peaks = label_maxima(signed_significance, seg, labels)[0]
         # A source is where S peaks, refined by a 3x3 moment: the barycentre of an island is
         # pulled toward whatever else it holds (a host's residual, a neighbour's wing).
-        tops = label_maxima(sign * data, seg, labels)[1]
+        tops = label_maxima(signed, seg, labels)[1]
         for k, (o, peak, (py, px)) in enumerate(zip(objects, peaks, tops)):
-            x, y = _peak_centroid(sign * data, int(px), int(py))
+            x, y = _peak_centroid(signed, int(px), int(py))
             elongated = float(o["a"] / max(o["b"], 1e-3))
             if elongated >= ELONGATED:  # a trail's position is its middle, not its brightest point
                 x, y = float(o["x"]), float(o["y"])
@@ -3609,6 +3696,7 @@ def subtract_pair(
         astrometric_sigma=(jitter, jitter),
         flux_systematic=math.hypot(FLUX_SYSTEMATIC, ratio_error),
         sources=sources,
+        reuse_variances=True,
     )
     del var_r, var_s, sources
     seeing_kw = (
@@ -6229,7 +6317,10 @@ PREDICT_TILE = 1536
 # 32 px, by up to 0.9999 (29k px above 0.01), enough to make or break detections at seams
 # (benchmarks/bench_predict.py --receptive-field).
 PREDICT_MARGIN = 96
-PREDICT_BATCH_PIXELS = 16 * 256 * 256  # window px per forward pass
+# Window px per forward pass: about 0.2 GB of activations at width 16. Twice as many ran no
+# faster on 2 cores (8.4 s against 6.6-7.6 s for a 4096 px frame's windows) and were, with
+# 0.4 GB, the peak of predict's memory.
+PREDICT_BATCH_PIXELS = 8 * 256 * 256
 # px: on a frame larger than one window, the network scores only the candidates' surroundings,
 # in cores of this side (windows of 272 px with their margins) on the 16 px grid of the whole
 # image's windows: 64 px for a candidate and CANDIDATE_CONTEXT px around it, and up to 15 px to
@@ -6512,10 +6603,13 @@ def detect_changes(
     if candidates is None:
         candidates = change_candidates(significance, valid=valid, gate=gate)
     candidates, every, segments, valid, boxes = candidates
-    prob = np.nan_to_num(np.asarray(prob, dtype=np.float32))
+    # Full-frame maps are few here: at 4096 px each is 67 MB, and this runs at predict's peak.
+    prob = np.asarray(prob, dtype=np.float32)
+    if np.isnan(prob).any():
+        prob = np.nan_to_num(prob)
     cores = central_pixels(candidates, segments, radius=SCORE_RADIUS)
     scores = label_maxima(prob, cores, [c["segment"] for c in candidates])[0]
-    near = scipy.ndimage.maximum_filter(prob, size=5)
+    del cores
     # how far a lobe, a ring or a speck of a change can lie from it (without ZOGY's response: anywhere in its footprint)
     reach = COMPANION_REACH * response_fwhm(subtraction.response) if subtraction is not None else math.inf
     components, _ = scipy.ndimage.label(prob >= threshold, structure=np.ones((3, 3), dtype=bool))
@@ -6554,23 +6648,37 @@ def detect_changes(
     # brighter neighbour's island (a faint transient beside a bright residual): the component
     # is its footprint, and its position is where S_corr peaks on it.
     # Components at any candidate's own peak (kept, vetoed or too sharp) are that candidate's.
-    peaks = np.zeros(components.shape, dtype=bool)
-    for c in every:
-        peaks[
-            min(max(int(round(c["y"])), 0), peaks.shape[0] - 1), min(max(int(round(c["x"])), 0), peaks.shape[1] - 1)
-        ] = True
-    held = set(np.unique(components[scipy.ndimage.binary_dilation(peaks, iterations=2)]).tolist()) if every else set()
-    sig = np.nan_to_num(subtraction.significance if subtraction is not None else np.asarray(significance))
-    magnitude = np.abs(sig) if valid is None else np.where(valid, np.abs(sig), 0.0)
+    height, width = components.shape
+    held = set()
+    for c in every:  # the components within 2 px (city-block) of each candidate's peak
+        row, col = min(max(int(round(c["y"])), 0), height - 1), min(max(int(round(c["x"])), 0), width - 1)
+        rows, cols = np.ogrid[max(row - 2, 0) : min(row + 3, height), max(col - 2, 0) : min(col + 3, width)]
+        window = components[rows, cols]
+        held.update(np.unique(window[np.abs(rows - row) + np.abs(cols - col) <= 2]).tolist())
+    sig = subtraction.significance if subtraction is not None else np.asarray(significance)
+    if np.isnan(sig).any():
+        sig = np.nan_to_num(sig)
     free = [k for k in range(1, len(sizes)) if k not in held]
     if free:
+        magnitude = np.abs(sig)
+        if valid is not None:
+            magnitude[~valid] = 0.0
         best, where = label_maxima(magnitude, components, free)
-        peaks = label_maxima(near, components, free)[0]
-        local_max = magnitude == scipy.ndimage.maximum_filter(magnitude, size=5)
-        for label, value, (py, px), score in zip(free, np.atleast_1d(best), where, np.atleast_1d(peaks)):
-            if value >= gate and local_max[py, px]:  # a peak of its own, not the flank of a neighbour's
+        # each free component's score: the network's highest probability on it or within 2 px
+        found = scipy.ndimage.find_objects(components)
+        peaks = []
+        for label in free:
+            rows, cols = found[label - 1]
+            box = (slice(max(rows.start - 2, 0), rows.stop + 2), slice(max(cols.start - 2, 0), cols.stop + 2))
+            near = scipy.ndimage.maximum_filter(prob[box], size=5)
+            peaks.append(float(near[components[box] == label].max()))
+        for label, value, (py, px), score in zip(free, np.atleast_1d(best), where, peaks):
+            around = magnitude[max(py - 2, 0) : py + 3, max(px - 2, 0) : px + 3]
+            if value >= gate and value == around.max():  # a peak of its own, not the flank of a neighbour's
                 sign = 1 if sig[py, px] > 0 else -1
-                x, y = _peak_centroid(sign * sig, int(px), int(py))
+                top, left = max(py - 1, 0), max(px - 1, 0)  # the 3x3 box around the peak, not the whole frame
+                x, y = _peak_centroid(sign * sig[top : py + 2, left : px + 2], int(px) - left, int(py) - top)
+                x, y = x + left, y + top
                 detections.append(
                     (
                         dict(

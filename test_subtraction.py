@@ -123,6 +123,52 @@ def test_local_background_follows_ramps_and_glows(kind):
     assert np.median(rms) == pytest.approx(SIGMA, rel=0.1)
 
 
+def test_the_memory_savers_read_the_same_pixels_as_the_plain_expressions():
+    """Large frames are sampled, planed and calibrated a block at a time, without full-frame copies: the values are
+    those of the plain whole-frame expressions."""
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(2300, 2300)).astype(np.float32)  # 5.3 Mpx: beyond STATISTICS_SAMPLE
+    mask = rng.random(values.shape) < 0.9
+    assert mask.sum() > st.STATISTICS_SAMPLE
+    assert np.array_equal(st.masked_sample(values, mask), st.statistics_sample(values[mask]))
+    small = np.zeros((300, 300), dtype=np.float32) + np.arange(300, dtype=np.float32)
+    holes = rng.random(small.shape) < 0.95  # 85 000 valid pixels: every fourth fits the plane
+    flat = np.flatnonzero(holes)[:: int(holes.sum()) // 20000]
+    rows, cols = np.divmod(flat, 300)
+    design = np.stack([np.ones(rows.size), cols, rows], axis=1)
+    (c, gx, gy), *_ = np.linalg.lstsq(design, small[rows, cols].astype(np.float64), rcond=None)
+    expected = (c + gx * np.arange(300)[None, :] + gy * np.arange(300)[:, None]).astype(np.float32)
+    assert np.array_equal(st._background_plane(small, holes), expected)
+    # A filtered map, finite everywhere, masked by `valid` rather than by NaN: the same maps.
+    ramp = (values[:256, :256] + np.linspace(0.0, 5.0, 256, dtype=np.float32)[None, :]).copy()
+    inner = np.zeros(ramp.shape, dtype=bool)
+    inner[20:-20, 20:-20] = True
+    given = st.background_map(ramp, correlated=True, valid=inner)
+    nan = st.background_map(np.where(inner, ramp, np.nan), correlated=True)
+    assert all(np.array_equal(a, b) for a, b in zip(given, nan))
+    assert np.array_equal(ramp, values[:256, :256] + np.linspace(0.0, 5.0, 256, dtype=np.float32)[None, :])  # read only
+    assert st.background_map(ramp, correlated=True, noise=False)[1] is None
+
+
+def test_zogy_reusing_its_callers_variance_maps_gives_the_same_subtraction():
+    rng = np.random.default_rng(21)
+    source = st.render_points((128, 128), [60.0], [70.0], [800.0], st.PSF(3.0, 3.5))
+    reference, science = rng.normal(0.0, SIGMA, (2, 128, 128)) + np.stack([np.zeros((128, 128)), source])
+    kw = dict(psf_reference=st.PSF(2.5, 3.5).stamp, psf_science=st.PSF(3.0, 3.5).stamp, sigma_reference=SIGMA,
+              sigma_science=SIGMA, flux_ratio=1.0, astrometric_sigma=(0.05, 0.05), flux_systematic=0.01)
+    variances = [np.full((128, 128), SIGMA**2, dtype=st.PIXEL_DTYPE) for _ in range(2)]
+    plain = st.zogy_subtraction(reference, science, variance_reference=variances[0].copy(),
+                                variance_science=variances[1].copy(), **kw)
+    reused = st.zogy_subtraction(reference, science, variance_reference=variances[0], variance_science=variances[1],
+                                 reuse_variances=True, **kw)
+    assert plain.significance.max() > 10
+    for name in ("difference", "score", "score_noise", "significance", "local_calibration", "valid"):
+        assert np.array_equal(getattr(plain, name), getattr(reused, name)), name
+    # their memory now holds S and its noise, and the plain call left its inputs as they were
+    assert reused.score is variances[0] and reused.score_noise is variances[1]
+    assert plain.score is not variances[0]
+
+
 def test_a_20_sigma_ramp_in_one_epoch_leaves_the_significance_of_a_change_as_it_was():
     """The ramp is taken out as a plane before the meshes, and S_corr's noise is measured after its own offset:
     a ramp costs no depth (it divided S by 2.5 before)."""
