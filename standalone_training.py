@@ -2163,7 +2163,7 @@ def background_map(
     if not valid.any():
         msg = "image has no finite pixels"
         raise DataError(msg)
-    own = not (finite.all() and image.dtype == PIXEL_DTYPE and image.flags.c_contiguous)
+    own = not (finite.all() and image.dtype == PIXEL_DTYPE and image.flags.c_contiguous)  # else read as it is
     data = np.ascontiguousarray(np.where(finite, image, 0.0), dtype=PIXEL_DTYPE) if own else image
     del finite
     side = int(max(8, min(mesh, min(data.shape) // 2)))
@@ -2751,10 +2751,7 @@ def zogy_subtraction(
     # it. Only then is the noise measured: an offset left in would be read as noise, and a
     # 20 sigma ramp in one epoch divided S by 2.5 (every faint change lost).
     offset, _ = background_map(
-        np.where(inner, raw, np.nan),
-        mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]),
-        correlated=True,
-        noise=False,
+        raw, mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True, noise=False, valid=inner
     )
     raw -= offset
     raw[~valid] = 0.0
@@ -2768,9 +2765,10 @@ def zogy_subtraction(
     # sigma must mean 5 sigma there too: its local RMS (a mesh over the source-free pixels)
     # divides it further. It never sharpens a region that scatters less.
     _, local = background_map(
-        np.where(quiet if quiet.sum() >= CALIBRATION_MIN_PIXELS else inner, raw / calibration, np.nan),
+        raw / calibration,
         mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]),
         correlated=True,
+        valid=quiet if quiet.sum() >= CALIBRATION_MIN_PIXELS else inner,
     )
     calibration = (calibration * np.maximum(local, 1.0)).astype(PIXEL_DTYPE, copy=False)
     del local, inner, quiet
