@@ -3278,8 +3278,8 @@ def split_merged_islands(
     return list(candidates) + extras, segments
 
 
-def _finite_copy(values: np.ndarray) -> np.ndarray:
-    """`values` as floating point (:func:`as_floating`) with NaN as 0: itself when it has no NaN (no copy)."""
+def _nan_as_zero(values: np.ndarray) -> np.ndarray:
+    """`values` as floating point (:func:`as_floating`) with NaN as 0: a copy only where there is NaN to replace."""
     values = as_floating(values)
     return np.nan_to_num(values, nan=0.0) if np.isnan(values).any() else values
 
@@ -3309,7 +3309,7 @@ def significance_candidates(
     science epoch; ``segment``: its label) and the (H, W) int map of their pixels (0: none)."""
     # In the maps' own precision (sep works in single precision): at 4096 px a double copy of
     # each would be 134 MB, at predict's peak.
-    significance = _finite_copy(significance)
+    significance = _nan_as_zero(significance)
     if score is None or score_noise is None:
         data, err = significance, None
     else:
@@ -3317,7 +3317,7 @@ def significance_candidates(
         # astrometric terms (which peak on sources) out of it, so the branches are S's. The
         # island is then a superset of S_corr's, and each candidate must still reach the gate
         # in S_corr itself.
-        data = _finite_copy(score)
+        data = _nan_as_zero(score)
         err = np.ascontiguousarray(scipy.ndimage.minimum_filter(as_floating(score_noise), size=DEBLEND_NOISE_WINDOW))
     mask = None if valid is None else np.ascontiguousarray(~np.asarray(valid, dtype=bool))
     segments = np.zeros(significance.shape, dtype=np.int32)
@@ -6602,9 +6602,7 @@ def detect_changes(
         candidates = change_candidates(significance, valid=valid, gate=gate)
     candidates, every, segments, valid, boxes = candidates
     # Full-frame maps are few here: at 4096 px each is 67 MB, and this runs at predict's peak.
-    prob = np.asarray(prob, dtype=np.float32)
-    if np.isnan(prob).any():
-        prob = np.nan_to_num(prob)
+    prob = _nan_as_zero(np.asarray(prob, dtype=np.float32))
     cores = central_pixels(candidates, segments, radius=SCORE_RADIUS)
     scores = label_maxima(prob, cores, [c["segment"] for c in candidates])[0]
     del cores
@@ -6653,9 +6651,7 @@ def detect_changes(
         rows, cols = np.ogrid[max(row - 2, 0) : min(row + 3, height), max(col - 2, 0) : min(col + 3, width)]
         window = components[rows, cols]
         held.update(np.unique(window[np.abs(rows - row) + np.abs(cols - col) <= 2]).tolist())
-    sig = subtraction.significance if subtraction is not None else np.asarray(significance)
-    if np.isnan(sig).any():
-        sig = np.nan_to_num(sig)
+    sig = _nan_as_zero(subtraction.significance if subtraction is not None else significance)
     free = [k for k in range(1, len(sizes)) if k not in held]
     if free:
         magnitude = np.abs(sig)
