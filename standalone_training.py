@@ -89,7 +89,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 import typing
-from typing import Any, Callable, NamedTuple, Sequence, TypedDict
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -375,20 +375,26 @@ def statistics_sample(values: np.ndarray) -> np.ndarray:
     return flat[:: _sample_stride(flat.size)]
 
 
+def _every_nth_set(mask: np.ndarray, step: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """Every `step`-th True pixel of a 2-D `mask` in raster order (the first included), a block of rows at a time: the
+    rows of each block and those pixels' flat indices within it. Listing every True pixel at once would cost 134 MB
+    at 4096 px."""
+    block = max(1, 2**20 // mask.shape[1])
+    seen = 0
+    for start in range(0, mask.shape[0], block):
+        found = np.flatnonzero(mask[start : start + block])
+        yield slice(start, start + block), found[(-seen) % step :: step]
+        seen += found.size
+
+
 def masked_sample(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``statistics_sample(values[mask])`` of a 2-D map, read in blocks of rows: the same values, without a copy of
     every selected one first (67 MB at 4096 px in single precision)."""
     count = int(np.count_nonzero(mask))
     if count <= STATISTICS_SAMPLE:
         return values[mask]
-    stride = _sample_stride(count)
-    block = max(1, STATISTICS_SAMPLE // (8 * values.shape[1]))  # rows per block: an eighth of a sample's pixels
-    parts, seen = [], 0
-    for start in range(0, values.shape[0], block):
-        chunk = values[start : start + block][mask[start : start + block]]
-        parts.append(chunk[(-seen) % stride :: stride])
-        seen += chunk.size
-    return np.concatenate(parts)
+    picks = _every_nth_set(mask, _sample_stride(count))
+    return np.concatenate([values[rows].ravel()[indices] for rows, indices in picks])
 
 
 # Quantised pixels (plate scans, integer-rounded frames) make the MAD jump in whole steps: at a
@@ -2114,14 +2120,8 @@ def _background_plane(background: np.ndarray, valid: np.ndarray) -> np.ndarray |
     step = max(1, count // 20000)  # the map is smooth: every step-th valid pixel fits the same plane
     if count == valid.size:
         flat = np.arange(0, valid.size, step)
-    else:  # every step-th valid pixel, listed a block of rows at a time (all of them at once: 134 MB at 4096 px)
-        width, block = valid.shape[1], max(1, 2**20 // valid.shape[1])
-        parts, seen = [], 0
-        for start in range(0, valid.shape[0], block):
-            found = np.flatnonzero(valid[start : start + block])
-            parts.append(found[(-seen) % step :: step] + start * width)
-            seen += found.size
-        flat = np.concatenate(parts)
+    else:
+        flat = np.concatenate([indices + rows.start * valid.shape[1] for rows, indices in _every_nth_set(valid, step)])
     rows, cols = np.divmod(flat, valid.shape[1])
     design = np.stack([np.ones(rows.size), cols, rows], axis=1).astype(np.float64)
     (c, gx, gy), *_ = np.linalg.lstsq(design, background[rows, cols], rcond=None)
@@ -2194,15 +2194,8 @@ def background_map(
         steps_valid = np.zeros_like(valid)
         steps_valid[:, 1:] = pairs
         del pairs
-    # read before `data` may become the steps
-    top = max(abs(float(np.max(data, where=valid, initial=0.0))), abs(float(np.min(data, where=valid, initial=0.0))))
     if steps_valid is None or not steps_valid.any():  # a filtered map, or a single column: no neighbours to difference
-        if correlated and own:  # `data` is this function's own copy, needed no more
-            data -= background
-            steps = data
-        else:
-            steps = data - background
-        steps_valid = valid
+        steps, steps_valid = data - background, valid
     overall = robust_sigma(masked_sample(steps, steps_valid))
     if correlated:
         rms = sep.Background(
@@ -2221,7 +2214,7 @@ def background_map(
         )
     # A mesh of coarsely quantised or constant pixels reads 0: the clipped standard deviation
     # of all the steps stands in there.
-    floor = 0.1 * overall if overall > 0 else 1e-12 * max(top, 1.0)
+    floor = 0.1 * overall if overall > 0 else 1e-12 * max(float(np.max(np.abs(data), where=valid, initial=0.0)), 1.0)
     rms[~(np.isfinite(rms) & (rms >= floor))] = max(overall, floor)
     return background, rms.astype(PIXEL_DTYPE, copy=False)
 
@@ -2957,9 +2950,10 @@ ELONGATED = 2.5  # a/b of a candidate's pixels beyond which it is a trail, not a
 DEBLEND_NOISE_WINDOW = 15  # px: the local minimum of S's noise over this window is its background part
 
 
-def _peak_centroid(image: np.ndarray, x: int, y: int) -> tuple[float, float]:
-    """(x, y) of a peak pixel refined by the first moment of the 3x3 box around it, above the box's minimum."""
-    box = image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].astype(np.float64)  # one precision for every map
+def _peak_centroid(image: np.ndarray, x: int, y: int, *, sign: float = 1.0) -> tuple[float, float]:
+    """(x, y) of a peak pixel of ``sign * image`` refined by the first moment of the 3x3 box around it, above the
+    box's minimum (only the box is multiplied: never the whole frame)."""
+    box = sign * image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].astype(np.float64)  # one precision for every map
     weights = np.clip(box - box.min(), 0.0, None)
     total = float(weights.sum())
     if not total > 0:
@@ -3143,7 +3137,7 @@ def split_merged_islands(
     Parameters
     ----------
     candidates : list of dict
-        :func:`significance_candidates`' candidates (not modified).
+        :func:`significance_candidates`' candidates (not modified), with the peak of S each reached (``top``).
     segments : ndarray of int, shape (H, W)
         Their segmentation map (not modified).
     score, score_noise : ndarray, shape (H, W)
@@ -3175,15 +3169,10 @@ def split_merged_islands(
             slice(max(cols.start - reach_x - margin, 0), min(cols.stop + reach_x + margin, width)),
         )
 
-    # Each candidate's peak of S on its own pixels (first in raster order on ties), and S there.
-    peak_row = np.empty(len(candidates), dtype=np.int64)
-    peak_col = np.empty(len(candidates), dtype=np.int64)
-    peak_value = np.empty(len(candidates), dtype=np.float64)
-    for k, c in enumerate(candidates):
-        box = boxes[c["segment"] - 1]
-        values = np.where(segments[box] == c["segment"], c["sign"] * np.nan_to_num(score[box]), -np.inf)
-        row, col = np.unravel_index(int(np.argmax(values)), values.shape)
-        peak_row[k], peak_col[k], peak_value[k] = box[0].start + row, box[1].start + col, values[row, col]
+    # Each candidate's peak of S on its own pixels, and sign x S there (significance_candidates' `top`).
+    peak_row = np.array([c["top"][0] for c in candidates], dtype=np.int64)
+    peak_col = np.array([c["top"][1] for c in candidates], dtype=np.int64)
+    peak_value = np.array([c["top"][2] for c in candidates], dtype=np.float64)
     sign_of = np.array([c["sign"] for c in candidates])
     by_row = np.argsort(peak_row, kind="stable")  # the candidates near an island are found by bisection on their rows
     rows_sorted = peak_row[by_row]
@@ -3306,7 +3295,8 @@ def significance_candidates(
 
     Returns the candidates (``x``, ``y``: the peak of S, refined by a 3x3 moment, or the
     S-weighted centroid of an elongated one; ``significance``: peak |S_corr|; ``sign``: +1 brighter, -1 fainter in the
-    science epoch; ``segment``: its label) and the (H, W) int map of their pixels (0: none)."""
+    science epoch; ``segment``: its label; ``top``: (row, column, value) of the peak of sign x S, or of sign x S_corr
+    without S, on its pixels) and the (H, W) int map of their pixels (0: none)."""
     # In the maps' own precision (sep works in single precision): at 4096 px a double copy of
     # each would be 134 MB, at predict's peak.
     significance = _nan_as_zero(significance)
@@ -3346,8 +3336,8 @@ def significance_candidates(
         peaks = label_maxima(signed_significance, seg, labels)[0]
         # A source is where S peaks, refined by a 3x3 moment: the barycentre of an island is
         # pulled toward whatever else it holds (a host's residual, a neighbour's wing).
-        tops = label_maxima(signed, seg, labels)[1]
-        for k, (o, peak, (py, px)) in enumerate(zip(objects, peaks, tops)):
+        top_values, tops = label_maxima(signed, seg, labels)
+        for k, (o, peak, (py, px), top) in enumerate(zip(objects, peaks, tops, top_values)):
             x, y = _peak_centroid(signed, int(px), int(py))
             elongated = float(o["a"] / max(o["b"], 1e-3))
             if elongated >= ELONGATED:  # a trail's position is its middle, not its brightest point
@@ -3362,6 +3352,7 @@ def significance_candidates(
                     elongation=elongated,
                     a=float(o["a"]),
                     theta=float(o["theta"]),
+                    top=(int(py), int(px), float(top)),
                 )
             )
     candidates = [c for c in candidates if c["significance"] >= gate]
@@ -6670,9 +6661,7 @@ def detect_changes(
             around = magnitude[max(py - 2, 0) : py + 3, max(px - 2, 0) : px + 3]
             if value >= gate and value == around.max():  # a peak of its own, not the flank of a neighbour's
                 sign = 1 if sig[py, px] > 0 else -1
-                top, left = max(py - 1, 0), max(px - 1, 0)  # the 3x3 box around the peak, not the whole frame
-                x, y = _peak_centroid(sign * sig[top : py + 2, left : px + 2], int(px) - left, int(py) - top)
-                x, y = x + left, y + top
+                x, y = _peak_centroid(sig, int(px), int(py), sign=sign)
                 detections.append(
                     (
                         dict(
