@@ -1598,24 +1598,41 @@ def _pixel_gaussian_jacobian(shape, amplitude, x0, y0, sigma, background):
 
 
 MIN_STAR_FWHM = 1.0  # px: anything sharper is a cosmic ray or a hot pixel, not a star's PSF
+# px, Gaussian sigma: the last try at a seeing that finds stars on the smoothed image. A broad
+# star (FWHM 6-7 px on a 1 m telescope's raw frame) has several noise peaks on its top, each
+# of which the plain search takes for a neighbour, so it refuses every star of such a frame.
+PSF_SEARCH_SMOOTH = 1.0
+PSF_STAR_THRESHOLD = 20.0  # sigma: the peak height of the stars that measure the seeing first
+PSF_MIN_STARS = 3  # stars whose fits measure a seeing (fewer give the default, or one width for a pair)
+SEEING_RETRY_THRESHOLD = 8.0  # sigma: stars this bright measure the seeing when no 20 sigma star is isolated
 
 
-def _psf_candidates(tile, *, default, threshold, max_stars):
+def _psf_searches(threshold: float) -> tuple[tuple[float, float], ...]:
+    """The (threshold, smooth) tries of a seeing measurement, in turn, until one finds enough stars: the plain search,
+    then fainter stars, then fainter stars on the smoothed image."""
+    retry = min(threshold, SEEING_RETRY_THRESHOLD)
+    return (threshold, 0.0), (retry, 0.0), (retry, PSF_SEARCH_SMOOTH)
+
+
+def _psf_candidates(tile, *, default, threshold, max_stars, smooth=0.0):
     """The brightest isolated, unsaturated peaks of a tile, for PSF fits.
 
+    Peaks are searched on the tile smoothed by a Gaussian of `smooth` px (none at 0), with
+    heights in that image's robust sigmas; the saturation test and the fits read the pixels.
     Returns the tile with NaN filled by its median, that median, the stamp half-size, and
     the (row, column) of each candidate (none when the tile's noise cannot be measured).
     """
-    img = np.asarray(tile, dtype=np.float64)
-    background = np.nanmedian(img) if np.isfinite(img).any() else 0.0
-    sigma = robust_sigma(img)
-    img = np.where(np.isfinite(img), img, background)
+    pixels = np.asarray(tile, dtype=np.float64)
+    background = np.nanmedian(pixels) if np.isfinite(pixels).any() else 0.0
+    img = np.where(np.isfinite(pixels), pixels, background)
+    search = scipy.ndimage.gaussian_filter(img, smooth) if smooth else img
+    sigma = robust_sigma(search if smooth else pixels)
     box = max(4, int(np.ceil(2.0 * default)))  # stamp half-size: covers the core and wings
     if not (np.isfinite(sigma) and sigma > 0):
         return img, background, box, []
-    maxima = (img == scipy.ndimage.maximum_filter(img, size=3)) & (img > background + 5 * sigma)
+    maxima = (search == scipy.ndimage.maximum_filter(search, size=3)) & (search > background + 5 * sigma)
     ys, xs = np.nonzero(maxima)
-    heights = img[ys, xs] - background
+    heights = search[ys, xs] - background
     top = np.nanmax(img)
     candidates = []
     for i in np.argsort(heights)[::-1]:
@@ -1628,7 +1645,8 @@ def _psf_candidates(tile, *, default, threshold, max_stars):
         if near.sum() > 1:
             continue
         ring = img[y - 1 : y + 2, x - 1 : x + 2] - background
-        if img[y, x] >= top or np.sum(ring >= 0.98 * height) > 3:  # the peak counts once
+        peak = ring.max()  # the pixel's own height where the search is not smoothed
+        if peak + background >= top or np.sum(ring >= 0.98 * peak) > 3:  # the peak counts once
             continue
         candidates.append((y, x))
     return img, background, box, candidates
@@ -1657,7 +1675,7 @@ def _fit_fwhm(img, y, x, box, background):
     return fwhm if fwhm >= MIN_STAR_FWHM else None
 
 
-def measure_psf_fwhm(tile, *, default=2.5, threshold=20.0, min_stars=3, max_stars=25):
+def measure_psf_fwhm(tile, *, default=2.5, threshold=PSF_STAR_THRESHOLD, min_stars=PSF_MIN_STARS, max_stars=25):
     """
     FWHM of the PSF from the brightest isolated, unsaturated stars of a tile.
 
@@ -1683,17 +1701,25 @@ def measure_psf_fwhm(tile, *, default=2.5, threshold=20.0, min_stars=3, max_star
     -----
     A star is refused when it is within one stamp of the edge, has a brighter-than-5-sigma
     peak within two stamps, or is flat-topped (three neighbours within 2% of the peak, or the
-    peak at the tile's maximum), since clipped cores widen the fit.
+    peak at the tile's maximum), since clipped cores widen the fit. When too few stars pass,
+    fainter ones are tried, then fainter ones on the smoothed tile (:func:`_psf_searches`).
     """
-    img, background, box, candidates = _psf_candidates(tile, default=default, threshold=threshold, max_stars=max_stars)
-    fwhms = [f for f in (_fit_fwhm(img, y, x, box, background) for y, x in candidates) if f is not None]
+    for search_threshold, smooth in _psf_searches(threshold):
+        img, background, box, candidates = _psf_candidates(
+            tile, default=default, threshold=search_threshold, max_stars=max_stars, smooth=smooth
+        )
+        fwhms = [f for f in (_fit_fwhm(img, y, x, box, background) for y, x in candidates) if f is not None]
+        if len(fwhms) >= min_stars:
+            break
     if len(fwhms) < min_stars:
         log.debug("PSF: %d usable stars, using default FWHM %.2f px", len(fwhms), default)
         return PsfEstimate(float(default), False, len(fwhms))
     return PsfEstimate(float(np.median(fwhms)), True, len(fwhms))
 
 
-def measure_seeing(reference, science, *, default=2.5, threshold=20.0, min_stars=3, max_stars=25):
+def measure_seeing(
+    reference, science, *, default=2.5, threshold=PSF_STAR_THRESHOLD, min_stars=PSF_MIN_STARS, max_stars=25, smooth=0.0
+):
     """
     Both epochs' PSF FWHM, measured on the same stars.
 
@@ -1702,7 +1728,7 @@ def measure_seeing(reference, science, *, default=2.5, threshold=20.0, min_stars
     the per-star ratios. Measured star by star, the seeing *ratio* does not depend on which
     objects entered the sample: two medians over separately chosen samples jumped by 45% on
     one simulated field when noise let two galaxies in, which blurred a pair that needed no
-    blurring and left a ring around every bright star.
+    blurring and left a ring around every bright star. `smooth` is `_psf_candidates`'.
 
     Returns
     -------
@@ -1711,7 +1737,7 @@ def measure_seeing(reference, science, *, default=2.5, threshold=20.0, min_stars
         `min_stars` stars could be fitted in both epochs.
     """
     img, background, box, candidates = _psf_candidates(
-        reference, default=default, threshold=threshold, max_stars=max_stars
+        reference, default=default, threshold=threshold, max_stars=max_stars, smooth=smooth
     )
     other = np.asarray(science, dtype=np.float64)
     other_background = np.nanmedian(other) if np.isfinite(other).any() else 0.0
@@ -2470,14 +2496,22 @@ def register_pair(
 # --- PSFs for the subtraction
 
 EPSF_MIN_STARS = 5  # fewer isolated bright stars give a Moffat of the measured FWHM instead
+# A stamp whose peak holds more than this times the Moffat's share of its sum (the Moffat of the
+# measured FWHM) is a cosmic ray or a hot pixel: on the SAAO frame of benchmarks/real_frames.py
+# (7 px stars, a handful of them) 18 cosmic rays made the stack's median a spike, and every ray passed.
+EPSF_MAX_PEAK = 2.0
 
 
-def empirical_psf(image: np.ndarray, *, stars: np.ndarray, background: np.ndarray, radius: int) -> np.ndarray | None:
+def empirical_psf(
+    image: np.ndarray, *, stars: np.ndarray, background: np.ndarray, radius: int, max_peak: float = 1.0
+) -> np.ndarray | None:
     """Unit-sum PSF stamp (2 radius + 1 px square) stacked from the stars, or None with too few.
 
     Each star's stamp, background-subtracted, is shifted to its sub-pixel centroid (cubic
     spline) and normalised to unit sum; the median of the stamps rejects a neighbour or a
-    cosmic ray in any one of them. Stars with another star within two radii are skipped.
+    cosmic ray in any one of them. Stars with another star within two radii are skipped, and
+    so are stamps whose peak holds more than `max_peak` of their sum: cosmic rays and hot
+    pixels, which on a sparse frame can outnumber the stars and make the median theirs.
     """
     if len(stars) < EPSF_MIN_STARS:
         return None
@@ -2498,7 +2532,7 @@ def empirical_psf(image: np.ndarray, *, stars: np.ndarray, background: np.ndarra
             continue
         centred = scipy.ndimage.shift(cut, (iy - y, ix - x), order=3, mode="nearest")[1:-1, 1:-1]
         total = centred.sum()
-        if total > 0:
+        if total > 0 and centred.max() <= max_peak * total:
             stamps.append(centred / total)
     if len(stamps) < EPSF_MIN_STARS:
         return None
@@ -2603,6 +2637,52 @@ def response_fwhm(response: np.ndarray) -> float:
     return 2.0 * math.sqrt(np.count_nonzero(response >= 0.5 * float(response.max())) / math.pi)
 
 
+def significance_calibration(
+    raw: np.ndarray, valid: np.ndarray, sources: np.ndarray | None, *, edge: int, mesh: int
+) -> np.ndarray:
+    """The map that divides ZOGY's raw S / sqrt(V) into S_corr (:func:`zogy_subtraction`): its robust noise, measured
+    where it is noise, and its local RMS where that is larger. `raw` loses its own mesh
+    background in place (the epochs' backgrounds may differ smoothly); `edge` px next to holes
+    and edges, and the `sources` (dilated by a third of that), are left out of every statistic;
+    `mesh` is the meshes' side in px.
+    """
+    # The empirical calibration: S_corr's own robust noise where it is noise, away from the
+    # edges and holes (where the filter saw part of its footprint) and from every source of
+    # either epoch (whose residuals are the variance model's and the network's business).
+    inner = scipy.ndimage.binary_erosion(
+        valid, structure=np.ones((3, 3), bool), iterations=max(1, edge), border_value=0
+    )
+    if inner.sum() < CALIBRATION_MIN_PIXELS:  # a cutout not much larger than its PSF: all of it
+        inner = valid
+    quiet = (
+        inner & ~scipy.ndimage.binary_dilation(sources, iterations=max(1, edge // 3)) if sources is not None else inner
+    )
+    # The difference's own mesh background first: two epochs' backgrounds, each estimated on
+    # its own noise, differ smoothly under crowded or nebulous light or a sky ramp, and S sums
+    # such an offset over the whole PSF. Clipped mesh statistics leave point sources out of
+    # it. Only then is the noise measured: an offset left in would be read as noise, and a
+    # 20 sigma ramp in one epoch divided S by 2.5 (every faint change lost).
+    offset, _ = background_map(raw, mesh=mesh, correlated=True, noise=False, valid=inner)
+    raw -= offset
+    raw[~valid] = 0.0
+    del offset
+    sample = raw[quiet] if quiet.sum() >= CALIBRATION_MIN_PIXELS else raw[inner]
+    calibration = robust_sigma(sample) if sample.size else 1.0
+    # A difference with no noise of its own (a frame minus a copy of itself) is held to the
+    # noise floor, so that round-off never becomes a change.
+    calibration = max(calibration, DIFFERENCE_NOISE_FLOOR) if math.isfinite(calibration) else 1.0
+    # Where S_corr scatters more than that locally (a crowded core, a nebula's texture), 5
+    # sigma must mean 5 sigma there too: its local RMS (a mesh over the source-free pixels)
+    # divides it further. It never sharpens a region that scatters less.
+    _, local = background_map(
+        raw / calibration,
+        mesh=mesh,
+        correlated=True,
+        valid=quiet if quiet.sum() >= CALIBRATION_MIN_PIXELS else inner,
+    )
+    return (calibration * np.maximum(local, 1.0)).astype(PIXEL_DTYPE, copy=False)
+
+
 def zogy_subtraction(
     reference: np.ndarray,
     science: np.ndarray,
@@ -2662,7 +2742,7 @@ def zogy_subtraction(
         to holes and edges. The images are zero-padded by the PSFs' size, so no source wraps
         around. S_corr loses its own mesh background (a smooth offset between the epochs'
         backgrounds), and is divided by its robust noise on the pixels away from every
-        source and edge (`calibration`): resampled, stacked and drizzled frames have noise
+        source and edge (:func:`significance_calibration`): resampled, stacked and drizzled frames have noise
         correlated between pixels, which no per-pixel variance describes, and 5 sigma must
         mean 5 sigma there too.
     """
@@ -2727,44 +2807,9 @@ def zogy_subtraction(
         raw = np.divide(score, np.sqrt(np.maximum(variance, floor)), out=scratch[1])
     raw[~(valid & (variance > floor))] = 0.0
     del score, scratch  # a view that holds a padded map
-    # The empirical calibration: S_corr's own robust noise where it is noise, away from the
-    # edges and holes (where the filter saw part of its footprint) and from every source of
-    # either epoch (whose residuals are the variance model's and the network's business).
-    inner = scipy.ndimage.binary_erosion(
-        valid, structure=np.ones((3, 3), bool), iterations=max(1, half), border_value=0
+    calibration = significance_calibration(
+        raw, valid, sources, edge=half, mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0])
     )
-    if inner.sum() < CALIBRATION_MIN_PIXELS:  # a cutout not much larger than its PSF: all of it
-        inner = valid
-    quiet = (
-        inner & ~scipy.ndimage.binary_dilation(sources, iterations=max(1, half // 3)) if sources is not None else inner
-    )
-    # The difference's own mesh background first: two epochs' backgrounds, each estimated on
-    # its own noise, differ smoothly under crowded or nebulous light or a sky ramp, and S sums
-    # such an offset over the whole PSF. Clipped mesh statistics leave point sources out of
-    # it. Only then is the noise measured: an offset left in would be read as noise, and a
-    # 20 sigma ramp in one epoch divided S by 2.5 (every faint change lost).
-    offset, _ = background_map(
-        raw, mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]), correlated=True, noise=False, valid=inner
-    )
-    raw -= offset
-    raw[~valid] = 0.0
-    del offset
-    sample = raw[quiet] if quiet.sum() >= CALIBRATION_MIN_PIXELS else raw[inner]
-    calibration = robust_sigma(sample) if sample.size else 1.0
-    # A difference with no noise of its own (a frame minus a copy of itself) is held to the
-    # noise floor, so that round-off never becomes a change.
-    calibration = max(calibration, DIFFERENCE_NOISE_FLOOR) if math.isfinite(calibration) else 1.0
-    # Where S_corr scatters more than that locally (a crowded core, a nebula's texture), 5
-    # sigma must mean 5 sigma there too: its local RMS (a mesh over the source-free pixels)
-    # divides it further. It never sharpens a region that scatters less.
-    _, local = background_map(
-        raw / calibration,
-        mesh=max(BACKGROUND_MESH, 4 * psf_reference.shape[0]),
-        correlated=True,
-        valid=quiet if quiet.sum() >= CALIBRATION_MIN_PIXELS else inner,
-    )
-    calibration = (calibration * np.maximum(local, 1.0)).astype(PIXEL_DTYPE, copy=False)
-    del local, inner, quiet
     significance = (raw / calibration).astype(PIXEL_DTYPE, copy=False)
     # S and its noise, in the maps already held (at 4096 px each new one is 67 MB at the peak)
     sigma = np.sqrt(np.maximum(variance, floor, out=variance), out=variance)
@@ -3472,7 +3517,6 @@ ASTROMETRIC_FLOOR = 0.02  # px: the registration noise assumed however many star
 FLUX_SYSTEMATIC = 0.01
 # a FWHM outside is a unit mistake (arcsec for px), and its PSF stamp would not fit in memory
 MIN_SEEING_PX, MAX_SEEING_PX = 0.5, 50.0
-SEEING_RETRY_THRESHOLD = 8.0  # sigma: stars this bright measure the seeing when no 20 sigma star is isolated
 
 
 class PairSubtraction(NamedTuple):
@@ -3500,6 +3544,7 @@ def _epoch_psf(image: np.ndarray, background: np.ndarray, rms: np.ndarray, fwhm:
         stars=find_stars(image, background=background, rms=rms, threshold=20.0, max_stars=50),
         background=background,
         radius=moffat.shape[0] // 2,
+        max_peak=EPSF_MAX_PEAK * float(moffat.max()),
     )
     # A stack that a neighbour, a saturated core or a galaxy widened is no PSF: its effective
     # area must be within 30% of the Moffat's of the measured FWHM.
@@ -3518,6 +3563,90 @@ def _lagged_noise(image: np.ndarray) -> float:
     a, b = image[:, NOISE_LAG:], image[:, :-NOISE_LAG]
     both = np.isfinite(a) & np.isfinite(b)
     return robust_sigma((a[both] - b[both]) / math.sqrt(2.0)) if both.any() else 0.0
+
+
+def pair_seeing(
+    reference: np.ndarray, science: np.ndarray, *, seeing: tuple[float, float] | None, warnings_: list[str]
+) -> tuple[PsfEstimate, PsfEstimate]:
+    """Each epoch's FWHM: `seeing` (reference and science, in px; checked), else measured on the same stars
+    (:func:`measure_seeing`, through :func:`_psf_searches`' tries).
+
+    When no try finds three stars (a sparse field), the last try's one or two give one width
+    for both epochs (the geometric mean of their fits in each), and when none is found the
+    default FWHM is used; either way `warnings_` gains a line that names ``--seeing``. The
+    ratio of one or two stars is not used: on one of 24 pairs of a sparse real frame a single
+    star measured the science epoch 25% sharper than the reference, the other way round, and
+    that pair let 11 cosmic rays through (`benchmarks/bench_real_cosmic_rays.py`).
+    """
+    if seeing is not None:
+        if not all(math.isfinite(f) and MIN_SEEING_PX <= f <= MAX_SEEING_PX for f in seeing):
+            msg = (
+                f"--seeing needs two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}], got "
+                f"{' '.join(f'{f:g}' for f in seeing)}"
+            )
+            raise ConfigError(msg)
+        return PsfEstimate(float(seeing[0]), True, 0), PsfEstimate(float(seeing[1]), True, 0)
+    for search_threshold, smooth in _psf_searches(PSF_STAR_THRESHOLD):
+        psf_reference, psf_science = measure_seeing(reference, science, threshold=search_threshold, smooth=smooth)
+        if psf_reference.measured:
+            break
+    if psf_reference.measured:
+        return psf_reference, psf_science
+    few = measure_seeing(reference, science, threshold=search_threshold, smooth=smooth, min_stars=1)
+    if not few[0].measured:
+        warnings_.append(
+            f"the seeing could not be measured on the stars (0 usable); assuming FWHM {psf_reference.fwhm:g} px in "
+            "both epochs: give --seeing"
+        )
+        return psf_reference, psf_science
+    width = PsfEstimate(math.sqrt(few[0].fwhm * few[1].fwhm), True, few[0].n_stars)
+    warnings_.append(
+        f"the seeing was measured on {width.n_stars} star(s) only: FWHM {width.fwhm:.2f} px assumed in both epochs; "
+        "give --seeing"
+    )
+    return width, width
+
+
+def pair_psfs(reference: tuple, science: tuple) -> tuple[np.ndarray, np.ndarray, str]:
+    """Each epoch's PSF stamp (:func:`_epoch_psf`) from its (image, background, rms, FWHM), and what they are
+    ("empirical", "moffat", or one of each).
+
+    Where the two FWHMs agree within SEEING_TOLERANCE, both epochs get one PSF: two stacks of
+    noisy stars would differ in their wings, and ZOGY would turn that difference into a ring
+    around every bright star.
+    """
+    (stamp_r, kind_r), (stamp_s, kind_s) = (_epoch_psf(*epoch) for epoch in (reference, science))
+    fwhm_r, fwhm_s = reference[3], science[3]
+    if max(fwhm_r, fwhm_s) < SEEING_TOLERANCE * min(fwhm_r, fwhm_s) and stamp_r.shape == stamp_s.shape:
+        empirical = [stamp for stamp, kind in ((stamp_r, kind_r), (stamp_s, kind_s)) if kind == "empirical"]
+        common = np.mean(empirical, axis=0) if empirical else stamp_r
+        stamp_r = stamp_s = common / common.sum()
+        kind_r = kind_s = "empirical" if empirical else kind_r
+    return stamp_r, stamp_s, kind_s if kind_s == kind_r else f"{kind_r} (reference), {kind_s} (science)"
+
+
+def pair_variances(reference: tuple, science: tuple) -> tuple[np.ndarray, np.ndarray, str]:
+    """Each epoch's per-pixel variance from its (background-subtracted image, local background RMS, the variance of the
+    user's noise map or None, gain or None), and how it was made (``noise_model``).
+
+    An epoch without a noise map takes its local background RMS squared. Only when no noise
+    map is given at all does a known gain add the sources' Poisson noise (image / gain, where
+    positive): a noise map already holds it. A map given is returned as it is, not copied.
+    """
+    given = [variance is not None for _, _, variance, _ in (reference, science)]
+    variances = [rms**2 if variance is None else variance for _, rms, variance, _ in (reference, science)]
+    if all(given):
+        noise_model = "noise maps given"
+    elif any(given):
+        noise_model = "a noise map given for one epoch, local background RMS for the other"
+    else:
+        noise_model = "local background RMS"
+        for variance, (image, _, _, gain) in zip(variances, (reference, science)):
+            if gain:
+                variance += np.maximum(np.nan_to_num(image), 0.0) / gain
+        if reference[3] or science[3]:
+            noise_model += " + Poisson noise of the sources (gain)"
+    return variances[0], variances[1], noise_model
 
 
 def subtract_pair(
@@ -3540,13 +3669,13 @@ def subtract_pair(
     1. Pixels become data (:func:`as_data`); the reference is registered onto the science grid
        (:func:`register_pair`), its noise map with it.
     2. Each epoch's seeing is `seeing` (reference and science FWHM in px) or measured on the
-       same stars (:func:`measure_seeing`, retried with fainter stars); when it cannot be
-       measured, the default FWHM is used and a warning says so.
-    3. Each epoch loses its local background (:func:`background_map`).
+       same stars (:func:`pair_seeing`); when it cannot be measured, the default FWHM is used
+       and a warning says so.
+    3. Each epoch loses its local background (:func:`background_map`) and gets its PSF,
+       stacked from its stars or a Moffat of its FWHM (:func:`pair_psfs`).
     4. The flux ratio comes from :func:`pair_flux_ratio`.
-    5. Each epoch's PSF is stacked from its stars or a Moffat of its FWHM; its per-pixel
-       variance is the user's noise map, else the local background RMS squared plus the
-       source's Poisson noise where the gain is known.
+    5. Each epoch's per-pixel variance is the user's noise map, else the local background RMS
+       squared plus the sources' Poisson noise where the gain is known (:func:`pair_variances`).
     6. ZOGY (:func:`zogy_subtraction`) gives S_corr, with the registration's noise as the
        astrometric term and the flux ratio's uncertainty (beside FLUX_SYSTEMATIC) as the
        fractional error of every static source.
@@ -3590,38 +3719,13 @@ def subtract_pair(
         if (np.isfinite(image) & ~valid).any():
             maps.pop(name, None)
     reference[~valid], science[~valid] = np.nan, np.nan
-    if seeing is None:
-        psf_reference, psf_science = measure_seeing(reference, science)
-        if not psf_reference.measured:
-            psf_reference, psf_science = measure_seeing(reference, science, threshold=SEEING_RETRY_THRESHOLD)
-        if not psf_reference.measured:
-            warnings_.append(
-                f"the seeing could not be measured on the stars ({psf_reference.n_stars} usable); assuming FWHM "
-                f"{psf_reference.fwhm:g} px in both epochs: give --seeing"
-            )
-    else:
-        if not all(math.isfinite(f) and MIN_SEEING_PX <= f <= MAX_SEEING_PX for f in seeing):
-            msg = (
-                f"--seeing needs two FWHMs in px, each within [{MIN_SEEING_PX:g}, {MAX_SEEING_PX:g}], got "
-                f"{' '.join(f'{f:g}' for f in seeing)}"
-            )
-            raise ConfigError(msg)
-        psf_reference, psf_science = (PsfEstimate(float(f), True, 0) for f in seeing)
+    psf_reference, psf_science = pair_seeing(reference, science, seeing=seeing, warnings_=warnings_)
     bg_r, rms_r = maps.get("reference") or background_map(reference)
     bg_s, rms_s = maps.get("science") or background_map(science)
     ref, sci = reference - bg_r, science - bg_s
-    stamp_r, kind_r = _epoch_psf(reference, bg_r, rms_r, psf_reference.fwhm)
-    stamp_s, kind_s = _epoch_psf(science, bg_s, rms_s, psf_science.fwhm)
-    if (
-        max(psf_reference.fwhm, psf_science.fwhm) < SEEING_TOLERANCE * min(psf_reference.fwhm, psf_science.fwhm)
-        and stamp_r.shape == stamp_s.shape
-    ):
-        # One seeing: two stacks of noisy stars would differ in their wings, and ZOGY would
-        # turn that difference into a ring around every bright star. Both epochs get one PSF.
-        empirical = [stamp for stamp, kind in ((stamp_r, kind_r), (stamp_s, kind_s)) if kind == "empirical"]
-        common = np.mean(empirical, axis=0) if empirical else stamp_r
-        stamp_r = stamp_s = common / common.sum()
-        kind_r = kind_s = "empirical" if empirical else kind_r
+    stamp_r, stamp_s, psf_model = pair_psfs(
+        (reference, bg_r, rms_r, psf_reference.fwhm), (science, bg_s, rms_s, psf_science.fwhm)
+    )
     worse = max(psf_reference.fwhm, psf_science.fwhm)
     scale = pair_flux_ratio(
         ref,
@@ -3633,22 +3737,15 @@ def subtract_pair(
         psf_science=stamp_s,
         aperture=max(5, math.ceil(3.0 * worse)),
     )
-    if noise_reference is not None or noise_science is not None:
-        var_r = companions[0] if companions else rms_r**2
-        var_s = rms_s**2 if noise_science is None else np.asarray(noise_science, dtype=PIXEL_DTYPE) ** 2
-        noise_model = (
-            "noise maps given"
-            if noise_reference is not None and noise_science is not None
-            else "a noise map given for one epoch, local background RMS for the other"
-        )
-    else:
-        var_r, var_s = rms_r**2, rms_s**2
-        noise_model = "local background RMS"
-    for variance, sub, gain in ((var_r, ref, gain_reference), (var_s, sci, gain_science)):
-        if gain and noise_reference is None and noise_science is None:
-            variance += np.maximum(np.nan_to_num(sub), 0.0) / gain
-    if (gain_reference or gain_science) and "given" not in noise_model:
-        noise_model += " + Poisson noise of the sources (gain)"
+    var_r, var_s, noise_model = pair_variances(
+        (ref, rms_r, companions[0] if companions else None, gain_reference),
+        (
+            sci,
+            rms_s,
+            None if noise_science is None else np.asarray(noise_science, dtype=PIXEL_DTYPE) ** 2,
+            gain_science,
+        ),
+    )
     unknown = ~(np.isfinite(var_r) & np.isfinite(var_s))  # a weight of 0 in a noise map: no data there
     ref[unknown], sci[unknown] = np.nan, np.nan
     valid &= ~unknown
@@ -3694,7 +3791,6 @@ def subtract_pair(
         else {}
     )
     statistics = pair_statistics(ref, sci, flux_ratio=scale["flux_ratio"], **seeing_kw)
-    psf_model = kind_s if kind_s == kind_r else f"{kind_r} (reference), {kind_s} (science)"
     for warning in warnings_:
         log.warning(warning)
     return PairSubtraction(
@@ -6550,6 +6646,64 @@ def change_candidates(
     return Candidates(kept, every, segments, valid, scipy.ndimage.find_objects(segments))
 
 
+def merged_detections(
+    prob: np.ndarray,
+    significance: np.ndarray,
+    components: np.ndarray,
+    sizes: np.ndarray,
+    every: list[dict],
+    *,
+    valid: np.ndarray | None,
+    gate: float,
+) -> list[tuple[dict, set]]:
+    """Step 5 of :func:`detect_changes`: the changes whose island of S_corr merged into a brighter neighbour's (a faint
+    transient beside a bright residual), each with the set of its one component's label.
+
+    A network component (`components`, labelled ``prob >= threshold``; `sizes` its pixel
+    counts) that no candidate of `every` holds within 2 px of its peak, and whose |S_corr|
+    reaches `gate` at a peak of its own (not the flank of a neighbour's), is such a change:
+    the component is its footprint, its position is where S_corr peaks on it, and its score is
+    the network's highest probability on it or within 2 px.
+    """
+    # Components at any candidate's own peak (kept, vetoed or too sharp) are that candidate's.
+    height, width = components.shape
+    held = set()
+    for c in every:  # the components within 2 px (city-block) of each candidate's peak
+        row, col = min(max(int(round(c["y"])), 0), height - 1), min(max(int(round(c["x"])), 0), width - 1)
+        rows, cols = np.ogrid[max(row - 2, 0) : min(row + 3, height), max(col - 2, 0) : min(col + 3, width)]
+        window = components[rows, cols]
+        held.update(np.unique(window[np.abs(rows - row) + np.abs(cols - col) <= 2]).tolist())
+    free = [k for k in range(1, len(sizes)) if k not in held]
+    if not free:
+        return []
+    sig = _nan_as_zero(significance)
+    found_here: list[tuple[dict, set]] = []
+    magnitude = np.abs(sig)
+    if valid is not None:
+        magnitude[~valid] = 0.0
+    best, where = label_maxima(magnitude, components, free)
+    # each free component's score: the network's highest probability on it or within 2 px
+    found = scipy.ndimage.find_objects(components)
+    peaks = []
+    for label in free:
+        rows, cols = found[label - 1]
+        box = (slice(max(rows.start - 2, 0), rows.stop + 2), slice(max(cols.start - 2, 0), cols.stop + 2))
+        near = scipy.ndimage.maximum_filter(prob[box], size=5)
+        peaks.append(float(near[components[box] == label].max()))
+    for label, value, (py, px), score in zip(free, np.atleast_1d(best), where, peaks):
+        around = magnitude[max(py - 2, 0) : py + 3, max(px - 2, 0) : px + 3]
+        if value >= gate and value == around.max():  # a peak of its own, not the flank of a neighbour's
+            sign = 1 if sig[py, px] > 0 else -1
+            x, y = _peak_centroid(sig, int(px), int(py), sign=sign)
+            found_here.append(
+                (
+                    dict(x=x, y=y, peak=float(score), significance=float(value), sign=sign, area_px=int(sizes[label])),
+                    {label},
+                )
+            )
+    return found_here
+
+
 def detect_changes(
     prob: np.ndarray,
     significance: np.ndarray | Subtraction,
@@ -6631,45 +6785,8 @@ def detect_changes(
             continue  # a lobe, a ring or a speck inside a change that a stronger candidate holds
         detections.append((candidate, under))
         candidate.update(peak=score, area_px=area)
-    # A significant change inside a component that no candidate holds was merged into a
-    # brighter neighbour's island (a faint transient beside a bright residual): the component
-    # is its footprint, and its position is where S_corr peaks on it.
-    # Components at any candidate's own peak (kept, vetoed or too sharp) are that candidate's.
-    height, width = components.shape
-    held = set()
-    for c in every:  # the components within 2 px (city-block) of each candidate's peak
-        row, col = min(max(int(round(c["y"])), 0), height - 1), min(max(int(round(c["x"])), 0), width - 1)
-        rows, cols = np.ogrid[max(row - 2, 0) : min(row + 3, height), max(col - 2, 0) : min(col + 3, width)]
-        window = components[rows, cols]
-        held.update(np.unique(window[np.abs(rows - row) + np.abs(cols - col) <= 2]).tolist())
-    sig = _nan_as_zero(subtraction.significance if subtraction is not None else significance)
-    free = [k for k in range(1, len(sizes)) if k not in held]
-    if free:
-        magnitude = np.abs(sig)
-        if valid is not None:
-            magnitude[~valid] = 0.0
-        best, where = label_maxima(magnitude, components, free)
-        # each free component's score: the network's highest probability on it or within 2 px
-        found = scipy.ndimage.find_objects(components)
-        peaks = []
-        for label in free:
-            rows, cols = found[label - 1]
-            box = (slice(max(rows.start - 2, 0), rows.stop + 2), slice(max(cols.start - 2, 0), cols.stop + 2))
-            near = scipy.ndimage.maximum_filter(prob[box], size=5)
-            peaks.append(float(near[components[box] == label].max()))
-        for label, value, (py, px), score in zip(free, np.atleast_1d(best), where, peaks):
-            around = magnitude[max(py - 2, 0) : py + 3, max(px - 2, 0) : px + 3]
-            if value >= gate and value == around.max():  # a peak of its own, not the flank of a neighbour's
-                sign = 1 if sig[py, px] > 0 else -1
-                x, y = _peak_centroid(sig, int(px), int(py), sign=sign)
-                detections.append(
-                    (
-                        dict(
-                            x=x, y=y, peak=float(score), significance=float(value), sign=sign, area_px=int(sizes[label])
-                        ),
-                        {label},
-                    )
-                )
+    sig = subtraction.significance if subtraction is not None else significance
+    detections += merged_detections(prob, sig, components, sizes, every, valid=valid, gate=gate)
     return [
         dict(
             x=c["x"],
@@ -10638,6 +10755,17 @@ def make_output_dir(out: Path) -> Path:
     return out
 
 
+def seeing_source(psf_reference: PsfEstimate, *, given: bool) -> str:
+    """Where a pair's seeing came from (:func:`pair_seeing`), in words, for ``detections.json``."""
+    if given:
+        return "given"
+    if not psf_reference.measured:
+        return "the default FWHM (no star could be measured)"
+    if psf_reference.n_stars < PSF_MIN_STARS:
+        return f"measured on {psf_reference.n_stars} star(s) only, one width for both epochs"
+    return "measured"
+
+
 def predict_pair(
     predictor: Predictor,
     pair: EpochPair,
@@ -10691,7 +10819,7 @@ def predict_pair(
         fwhm_reference=sub.psf_reference.fwhm,
         fwhm_science=sub.psf_science.fwhm,
         seeing_measured=sub.psf_reference.measured and sub.psf_science.measured,
-        seeing_source="measured" if seeing is None else "given",
+        seeing_source=seeing_source(sub.psf_reference, given=seeing is not None),
         psf_model=sub.psf_model,
         noise_model=sub.noise_model,
         significance_calibration=sub.subtraction.calibration,

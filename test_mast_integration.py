@@ -22,6 +22,7 @@ import astropy.config.paths
 import astroquery
 import numpy as np
 import pytest
+import scipy.ndimage
 from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
@@ -450,6 +451,79 @@ def test_psf_falls_back_without_stars():
 def test_psf_ignores_saturated_stars():
     estimate = measure_psf_fwhm(_star_field(3.0, saturate=400.0), default=2.7)
     assert not estimate.measured and estimate.fwhm == 2.7
+
+
+def _broad_stars(positions, peaks, *, fwhm=8.0, seed=0, noise=7.4, size=128):
+    """Stars of one FWHM on a square sky of 300 with Gaussian noise (peaks in noise sigmas)."""
+    from standalone_training import _pixel_gaussian
+
+    sigma = fwhm / (2 * np.sqrt(2 * np.log(2)))
+    image = np.full((size, size), 300.0)
+    for (y, x), peak in zip(positions, peaks):
+        image += _pixel_gaussian(image.shape, peak * noise * 2 * np.pi * sigma**2, x + 0.3, y - 0.2, sigma, 0.0)
+    return image + np.random.default_rng(seed).normal(0.0, noise, image.shape)
+
+
+def test_psf_of_broad_noisy_stars_in_a_sparse_field():
+    # A 1 m telescope's raw frame: four stars of FWHM 8 px, 12-18 sigma at the peak. Noise
+    # makes several 3x3 maxima on each star's top, and the plain search refuses each star
+    # for its "neighbours"; the search on the smoothed frame finds them.
+    from standalone_training import PSF_SEARCH_SMOOTH, _psf_candidates, measure_seeing
+
+    image = _broad_stars([(30, 30), (30, 95), (95, 35), (90, 92)], [12.0, 14.0, 16.0, 18.0])
+    assert len(_psf_candidates(image, default=2.5, threshold=8.0, max_stars=25)[3]) < 3
+    estimate = measure_psf_fwhm(image, default=2.5)
+    assert estimate.measured and estimate.n_stars >= 3
+    assert estimate.fwhm == pytest.approx(8.0, rel=0.1)
+    # the pair's seeing too (pair_seeing's last try): the science epoch blurred to 10 px
+    noise = np.random.default_rng(1).normal(0.0, 5.0, image.shape)
+    science = scipy.ndimage.gaussian_filter(image, 6.0 / 2.3548) + noise
+    assert not measure_seeing(image, science, threshold=8.0)[0].measured
+    psf_reference, psf_science = measure_seeing(image, science, threshold=8.0, smooth=PSF_SEARCH_SMOOTH)
+    assert psf_reference.measured and psf_science.fwhm / psf_reference.fwhm == pytest.approx(1.25, rel=0.1)
+
+
+def test_a_pair_with_one_star_gets_its_width_in_both_epochs():
+    # Too few stars for a seeing ratio: the one star's width, for both epochs, and a warning
+    # that names --seeing; a blank pair keeps the default and says so. (The brighter star
+    # peaks at the frame's maximum, which the search takes for a saturated core.)
+    from standalone_training import pair_seeing, seeing_source
+
+    reference = _broad_stars([(40, 40), (90, 90)], [30.0, 60.0], seed=1)
+    science = _broad_stars([(40, 40), (90, 90)], [30.0, 60.0], seed=2)
+    warnings = []
+    psf_reference, psf_science = pair_seeing(reference, science, seeing=None, warnings_=warnings)
+    assert psf_reference == psf_science and psf_reference.n_stars == 1
+    assert psf_reference.fwhm == pytest.approx(8.0, rel=0.1)
+    assert seeing_source(psf_reference, given=False) == "measured on 1 star(s) only, one width for both epochs"
+    assert len(warnings) == 1 and "1 star(s) only" in warnings[0] and "--seeing" in warnings[0]
+    blank = np.random.default_rng(3).normal(300.0, 7.4, (128, 128))
+    warnings = []
+    psf_reference, _ = pair_seeing(blank, blank + 1.0, seeing=None, warnings_=warnings)
+    assert not psf_reference.measured and psf_reference.fwhm == 2.5
+    assert seeing_source(psf_reference, given=False).startswith("the default FWHM")
+    assert "could not be measured" in warnings[0]
+    assert seeing_source(psf_reference, given=True) == "given"
+
+
+def test_the_psf_stack_leaves_out_cosmic_rays_that_outnumber_the_stars():
+    # Six stars of FWHM 3 px and twelve one-pixel cosmic rays, all found as "stars": the
+    # median of all their stamps is a spike; without the spikes it is the stars' PSF.
+    from standalone_training import ASSUMED_MOFFAT_BETA, EPSF_MAX_PEAK, PSF, empirical_psf
+
+    slots = [(16 + 24 * (k % 7), 16 + 24 * (k // 7)) for k in range(18)]  # (x, y), 24 px apart
+    stars, rays = slots[::3], [slot for k, slot in enumerate(slots) if k % 3]
+    image = _broad_stars([(y, x) for x, y in stars], [300.0] * 6, fwhm=3.0, noise=2.0, size=176)
+    for x, y in rays:
+        image[y, x] += 5000.0
+    found = np.array([(x + 0.3, y - 0.2, 1.0) for x, y in stars] + [(x, y, 1.0) for x, y in rays], dtype=float)
+    moffat = PSF(3.0, ASSUMED_MOFFAT_BETA).stamp
+    kwargs = dict(stars=found, background=np.full(image.shape, 300.0), radius=moffat.shape[0] // 2)
+    spike = empirical_psf(image, **kwargs)
+    assert spike is not None and spike.max() > 0.5
+    stack = empirical_psf(image, **kwargs, max_peak=EPSF_MAX_PEAK * float(moffat.max()))
+    gaussian_peak = 4 * np.log(2) / (np.pi * 3.0**2)  # a unit Gaussian of FWHM 3 px at its centre
+    assert stack is not None and stack.max() == pytest.approx(gaussian_peak, rel=0.2)
 
 
 def test_psf_of_the_real_m13_cutout():
