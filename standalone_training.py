@@ -1645,7 +1645,7 @@ def _psf_candidates(tile, *, default, threshold, max_stars, smooth=0.0):
         if near.sum() > 1:
             continue
         ring = img[y - 1 : y + 2, x - 1 : x + 2] - background
-        peak = ring.max()  # the pixel's own height where the search is not smoothed
+        peak = ring.max()  # the candidate's own pixel when the search is not smoothed
         if peak + background >= top or np.sum(ring >= 0.98 * peak) > 3:  # the peak counts once
             continue
         candidates.append((y, x))
@@ -2497,8 +2497,8 @@ def register_pair(
 
 EPSF_MIN_STARS = 5  # fewer isolated bright stars give a Moffat of the measured FWHM instead
 # A stamp whose peak holds more than this times the Moffat's share of its sum (the Moffat of the
-# measured FWHM) is a cosmic ray or a hot pixel: on the SAAO frame of benchmarks/real_frames.py
-# (7 px stars, a handful of them) 18 cosmic rays made the stack's median a spike, and every ray passed.
+# measured FWHM) is a cosmic ray or a hot pixel: on the SAAO frame of the benchmarks (7 px stars,
+# a handful of them) 18 cosmic rays made the stack's median a spike, and S_corr passed every ray.
 EPSF_MAX_PEAK = 2.0
 
 
@@ -2742,9 +2742,9 @@ def zogy_subtraction(
         to holes and edges. The images are zero-padded by the PSFs' size, so no source wraps
         around. S_corr loses its own mesh background (a smooth offset between the epochs'
         backgrounds), and is divided by its robust noise on the pixels away from every
-        source and edge (:func:`significance_calibration`): resampled, stacked and drizzled frames have noise
-        correlated between pixels, which no per-pixel variance describes, and 5 sigma must
-        mean 5 sigma there too.
+        source and edge (:func:`significance_calibration`): resampled, stacked and drizzled
+        frames have noise correlated between pixels, which no per-pixel variance describes,
+        and 5 sigma must mean 5 sigma there too.
     """
     valid = np.isfinite(reference) & np.isfinite(science)
     pad = max(psf_reference.shape + psf_science.shape)
@@ -3669,8 +3669,8 @@ def subtract_pair(
     1. Pixels become data (:func:`as_data`); the reference is registered onto the science grid
        (:func:`register_pair`), its noise map with it.
     2. Each epoch's seeing is `seeing` (reference and science FWHM in px) or measured on the
-       same stars (:func:`pair_seeing`); when it cannot be measured, the default FWHM is used
-       and a warning says so.
+       same stars (:func:`pair_seeing`); on only one or two stars, their width serves both
+       epochs, and on none the default FWHM; a warning says which.
     3. Each epoch loses its local background (:func:`background_map`) and gets its PSF,
        stacked from its stars or a Moffat of its FWHM (:func:`pair_psfs`).
     4. The flux ratio comes from :func:`pair_flux_ratio`.
