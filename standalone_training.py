@@ -3586,20 +3586,20 @@ def pair_seeing(
             )
             raise ConfigError(msg)
         return PsfEstimate(float(seeing[0]), True, 0), PsfEstimate(float(seeing[1]), True, 0)
+    # Each try keeps what one or two stars measure (min_stars=1); only PSF_MIN_STARS stars end the search.
     for search_threshold, smooth in _psf_searches(PSF_STAR_THRESHOLD):
-        psf_reference, psf_science = measure_seeing(reference, science, threshold=search_threshold, smooth=smooth)
-        if psf_reference.measured:
-            break
-    if psf_reference.measured:
-        return psf_reference, psf_science
-    few = measure_seeing(reference, science, threshold=search_threshold, smooth=smooth, min_stars=1)
-    if not few[0].measured:
+        psf_reference, psf_science = measure_seeing(
+            reference, science, threshold=search_threshold, smooth=smooth, min_stars=1
+        )
+        if psf_reference.n_stars >= PSF_MIN_STARS:
+            return psf_reference, psf_science
+    if not psf_reference.measured:
         warnings_.append(
             f"the seeing could not be measured on the stars (0 usable); assuming FWHM {psf_reference.fwhm:g} px in "
             "both epochs: give --seeing"
         )
         return psf_reference, psf_science
-    width = PsfEstimate(math.sqrt(few[0].fwhm * few[1].fwhm), True, few[0].n_stars)
+    width = PsfEstimate(math.sqrt(psf_reference.fwhm * psf_science.fwhm), True, psf_reference.n_stars)
     warnings_.append(
         f"the seeing was measured on {width.n_stars} star(s) only: FWHM {width.fwhm:.2f} px assumed in both epochs; "
         "give --seeing"
@@ -3633,18 +3633,20 @@ def pair_variances(reference: tuple, science: tuple) -> tuple[np.ndarray, np.nda
     map is given at all does a known gain add the sources' Poisson noise (image / gain, where
     positive): a noise map already holds it. A map given is returned as it is, not copied.
     """
-    given = [variance is not None for _, _, variance, _ in (reference, science)]
-    variances = [rms**2 if variance is None else variance for _, rms, variance, _ in (reference, science)]
+    epochs = (reference, science)
+    given = [variance is not None for _, _, variance, _ in epochs]
+    variances = [rms**2 if variance is None else variance for _, rms, variance, _ in epochs]
     if all(given):
         noise_model = "noise maps given"
     elif any(given):
         noise_model = "a noise map given for one epoch, local background RMS for the other"
     else:
         noise_model = "local background RMS"
-        for variance, (image, _, _, gain) in zip(variances, (reference, science)):
+        gains = [gain for *_, gain in epochs]
+        for variance, (image, *_), gain in zip(variances, epochs, gains):
             if gain:
                 variance += np.maximum(np.nan_to_num(image), 0.0) / gain
-        if reference[3] or science[3]:
+        if any(gains):
             noise_model += " + Poisson noise of the sources (gain)"
     return variances[0], variances[1], noise_model
 

@@ -23,7 +23,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import scipy.stats
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import standalone_training as st  # noqa: E402
-from bench_training import machine  # noqa: E402
+from bench_training import emit, machine  # noqa: E402
 
 
 def saao_frame() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,10 +133,7 @@ def main() -> None:
             false_elsewhere=c["elsewhere"],
             false_elsewhere_per_megapixel=c["elsewhere"] / megapixels if megapixels else None,
         )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ and `detect_changes`' detections (equal or not). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import standalone_training as st  # noqa: E402
 from bench_predict import star_field_pair  # noqa: E402
-from bench_training import machine  # noqa: E402
+from bench_training import emit, machine  # noqa: E402
 
 
 def main() -> None:
@@ -80,10 +79,7 @@ def main() -> None:
         same_detections=detections["candidates"] == detections["every pixel"],
         **machine(),
     )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output, indent=1)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,14 @@ def machine() -> dict:
     }
 
 
+def emit(report: dict, output: str | None, *, indent: int = 2) -> None:
+    """Print a benchmark's JSON report, and write it to `output` too when one is given."""
+    text = json.dumps(report, indent=indent)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, or platform's guess elsewhere."""
     with contextlib.suppress(OSError):

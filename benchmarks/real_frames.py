@@ -24,7 +24,6 @@ refused. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import standalone_training as st  # noqa: E402
 from bench_real_cosmic_rays import saao_frame  # noqa: E402
-from bench_training import machine  # noqa: E402
+from bench_training import emit, machine  # noqa: E402
 
 THUMBNAIL = Path(astroquery.__file__).parent / "astrometry_net" / "tests" / "data" / "thumbnail-image.fit.gz"
 
@@ -91,10 +90,7 @@ def main() -> None:
             "megapixels": found["megapixels"],
             **{name: summary(found[name]) for name in ("network", "significance_alone", "baseline", "sextractor")},
         }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":
